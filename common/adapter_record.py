@@ -68,5 +68,5 @@ def check_like(adapter: Adapter, like: Adapter) -> None:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of an ArrayRecord (the array data, without framing)."""
+    """Bytes of an ArrayRecord's serialised arrays (values plus their small npy headers)."""
     return sum(len(arr.data) for arr in record.values())

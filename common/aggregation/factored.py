@@ -64,6 +64,11 @@ def check_factors(
             )
         if same_rank and a.shape[0] != A[0].shape[0]:
             raise ValueError(f"client {k}: A has rank {a.shape[0]}, client 0 has rank {A[0].shape[0]}")
+
+
+def check_finite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> None:
+    """Raise a `ValueError` naming the first client whose `A` or `B` holds a NaN or an infinity."""
+    for k, (a, b) in enumerate(zip(A, B, strict=True)):
         for label, t in (("A", a), ("B", b)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"client {k}: {label} {tuple(t.shape)} has non-finite values")
@@ -89,7 +94,11 @@ class LowRankSum:
         *,
         same_rank: bool = True,
     ) -> LowRankSum:
-        """Validate the factors and stack them in one float64 pass each."""
+        """Validate the factors and stack them in one float64 pass each.
+
+        A NaN or infinity anywhere makes a stack's sum non-finite, so one cheap
+        reduction checks everything; `check_finite` then names the culprit.
+        """
         check_factors(A, B, same_rank=same_rank)
         p = normalise_weights(weights, len(A))
         ranks = tuple(a.shape[0] for a in A)
@@ -101,6 +110,8 @@ class LowRankSum:
             As[row : row + r].copy_(a)
             Bt[row : row + r].copy_(b.T).mul_(w)
             row += r
+        if not (torch.isfinite(As.sum()) and torch.isfinite(Bt.sum())):
+            check_finite(A, B)  # a sum can also overflow with finite (huge float64) entries
         return cls(As, Bt, p.to(device), ranks)
 
     @property
@@ -124,7 +135,7 @@ class LowRankSum:
 
     def times_t(self, Y: torch.Tensor) -> torch.Tensor:
         """`ΔW Yᵀ = Σ p_k B_k (A_k Yᵀ)` for `Y` of shape `s×n`: an `m×s` matrix."""
-        return self.Bt.T @ (self.A @ Y.T)
+        return ((self.A @ Y.T).T @ self.Bt).T  # this order keeps both products row-major
 
     def inner(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """`⟨ΔW, X Y⟩` for `X` `m×s`, `Y` `s×n`, through `ΔW Yᵀ`."""

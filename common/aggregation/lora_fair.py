@@ -108,49 +108,52 @@ def _solve(
     objective: str,
     with_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float] | None]:
+    """Everything happens in the eigenbasis of `G = ĀĀᵀ = U diag(g) Uᵀ`: there
+    `‖XĀ‖² = Σ g_i ‖X u_i‖²` holds without the cancellation of `⟨XG, X⟩`, which
+    matters for points with `XĀ` near zero."""
     lam = _check_options(lam, objective)
     delta = LowRankSum.stack(A, B, weights)
     Ab, Bb = delta.mean_A(), delta.mean_B()
-    M, G = delta.times_t(Ab), Ab @ Ab.T
-    needs_norm = with_stats or objective == "cosine"
-    dw_sq = float(delta.sq_norm()) if needs_norm else 0.0
+    g, U = torch.linalg.eigh(Ab @ Ab.T)
+    reach = g > g.max() * g.numel() * torch.finfo(g.dtype).eps  # directions `XĀ` can move in
+    g = torch.where(reach, g, 0.0)
+    Mu, Bu = delta.times_t(U.T @ Ab) * reach, Bb @ U  # M U = ΔW (UᵀĀ)ᵀ: exactly 0 off `reach`
+    dw_sq = float(delta.sq_norm()) if (with_stats or objective == "cosine") else 0.0
     if int((delta.p > 0).sum()) == 1:
-        X = Bb  # one contributing client: ΔW = B̄Ā already, nothing to correct
-    elif objective == "cosine":
-        X = _cosine_correction(M, Bb, G, dw_sq, lam)
+        X, Xu = Bb, Bu  # one contributing client: ΔW = B̄Ā already, nothing to correct
     else:
-        X = _frobenius_correction(M, Bb, G, lam)
+        if objective == "cosine":
+            Xu = _cosine_correction(Mu, Bu, g, dw_sq, lam)
+        else:
+            Xu = _frobenius_correction(Mu, Bu, g, lam)
+        X = Xu @ U.T
     stats = None
     if with_stats:
-        nb = float(Bb.norm())
-        rel = float((X - Bb).norm()) / nb if nb > 0 else 0.0
-        stats = (_cosine(M, X, G, dw_sq), _cosine(M, Bb, G, dw_sq), rel)
+        nb = float(Bu.norm())
+        rel = float((Xu - Bu).norm()) / nb if nb > 0 else 0.0
+        stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel)
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats
 
 
-def _cosine(M: torch.Tensor, X: torch.Tensor, G: torch.Tensor, dw_sq: float) -> float:
-    """`cos(ΔW, XĀ) = ⟨M, X⟩ / (‖ΔW‖ √⟨XG, X⟩)`; 0 when either side is zero."""
-    xx = float(((X @ G) * X).sum())
+def _cosine(Mu: torch.Tensor, Xu: torch.Tensor, g: torch.Tensor, dw_sq: float) -> float:
+    """`cos(ΔW, XĀ) = ⟨M, X⟩ / (‖ΔW‖ ‖XĀ‖)` from `MU`, `XU`; 0 when either side is zero."""
+    xx = float((Xu * Xu * g).sum())
     if dw_sq <= 0 or xx <= 0:
         return 0.0
-    return float((M * X).sum()) / float(np.sqrt(dw_sq * xx))
+    return min(max(float((Mu * Xu).sum()) / float(np.sqrt(dw_sq * xx)), -1.0), 1.0)
 
 
-def _frobenius_correction(M: torch.Tensor, Bb: torch.Tensor, G: torch.Tensor, lam: float) -> torch.Tensor:
-    """`(M + λB̄)(G + λI)⁻¹`, a pseudo-inverse where `G + λI` is singular (λ = 0)."""
-    g, U = torch.linalg.eigh(G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
-    cut = g.abs().max() * G.shape[0] * torch.finfo(G.dtype).eps
-    inv = torch.where(g > cut, 1.0 / g, torch.zeros_like(g))
-    return (((M + lam * Bb) @ U) * inv) @ U.T
+def _frobenius_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
+    """`(M + λB̄)(G + λI)⁻¹ U`, with a pseudo-inverse where `G + λI` is singular (λ = 0)."""
+    d = g + lam
+    inv = torch.where(d > d.max() * d.numel() * torch.finfo(d.dtype).eps, 1.0 / d, 0.0)
+    return (Mu + lam * Bu) * inv
 
 
 def _cosine_correction(
-    M: torch.Tensor, Bb: torch.Tensor, G: torch.Tensor, dw_sq: float, lam: float
+    Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_sq: float, lam: float
 ) -> torch.Tensor:
-    """The minimiser of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or `B̄` when none improves on it."""
-    g, U = torch.linalg.eigh(G)
-    g = g.clamp_min(0)
-    Mu, Bu = M @ U, Bb @ U
+    """`X U` for the minimiser of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or `B̄ U` when nothing beats it."""
     cols = _Columns(
         g=g.cpu().numpy(),
         mm=(Mu * Mu).sum(0).cpu().numpy(),
@@ -160,22 +163,38 @@ def _cosine_correction(
         lam=lam,
     )
     if cols.d <= 0 or cols.g.max() <= 0 or cols.mm.max() <= 0 or cols.bb.sum() <= 0:
-        return Bb  # cosine undefined or constant, or no scale to correct: keep FedIT's B̄
+        return Bu  # cosine undefined or constant, or B̄ = 0: keep FedIT's B̄
 
-    def point(u: float, v: float) -> torch.Tensor:
-        w = 1.0 / (1.0 + v * g)
-        return (((u * Mu + Bu) * w) @ U.T)
+    def objective(Xu: torch.Tensor) -> float:
+        return 1.0 - _cosine(Mu, Xu, g, dw_sq) + lam * float(((Xu - Bu) ** 2).sum())
 
-    def objective(X: torch.Tensor) -> float:
-        return 1.0 - _cosine(M, X, G, dw_sq) + lam * float(((X - Bb) ** 2).sum())
-
-    best, best_f = Bb, objective(Bb)
-    for u, v in _candidates(cols):
-        X = point(u, v)
-        f = objective(X)
-        if f < best_f - 1e-14 * max(1.0, abs(best_f)):
-            best, best_f = X, f
+    candidates = [(u * Mu + Bu) / torch.from_numpy(opv).to(Mu) for u, opv in _stationary(cols)]
+    candidates.append(_max_cosine_ray(Mu, Bu, g, lam))
+    best, best_f = Bu, objective(Bu)
+    for Xu in candidates:
+        f = objective(Xu)
+        if f < best_f - 1e-14 * max(1.0, abs(best_f)):  # ties go to B̄, then to earlier candidates
+            best, best_f = Xu, f
     return best
+
+
+def _max_cosine_ray(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
+    """The best point `X = B̄_null + c·MG⁺` on the set where `cos(ΔW, XĀ)` is largest.
+
+    With `c* = ⟨MG⁺, B̄⟩/‖MG⁺‖² > 0` this is the end of the curve (`v → ∞`). With
+    `c* ≤ 0` (B̄ leans away from ΔW's projection) the infimum is approached as
+    `c → 0⁺` and has no minimiser; we return the `c` whose objective is within
+    1e-12 of that infimum.
+    """
+    reach = g > 0
+    ginv = torch.where(reach, 1.0 / torch.where(reach, g, 1.0), 0.0)
+    Yu = Mu * ginv  # MG⁺ in the eigenbasis
+    yy, yb = float((Yu * Yu).sum()), float((Yu * Bu).sum())
+    c = yb / yy
+    if c <= 0:
+        tol = 1e-12
+        c = min(np.sqrt(tol / (2 * lam * yy)), tol / (4 * lam * abs(yb)) if yb else np.inf)
+    return c * Yu + Bu * (~reach)
 
 
 @dataclass(frozen=True)
@@ -190,21 +209,26 @@ class _Columns:
     d: float
     lam: float
 
-    def along_curve(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`u(v)`, the objective `f` and `φ` at each `v` of a 1-D array, all in `O(r)` per point.
+    def along_curve(
+        self, vg: np.ndarray, opv: np.ndarray, branch: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`u`, the objective `f` and `φ` at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`).
 
-        Column `i` of `X(u, v) U` is `w_i (u m_i + b_i)` with `w_i = 1/(1 + v g_i)`.
+        Column `i` of `X(u, v) U` is `w_i (u m_i + b_i)` with `w_i = 1/(1 + v g_i)`,
+        and `u` is a positive root of `⟨X, X − B̄⟩ = qa u² + qb u + qc = 0`: the
+        larger (`branch = 1`) or the smaller (`branch = -1`). For `v > 0`,
+        `qc < 0 < qa` and only the larger root is positive. `O(r)` per point.
         """
-        v = v[:, None]
-        w = 1.0 / (1.0 + v * self.g)
-        wm1 = -v * self.g * w  # w − 1 without cancellation
+        w = 1.0 / opv
+        wm1 = -vg * w  # w − 1 without cancellation
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            # ⟨X, X − B̄⟩ = qa u² + qb u + qc = 0, qc ≤ 0 ≤ qa: one root u ≥ 0
             qa = (w * w * self.mm).sum(-1)
             qb = ((w * w + w * wm1) * self.mb).sum(-1)
             qc = (w * wm1 * self.bb).sum(-1)
-            root = np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0))
-            u = np.where(qb > 0, -2.0 * qc / (qb + root), (root - qb) / (2.0 * qa))
+            disc = qb * qb - 4.0 * qa * qc
+            half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
+            r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
+            u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
             uc = u[:, None]
             a = (w * (uc * self.mm + self.mb)).sum(-1)  # ⟨M, X⟩
             q = (self.g * w * w * (uc * uc * self.mm + 2 * uc * self.mb + self.bb)).sum(-1)  # ‖XĀ‖²
@@ -212,50 +236,79 @@ class _Columns:
             rho = np.sqrt(np.maximum(q, 0.0))
             f = 1.0 - a / (self.d * rho) + self.lam * reg
             phi = 2.0 * self.lam * self.d * u * rho - 1.0
-        bad = ~(np.isfinite(u) & np.isfinite(f) & (rho > 0))
+        bad = ~((disc >= 0) & (u > 0) & np.isfinite(u) & np.isfinite(f) & (rho > 0))
         return u, np.where(bad, np.inf, f), np.where(bad, np.nan, phi)
 
 
-def _candidates(cols: _Columns) -> list[tuple[float, float]]:
-    """`(u, v)` of every root of `φ` on the grid, plus the grid's best point.
+@dataclass(frozen=True)
+class _Piece:
+    """One stretch of the curve, parameterised by a grid variable `s`."""
 
-    Lower end of the grid: at a minimiser `v = cos/(2λ‖XĀ‖²)` and `‖X‖ ≤ ‖B̄‖`
-    (from `⟨X, X − B̄⟩ = 0`), while `cos ≥ cos_FedIT`; so
-    `v·g_max ≥ cos_FedIT / (2λ‖B̄‖²)`. The upper end is open: extend while the
-    best grid point is the last one.
+    positive: bool
+    """`v = 10^s / g_max > 0`, or `v = −t/g_max` with `t = 1/(1 + 10^−s)` in (0, 1)."""
+    branch: int
+
+    def points(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`v·g` and `1 + v·g` at each `s`, the latter without cancellation."""
+        gamma = cols.g / cols.g.max()
+        if self.positive:
+            vg = 10.0 ** s[:, None] * gamma
+            return vg, 1.0 + vg
+        e = 10.0 ** -s[:, None]
+        return -gamma / (1.0 + e), ((1.0 - gamma) + e) / (1.0 + e)
+
+    def evaluate(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        vg, opv = self.points(cols, s)
+        return cols.along_curve(vg, opv, self.branch)
+
+
+def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
+    """`(u, 1 + v·g)` of every stationary point found on the curve, plus each stretch's best grid point.
+
+    `v > 0` holds the stationary points with positive cosine. Lower end of its
+    grid: at a stationary point `v = cos/(2λ‖XĀ‖²)` and `‖X‖ ≤ ‖B̄‖` (from
+    `⟨X, X − B̄⟩ = 0`), and a minimiser has `cos ≥ cos_FedIT`; so
+    `v·g_max ≥ cos_FedIT / (2λ‖B̄‖²)`. Its upper end is open: the grid grows
+    while its best point is its last. Local minima need `1 + v·g_i ≥ 0` for all
+    `i` (else the Hessian `2λ(I + vG)⊗I + rank ≤ 3` has a negative direction),
+    so those with negative cosine lie in `−1/g_max < v < 0`; that stretch can
+    only hold the global minimum when `cos_FedIT ≤ 0`, and is searched only then.
     """
-    gmax = float(cols.g.max())
     fedit_norm = cols.d * float(np.sqrt((cols.g * cols.bb).sum()))  # ‖ΔW‖ ‖B̄Ā‖
     cos_fedit = float(cols.mb.sum()) / fedit_norm if fedit_norm > 0 else 0.0
-    lo = np.log10(max(cos_fedit, 1e-8) / (2 * cols.lam * float(cols.bb.sum())) / gmax)
     per = int(_GRID_DECADES * _GRID_PER_DECADE)
-    log_v = np.linspace(lo, lo + _GRID_DECADES, per + 1)
-    for _ in range(_MAX_EXTENSIONS):
-        u, f, phi = cols.along_curve(10.0**log_v)
-        if np.argmin(f) < len(log_v) - 1:
-            break
-        log_v = np.concatenate([log_v, np.linspace(log_v[-1], log_v[-1] + _GRID_DECADES, per + 1)[1:]])
+    lo = float(np.log10(max(cos_fedit, 1e-12) / (2 * cols.lam * float(cols.bb.sum()))))
+    pieces = [(_Piece(True, 1), np.linspace(lo, lo + _GRID_DECADES, per + 1))]
+    if cos_fedit <= 0:
+        s = np.linspace(-16.0, 16.0, 32 * _GRID_PER_DECADE + 1)
+        pieces += [(_Piece(False, 1), s), (_Piece(False, -1), s)]
     out = []
-    if np.isfinite(f).any():
-        j = int(np.argmin(f))
-        out.append((float(u[j]), float(10.0 ** log_v[j])))
-    flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
-    for j in flips:
-        out.append(_bisect(cols, float(log_v[j]), float(log_v[j + 1]), float(np.sign(phi[j]))))
+    for piece, s in pieces:
+        for _ in range(_MAX_EXTENSIONS if piece.positive else 1):
+            u, f, phi = piece.evaluate(cols, s)
+            if np.argmin(f) < len(s) - 1:
+                break
+            s = np.concatenate([s, s[-1] + np.linspace(0.0, _GRID_DECADES, per + 1)[1:]])
+        if np.isfinite(f).any():
+            j = int(np.argmin(f))
+            out.append((float(u[j]), piece.points(cols, s[j : j + 1])[1][0]))
+        flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
+        for j in flips:
+            out.append(_bisect(cols, piece, float(s[j]), float(s[j + 1]), float(np.sign(phi[j]))))
     return out
 
 
-def _bisect(cols: _Columns, lo: float, hi: float, sign_lo: float) -> tuple[float, float]:
-    """Shrink a sign change of `φ` in `log10 v` by `_BISECT_POINTS − 1` per round."""
+def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> tuple[float, np.ndarray]:
+    """Shrink a sign change of `φ` in `s` by a factor `_BISECT_POINTS − 1` per round."""
     for _ in range(_BISECT_ROUNDS):
         grid = np.linspace(lo, hi, _BISECT_POINTS)
-        _, _, phi = cols.along_curve(10.0**grid)
-        same = np.nonzero(~(np.sign(phi) == sign_lo))[0]  # first point past the sign change
-        k = int(same[0]) if len(same) else _BISECT_POINTS - 1
-        lo, hi = float(grid[max(k - 1, 0)]), float(grid[k])
-    v = 10.0 ** (0.5 * (lo + hi))
-    u, _, _ = cols.along_curve(np.array([v]))
-    return float(u[0]), v
+        _, _, phi = piece.evaluate(cols, grid)
+        past = np.nonzero(np.sign(phi) != sign_lo)[0]  # first point past the sign change
+        k = int(past[0]) if len(past) else _BISECT_POINTS - 1
+        lo, hi = float(grid[max(k - 1, 0)]), float(grid[max(k, 1)])
+    s = np.array([0.5 * (lo + hi)])
+    u, _, _ = piece.evaluate(cols, s)
+    return float(u[0]), piece.points(cols, s)[1][0]
 
 
 class LoraFair(Aggregator):

@@ -18,14 +18,12 @@ class PositionCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POSITION_CODE_UNSPECIFIED: _ClassVar[PositionCode]
     RICE_GAPS: _ClassVar[PositionCode]
-    BITMASK: _ClassVar[PositionCode]
 ENCODING_UNSPECIFIED: Encoding
 DENSE_FP32: Encoding
 DENSE_FP16: Encoding
 TERNARY_SPARSE: Encoding
 POSITION_CODE_UNSPECIFIED: PositionCode
 RICE_GAPS: PositionCode
-BITMASK: PositionCode
 
 class TensorUpdate(_message.Message):
     __slots__ = ("name", "shape", "encoding", "scale", "num_kept", "position_code", "rice_k", "payload", "signs")

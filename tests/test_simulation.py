@@ -1,0 +1,60 @@
+"""Short real Flower simulations (Ray): accuracy improves; a failing client is left out."""
+
+import json
+
+import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.client_app import run_train
+from common.config import build_config
+from simulations.simulate import simulate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim")
+    return build_config({
+        "name": "test-sim",
+        "output_dir": str(root / "runs"),
+        "data": {"samples_per_domain": 400, "test_fraction": 0.25},
+        "model": {"cache_dir": str(root / "cache")},
+        "federation": {"num_clients": 3, "rounds": 2, "local_steps": 30, "lr": 0.01, "min_train_nodes": 2},
+    })
+
+
+def test_three_clients_two_rounds_improve_accuracy_and_write_outputs(cfg, tmp_path):
+    record = simulate(cfg, tmp_path / "run")
+    s = record.summary()
+    assert [r["round"] for r in record.rounds] == [0, 1, 2]
+    assert s["final_mean_accuracy"] > s["base_mean_accuracy"] + 0.01
+    assert all(len(r["replied"]) == 3 and not r["rejected"] for r in record.rounds[1:])
+    for name in ("config.toml", "metrics.json", "report.md", "accuracy.png", "adapter/adapter_config.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["name"] == "test-sim" and len(metrics["rounds"]) == 3
+
+
+faulty_app = ClientApp()
+
+
+@faulty_app.train()
+def _faulty_train(msg: Message, context: Context) -> Message:
+    if int(context.node_config["partition-id"]) == 1:
+        raise RuntimeError("simulated client crash")
+    return run_train(msg, context)
+
+
+def test_failing_client_is_left_out_and_rounds_go_on(cfg, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import tests/
+    record = simulate(cfg, tmp_path / "run", client_app=faulty_app)
+    for r in record.rounds[1:]:
+        assert r["aggregated"], r
+        assert len(r["rejected"]) == 1
+        assert "simulated client crash" in next(iter(r["rejected"].values()))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "simulated client crash" in report
