@@ -39,9 +39,10 @@ def run_train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.model_validate_json(raw)
     server_round = int(msg.content["config"].get("server-round", 0))
     partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
 
-    data = client_partition(cfg, partition_id)
+    data = client_partition(cfg, partition_id, num_partitions)
     model = _model_for(cfg, raw)
     global_adapter = adapter_from_record(msg.content["arrays"])
     set_adapter(model, global_adapter)

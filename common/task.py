@@ -45,13 +45,14 @@ def load_task(cfg: RunConfig) -> TaskData:
     return _load_task(cfg.data.model_dump_json(), cfg.seed)
 
 
-def client_partition(cfg: RunConfig, partition_id: int) -> LabeledData:
-    """The training data of one simulated client."""
-    if not 0 <= partition_id < cfg.federation.num_clients:
-        raise ValueError(f"partition-id {partition_id} outside [0, {cfg.federation.num_clients})")
+def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int | None = None) -> LabeledData:
+    """The training data of one simulated client (of `num_partitions`, default the configured clients)."""
+    num_partitions = num_partitions or cfg.federation.num_clients
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     train = load_task(cfg).train
     parts = partition_clients(
-        train, cfg.federation.num_clients, mode=cfg.data.partition,
+        train, num_partitions, mode=cfg.data.partition,
         dirichlet_alpha=cfg.data.dirichlet_alpha, seed=cfg.seed,
     )
     return train.subset(parts[partition_id])

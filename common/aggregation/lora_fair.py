@@ -45,6 +45,7 @@ _GRID_PER_DECADE = 16
 _MAX_EXTENSIONS = 4
 _BISECT_POINTS = 33
 _BISECT_ROUNDS = 9
+_POLISH_STEPS = 60
 
 
 @dataclass(frozen=True)
@@ -209,15 +210,13 @@ class _Columns:
     d: float
     lam: float
 
-    def along_curve(
-        self, vg: np.ndarray, opv: np.ndarray, branch: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`u`, the objective `f` and `φ` at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`).
+    def radial_root(self, vg: np.ndarray, opv: np.ndarray, branch: int) -> np.ndarray:
+        """The `u > 0` with `⟨X, X − B̄⟩ = 0` at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`).
 
         Column `i` of `X(u, v) U` is `w_i (u m_i + b_i)` with `w_i = 1/(1 + v g_i)`,
-        and `u` is a positive root of `⟨X, X − B̄⟩ = qa u² + qb u + qc = 0`: the
-        larger (`branch = 1`) or the smaller (`branch = -1`). For `v > 0`,
-        `qc < 0 < qa` and only the larger root is positive. `O(r)` per point.
+        so `⟨X, X − B̄⟩ = qa u² + qb u + qc`; `branch` picks the larger (1) or the
+        smaller (-1) root. For `v > 0`, `qc < 0 < qa`: only the larger is positive.
+        NaN where the chosen root is not real and positive.
         """
         w = 1.0 / opv
         wm1 = -vg * w  # w − 1 without cancellation
@@ -229,15 +228,22 @@ class _Columns:
             half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
             r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
             u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
-            uc = u[:, None]
+        return np.where((disc >= 0) & (u > 0) & np.isfinite(u), u, np.nan)
+
+    def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`, `O(r)` per point; `inf`/NaN if undefined."""
+        w = 1.0 / opv
+        wm1 = -vg * w
+        uc = u[:, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             a = (w * (uc * self.mm + self.mb)).sum(-1)  # ⟨M, X⟩
             q = (self.g * w * w * (uc * uc * self.mm + 2 * uc * self.mb + self.bb)).sum(-1)  # ‖XĀ‖²
             reg = (w * w * uc * uc * self.mm + 2 * w * wm1 * uc * self.mb + wm1 * wm1 * self.bb).sum(-1)
             rho = np.sqrt(np.maximum(q, 0.0))
             f = 1.0 - a / (self.d * rho) + self.lam * reg
             phi = 2.0 * self.lam * self.d * u * rho - 1.0
-        bad = ~((disc >= 0) & (u > 0) & np.isfinite(u) & np.isfinite(f) & (rho > 0))
-        return u, np.where(bad, np.inf, f), np.where(bad, np.nan, phi)
+        bad = ~(np.isfinite(f) & (rho > 0))
+        return np.where(bad, np.inf, f), np.where(bad, np.nan, phi)
 
 
 @dataclass(frozen=True)
@@ -258,8 +264,10 @@ class _Piece:
         return -gamma / (1.0 + e), ((1.0 - gamma) + e) / (1.0 + e)
 
     def evaluate(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`u`, `f` and `φ` along this stretch of the radially stationary curve."""
         vg, opv = self.points(cols, s)
-        return cols.along_curve(vg, opv, self.branch)
+        u = cols.radial_root(vg, opv, self.branch)
+        return (u, *cols.family(u, vg, opv))
 
 
 def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
@@ -291,11 +299,55 @@ def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
             s = np.concatenate([s, s[-1] + np.linspace(0.0, _GRID_DECADES, per + 1)[1:]])
         if np.isfinite(f).any():
             j = int(np.argmin(f))
-            out.append((float(u[j]), piece.points(cols, s[j : j + 1])[1][0]))
+            if piece.positive:
+                out.append((float(u[j]), piece.points(cols, s[j : j + 1])[1][0]))
+            else:  # the curve folds back on itself here; a minimum can sit on the fold
+                out.append(_polish(cols, piece, float(u[j]), float(s[j])))
         flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
         for j in flips:
             out.append(_bisect(cols, piece, float(s[j]), float(s[j + 1]), float(np.sign(phi[j]))))
     return out
+
+
+def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> tuple[float, np.ndarray]:
+    """Newton's method on the objective over the whole family, in `(ln u, s)`, from a grid point.
+
+    Every stationary point of this two-variable restriction is one of the full
+    objective (the family is the solution set of the stationarity equations), so
+    a descent here cannot stop anywhere the reference optimiser would not.
+    Derivatives by central differences: they cost nine `O(r)` evaluations.
+    """
+
+    def objective(x: np.ndarray) -> np.ndarray:
+        vg, opv = piece.points(cols, x[:, 1])
+        return cols.family(np.exp(x[:, 0]), vg, opv)[0]
+
+    h = 1e-4
+    stencil = h * np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1]])
+    x = np.array([np.log(u), s])
+    fx = float(objective(x[None])[0])
+    for _ in range(_POLISH_STEPS):
+        f = objective(x + stencil)
+        if not np.isfinite(f).all():
+            break
+        grad = np.array([f[1] - f[2], f[3] - f[4]]) / (2 * h)
+        hxy = (f[5] + f[6] - f[7] - f[8]) / (4 * h * h)
+        hess = np.array([[f[1] - 2 * f[0] + f[2], 0.0], [0.0, f[3] - 2 * f[0] + f[4]]]) / (h * h)
+        hess[0, 1] = hess[1, 0] = hxy
+        if hess[0, 0] > 0 and np.linalg.det(hess) > 0:
+            step = -np.linalg.solve(hess, grad)
+        else:
+            step = -grad / max(abs(hess[0, 0]) + abs(hess[1, 1]), 1e-12)
+        t = 1.0
+        while t > 1e-12:
+            f_new = float(objective((x + t * step)[None])[0])
+            if f_new < fx:
+                break
+            t *= 0.5
+        if t <= 1e-12:
+            break
+        x, fx = x + t * step, f_new
+    return float(np.exp(x[0])), piece.points(cols, x[1:])[1][0]
 
 
 def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> tuple[float, np.ndarray]:
