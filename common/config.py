@@ -59,8 +59,8 @@ class ModelConfig(Section):
     intermediate_size: int = Field(128, ge=8)
     patch_size: int = Field(4, ge=1)
     max_length: int = Field(64, ge=4, description="hf-text: tokens per example")
-    pretrain_epochs: int = Field(15, ge=1, description="builtin-vit: epochs on the clean source domain")
-    pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_epochs: int = Field(20, ge=1, description="builtin-vit: epochs on the clean source domain")
+    pretrain_lr: float = Field(2e-3, gt=0)
     cache_dir: str = Field(".cache/fairedge", description="pre-trained weights, keyed by a hash of their config")
 
     @model_validator(mode="after")

@@ -65,6 +65,18 @@ def cancelling_case(seed: int, eps: float = 1e-3, m: int = 12, n: int = 15, r: i
     return [A1, A2, A3], [B1, B2, B3], torch.tensor([1.0, 1.0, 1e-3], dtype=F64)
 
 
+def anti_aligned_case(seed: int, K: int = 3, m: int = 8, n: int = 5, r: int = 2) -> Case:
+    """Random clients, redrawn until FedIT's `B̄Ā` points away from ΔW (`cos < 0`)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        A = [torch.randn(r, n, generator=g, dtype=F64) for _ in range(K)]
+        B = [3.0 * torch.randn(m, r, generator=g, dtype=F64) for _ in range(K)]
+        w = torch.rand(K, generator=g, dtype=F64) + 0.1
+        dW, Ab, Bb = dense(A, B, w)
+        if float((dW * (Bb @ Ab)).sum()) < 0:
+            return A, B, w
+
+
 CASES: dict[str, Callable[[], Case]] = {
     **{f"random{s}": (lambda s=s: random_case(s)) for s in range(3)},
     "lora_scale": lambda: random_case(10, b_scale=1e-2),  # small B: the cosine term dominates
@@ -74,6 +86,7 @@ CASES: dict[str, Callable[[], Case]] = {
     **{f"ill{s}": (lambda s=s: ill_conditioned_case(s)) for s in range(2)},
     "cancel": lambda: cancelling_case(20),
     "cancel_hard": lambda: cancelling_case(21, eps=1e-5),
+    **{f"anti{s}": (lambda s=s: anti_aligned_case(s)) for s in range(3)},
 }
 
 
@@ -152,6 +165,33 @@ def test_cosine_solution_is_stationary_and_beats_random_starts(case: str) -> Non
         start = Bb + Bb.norm() / Bb.numel() ** 0.5 * torch.randn(Bb.shape, generator=g, dtype=F64)
         other = float(f(lbfgs(f, start, iters=1500)))
         assert float(f(X)) <= other + 1e-4 * abs(other)
+
+
+@pytest.mark.parametrize("case", ["anti0", "anti1", "anti2"])
+def test_cosine_finds_negative_cosine_minimum_when_the_regulariser_dominates(case: str) -> None:
+    """With `cos(ΔW, B̄Ā) < 0` and a large λ the best B' still has a negative cosine."""
+    A, B, w = CASES[case]()
+    dW, Ab, Bb = dense(A, B, w)
+    f = cosine_objective(dW, Ab, Bb, 1.0)
+    res = solve_lora_fair(A, B, w, lam=1.0)
+    assert res.cos_fedit < res.cos_fair < 0
+    g = torch.Generator().manual_seed(0)
+    starts = [Bb] + [Bb + torch.randn(Bb.shape, generator=g, dtype=F64) for _ in range(3)]
+    best_reference = min(float(f(lbfgs(f, X0, iters=1500))) for X0 in starts)
+    assert float(f(res.B_prime)) <= best_reference + 1e-10
+
+
+def test_cosine_approaches_the_infimum_when_no_minimiser_exists() -> None:
+    """Updates that nearly cancel leave B̄ leaning away from ΔW's projection on Ā's row space:
+    the objective then decreases all the way to `XĀ → 0` along the best-cosine direction,
+    to `1 − cos_max + λ‖B̄‖²`, and a minimiser does not exist."""
+    A, B, w = CASES["cancel_hard"]()
+    dW, Ab, Bb = dense(A, B, w)
+    lam = 0.01
+    cos_max = float((dW @ torch.linalg.pinv(Ab) @ Ab).norm() / dW.norm())
+    infimum = 1 - cos_max + lam * float((Bb**2).sum())  # Ā has full row rank here
+    value = float(cosine_objective(dW, Ab, Bb, lam)(lora_fair(A, B, w, lam=lam)[1]))
+    assert infimum - 1e-12 <= value <= infimum + 1e-9
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.01, 2.0])

@@ -97,7 +97,7 @@ def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkey
 
     # A different hyper-parameter is a different cache entry (and would train).
     with pytest.raises(AssertionError, match="cache"):
-        pretrained_vision_classifier(task, cache_dir=tmp_path, lr=2e-3)
+        pretrained_vision_classifier(task, cache_dir=tmp_path, lr=5e-3)
 
 
 # ---------------------------------------------------------------- text
