@@ -1,28 +1,33 @@
 """Short real Flower simulations (Ray): accuracy improves; a failing client is left out."""
 
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from peft import PeftModel
+
 from client.client_app import run_train
+from common.task import base_model, load_task
+from common.training import evaluate_per_domain
 from common.config import build_config
 from simulations.simulate import simulate
 
 pytestmark = pytest.mark.slow
+DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
-    return build_config({
-        "name": "test-sim",
-        "output_dir": str(root / "runs"),
-        "data": {"samples_per_domain": 400, "test_fraction": 0.25},
-        "model": {"cache_dir": str(root / "cache")},
-        "federation": {"num_clients": 3, "rounds": 2, "local_steps": 30, "lr": 0.01, "min_train_nodes": 2},
-    })
+    raw = tomllib.loads(DEFAULT.read_text())
+    return build_config(raw, [
+        "name=test-sim", f"output_dir='{root / 'runs'}'", f"model.cache_dir='{root / 'cache'}'",
+        "federation.num_clients=3", "federation.rounds=2", "federation.min_train_nodes=2",
+    ])
 
 
 def test_three_clients_two_rounds_improve_accuracy_and_write_outputs(cfg, tmp_path):
@@ -35,6 +40,10 @@ def test_three_clients_two_rounds_improve_accuracy_and_write_outputs(cfg, tmp_pa
         assert (tmp_path / "run" / name).is_file(), name
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["config"]["name"] == "test-sim" and len(metrics["rounds"]) == 3
+    # the final global adapter loads with PEFT on the same base and reproduces the server's accuracy
+    model = PeftModel.from_pretrained(base_model(cfg), tmp_path / "run" / "adapter").eval()
+    acc = evaluate_per_domain(model, load_task(cfg).test, load_task(cfg).domains)
+    assert acc == pytest.approx(record.rounds[-1]["accuracy"], abs=1e-9)
 
 
 faulty_app = ClientApp()

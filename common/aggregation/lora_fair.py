@@ -10,19 +10,25 @@ Per layer, with `Ā = Σ p_k A_k`, `B̄ = Σ p_k B_k` and `ΔW = Σ p_k B_k A_k`
 Both depend on `ΔW` only through `M = ΔW Āᵀ` (`m×r`) and `‖ΔW‖²`, and on
 `Ā` only through `G = ĀĀᵀ` (`r×r`), so the `m×n` matrix is never formed.
 
-How the cosine problem is solved exactly. Setting the gradient to zero gives
+How the cosine problem is solved. Setting the gradient to zero gives
 `X (I + vG) = uM + B̄` with `u = 1/(2λ‖ΔW‖‖XĀ‖) > 0` and `v = u⟨M,X⟩/‖XĀ‖²`,
 so every stationary point lies on the two-scalar family
-`X(u, v) = (uM + B̄)(I + vG)⁻¹`. The cosine term is invariant to `X → cX`, so
-stationarity along that ray is `⟨X, X − B̄⟩ = 0`; for fixed `v > 0` this is a
-quadratic in `u` with exactly one positive root `u(v)`. What remains is one
-equation in one unknown, `φ(v) = 2λ‖ΔW‖ u(v) ‖X(v)Ā‖ − 1 = 0`, and along the
-curve `X(v)` the gradient of the objective is proportional to `φ(v)`. In the
-eigenbasis of `G` everything is a sum of `r` terms, so we scan `φ` over a wide
-log grid of `v` (a lower bound on `v` follows from the FedIT point), bisect
-every sign change to machine precision, and keep the stationary point with the
-lowest objective. The result is never worse than `B̄` (FedIT) and is the
-global minimiser whenever one with positive cosine exists.
+`X(u, v) = (uM + B̄)(I + vG)⁻¹`. In the eigenbasis of `G` column `i` of `X` is
+`w_i (u m_i + b_i)`, `w_i = 1/(1 + v g_i)`, and the objective is a sum of `r`
+terms. The cosine term ignores `X → cX`, so stationarity along that ray reads
+`⟨X, X − B̄⟩ = 0`: a quadratic in `u`. For `v > 0` (positive cosine) it has one
+positive root `u(v)`, and what is left is one equation in one unknown,
+`φ(v) = 2λ‖ΔW‖ u(v) ‖X(v)Ā‖ − 1 = 0` (along this curve the gradient is
+proportional to `φ`). We scan `φ` on a log grid of `v` (its lower end follows
+from the FedIT point), bisect every sign change to machine precision, and keep
+the best point. Two rarer cases complete the search. When
+`cos(ΔW, B̄Ā) ≤ 0`, minima with negative cosine lie in `−1/g_max < v < 0`,
+where the curve folds back (two roots); the best grid points there are polished
+by Newton's method on `(u, v)`. When B̄ leans away from ΔW's projection on the
+row space of Ā, the objective keeps decreasing as `XĀ → 0` along the
+best-cosine direction and has no minimiser; we return a point within 1e-12 of
+the infimum. The answer is never worse than B̄ (FedIT); the tests compare it
+with dense L-BFGS from several starts.
 """
 
 from __future__ import annotations
@@ -292,11 +298,12 @@ def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
         pieces += [(_Piece(False, 1), s), (_Piece(False, -1), s)]
     out = []
     for piece, s in pieces:
-        for _ in range(_MAX_EXTENSIONS if piece.positive else 1):
-            u, f, phi = piece.evaluate(cols, s)
+        u, f, phi = piece.evaluate(cols, s)
+        for _ in range(_MAX_EXTENSIONS if piece.positive else 0):
             if np.argmin(f) < len(s) - 1:
                 break
             s = np.concatenate([s, s[-1] + np.linspace(0.0, _GRID_DECADES, per + 1)[1:]])
+            u, f, phi = piece.evaluate(cols, s)
         if np.isfinite(f).any():
             j = int(np.argmin(f))
             if piece.positive:
