@@ -1,8 +1,11 @@
 """The Flower ClientApp: local LoRA training from the global factors (Avg-Initial).
 
 Each train message carries the global adapter (`arrays`) and the run config
-(`config["fairedge-config"]`, JSON). The node's data partition comes from the
-node config: `partition-id` (simulation) selects the client's share of the run's data.
+(`config["fairedge-config"]`, JSON). The reply carries the trained adapter
+(`arrays`), or with compression on, the ComPEFT-compressed change since the
+global adapter (`compressed["payload"]`, see `client.update_compression`).
+The node's data partition comes from the node config: `partition-id` of
+`num-partitions` (simulation) selects the client's share of the run's data.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.adapter_record import adapter_from_record, adapter_to_record
+from client.update_compression import compress_update
+from common.adapter_record import adapter_from_record, adapter_to_record, flatten
 from common.config import RunConfig
 from common.task import client_partition, get_adapter, lora_model, set_adapter
 from common.training import resolve_device, train_local
@@ -46,6 +50,7 @@ def run_train(msg: Message, context: Context) -> Message:
     model = _model_for(cfg, raw)
     global_adapter = adapter_from_record(msg.content["arrays"])
     set_adapter(model, global_adapter)
+    start = flatten(get_adapter(model))
     f = cfg.federation
     loss = train_local(
         model, data, steps=f.local_steps, epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
@@ -53,9 +58,15 @@ def run_train(msg: Message, context: Context) -> Message:
         seed=cfg.seed * 100_003 + server_round * 1_009 + partition_id,
     )
     model.cpu()
-    reply: ArrayRecord = adapter_to_record(get_adapter(model))
+    trained = get_adapter(model)
     metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "partition-id": partition_id})
-    return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+    if cfg.compression.enabled:
+        payload = compress_update(flatten(trained), start, cfg.compression, context.state,
+                                  server_round=server_round, num_examples=len(data))
+        content = RecordDict({"compressed": ConfigRecord({"payload": payload}), "metrics": metrics})
+    else:
+        content = RecordDict({"arrays": adapter_to_record(trained), "metrics": metrics})
+    return Message(content, reply_to=msg)
 
 
 @app.train()

@@ -51,6 +51,7 @@ def run_federation(
     strategy = LoraStrategy(
         make_aggregator(cfg), initial,
         fraction_train=cfg.federation.fraction_train, min_train_nodes=cfg.federation.min_train_nodes,
+        downlink=cfg.compression.downlink,
     )
     round_started = [time.time()]
 

@@ -61,6 +61,8 @@ class RunRecord:
                 train_loss=entry.metrics.get("train-loss"),
                 bytes_up=entry.bytes_up,
                 bytes_down=entry.bytes_down,
+                fp32_bytes_up=entry.fp32_bytes_up,
+                uplink_ratio_vs_fp32=entry.fp32_bytes_up / entry.bytes_up if entry.bytes_up else None,
                 sampled=entry.sampled,
                 replied=entry.replied,
                 rejected={str(k): v for k, v in entry.rejected.items()},
@@ -73,13 +75,15 @@ class RunRecord:
     def summary(self) -> dict[str, Any]:
         """Base vs final accuracy, and totals."""
         base, final = self.rounds[0], self.rounds[-1]
+        up = sum(r.get("bytes_up", 0) for r in self.rounds)
         return {
             "base_mean_accuracy": base["mean_accuracy"],
             "final_mean_accuracy": final["mean_accuracy"],
             "base_shifted_mean_accuracy": base["shifted_mean_accuracy"],
             "final_shifted_mean_accuracy": final["shifted_mean_accuracy"],
             "final_worst_accuracy": final["worst_accuracy"],
-            "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
+            "bytes_up": up,
+            "uplink_ratio_vs_fp32": sum(r.get("fp32_bytes_up", 0) for r in self.rounds) / up if up else None,
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": self.wall_seconds,
         }
@@ -111,18 +115,16 @@ def report_markdown(record: RunRecord) -> str:
         "",
         "## Per round",
         "",
-        "| round | train loss | mean acc | worst acc | bytes up | bytes down | replied | left out |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round | train loss | mean acc | worst acc | bytes up | up vs fp32 | bytes down | replied | left out |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record.rounds[1:]:
-        loss = r.get("train_loss")
+        loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "not aggregated"
+        ratio = f"{r['uplink_ratio_vs_fp32']:.1f}x smaller" if r.get("uplink_ratio_vs_fp32") else "-"
         left_out = "; ".join(f"{n}: {why}" for n, why in r.get("rejected", {}).items()) or "-"
         lines.append(
-            f"| {r['round']} | {loss:.4f} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} "
-            f"| {r['bytes_up']:,} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} |"
-            if loss is not None
-            else f"| {r['round']} | - | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} "
-            f"| {r.get('bytes_up', 0):,} | {r.get('bytes_down', 0):,} | - | {left_out} |"
+            f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {r['bytes_up']:,} "
+            f"| {ratio} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} |"
         )
     lines += ["", "## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
     for d in record.domains:

@@ -17,8 +17,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes
+from typing import Literal
+
+from common.adapter_record import (
+    MalformedAdapter,
+    adapter_from_record,
+    adapter_to_record,
+    flatten,
+    fp32_bytes,
+    record_bytes,
+    shapes,
+    unflatten,
+)
 from common.aggregation import Adapter, Aggregator, ClientUpdate
+from common.compression import PayloadError, decompress
 
 log = logging.getLogger("fairedge.server")
 
@@ -33,6 +45,7 @@ class RoundLog:
     rejected: dict[int, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    fp32_bytes_up: int = 0
     aggregated: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -50,10 +63,19 @@ class LoraStrategy(FedAvg):
         Fraction of connected nodes sampled for training each round.
     min_train_nodes : int
         Fewest valid replies a round may aggregate (also the minimum sample size).
+    downlink : "fp32" | "fp16"
+        Precision of the global adapter sent to clients. Compressed replies are
+        changes relative to exactly what was sent.
     """
 
     def __init__(
-        self, aggregator: Aggregator, initial: Adapter, *, fraction_train: float = 1.0, min_train_nodes: int = 2
+        self,
+        aggregator: Aggregator,
+        initial: Adapter,
+        *,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        downlink: Literal["fp32", "fp16"] = "fp32",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=0.0,
@@ -61,12 +83,16 @@ class LoraStrategy(FedAvg):
         )
         self.aggregator = aggregator
         self.global_adapter = initial
+        self.downlink = downlink
+        self.sent = initial
         self.rounds: list[RoundLog] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes and send each the global adapter; record who and how many bytes."""
+        arrays = adapter_to_record(self.global_adapter, self.downlink)
+        self.sent = adapter_from_record(arrays)  # what clients start from (fp16-rounded if so sent)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.rounds.append(
             RoundLog(
@@ -76,6 +102,23 @@ class LoraStrategy(FedAvg):
             )
         )
         return messages
+
+    def _client_adapter(self, content, entry: RoundLog) -> Adapter:
+        """The adapter a reply stands for: sent as arrays, or as a compressed change since `self.sent`."""
+        if "compressed" in content:
+            payload = content["compressed"]["payload"]
+            if not isinstance(payload, bytes):
+                raise MalformedAdapter("compressed payload is not bytes")
+            entry.bytes_up += len(payload)
+            entry.fp32_bytes_up += fp32_bytes(self.sent)
+            delta = decompress(payload, expected=shapes(self.sent))
+            start = flatten(self.sent)
+            return unflatten({k: start[k] + delta[k] for k in start}, like=self.global_adapter)
+        if "arrays" not in content:
+            raise MalformedAdapter("reply lacks 'arrays' (or 'compressed')")
+        entry.bytes_up += record_bytes(content["arrays"])
+        entry.fp32_bytes_up += fp32_bytes(self.sent)
+        return adapter_from_record(content["arrays"], like=self.global_adapter)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -93,14 +136,16 @@ class LoraStrategy(FedAvg):
                 continue
             try:
                 content = msg.content
-                if "arrays" not in content or "metrics" not in content:
-                    raise MalformedAdapter("reply lacks 'arrays' or 'metrics'")
+                if "metrics" not in content:
+                    raise MalformedAdapter("reply lacks 'metrics'")
                 metrics = content["metrics"]
                 num_examples = int(metrics.get("num-examples", -1))
                 if num_examples <= 0:
                     raise MalformedAdapter(f"num-examples must be positive, got {num_examples}")
-                entry.bytes_up += record_bytes(content["arrays"])
-                adapter = adapter_from_record(content["arrays"], like=self.global_adapter)
+                adapter = self._client_adapter(content, entry)
+            except PayloadError as err:
+                self._reject(entry, node, f"bad compressed payload: {err}")
+                continue
             except (MalformedAdapter, KeyError, TypeError, ValueError) as err:
                 self._reject(entry, node, f"malformed reply: {err}")
                 continue

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -160,7 +160,11 @@ def _frobenius_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, l
 def _cosine_correction(
     Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_sq: float, lam: float
 ) -> torch.Tensor:
-    """`X U` for the minimiser of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or `B̄ U` when nothing beats it."""
+    """`X U` for the minimiser of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or `B̄ U` when nothing beats it.
+
+    Candidates are compared by their `O(r)` column formulas; the winner is then
+    formed and checked against B̄ on the actual `m×r` matrices.
+    """
     cols = _Columns(
         g=g.cpu().numpy(),
         mm=(Mu * Mu).sum(0).cpu().numpy(),
@@ -171,21 +175,35 @@ def _cosine_correction(
     )
     if cols.d <= 0 or cols.g.max() <= 0 or cols.mm.max() <= 0 or cols.bb.sum() <= 0:
         return Bu  # cosine undefined or constant, or B̄ = 0: keep FedIT's B̄
+    zero, one = np.zeros_like(cols.g), np.ones_like(cols.g)
+    points = [_Point(zero, one, zero), *_stationary(cols), _max_cosine_ray(cols)]  # B̄ first: ties go to it
+    values, _ = cols.value(*(np.stack(c) for c in zip(*points, strict=True)))
+    best = points[int(np.argmin(values))]
+    if not values.min() < values[0] - 1e-14 * max(1.0, abs(values[0])):
+        return Bu
+    Xu = Mu * torch.from_numpy(best.alpha).to(Mu) + Bu * torch.from_numpy(best.beta).to(Bu)
 
-    def objective(Xu: torch.Tensor) -> float:
-        return 1.0 - _cosine(Mu, Xu, g, dw_sq) + lam * float(((Xu - Bu) ** 2).sum())
+    def objective(Yu: torch.Tensor) -> float:
+        return 1.0 - _cosine(Mu, Yu, g, dw_sq) + lam * float(((Yu - Bu) ** 2).sum())
 
-    candidates = [(u * Mu + Bu) / torch.from_numpy(opv).to(Mu) for u, opv in _stationary(cols)]
-    candidates.append(_max_cosine_ray(Mu, Bu, g, lam))
-    best, best_f = Bu, objective(Bu)
-    for Xu in candidates:
-        f = objective(Xu)
-        if f < best_f - 1e-14 * max(1.0, abs(best_f)):  # ties go to B̄, then to earlier candidates
-            best, best_f = Xu, f
-    return best
+    return Xu if objective(Xu) < objective(Bu) else Bu
 
 
-def _max_cosine_ray(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
+class _Point(NamedTuple):
+    """`X U` with column `i` equal to `alpha_i m_i + beta_i b_i`; `beta_m1 = beta − 1`, kept exact."""
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    beta_m1: np.ndarray
+
+
+def _on_family(u: float | np.ndarray, vg: np.ndarray, opv: np.ndarray) -> _Point:
+    """`X(u, v) = (uM + B̄)(I + vG)⁻¹` from `vg = v·g`, `opv = 1 + v·g`."""
+    w = 1.0 / opv
+    return _Point(u * w, w, -vg * w)
+
+
+def _max_cosine_ray(cols: _Columns) -> _Point:
     """The best point `X = B̄_null + c·MG⁺` on the set where `cos(ΔW, XĀ)` is largest.
 
     With `c* = ⟨MG⁺, B̄⟩/‖MG⁺‖² > 0` this is the end of the curve (`v → ∞`). With
@@ -193,15 +211,14 @@ def _max_cosine_ray(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, lam: fl
     `c → 0⁺` and has no minimiser; we return the `c` whose objective is within
     1e-12 of that infimum.
     """
-    reach = g > 0
-    ginv = torch.where(reach, 1.0 / torch.where(reach, g, 1.0), 0.0)
-    Yu = Mu * ginv  # MG⁺ in the eigenbasis
-    yy, yb = float((Yu * Yu).sum()), float((Yu * Bu).sum())
+    reach = cols.g > 0
+    ginv = np.where(reach, 1.0 / np.where(reach, cols.g, 1.0), 0.0)
+    yy, yb = float((cols.mm * ginv * ginv).sum()), float((cols.mb * ginv).sum())  # ‖MG⁺‖², ⟨MG⁺, B̄⟩
     c = yb / yy
     if c <= 0:
         tol = 1e-12
-        c = min(np.sqrt(tol / (2 * lam * yy)), tol / (4 * lam * abs(yb)) if yb else np.inf)
-    return c * Yu + Bu * (~reach)
+        c = min(np.sqrt(tol / (2 * cols.lam * yy)), tol / (4 * cols.lam * abs(yb)) if yb else np.inf)
+    return _Point(c * ginv, (~reach).astype(float), -reach.astype(float))
 
 
 @dataclass(frozen=True)
@@ -236,20 +253,24 @@ class _Columns:
             u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
         return np.where((disc >= 0) & (u > 0) & np.isfinite(u), u, np.nan)
 
-    def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`, `O(r)` per point; `inf`/NaN if undefined."""
-        w = 1.0 / opv
-        wm1 = -vg * w
-        uc = u[:, None]
+    def value(
+        self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The objective `f` and `‖XĀ‖` at points given by column coefficients (rows of `N×r`); `f = inf` if undefined."""
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            a = (w * (uc * self.mm + self.mb)).sum(-1)  # ⟨M, X⟩
-            q = (self.g * w * w * (uc * uc * self.mm + 2 * uc * self.mb + self.bb)).sum(-1)  # ‖XĀ‖²
-            reg = (w * w * uc * uc * self.mm + 2 * w * wm1 * uc * self.mb + wm1 * wm1 * self.bb).sum(-1)
+            a = (alpha * self.mm + beta * self.mb).sum(-1)  # ⟨M, X⟩
+            q = (self.g * (alpha * alpha * self.mm + 2 * alpha * beta * self.mb + beta * beta * self.bb)).sum(-1)
+            reg = (alpha * alpha * self.mm + 2 * alpha * beta_m1 * self.mb + beta_m1 * beta_m1 * self.bb).sum(-1)
             rho = np.sqrt(np.maximum(q, 0.0))
             f = 1.0 - a / (self.d * rho) + self.lam * reg
+        return np.where(np.isfinite(f) & (rho > 0), f, np.inf), rho
+
+    def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`, `O(r)` per point; `inf`/NaN if undefined."""
+        f, rho = self.value(*_on_family(u[:, None], vg, opv))
+        with np.errstate(invalid="ignore", over="ignore"):
             phi = 2.0 * self.lam * self.d * u * rho - 1.0
-        bad = ~(np.isfinite(f) & (rho > 0))
-        return np.where(bad, np.inf, f), np.where(bad, np.nan, phi)
+        return f, np.where(np.isfinite(f), phi, np.nan)
 
 
 @dataclass(frozen=True)
@@ -276,8 +297,8 @@ class _Piece:
         return (u, *cols.family(u, vg, opv))
 
 
-def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
-    """`(u, 1 + v·g)` of every stationary point found on the curve, plus each stretch's best grid point.
+def _stationary(cols: _Columns) -> list[_Point]:
+    """Every stationary point found on the curve, plus each stretch's best grid point.
 
     `v > 0` holds the stationary points with positive cosine. Lower end of its
     grid: at a stationary point `v = cos/(2λ‖XĀ‖²)` and `‖X‖ ≤ ‖B̄‖` (from
@@ -307,7 +328,7 @@ def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
         if np.isfinite(f).any():
             j = int(np.argmin(f))
             if piece.positive:
-                out.append((float(u[j]), piece.points(cols, s[j : j + 1])[1][0]))
+                out.append(_on_family(float(u[j]), *(x[0] for x in piece.points(cols, s[j : j + 1]))))
             else:  # the curve folds back on itself here; a minimum can sit on the fold
                 out.append(_polish(cols, piece, float(u[j]), float(s[j])))
         flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
@@ -316,7 +337,7 @@ def _stationary(cols: _Columns) -> list[tuple[float, np.ndarray]]:
     return out
 
 
-def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> tuple[float, np.ndarray]:
+def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> _Point:
     """Newton's method on the objective over the whole family, in `(ln u, s)`, from a grid point.
 
     Every stationary point of this two-variable restriction is one of the full
@@ -354,10 +375,10 @@ def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> tuple[float, n
         if t <= 1e-12:
             break
         x, fx = x + t * step, f_new
-    return float(np.exp(x[0])), piece.points(cols, x[1:])[1][0]
+    return _on_family(float(np.exp(x[0])), *(y[0] for y in piece.points(cols, x[1:])))
 
 
-def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> tuple[float, np.ndarray]:
+def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> _Point:
     """Shrink a sign change of `φ` in `s` by a factor `_BISECT_POINTS − 1` per round."""
     for _ in range(_BISECT_ROUNDS):
         grid = np.linspace(lo, hi, _BISECT_POINTS)
@@ -367,7 +388,7 @@ def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float)
         lo, hi = float(grid[max(k - 1, 0)]), float(grid[max(k, 1)])
     s = np.array([0.5 * (lo + hi)])
     u, _, _ = piece.evaluate(cols, s)
-    return float(u[0]), piece.points(cols, s)[1][0]
+    return _on_family(float(u[0]), *(x[0] for x in piece.points(cols, s)))
 
 
 class LoraFair(Aggregator):
