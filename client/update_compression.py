@@ -48,6 +48,6 @@ def compress_update(
     payload = compress(delta, density=cfg.density, alpha=cfg.alpha, scope=cfg.scope,
                        round=server_round, num_examples=num_examples)
     if cfg.error_feedback:
-        sent = decompress(payload)
+        sent = decompress(payload, expected={k: tuple(v.shape) for k, v in delta.items()})
         state[RESIDUAL_KEY] = ArrayRecord({k: Array((delta[k] - sent[k]).numpy()) for k in delta})
     return payload

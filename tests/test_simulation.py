@@ -56,14 +56,18 @@ def _faulty_train(msg: Message, context: Context) -> Message:
     return run_train(msg, context)
 
 
-def test_failing_client_is_left_out_and_rounds_go_on(cfg, tmp_path):
+def test_failing_client_is_left_out_and_compressed_rounds_go_on(cfg, tmp_path):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import tests/
-    record = simulate(cfg, tmp_path / "run", client_app=faulty_app)
+    compressed = cfg.model_copy(update={"compression": cfg.compression.model_copy(
+        update={"enabled": True, "density": 0.1, "downlink": "fp16"})})
+    record = simulate(compressed, tmp_path / "run", client_app=faulty_app)
     for r in record.rounds[1:]:
         assert r["aggregated"], r
         assert len(r["rejected"]) == 1
         assert "simulated client crash" in next(iter(r["rejected"].values()))
+        assert r["uplink_ratio_vs_fp32"] > 10  # ComPEFT at 10 % density
+    assert record.summary()["final_mean_accuracy"] > record.summary()["base_mean_accuracy"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "simulated client crash" in report

@@ -19,8 +19,8 @@ import torch
 
 Weights = Sequence[float] | torch.Tensor
 
-_GRAM_BLOCK_ELEMS = 1 << 22
-"""Largest `rows × Kr` slab of a Gram matrix held at once (32 MiB in float64)."""
+_GRAM_BLOCK_ELEMS = 1 << 20
+"""Largest `rows × Kr` slab of a Gram matrix held at once (8 MiB in float64)."""
 
 
 def normalise_weights(weights: Weights, num_clients: int) -> torch.Tensor:

@@ -256,7 +256,10 @@ class _Columns:
     def value(
         self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The objective `f` and `‖XĀ‖` at points given by column coefficients (rows of `N×r`); `f = inf` if undefined."""
+        """The objective `f` and `‖XĀ‖` at points given by their column coefficients (rows of `N×r`).
+
+        `f = inf` where the cosine is undefined (`XĀ = 0`).
+        """
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             a = (alpha * self.mm + beta * self.mb).sum(-1)  # ⟨M, X⟩
             q = (self.g * (alpha * alpha * self.mm + 2 * alpha * beta * self.mb + beta * beta * self.bb)).sum(-1)
@@ -266,7 +269,7 @@ class _Columns:
         return np.where(np.isfinite(f) & (rho > 0), f, np.inf), rho
 
     def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`, `O(r)` per point; `inf`/NaN if undefined."""
+        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`; `inf` / NaN where undefined."""
         f, rho = self.value(*_on_family(u[:, None], vg, opv))
         with np.errstate(invalid="ignore", over="ignore"):
             phi = 2.0 * self.lam * self.d * u * rho - 1.0

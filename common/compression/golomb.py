@@ -1,4 +1,7 @@
-"""Golomb-Rice code for the kept positions of a sparse tensor, and packed sign bits.
+"""Golomb-Rice code for the kept positions of a sparse block, and packed sign bits.
+
+A block is one tensor, or (ComPEFT with one global top-k) a whole adapter's tensors
+flattened and concatenated; positions are flat indices into it.
 
 The kept entries of a ComPEFT update sit at near-random positions, so the gaps between
 them are close to geometric, and a Rice code of the gaps costs within a few percent of

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x64\x61pter_update.proto\x12\x0b\x66\x61iredge.v1\"\xd7\x01\n\x0cTensorUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x15.fairedge.v1.Encoding\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x10\n\x08num_kept\x18\x05 \x01(\x04\x12\x30\n\rposition_code\x18\x06 \x01(\x0e\x32\x19.fairedge.v1.PositionCode\x12\x0e\n\x06rice_k\x18\x07 \x01(\r\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\r\n\x05signs\x18\t \x01(\x0c\"\x8a\x01\n\rAdapterUpdate\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12*\n\x07tensors\x18\x04 \x03(\x0b\x32\x19.fairedge.v1.TensorUpdate\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x07*X\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0e\n\nDENSE_FP32\x10\x01\x12\x0e\n\nDENSE_FP16\x10\x02\x12\x12\n\x0eTERNARY_SPARSE\x10\x03*<\n\x0cPositionCode\x12\x1d\n\x19POSITION_CODE_UNSPECIFIED\x10\x00\x12\r\n\tRICE_GAPS\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61\x64\x61pter_update.proto\x12\x0b\x66\x61iredge.v1\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xb3\x01\n\x05\x42lock\x12\'\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x15.fairedge.v1.Encoding\x12\r\n\x05scale\x18\x02 \x01(\x02\x12\x10\n\x08num_kept\x18\x03 \x01(\x04\x12\x30\n\rposition_code\x18\x04 \x01(\x0e\x32\x19.fairedge.v1.PositionCode\x12\x0e\n\x06rice_k\x18\x05 \x01(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\r\n\x05signs\x18\x07 \x01(\x0c\"\xc2\x01\n\rAdapterUpdate\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x07\x12\x0e\n\x06layout\x18\x06 \x01(\x06\x12(\n\x07tensors\x18\x07 \x03(\x0b\x32\x17.fairedge.v1.TensorSpec\x12\"\n\x06\x62locks\x18\x08 \x03(\x0b\x32\x12.fairedge.v1.BlockJ\x04\x08\x04\x10\x05*X\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x0e\n\nDENSE_FP32\x10\x01\x12\x0e\n\nDENSE_FP16\x10\x02\x12\x12\n\x0eTERNARY_SPARSE\x10\x03*<\n\x0cPositionCode\x12\x1d\n\x19POSITION_CODE_UNSPECIFIED\x10\x00\x12\r\n\tRICE_GAPS\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapter_update_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=396
-  _globals['_ENCODING']._serialized_end=484
-  _globals['_POSITIONCODE']._serialized_start=486
-  _globals['_POSITIONCODE']._serialized_end=546
-  _globals['_TENSORUPDATE']._serialized_start=38
-  _globals['_TENSORUPDATE']._serialized_end=253
-  _globals['_ADAPTERUPDATE']._serialized_start=256
-  _globals['_ADAPTERUPDATE']._serialized_end=394
+  _globals['_ENCODING']._serialized_start=459
+  _globals['_ENCODING']._serialized_end=547
+  _globals['_POSITIONCODE']._serialized_start=549
+  _globals['_POSITIONCODE']._serialized_end=609
+  _globals['_TENSORSPEC']._serialized_start=37
+  _globals['_TENSORSPEC']._serialized_end=78
+  _globals['_BLOCK']._serialized_start=81
+  _globals['_BLOCK']._serialized_end=260
+  _globals['_ADAPTERUPDATE']._serialized_start=263
+  _globals['_ADAPTERUPDATE']._serialized_end=457
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,82 @@
+"""Client-side compressed updates with error feedback, and their decoding in the strategy."""
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.update_compression import RESIDUAL_KEY, compress_update
+from common.adapter_record import flatten, shapes
+from common.aggregation import Adapter, FedIT
+from common.compression import decompress
+from common.config import CompressionConfig
+from server.strategy import LoraStrategy, RoundLog
+
+
+def _adapter(seed: int) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    return Adapter({"l0": (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g))},
+                   {"classifier.weight": torch.randn(3, 32, generator=g)})
+
+
+def test_error_feedback_carries_what_compression_dropped():
+    cfg = CompressionConfig(enabled=True, density=0.1)
+    state = RecordDict()
+    start = flatten(_adapter(0))
+    true_total = {k: torch.zeros_like(v) for k, v in start.items()}
+    sent_total = {k: torch.zeros_like(v) for k, v in start.items()}
+    for rnd in range(1, 4):
+        trained = {k: v + 0.1 * torch.randn_like(v) for k, v in start.items()}
+        payload = compress_update(trained, start, cfg, state, server_round=rnd, num_examples=5)
+        sent = decompress(payload, expected={k: tuple(v.shape) for k, v in start.items()})
+        for k in start:
+            true_total[k] += trained[k] - start[k]
+            sent_total[k] += sent[k]
+        assert sum(int((s != 0).sum()) for s in sent.values()) == round(0.1 * sum(v.numel() for v in start.values()))
+    residual = {k: torch.from_numpy(v.numpy()) for k, v in state[RESIDUAL_KEY].items()}
+    for k in start:  # telescoping: everything changed = everything sent + what is still owed
+        torch.testing.assert_close(sent_total[k] + residual[k], true_total[k], atol=1e-5, rtol=0)
+
+
+def test_without_error_feedback_nothing_is_stored():
+    state = RecordDict()
+    start = flatten(_adapter(0))
+    trained = {k: v + 1 for k, v in start.items()}
+    compress_update(trained, start, CompressionConfig(enabled=True, error_feedback=False), state,
+                    server_round=1, num_examples=5)
+    assert RESIDUAL_KEY not in state
+
+
+@pytest.fixture
+def _task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+def _reply(node: int, payload) -> Message:
+    req = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(RecordDict({"compressed": ConfigRecord({"payload": payload}),
+                               "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0})}), reply_to=req)
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_strategy_rebuilds_client_adapters_from_compressed_changes_and_rejects_bad_payloads():
+    start = _adapter(0)
+    s = LoraStrategy(FedIT(), start, min_train_nodes=2)
+    s.rounds.append(RoundLog(round=1, sampled=[1, 2, 3]))
+    deltas = [flatten(_adapter(1)), flatten(_adapter(2))]
+    cfg = CompressionConfig(enabled=True, density=1.0)  # lossless: the average is exact
+    payloads = [compress_update({k: flatten(start)[k] + d[k] for k in d}, flatten(start), cfg, RecordDict(),
+                                server_round=1, num_examples=10) for d in deltas]
+    corrupt = bytearray(payloads[0])
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    arrays, _ = s.aggregate_train(1, [_reply(1, payloads[0]), _reply(2, payloads[1]), _reply(3, bytes(corrupt))])
+    assert arrays is not None
+    expected = {k: flatten(start)[k] + (deltas[0][k] + deltas[1][k]) / 2 for k in deltas[0]}
+    got = flatten(s.global_adapter)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0)
+    assert "bad compressed payload" in s.rounds[-1].rejected[3]
+    assert s.rounds[-1].bytes_up > 0 and s.rounds[-1].fp32_bytes_up == 3 * 4 * sum(
+        torch.Size(v).numel() for v in shapes(start).values())
