@@ -45,6 +45,8 @@ class DataConfig(Section):
     def _path_needed(self) -> DataConfig:
         if self.task != "digits-domains" and not self.path:
             raise ValueError(f"data.path is required for task {self.task!r}")
+        if self.path and not Path(self.path).exists():
+            raise ValueError(f"data.path={self.path!r} does not exist")
         return self
 
 
@@ -67,6 +69,8 @@ class ModelConfig(Section):
     def _check(self) -> ModelConfig:
         if self.kind == "hf-text" and not self.path:
             raise ValueError("model.path is required for model.kind 'hf-text'")
+        if self.path and not Path(self.path).is_dir():
+            raise ValueError(f"model.path={self.path!r} is not a directory (a local Hugging Face model)")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"

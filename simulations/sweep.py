@@ -9,6 +9,7 @@ re-run skips it.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ def run_sweep(
     done = {(r["variant"], r["seed"], r["config_hash"]) for r in rows}
     jobs = [(label, overrides, seed) for label, overrides in variants.items() for seed in seeds]
     for i, (label, overrides, seed) in enumerate(jobs, 1):
-        cfg = load_config(config, [*common_overrides, *overrides, f"seed={seed}", f"name=sweep-{label}"])
+        cfg = load_config(config, [*common_overrides, *overrides, f"seed={seed}",
+                                   f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"])
         key = (label, seed, config_hash(cfg))
         if key in done:
             continue

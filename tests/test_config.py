@@ -57,9 +57,15 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(bad)
 
 
-def test_text_task_needs_text_model():
+def test_text_task_needs_text_model_and_existing_paths(tmp_path):
+    table = tmp_path / "x.csv"
+    table.write_text("text,label\na,0\nb,1\n")
     with pytest.raises(ConfigError, match="does not fit"):
-        build_config({"data": {"task": "text", "path": "x.csv"}})
+        build_config({"data": {"task": "text", "path": str(table)}})
+    with pytest.raises(ConfigError, match="data.path='/no/such.csv' does not exist"):
+        build_config({"data": {"task": "text", "path": "/no/such.csv"}, "model": {"kind": "hf-text", "path": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="is not a directory"):
+        build_config({"data": {"task": "text", "path": str(table)}, "model": {"kind": "hf-text", "path": str(table)}})
 
 
 def test_resolved_toml_round_trips_and_hash_is_stable(tmp_path):
