@@ -305,10 +305,10 @@ def _stationary(cols: _Columns) -> list[_Point]:
 
     `v > 0` holds the stationary points with positive cosine. Lower end of its
     grid: at a stationary point `v = cos/(2λ‖XĀ‖²)` and `‖X‖ ≤ ‖B̄‖` (from
-    `⟨X, X − B̄⟩ = 0`), and a minimiser has `cos ≥ cos_FedIT`; so
+    `⟨X, X − B̄⟩ = 0`), and the global minimiser has `cos ≥ cos_FedIT`; so
     `v·g_max ≥ cos_FedIT / (2λ‖B̄‖²)`. Its upper end is open: the grid grows
     while its best point is its last. Local minima need `1 + v·g_i ≥ 0` for all
-    `i` (else the Hessian `2λ(I + vG)⊗I + rank ≤ 3` has a negative direction),
+    `i` (else, for `m > 3`, the Hessian `2λ(I + vG)⊗I + rank ≤ 3` has a negative direction),
     so those with negative cosine lie in `−1/g_max < v < 0`; that stretch can
     only hold the global minimum when `cos_FedIT ≤ 0`, and is searched only then.
     """
@@ -343,10 +343,10 @@ def _stationary(cols: _Columns) -> list[_Point]:
 def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> _Point:
     """Newton's method on the objective over the whole family, in `(ln u, s)`, from a grid point.
 
-    Every stationary point of this two-variable restriction is one of the full
-    objective (the family is the solution set of the stationarity equations), so
-    a descent here cannot stop anywhere the reference optimiser would not.
-    Derivatives by central differences: they cost nine `O(r)` evaluations.
+    The family contains every stationary point of the full objective, and where
+    the restriction to it is stationary so is the full objective (its gradient
+    there is a combination of `M` and `XG` that the two partial derivatives
+    pin to zero). Derivatives by central differences: nine `O(r)` evaluations.
     """
 
     def objective(x: np.ndarray) -> np.ndarray:
