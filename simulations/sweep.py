@@ -31,7 +31,8 @@ def run_sweep(
     """Simulate every (variant, seed); return all rows (finished earlier ones included)."""
     rows: list[dict[str, Any]] = json.loads(results.read_text()) if results.exists() else []
     done = {(r["variant"], r["seed"], r["config_hash"]) for r in rows}
-    jobs = [(label, overrides, seed) for label, overrides in variants.items() for seed in seeds]
+    # seed-major: a sweep stopped early still has every variant for the seeds it finished
+    jobs = [(label, overrides, seed) for seed in seeds for label, overrides in variants.items()]
     for i, (label, overrides, seed) in enumerate(jobs, 1):
         cfg = load_config(config, [*common_overrides, *overrides, f"seed={seed}",
                                    f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"])
