@@ -1,9 +1,17 @@
-"""The Flower ClientApp: local LoRA training from the global factors (Avg-Initial).
+"""The Flower ClientApp: local LoRA training from the global adapter (Avg-Initial).
 
-Each train message carries the global adapter (`arrays`) and the run config
-(`config["fairedge-config"]`, JSON). The reply carries the trained adapter
-(`arrays`), or with compression on, the ComPEFT-compressed change since the
-global adapter (`compressed["payload"]`, see `client.update_compression`).
+Each train message carries the global adapter (`arrays`), the run config
+(`config["fairedge-config"]`, JSON) and the aggregator's instructions for the
+round (`config["train-factors"]`, `config["personal-b"]`, see
+`common.aggregation.base`). The client sets its base weights to `W0` plus the
+adapter's base delta (FLoRA, FedEx-LoRA), loads the factors (with
+`personal-b`, its own B from earlier rounds instead of the global one), trains
+the factors it is told to, and replies with what `reply_factors` names plus the
+head (`arrays`), or with compression on, the ComPEFT-compressed change since
+what it started from (`compressed["payload"]`, see `client.update_compression`).
+A personal B never leaves the client: it is kept in Flower's per-node context
+state. Evaluate messages are answered with this node's accuracy on the test
+data of its own domains (for personalised methods: global A, own B).
 The node's data partition comes from the node config: `partition-id` of
 `num-partitions` (simulation) selects the client's share of the run's data.
 """
@@ -12,45 +20,77 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.update_compression import compress_update
-from common.adapter_record import adapter_from_record, adapter_to_record, flatten
+from common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
+from common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
 from common.config import RunConfig
-from common.task import client_partition, get_adapter, lora_model, set_adapter
+from common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
+from common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
+from common.training import evaluate as evaluate_model
 from common.training import resolve_device, train_local
 
 log = logging.getLogger("fairedge.client")
 CONFIG_KEY = "fairedge-config"
+PERSONAL_B_KEY = "fairedge.personal-b"
+"""Context-state key of this node's own B per layer (FedSA-LoRA)."""
 
 app = ClientApp()
-_models: dict[str, torch.nn.Module] = {}
+_models: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
 
 
-def _model_for(cfg: RunConfig, key: str) -> torch.nn.Module:
-    """One LoRA model per process and config: every round overwrites all its trainables."""
+def _model_for(cfg: RunConfig, key: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """One LoRA model per process and config, with its pristine base weights `W0` per LoRA layer.
+
+    Every round overwrites all its trainables and resets its base weights from `W0`.
+    """
     if key not in _models:
         _models.clear()
-        _models[key] = lora_model(cfg)
+        model = lora_model(cfg)
+        _models[key] = (model, get_base_weights(model))
     return _models[key]
+
+
+def _load_message(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, int, int]:
+    """Config, model (holding the received global adapter), partition id and count of a message."""
+    raw = str(msg.content["config"][CONFIG_KEY])
+    cfg = RunConfig.model_validate_json(raw)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
+    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+    model, base_weights = _model_for(cfg, raw)
+    set_adapter(model, adapter_from_record(msg.content["arrays"]), base_weights)
+    return cfg, model, partition_id, num_partitions
+
+
+def use_personal_b(model: torch.nn.Module, state: RecordDict) -> bool:
+    """Load this node's own B (if it has one that fits) in place of the global B; say whether it did."""
+    if PERSONAL_B_KEY not in state:
+        return False
+    own = {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in state[PERSONAL_B_KEY].items()}
+    factors = get_lora_factors(model)
+    if set(own) != set(factors) or any(own[k].shape != factors[k][1].shape for k in factors):
+        return False  # kept by another run
+    set_lora_factors(model, {k: (a, own[k]) for k, (a, _) in factors.items()})
+    return True
 
 
 def run_train(msg: Message, context: Context) -> Message:
     """Train on this node's data starting from the global adapter; reply with the result."""
-    raw = str(msg.content["config"][CONFIG_KEY])
-    cfg = RunConfig.model_validate_json(raw)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
-    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-
+    cfg, model, partition_id, num_partitions = _load_message(msg, context)
+    round_config = msg.content["config"]
+    server_round = int(round_config.get("server-round", 0))
+    personal_b = bool(round_config.get(PERSONAL_B, False))
+    send = reply_factors(round_config)
     data = client_partition(cfg, partition_id, num_partitions)
-    model = _model_for(cfg, raw)
-    global_adapter = adapter_from_record(msg.content["arrays"])
-    set_adapter(model, global_adapter)
-    start = flatten(get_adapter(model))
+    if personal_b:
+        use_personal_b(model, context.state)
+    set_trainable_factors(model, str(round_config.get(TRAIN_FACTORS, "AB")))
+    start = reply_tensors(get_adapter(model), send)
     f = cfg.federation
     loss = train_local(
         model, data, steps=f.local_steps, epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
@@ -59,17 +99,40 @@ def run_train(msg: Message, context: Context) -> Message:
     )
     model.cpu()
     trained = get_adapter(model)
+    if personal_b:
+        context.state[PERSONAL_B_KEY] = ArrayRecord({k: Array(b.numpy()) for k, (_, b) in trained.factors.items()})
+    reply = reply_tensors(trained, send)
     metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "partition-id": partition_id})
     if cfg.compression.enabled:
-        payload = compress_update(flatten(trained), start, cfg.compression, context.state,
+        payload = compress_update(reply, start, cfg.compression, context.state,
                                   server_round=server_round, num_examples=len(data))
         content = RecordDict({"compressed": ConfigRecord({"payload": payload}), "metrics": metrics})
     else:
-        content = RecordDict({"arrays": adapter_to_record(trained), "metrics": metrics})
+        content = RecordDict({"arrays": tensors_to_record(reply), "metrics": metrics})
     return Message(content, reply_to=msg)
+
+
+def run_evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of this node's model (global adapter, own B under `personal-b`) on its own domains' test data."""
+    cfg, model, partition_id, num_partitions = _load_message(msg, context)
+    own_b = bool(msg.content["config"].get(PERSONAL_B, False)) and use_personal_b(model, context.state)
+    task = load_task(cfg)
+    domains = client_partition(cfg, partition_id, num_partitions).domain.unique()
+    test = task.test.subset(torch.nonzero(torch.isin(task.test.domain, domains)).flatten())
+    acc, loss = evaluate_model(model, test, device=resolve_device(cfg.federation.device))
+    model.cpu()
+    metrics = MetricRecord({"num-examples": len(test), "accuracy": acc, "loss": loss,
+                            "partition-id": partition_id, "own-b": int(own_b)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Flower entry point for train messages."""
     return run_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Flower entry point for evaluate messages."""
+    return run_evaluate(msg, context)

@@ -105,6 +105,37 @@ def set_lora_factors(model: PeftModel, factors: Factors) -> None:
         layers[name].lora_B[ADAPTER].weight.copy_(b)
 
 
+def get_base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """`{layer: W0 (m x n)}`: each LoRA layer's frozen base weight, as detached float32 CPU copies."""
+    return {
+        name: layer.get_base_layer().weight.detach().to("cpu", torch.float32).clone()
+        for name, layer in _lora_layers(model).items()
+    }
+
+
+@torch.no_grad()
+def set_base_weights(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` into the LoRA layers' base weights in place; names and shapes checked before any copy."""
+    layers = _lora_layers(model)
+    for name, w in weights.items():
+        if name not in layers:
+            raise KeyError(f"no LoRA layer named {name!r}")
+        want = layers[name].get_base_layer().weight.shape
+        if w.shape != want:
+            raise ValueError(f"{name}: base weight of shape {tuple(w.shape)}, expected {tuple(want)}")
+    for name, w in weights.items():
+        layers[name].get_base_layer().weight.copy_(w)
+
+
+def set_trainable_factors(model: PeftModel, factors: str) -> None:
+    """Let only the named LoRA factors train: "AB" (both), "A" or "B"; the head keeps training."""
+    if factors not in ("AB", "A", "B"):
+        raise ValueError(f"factors must be 'AB', 'A' or 'B', got {factors!r}")
+    for layer in _lora_layers(model).values():
+        layer.lora_A[ADAPTER].weight.requires_grad_("A" in factors)
+        layer.lora_B[ADAPTER].weight.requires_grad_("B" in factors)
+
+
 def get_head_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The trainable non-LoRA parameters (heads), keyed like the plain model (`classifier.weight`)."""
     return {

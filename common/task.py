@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,7 +19,14 @@ from common.aggregation import Adapter
 from common.config import DataConfig, LoraSettings, ModelConfig, RunConfig
 from common.data import LabeledData, TaskData, make_digits_domains, partition_clients
 from common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
-from common.lora import add_lora, get_head_state, get_lora_factors, set_head_state, set_lora_factors
+from common.lora import (
+    add_lora,
+    get_head_state,
+    get_lora_factors,
+    set_base_weights,
+    set_head_state,
+    set_lora_factors,
+)
 from common.models import load_text_classifier, pretrained_vision_classifier
 
 
@@ -91,10 +99,27 @@ def get_adapter(model: nn.Module) -> Adapter:
     return Adapter(get_lora_factors(model), get_head_state(model))
 
 
-def set_adapter(model: nn.Module, adapter: Adapter) -> None:
-    """Load an `Adapter` into a LoRA model, in place."""
+def set_adapter(model: nn.Module, adapter: Adapter, base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load an `Adapter` into a LoRA model, in place.
+
+    `base_weights` are the pristine `W0` of the LoRA layers (`common.lora.get_base_weights`
+    of the model as built). With them every such layer's base weight becomes
+    `W0 + P @ Q` from `adapter.base_delta`, or `W0` where it has no entry, so a
+    model can be reused across rounds. An adapter with a base delta needs them.
+    """
     set_lora_factors(model, adapter.factors)
     set_head_state(model, adapter.head)
+    if base_weights is None:
+        if adapter.base_delta:
+            raise ValueError("the adapter changes base weights: pass the pristine base_weights")
+        return
+    unknown = sorted(set(adapter.base_delta) - set(base_weights))
+    if unknown:
+        raise KeyError(f"base delta for layers without base weights: {unknown[:3]}")
+    set_base_weights(model, {
+        name: w0 + adapter.base_delta[name][1] @ adapter.base_delta[name][0] if name in adapter.base_delta else w0
+        for name, w0 in base_weights.items()
+    })
 
 
 def config_json(cfg: RunConfig) -> str:

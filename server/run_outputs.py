@@ -1,8 +1,9 @@
 """What a run leaves behind, for a person to open.
 
 `runs/<timestamp>-<name>/` holds `config.toml` (the resolved config),
-`metrics.json` (every round), `report.md` (tables), `accuracy.png` and
-`adapter/` (the final global adapter in PEFT's format).
+`metrics.json` (every round), `report.md` (tables), `accuracy.png`,
+`adapter/` (the final global adapter in PEFT's format) and, for rules that
+change the base weights (FLoRA, FedEx-LoRA), `base_delta.safetensors`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import nn
 
+from common.adapter_record import flatten
+from common.aggregation import Adapter, BaseDelta
 from common.config import RunConfig, config_hash, to_toml
 from common.lora import save_adapter
 
@@ -68,7 +72,12 @@ class RunRecord:
                 rejected={str(k): v for k, v in entry.rejected.items()},
                 aggregated=entry.aggregated,
                 aggregator_metrics={k: v for k, v in entry.metrics.items() if k != "train-loss"},
+                client_config=entry.client_config,
             )
+            if entry.personal_accuracy:
+                accs = entry.personal_accuracy
+                row["personal_accuracy"] = {str(k): v for k, v in sorted(accs.items())}
+                row["personal_mean_accuracy"] = sum(accs.values()) / len(accs)
         self.rounds.append(row)
         return row
 
@@ -76,6 +85,7 @@ class RunRecord:
         """Base vs final accuracy, and totals."""
         base, final = self.rounds[0], self.rounds[-1]
         up = sum(r.get("bytes_up", 0) for r in self.rounds)
+        personal = [r["personal_mean_accuracy"] for r in self.rounds if "personal_mean_accuracy" in r]
         return {
             "base_mean_accuracy": base["mean_accuracy"],
             "final_mean_accuracy": final["mean_accuracy"],
@@ -86,6 +96,7 @@ class RunRecord:
             "uplink_ratio_vs_fp32": sum(r.get("fp32_bytes_up", 0) for r in self.rounds) / up if up else None,
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": self.wall_seconds,
+            "final_personal_mean_accuracy": personal[-1] if personal else None,
         }
 
 
@@ -113,17 +124,30 @@ def report_markdown(record: RunRecord) -> str:
         f"| final (round {record.rounds[-1]['round']}) | {s['final_mean_accuracy']:.4f} "
         f"| {s['final_shifted_mean_accuracy']:.4f} | {s['final_worst_accuracy']:.4f} |",
         "",
+    ]
+    if s["final_personal_mean_accuracy"] is not None:
+        lines += [
+            f"Personalised: each client keeps its own B. The accuracies above are the server's global "
+            f"adapter (global A with the initial B); each client's own model (global A, its B, global head) "
+            f"on its own domains' test data: final mean **{s['final_personal_mean_accuracy']:.4f}** "
+            f"(column 'personal acc' below).",
+            "",
+        ]
+    lines += [
         "## Per round",
         "",
-        "| round | train loss | mean acc | worst acc | bytes up | up vs fp32 | bytes down | replied | left out |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| round | train loss | mean acc | worst acc | personal acc | bytes up | up vs fp32 | bytes down "
+        "| replied | left out |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record.rounds[1:]:
         loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "not aggregated"
         ratio = f"{r['uplink_ratio_vs_fp32']:.1f}x smaller" if r.get("uplink_ratio_vs_fp32") else "-"
         left_out = "; ".join(f"{n}: {why}" for n, why in r.get("rejected", {}).items()) or "-"
+        personal = f"{r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "-"
         lines.append(
-            f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {r['bytes_up']:,} "
+            f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {personal} "
+            f"| {r['bytes_up']:,} "
             f"| {ratio} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} |"
         )
     lines += ["", "## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
@@ -157,8 +181,13 @@ def plot_accuracy(record: RunRecord, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(record: RunRecord, model: nn.Module) -> None:
-    """Write config, metrics, report, plot and the final adapter into the run folder."""
+def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, BaseDelta] | None = None) -> None:
+    """Write config, metrics, report, plot and the final adapter into the run folder.
+
+    A base delta (the final change of the base weights, `W = W0 + P @ Q` per layer)
+    goes to `base_delta.safetensors` as `base/<layer>/Q` and `base/<layer>/P`: the PEFT
+    adapter alone does not reproduce such a run's model.
+    """
     d = record.run_dir
     d.mkdir(parents=True, exist_ok=True)
     _atomic_write(d / "config.toml", to_toml(record.cfg))
@@ -174,3 +203,6 @@ def write_outputs(record: RunRecord, model: nn.Module) -> None:
     _atomic_write(d / "report.md", report_markdown(record))
     plot_accuracy(record, d / "accuracy.png")
     save_adapter(model, d / "adapter")
+    if base_delta:
+        save_file({k: t.contiguous() for k, t in flatten(Adapter({}, {}, base_delta)).items()},
+                  str(d / "base_delta.safetensors"))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes
+from common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes, shapes
 from common.aggregation import Adapter
 
 
@@ -39,3 +39,16 @@ def test_wrong_shape_nonfinite_and_missing_names_are_rejected():
     missing = Adapter({"enc.0.q": a.factors["enc.0.q"]}, dict(a.head))
     with pytest.raises(MalformedAdapter, match="missing"):
         adapter_from_record(adapter_to_record(missing), like=a)
+
+
+def test_base_delta_travels_down_but_replies_are_checked_on_factors_and_head_only():
+    a = _adapter()
+    with_base = Adapter(a.factors, a.head, {"enc.0.q": (torch.randn(2, 8), torch.randn(8, 2))})
+    back = adapter_from_record(adapter_to_record(with_base), like=a)  # `like` has no base delta: fine
+    assert torch.equal(back.base_delta["enc.0.q"][1], with_base.base_delta["enc.0.q"][1])
+    assert set(shapes(with_base)) == set(shapes(a)) and not any(k.startswith("base/") for k in shapes(with_base))
+    assert set(shapes(a, "A")) == {"lora/enc.0.q/A", "lora/enc.0.v/A", "head/classifier.weight", "head/classifier.bias"}
+    lonely = adapter_to_record(with_base)
+    del lonely["base/enc.0.q/P"]
+    with pytest.raises(MalformedAdapter, match="lacks its P factor"):
+        adapter_from_record(lonely)

@@ -47,6 +47,21 @@ def test_without_error_feedback_nothing_is_stored():
     assert RESIDUAL_KEY not in state
 
 
+def test_residual_of_a_tensor_not_sent_this_round_waits_for_the_next_round_that_sends_it():
+    """RoLoRA sends A and B in alternate rounds: B's residual must survive an A-round."""
+    cfg = CompressionConfig(enabled=True, density=0.1)
+    state = RecordDict()
+    start = flatten(_adapter(0))
+    only_b = {k: v for k, v in start.items() if not k.endswith("/A")}
+    only_a = {k: v for k, v in start.items() if not k.endswith("/B")}
+    compress_update({k: v + 1 for k, v in only_b.items()}, only_b, cfg, state, server_round=1, num_examples=5)
+    b_residual = torch.from_numpy(state[RESIDUAL_KEY]["lora/l0/B"].numpy().copy())
+    assert b_residual.abs().sum() > 0
+    compress_update({k: v + 1 for k, v in only_a.items()}, only_a, cfg, state, server_round=2, num_examples=5)
+    assert set(state[RESIDUAL_KEY]) == set(start)
+    assert torch.equal(torch.from_numpy(state[RESIDUAL_KEY]["lora/l0/B"].numpy()), b_residual)
+
+
 @pytest.fixture
 def _task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)

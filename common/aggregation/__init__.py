@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Aggregator, ClientUpdate, LayerFactors, client_weights, weighted_mean
+from .base import (
+    PERSONAL_B,
+    TRAIN_FACTORS,
+    Adapter,
+    Aggregator,
+    BaseDelta,
+    ClientConfig,
+    ClientUpdate,
+    LayerFactors,
+    client_weights,
+    extend_base_delta,
+    reply_factors,
+    weighted_mean,
+)
+from .fedex_lora import FedExLoRA
 from .fedit import FedIT
+from .fedsa_lora import FedSALoRA
+from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA, flexlora
+from .flora import FLoRA
 from .lora_fair import LoraFair, LoraFairResult, lora_fair, solve_lora_fair
+from .rolora import RoLoRA
 
-AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedIT, LoraFair, FlexLoRA)}
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    cls.name: cls for cls in (FedIT, LoraFair, FlexLoRA, FFALoRA, FLoRA, FedExLoRA, FedSALoRA, RoLoRA)
+}
 
 
 def make_aggregator(name: str, **params: object) -> Aggregator:
@@ -19,18 +39,29 @@ def make_aggregator(name: str, **params: object) -> Aggregator:
 
 __all__ = [
     "AGGREGATORS",
+    "PERSONAL_B",
+    "TRAIN_FACTORS",
     "Adapter",
     "Aggregator",
+    "BaseDelta",
+    "ClientConfig",
     "ClientUpdate",
+    "FFALoRA",
+    "FLoRA",
+    "FedExLoRA",
     "FedIT",
+    "FedSALoRA",
     "FlexLoRA",
     "LayerFactors",
     "LoraFair",
     "LoraFairResult",
+    "RoLoRA",
     "client_weights",
+    "extend_base_delta",
     "flexlora",
     "lora_fair",
     "make_aggregator",
+    "reply_factors",
     "solve_lora_fair",
     "weighted_mean",
 ]

@@ -3,12 +3,18 @@
 An aggregation rule sees, per client, the LoRA factors of every adapted layer
 (`A: r×n`, `B: m×r`), the other trainables (the task head) and the number of
 training examples; it returns the next global adapter and a few metrics.
+
+Two small extensions serve the baselines that need more than factors:
+- `Adapter.base_delta`: a factored change of the frozen base weights
+  (FLoRA, FedEx-LoRA merge part of the update into them), `W = W0 + P @ Q`.
+- `Aggregator.client_config(r)`: per-round instructions to the clients
+  (which factors train, whether B stays on the client).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,13 +23,30 @@ import torch
 LayerFactors = tuple[torch.Tensor, torch.Tensor]
 """`(A, B)` of one LoRA layer: `A` is `r×n`, `B` is `m×r`."""
 
+BaseDelta = tuple[torch.Tensor, torch.Tensor]
+"""`(Q, P)` of one layer's base-weight change `P @ Q`: `Q` is `q×n`, `P` is `m×q` (like `(A, B)`)."""
+
+ClientConfig = dict[str, str | int | float | bool]
+"""Per-round instructions to clients; merged into the Flower train ConfigRecord."""
+
+TRAIN_FACTORS = "train-factors"
+"""Client config key: which LoRA factors train this round, "AB" (default), "A" or "B"."""
+PERSONAL_B = "personal-b"
+"""Client config key: True = each client keeps its own B across rounds and does not send it."""
+
 
 @dataclass
 class Adapter:
-    """LoRA factors per layer plus the non-LoRA trainables (the head)."""
+    """LoRA factors per layer, the non-LoRA trainables (the head) and a change of the base weights.
+
+    `base_delta[layer] = (Q, P)` means the frozen base weight of that layer is
+    `W0 + P @ Q` (any LoRA scale already folded in); layers without an entry keep `W0`.
+    Only the server writes it; clients apply it and never send one back.
+    """
 
     factors: dict[str, LayerFactors]
     head: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_delta: dict[str, BaseDelta] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,12 +62,30 @@ class Aggregator(ABC):
     """A server-side aggregation rule, selected by `name` in the config."""
 
     name: ClassVar[str]
+    personalized: ClassVar[bool] = False
+    """True when clients keep part of the model (FedSA-LoRA's B): the strategy then
+    asks every client to evaluate its own model after each round."""
 
     @abstractmethod
     def aggregate(
         self, updates: Sequence[ClientUpdate], current: Adapter
     ) -> tuple[Adapter, dict[str, float]]:
         """Combine client updates into the next global adapter (plus metrics)."""
+
+    def client_config(self, server_round: int) -> ClientConfig:
+        """Instructions for the clients of round `server_round` (`TRAIN_FACTORS`, `PERSONAL_B`).
+
+        The strategy calls this when it starts a round, before that round's `aggregate`.
+        """
+        return {}
+
+
+def reply_factors(config: Mapping[str, object]) -> str:
+    """The LoRA factors a client sends back under a round config: those it trains, less a personal B."""
+    trains = str(config.get(TRAIN_FACTORS, "AB"))
+    if trains not in ("AB", "A", "B"):
+        raise ValueError(f"{TRAIN_FACTORS} must be 'AB', 'A' or 'B', got {trains!r}")
+    return trains.replace("B", "") if config.get(PERSONAL_B, False) else trains
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -69,3 +110,24 @@ def average_heads(updates: Sequence[ClientUpdate], weights: torch.Tensor) -> dic
     """Weighted average of the non-LoRA trainables, key by key."""
     keys = updates[0].adapter.head.keys()
     return {k: weighted_mean([u.adapter.head[k] for u in updates], weights) for k in keys}
+
+
+def extend_base_delta(
+    old: BaseDelta | None, Q: torch.Tensor, P: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> BaseDelta:
+    """`(Q', P')` with `P' Q' = P_old Q_old + P Q`, computed in float64, returned as `dtype`.
+
+    The factors are stacked; once the stack is wider than `min(m, n)` it is
+    re-factored exactly to rank `min(m, n)` (QR of both stacks, SVD of the small
+    core), so it never outgrows a dense matrix and the `m×n` product is never formed.
+    """
+    Q, P = Q.to(torch.float64), P.to(torch.float64)
+    if old is not None:
+        Q, P = torch.cat([old[0].to(Q), Q]), torch.cat([old[1].to(P), P], dim=1)
+    m, n = P.shape[0], Q.shape[1]
+    if Q.shape[0] <= min(m, n):
+        return Q.to(dtype), P.to(dtype)
+    QP, RP = torch.linalg.qr(P)  # P = QP RP, QP m×min(m,q)
+    QQ, RQ = torch.linalg.qr(Q.T)  # Qᵀ = QQ RQ, QQ n×min(n,q)
+    U, S, Vh = torch.linalg.svd(RP @ RQ.T, full_matrices=False)  # min(m, n) singular values
+    return (Vh @ QQ.T).to(dtype), ((QP @ U) * S).to(dtype)

@@ -1,0 +1,54 @@
+"""FLoRA: stack the clients' factors, so the aggregate is exactly the sum of
+their products, merge it into the base weights and restart LoRA (Wang et al.,
+"FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
+Low-Rank Adaptations", NeurIPS 2024, arXiv 2409.05976).
+
+Per layer, `[B_1 … B_K] [p_1A_1; …; p_KA_K] = Σ p_k B_k A_k = ΔW` with no
+aggregation bias. The stack (times the LoRA scale `s`) is added to the
+adapter's `base_delta`, so clients train on `W0 + base_delta`, and the global
+factors restart as a no-op: B = 0, A = the shared seeded init of round 1 (the
+paper draws a fresh random A; any A with B = 0 restarts LoRA).
+
+Uplink `r(m+n)` per layer. Downlink is the accumulated stack, `Kr(m+n)` more
+per round (K× a FedIT round), sent whole so that a client need not have seen
+earlier rounds; `extend_base_delta` caps it at `min(m,n)·(m+n)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, extend_base_delta
+from .factored import LowRankSum
+
+
+class FLoRA(Aggregator):
+    """Merge `s·Σ p_k B_k A_k` into the base weights; restart the factors; average the head.
+
+    Args:
+        lora_scale: `s = alpha / r`, the factor on `B @ A` in the clients' effective weights.
+    """
+
+    name = "flora"
+
+    def __init__(self, lora_scale: float) -> None:
+        self.lora_scale = float(lora_scale)
+
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], current: Adapter
+    ) -> tuple[Adapter, dict[str, float]]:
+        p = client_weights(updates)
+        factors, base_delta = {}, dict(current.base_delta)
+        for layer, (a, b) in current.factors.items():
+            stack = LowRankSum.stack(  # ΔW = B_s A_s with B_s = [p_1B_1 … p_KB_K], A_s = [A_1; …; A_K]
+                [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates], p
+            )
+            base_delta[layer] = extend_base_delta(
+                current.base_delta.get(layer), stack.A, self.lora_scale * stack.Bt.T, a.dtype
+            )
+            factors[layer] = (a, torch.zeros_like(b))
+        ranks = [q.shape[0] for q, _ in base_delta.values()]
+        metrics = {"base_delta_rank": float(max(ranks))} if ranks else {}
+        return Adapter(factors, average_heads(updates, p), base_delta), metrics
