@@ -90,6 +90,11 @@ def lora_model(cfg: RunConfig) -> nn.Module:
     lora: LoraSettings = cfg.lora
     base = base_model(cfg)
     targets = list(lora.target_modules or base.lora_targets)
+    linears = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
+                      if isinstance(m, nn.Linear) and not name.startswith("classifier")})
+    if not set(targets) & set(linears):
+        raise ValueError(f"lora.target_modules={targets} match no layer of model.kind={cfg.model.kind!r}; "
+                         f"its linear layers are named {linears}")
     torch.manual_seed(cfg.seed)
     return add_lora(base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
 
