@@ -26,6 +26,7 @@ def _row(r: dict[str, Any]) -> str:
             f"mean acc {r['mean_accuracy']:.4f}  worst {r['worst_accuracy']:.4f}  "
             f"shifted {r['shifted_mean_accuracy']:.4f}  up {r.get('bytes_up', 0) / 1e6:.2f} MB  "
             f"down {r.get('bytes_down', 0) / 1e6:.2f} MB  {r['seconds']:.1f}s"
+            + (f"  personal {r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "")
             + (f"  [red]{left_out} left out[/red]" if left_out else ""))
 
 
