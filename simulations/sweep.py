@@ -50,7 +50,7 @@ def run_sweep(
     return rows
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
     """`mean ± std` (sample std; 0 for one value)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
