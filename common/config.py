@@ -252,6 +252,10 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 def config_hash(obj: BaseModel | dict[str, Any]) -> str:
-    """A short stable hash of a config (or any JSON-able dict)."""
-    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    """A short stable hash of a config (or any JSON-able dict).
+
+    Only values that differ from their defaults count, so adding a new setting (with a
+    default) leaves the hashes of existing configs, and the study rows keyed by them, valid.
+    """
+    data = obj.model_dump(mode="json", exclude_defaults=True) if isinstance(obj, BaseModel) else obj
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

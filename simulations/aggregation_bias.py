@@ -111,7 +111,7 @@ def report(rows: list[dict[str, float]], cfg, method: str, command: str) -> str:
         f"Config `{_display(CONFIG)}` (+ the overrides in the command), run name `{cfg.name}`, seed {cfg.seed}, "
         f"partition {cfg.data.partition}, rule driving the federation: {method} (λ = {cfg.aggregation.lam}, "
         f"{cfg.aggregation.objective}); {cfg.federation.num_clients} clients × {cfg.federation.local_steps} local "
-        f"steps, LoRA rank {cfg.lora.rank}. Mean over the {len(rows) and 'adapted'} layers; "
+        f"steps, LoRA rank {cfg.lora.rank}. Mean over the adapted layers; "
         "err = ‖U − (P − W_g)‖/‖U‖ (lower is better), cos = cos(U, P − W_g).",
         "",
         "```bash",

@@ -70,14 +70,17 @@ def _pool(parts: Sequence[LabeledData]) -> LabeledData:
     return LabeledData(x=x, y=torch.cat([p.y for p in parts]), domain=torch.cat([p.domain for p in parts]))
 
 
-def centralised(cfg: RunConfig) -> RunRecord:
+def centralised(cfg: RunConfig, *, large_batch: bool = False) -> RunRecord:
     """LoRA trained on the union of all clients' training data, no Flower.
 
     Same model, rank and seeded initial adapter as the federation; each "round" runs
     `local_steps × num_clients` optimizer steps (or `local_epochs` passes over the pooled data)
     of `batch_size` examples with a fresh optimizer, as the clients do, so the federation and
-    this baseline take the same total number of optimizer steps. Evaluated per domain after
-    every round on the same test data as the server (round 0 = before training).
+    this baseline take the same total number of optimizer steps. With `large_batch`, each round
+    is instead `local_steps` steps of `batch_size × num_clients` examples: the same examples per
+    round, but only as many sequential steps as one client takes (what a federation without
+    client drift could match). Evaluated per domain after every round on the same test data as
+    the server (round 0 = before training).
     """
     task, f = load_task(cfg), cfg.federation
     pooled = _pool([client_partition(cfg, k) for k in range(f.num_clients)])
@@ -89,9 +92,11 @@ def centralised(cfg: RunConfig) -> RunRecord:
     record.add_round(0, evaluate_per_domain(model, task.test, task.domains, device=device), None, 0.0)
     for r in range(1, f.rounds + 1):
         t = time.time()
-        loss = train_local(model, pooled, steps=f.local_steps * f.num_clients, epochs=f.local_epochs,
-                           batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer, weight_decay=f.weight_decay,
-                           device=device, seed=cfg.seed * 100_003 + r * 1_009)
+        steps, batch = ((f.local_steps, f.batch_size * f.num_clients) if large_batch
+                        else (f.local_steps * f.num_clients, f.batch_size))
+        loss = train_local(model, pooled, steps=steps, epochs=f.local_epochs, batch_size=batch, lr=f.lr,
+                           optimizer=f.optimizer, weight_decay=f.weight_decay, device=device,
+                           seed=cfg.seed * 100_003 + r * 1_009)
         row = record.add_round(r, evaluate_per_domain(model, task.test, task.domains, device=device), None,
                                time.time() - t)
         row["train_loss"] = loss

@@ -18,7 +18,9 @@ import shlex
 import statistics
 from pathlib import Path
 
-from simulations.aggregation_study import CONFIG, PARTITIONS, RESULTS, _display, _pct, select
+from common.config import config_hash
+from simulations.aggregation_study import (CENTRAL, CONFIG, PARTITIONS, RESULTS, _display, _pct, centralised,
+                                           run_config, select)
 from simulations.sweep import run_sweep
 
 VARIANTS: dict[str, list[str]] = {
@@ -29,6 +31,23 @@ VARIANTS: dict[str, list[str]] = {
     "fedit 10 local steps": ["aggregation.method=fedit", "federation.local_steps=10"],
     "lora_fair 10 local steps": ["aggregation.method=lora_fair", "federation.local_steps=10"],
 }
+LARGE_BATCH = "centralised, large batch"
+"""Pooled data, `local_steps` steps of `batch_size × num_clients` per round: a drift-free federation's match."""
+
+
+def run_large_batch(partition: str, seeds: list[int], out: Path) -> None:
+    """Append the `LARGE_BATCH` reference runs (no Flower) to `out`; skip finished ones."""
+    rows = json.loads(out.read_text()) if out.exists() else []
+    label = f"{partition}/{LARGE_BATCH}"
+    for seed in seeds:
+        cfg = run_config(CONFIG, label, [f"data.partition={partition}"], seed)
+        if any(r["variant"] == label and r["seed"] == seed and r["config_hash"] == config_hash(cfg) for r in rows):
+            continue
+        record = centralised(cfg, large_batch=True)
+        rows.append({"variant": label, "seed": seed, "config_hash": config_hash(cfg), "overrides": [],
+                     "summary": record.summary(), "rounds": record.rounds, "run_dir": None})
+        out.write_text(json.dumps(rows, indent=1))
+        print(f"{label} seed {seed}: final mean acc {record.summary()['final_mean_accuracy']:.4f}", flush=True)
 
 
 def _final(rows: list[dict]) -> dict[int, float]:
@@ -36,7 +55,7 @@ def _final(rows: list[dict]) -> dict[int, float]:
 
 
 def _round1(rows: list[dict], key: str) -> str:
-    values = [r["rounds"][1]["aggregator_metrics"].get(key) for r in rows]
+    values = [r["rounds"][1].get("aggregator_metrics", {}).get(key) for r in rows]
     values = [v for v in values if v is not None]
     return f"{statistics.mean(values):.4f}" if values else "–"
 
@@ -51,7 +70,10 @@ def report(rows: list[dict], partition: str, seeds: list[int], study: list[dict]
         f"Config `{_display(CONFIG)}` with `data.partition={partition}`, seeds {seeds}; each variant changes the "
         "overrides shown. Δ = paired per-seed difference in points (mean ± std) against the aggregation "
         "study's FedIT and default LoRA-FAIR (λ = 0.01, cosine) runs of the same seeds. Round-1 columns: the "
-        "server's `lora_fair/*` metrics in round 1, mean over seeds.",
+        "server's `lora_fair/*` metrics in round 1, mean over seeds. Centralised (study): pooled data, "
+        "`local_steps × num_clients` steps of `batch_size` per round; centralised, large batch: pooled data, "
+        "`local_steps` steps of `batch_size × num_clients` per round (same examples, as many sequential steps "
+        "as one client).",
         "",
         "Regenerate:",
         "",
@@ -63,10 +85,12 @@ def report(rows: list[dict], partition: str, seeds: list[int], study: list[dict]
         "round-1 cos LoRA-FAIR | round-1 ‖B'−B̄‖/‖B̄‖ |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    own = [*VARIANTS, LARGE_BATCH]
     for name, label_rows in [("FedIT (study)", select(study, CONFIG, partition, "fedit", seeds)),
-                             ("LoRA-FAIR λ=0.01 (study)", select(study, CONFIG, partition, "lora_fair", seeds))] + [
+                             ("LoRA-FAIR λ=0.01 (study)", select(study, CONFIG, partition, "lora_fair", seeds)),
+                             ("centralised (study)", select(study, CONFIG, partition, CENTRAL, seeds))] + [
         (v, sorted((r for r in rows if r["variant"] == f"{partition}/{v}" and r["seed"] in seeds),
-                   key=lambda r: r["seed"])) for v in VARIANTS
+                   key=lambda r: r["seed"])) for v in own
     ]:
         if not label_rows:
             continue
@@ -100,6 +124,7 @@ def main() -> None:
     variants = {f"{args.partition}/{v}": [f"data.partition={args.partition}", *VARIANTS[v]] for v in args.variants}
     for seed in args.seeds:
         run_sweep(CONFIG, variants, [seed], out)
+    run_large_batch(args.partition, args.seeds, out)
     study = json.loads((Path(args.results) / "aggregation_accuracy.json").read_text())
     command = shlex.join(["python", "-m", "simulations.lora_fair_ablation", "--seeds", *map(str, args.seeds),
                           "--partition", args.partition])
