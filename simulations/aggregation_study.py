@@ -304,7 +304,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> tuple[str, dict[str, d
                "columns) is the global A with the initial B, so it is not comparable to the others; "
                "'personal acc' is the mean over clients of each client's own model (global A, its own B) on "
                "its own domains' test data, final round.", ""]
-    md += ["![mean accuracy per round](aggregation.png)", ""]
+    md += ["![mean accuracy per round](aggregation.png)", "",
+           "Why LoRA-FAIR does not win here (aggregation-bias diagnostic, λ / objective / local-steps ablation, "
+           "drift vs aggregation): [lora_fair_investigation.md](lora_fair_investigation.md).", ""]
     return "\n".join(md), tables
 
 
