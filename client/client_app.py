@@ -12,13 +12,19 @@ what it started from (`compressed["payload"]`, see `client.update_compression`).
 A personal B never leaves the client: it is kept in Flower's per-node context
 state. Evaluate messages are answered with this node's accuracy on the test
 data of its own domains (for personalised methods: global A, own B).
-The node's data partition comes from the node config: `partition-id` of
-`num-partitions` (simulation) selects the client's share of the run's data.
+The node's data comes from the node config: `partition-id` of
+`num-partitions` selects the client's share of the run's data, or `data-path`
+points at the node's own files (same `data.task` as the run, used whole; only
+with `model.kind = "hf-text"`, whose base model every node loads from disk: the
+built-in ViT is pre-trained on the run's data, so its nodes must share that data).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ from common.adapter_record import adapter_from_record, reply_tensors, tensors_to
 from common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
 from common.config import RunConfig
 from common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
+from common.data import LabeledData
 from common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
 from common.training import evaluate as evaluate_model
 from common.training import resolve_device, train_local
@@ -55,11 +62,34 @@ def _model_for(cfg: RunConfig, key: str) -> tuple[torch.nn.Module, dict[str, tor
     return _models[key]
 
 
+def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:
+    """The run's config (JSON) as this node uses it: with `data-path` in the node config, on the node's own files."""
+    data_path = node_config.get("data-path")
+    if not data_path:
+        if "partition-id" not in node_config:
+            raise ValueError(f"node config {dict(node_config)} needs partition-id (and num-partitions) or data-path")
+        return RunConfig.model_validate_json(raw)
+    values = json.loads(raw)
+    if values["model"]["kind"] != "hf-text":
+        raise ValueError(f"node config data-path={data_path!r} needs model.kind 'hf-text' (got "
+                         f"{values['model']['kind']!r}, pre-trained on the run's data: use partition-id instead)")
+    values["data"]["path"] = str(data_path)
+    return RunConfig.model_validate(values)
+
+
+def node_partition(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int,
+                   num_partitions: int) -> LabeledData:
+    """This node's training data: its own files whole (`data-path`), or its share of the run's data."""
+    return load_task(cfg).train if node_config.get("data-path") else client_partition(cfg, partition_id,
+                                                                                       num_partitions)
+
+
 def _load_message(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, int, int]:
     """Config, model (holding the received global adapter), partition id and count of a message."""
     raw = str(msg.content["config"][CONFIG_KEY])
-    cfg = RunConfig.model_validate_json(raw)
-    partition_id = int(context.node_config["partition-id"])
+    cfg = node_run_config(raw, context.node_config)
+    raw = cfg.model_dump_json()  # the model cache key: includes a node's own data path
+    partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     model, base_weights = _model_for(cfg, raw)
@@ -86,7 +116,7 @@ def run_train(msg: Message, context: Context) -> Message:
     server_round = int(round_config.get("server-round", 0))
     personal_b = bool(round_config.get(PERSONAL_B, False))
     send = reply_factors(round_config)
-    data = client_partition(cfg, partition_id, num_partitions)
+    data = node_partition(cfg, context.node_config, partition_id, num_partitions)
     if personal_b:
         use_personal_b(model, context.state)
     set_trainable_factors(model, str(round_config.get(TRAIN_FACTORS, "AB")))
@@ -117,7 +147,7 @@ def run_evaluate(msg: Message, context: Context) -> Message:
     cfg, model, partition_id, num_partitions = _load_message(msg, context)
     own_b = bool(msg.content["config"].get(PERSONAL_B, False)) and use_personal_b(model, context.state)
     task = load_task(cfg)
-    domains = client_partition(cfg, partition_id, num_partitions).domain.unique()
+    domains = node_partition(cfg, context.node_config, partition_id, num_partitions).domain.unique()
     test = task.test.subset(torch.nonzero(torch.isin(task.test.domain, domains)).flatten())
     acc, loss = evaluate_model(model, test, device=resolve_device(cfg.federation.device))
     model.cpu()

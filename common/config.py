@@ -106,6 +106,15 @@ class FederationConfig(Section):
     client_cpus: float = Field(1.0, gt=0, description="Flower simulation resources per client")
     client_gpus: float = Field(0.0, ge=0)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
+    round_retries: int = Field(
+        2, ge=0, description="times a round with fewer than min_train_nodes valid replies is run again before the "
+        "run stops (resumable from its last checkpoint)"
+    )
+    update_norm_rule: Literal["reject", "clip", "off"] = Field(
+        "reject", description="what to do with an update (change from the sent adapter) whose norm exceeds "
+        "update_norm_factor × the round's reference norm (the median; the smaller of two)"
+    )
+    update_norm_factor: float = Field(10.0, gt=1, description="see update_norm_rule")
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:
@@ -144,16 +153,85 @@ class CompressionConfig(Section):
 
 
 class EdgeConfig(Section):
-    """CEMA edge adaptation thresholds (fractions of ln C)."""
+    """The edge runtime: CEMA sample selection (thresholds are fractions of ln C), upload queue, cloud link."""
 
+    select: Literal["cema", "all", "none"] = Field(
+        "cema", description="cema: entropy-selected uploads; all: upload every sample; none: never upload"
+    )
     e_min: float = Field(0.02, ge=0, lt=1)
-    e_max: float = Field(0.4, gt=0, le=1)
-    batch_size: int = Field(32, ge=1)
+    e_max: float = Field(0.4, gt=0, le=1, description="starting E_max as a fraction of ln C (paper: 0.4)")
+    dynamic_exclusion: bool = Field(True, description="shrink E_max with the running mean entropy")
+    warmup_samples: int = Field(256, ge=1, description="samples whose mean entropy is the reference for shrinking")
+    e_max_coeff: float = Field(1.0, gt=0, le=1, description="E_max(t) = e_max·ln C·coeff·mean(t)/mean(warm-up)")
+    redundancy_filter: bool = Field(False, description="skip samples whose prediction resembles the uploaded ones")
+    redundancy_margin: float = Field(
+        0.5, gt=0, le=1, description="keep a sample only if cos(p, running mean of uploaded p) < this"
+    )
+    batch_size: int = Field(32, ge=1, description="samples per prediction batch")
+    upload_batch_size: int = Field(32, ge=1, description="most samples per uploaded SampleBatch")
+    upload_batches_per_call: int = Field(8, ge=1, description="most SampleBatches streamed in one Upload call")
+    queue_max_samples: int = Field(10_000, ge=1, description="disk queue bound; the oldest batches are dropped")
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    rpc_timeout_s: float = Field(10.0, gt=0)
+    max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
+    watch_params: bool = Field(
+        True, description="stream new norm params (WatchNormParams); off: fetch when an upload reply reports a newer one"
+    )
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default)")
 
     @model_validator(mode="after")
     def _check(self) -> EdgeConfig:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError(
+                f"edge.backoff_initial_s={self.backoff_initial_s} must not exceed edge.backoff_max_s={self.backoff_max_s}"
+            )
+        if self.queue_max_samples < self.upload_batch_size:
+            raise ValueError(
+                f"edge.queue_max_samples={self.queue_max_samples} must be at least "
+                f"edge.upload_batch_size={self.upload_batch_size}"
+            )
         if self.e_min >= self.e_max:
             raise ValueError(f"edge.e_min={self.e_min} must be below edge.e_max={self.e_max}")
+        return self
+
+
+class CloudConfig(Section):
+    """The CEMA cloud service: teacher/student learning rates, the replay mix, limits, address.
+
+    Defaults follow the public CEMA code (SGD momentum 0.9, 32 new + 96 replayed samples
+    per step, a 10 000-sample buffer, loss weights 3/3/1, temperature 1).
+    """
+
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0 = all interfaces)")
+    port: int = Field(50061, ge=0, le=65535, description="gRPC port (0 = any free port)")
+    lr: float = Field(0.0025, gt=0, description="SGD lr of the device's (student's) norm parameters")
+    teacher_lr: float = Field(0.00025, ge=0, description="SGD lr of the teacher's norm parameters (0 = frozen)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    temperature: float = Field(1.0, gt=0, description="distillation temperature T (KL is scaled by T²)")
+    e_max: float = Field(0.4, gt=0, le=1, description="E_max as a fraction of ln C: entropy weight reference")
+    entropy_weight: float = Field(3.0, ge=0, description="student loss: weighted entropy")
+    kl_weight: float = Field(3.0, ge=0, description="student loss: KL(teacher || student) at temperature T")
+    ce_weight: float = Field(1.0, ge=0, description="student loss: cross-entropy to the teacher's labels")
+    new_per_step: int = Field(32, ge=1, description="most new uploaded samples in one learning step")
+    replay_per_step: int = Field(96, ge=0, description="most replayed samples mixed into one step")
+    min_new_per_update: int = Field(32, ge=1, description="new samples a device must have waiting before an update")
+    steps_per_update: int = Field(1, ge=1, description="learning steps per published version")
+    buffer_size: int = Field(10_000, ge=0, description="replay buffer bound per device, in samples")
+    max_batch_samples: int = Field(256, ge=1, description="most samples in one uploaded SampleBatch")
+    max_pending_samples: int = Field(
+        10_000, ge=1, description="most samples a device may have waiting for the learner (more: UNAVAILABLE, retry later)"
+    )
+    max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
+    max_workers: int = Field(32, ge=2, description="gRPC handler threads (each open WatchNormParams holds one)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads for learning, process-wide (0 = torch's default)")
+
+    @model_validator(mode="after")
+    def _check(self) -> CloudConfig:
+        if self.min_new_per_update > self.new_per_step:
+            raise ValueError(
+                f"cloud.min_new_per_update={self.min_new_per_update} exceeds cloud.new_per_step={self.new_per_step}"
+            )
         return self
 
 
@@ -170,6 +248,7 @@ class RunConfig(Section):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
+    cloud: CloudConfig = Field(default_factory=CloudConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -1,10 +1,20 @@
 """One federated LoRA run on a Flower Grid, from config to run folder.
 
 Reads top to bottom: data and model, the initial global adapter, the strategy,
-Flower's round loop with server-side evaluation per domain after every round
-(of the global adapter, on the base weights it implies), then the outputs (see
-`server.run_outputs`). Personalised rules (FedSA-LoRA) also have every client
-evaluate its own model; the strategy's round log keeps those accuracies.
+then the round loop, then the outputs (see `server.run_outputs`). The loop is
+ours rather than Flower's `Strategy.start` (which always runs rounds 1..N)
+because a run must be able to resume and to retry a round:
+
+    for each round:   configure_train -> grid.send_and_receive -> aggregate_train
+                      (retried up to `federation.round_retries` times while too few
+                      valid updates came back; after that the run stops)
+                      personalised rules: every client evaluates its own model
+                      server-side evaluation per domain (of the global adapter,
+                      on the base weights it implies)
+                      checkpoint (`server.checkpoint`)
+
+With `resume=True` the run continues in `run_dir` after the round of its newest
+checkpoint; its outputs then cover all rounds of all sessions.
 """
 
 from __future__ import annotations
@@ -16,20 +26,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from common.adapter_record import adapter_from_record, adapter_to_record
 from common.aggregation import AGGREGATORS, Aggregator
 from common.config import RunConfig
 from common.lora import get_base_weights
 from common.task import config_json, get_adapter, load_task, lora_model, set_adapter
 from common.training import evaluate_per_domain, resolve_device
-from server.run_outputs import RunRecord, write_outputs
+from server.checkpoint import client_state_warning, restore_run_state, save_run_state
+from server.run_outputs import RunRecord, write_config, write_outputs
 from server.strategy import LoraStrategy
 
 log = logging.getLogger("fairedge.server")
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class RoundFailed(RuntimeError):
+    """A round got too few valid updates in every attempt; the run stopped (its checkpoint is intact)."""
 
 
 def make_aggregator(cfg: RunConfig) -> Aggregator:
@@ -45,44 +59,86 @@ def make_aggregator(cfg: RunConfig) -> Aggregator:
 
 
 def run_federation(
-    grid: Grid, cfg: RunConfig, run_dir: Path, on_round: RoundCallback | None = None
+    grid: Grid, cfg: RunConfig, run_dir: Path, on_round: RoundCallback | None = None, resume: bool = False
 ) -> RunRecord:
-    """Run `cfg.federation.rounds` rounds on `grid`; write and return the run record."""
+    """Run rounds up to `cfg.federation.rounds` on `grid`; write and return the run record.
+
+    Raises RoundFailed (after writing the outputs so far) when a round fails all its attempts.
+    """
     started = time.time()
+    f = cfg.federation
     task = load_task(cfg)
     model = lora_model(cfg)
-    device = resolve_device(cfg.federation.device)
+    device = resolve_device(f.device)
     initial = get_adapter(model)
     base_weights = get_base_weights(model)  # W0 of every LoRA layer, for rules that change base weights
     shifted = [d for d in task.domains if d != task.source_domain]
     record = RunRecord(cfg=cfg, run_dir=run_dir, domains=task.domains, shifted_domains=shifted)
     strategy = LoraStrategy(
         make_aggregator(cfg), initial,
-        fraction_train=cfg.federation.fraction_train, min_train_nodes=cfg.federation.min_train_nodes,
-        downlink=cfg.compression.downlink,
+        fraction_train=f.fraction_train, min_train_nodes=f.min_train_nodes, downlink=cfg.compression.downlink,
+        seed=cfg.seed, update_norm_rule=f.update_norm_rule, update_norm_factor=f.update_norm_factor,
+        node_wait=f.round_timeout,
     )
-    round_started = [time.time()]
+    config = ConfigRecord({"fairedge-config": config_json(cfg)})
+    earlier_seconds = 0.0
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        set_adapter(model, adapter_from_record(arrays, like=initial), base_weights)
+    def evaluate(server_round: int, round_started: float) -> None:
+        """Server-side accuracy of the global adapter; record the round; report it."""
+        set_adapter(model, strategy.global_adapter, base_weights)
         acc = evaluate_per_domain(model, task.test, task.domains, device=device)
-        row = record.add_round(server_round, acc, strategy.rounds[-1] if server_round else None,
-                               seconds=time.time() - round_started[0])
-        round_started[0] = time.time()
+        attempts = [r for r in strategy.rounds if r.round == server_round] or None
+        row = record.add_round(server_round, acc, attempts, seconds=time.time() - round_started)
         if on_round is not None:
             on_round(row)
-        return MetricRecord({f"acc/{k}": v for k, v in acc.items()})
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=adapter_to_record(initial),
-        num_rounds=cfg.federation.rounds,
-        timeout=cfg.federation.round_timeout,
-        train_config=ConfigRecord({"fairedge-config": config_json(cfg)}),
-        evaluate_config=ConfigRecord({"fairedge-config": config_json(cfg)}),
-        evaluate_fn=evaluate,
-    )
-    set_adapter(model, strategy.global_adapter, base_weights)
-    record.wall_seconds = time.time() - started
-    write_outputs(record, model.cpu(), strategy.global_adapter.base_delta)
+    def checkpoint(server_round: int) -> None:
+        save_run_state(run_dir, server_round, strategy, record, earlier_seconds + time.time() - started)
+
+    if resume:
+        done = restore_run_state(run_dir, cfg, strategy, record)
+        write_config(run_dir, cfg)  # federation.rounds may have been extended
+        earlier_seconds = record.wall_seconds
+        log.warning("resuming %s after round %d of %d", run_dir, done, f.rounds)
+        if (why := client_state_warning(cfg)) is not None:
+            log.warning("resume: %s", why)
+    else:
+        done = 0
+        write_config(run_dir, cfg)
+        evaluate(0, started)
+        checkpoint(0)
+
+    for server_round in range(done + 1, f.rounds + 1):
+        round_started = time.time()
+        for attempt in range(f.round_retries + 1):
+            messages = strategy.configure_train(server_round, ArrayRecord(), config, grid)
+            replies = grid.send_and_receive(messages, timeout=f.round_timeout) if messages else []
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            if arrays is not None:
+                break
+            if attempt < f.round_retries:
+                log.warning("round %d: retrying (%d of %d retries)", server_round, attempt + 1, f.round_retries)
+        else:
+            failures = "; ".join(f"attempt {r.attempt + 1}: {r.failure}"
+                                 for r in strategy.rounds if r.round == server_round)
+            record.status = (f"round {server_round} failed {f.round_retries + 1} attempts ({failures}); "
+                             f"the global adapter is the one after round {server_round - 1}")
+            _finish(record, model, strategy, base_weights, earlier_seconds + time.time() - started)
+            raise RoundFailed(f"{record.status}. The checkpoint of round {server_round - 1} is in "
+                              f"{run_dir}/checkpoint; resume with: fairedge-sim run --resume {run_dir} "
+                              f"(flwr run: run config resume=\"{run_dir}\")")
+        if strategy.aggregator.personalized:
+            evaluations = strategy.configure_evaluate(server_round, ArrayRecord(), config, grid)
+            strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=f.round_timeout))
+        evaluate(server_round, round_started)
+        checkpoint(server_round)
+
+    _finish(record, model, strategy, base_weights, earlier_seconds + time.time() - started)
     return record
+
+
+def _finish(record: RunRecord, model: Any, strategy: LoraStrategy, base_weights: dict, wall_seconds: float) -> None:
+    """Write the outputs for the global adapter the strategy holds now."""
+    set_adapter(model, strategy.global_adapter, base_weights)
+    record.wall_seconds = wall_seconds
+    write_outputs(record, model.cpu(), strategy.global_adapter.base_delta)

@@ -4,6 +4,10 @@
 `metrics.json` (every round), `report.md` (tables), `accuracy.png`,
 `adapter/` (the final global adapter in PEFT's format) and, for rules that
 change the base weights (FLoRA, FedEx-LoRA), `base_delta.safetensors`.
+`checkpoint/` (see `server.checkpoint`) holds the state after the last complete
+round, for `--resume`. A run that stops early (a round failed all its retries)
+still writes its outputs, with the reason in `metrics.json` (`summary.status`)
+and at the top of the report.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from safetensors.torch import save_file
@@ -48,9 +53,20 @@ class RunRecord:
     shifted_domains: list[str]
     rounds: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = 0.0
+    """all sessions together (a resumed run adds its time to the earlier sessions')."""
+    resumed_after: list[int] = field(default_factory=list)
+    """the last complete round of each session that was resumed."""
+    earlier_stops: list[str] = field(default_factory=list)
+    """why earlier sessions stopped, where they stopped on their own (a failed round)."""
+    status: str = "complete"
 
-    def add_round(self, server_round: int, acc: dict[str, float], entry: Any, seconds: float) -> dict[str, Any]:
-        """Record a round's evaluation (round 0 = the base model before any training)."""
+    def add_round(self, server_round: int, acc: dict[str, float], attempts: Any, seconds: float) -> dict[str, Any]:
+        """Record a round's evaluation (round 0 = the base model before any training).
+
+        `attempts` are the strategy's `RoundLog`s of the round, one per try, the last
+        one the attempt that was aggregated (a single `RoundLog` is taken as a list of
+        one; None for round 0 or training without a strategy). Bytes count every attempt.
+        """
         shifted = [acc[d] for d in self.shifted_domains if d in acc] or list(acc.values())
         row: dict[str, Any] = {
             "round": server_round,
@@ -60,17 +76,26 @@ class RunRecord:
             "shifted_mean_accuracy": sum(shifted) / len(shifted),
             "seconds": seconds,
         }
-        if entry is not None:
+        if attempts is not None:
+            attempts = attempts if isinstance(attempts, Sequence) else [attempts]
+            entry = attempts[-1]
+            up, fp32_up = sum(a.bytes_up for a in attempts), sum(a.fp32_bytes_up for a in attempts)
             row.update(
                 train_loss=entry.metrics.get("train-loss"),
-                bytes_up=entry.bytes_up,
-                bytes_down=entry.bytes_down,
-                fp32_bytes_up=entry.fp32_bytes_up,
-                uplink_ratio_vs_fp32=entry.fp32_bytes_up / entry.bytes_up if entry.bytes_up else None,
+                bytes_up=up,
+                bytes_down=sum(a.bytes_down for a in attempts),
+                fp32_bytes_up=fp32_up,
+                uplink_ratio_vs_fp32=fp32_up / up if up else None,
                 sampled=entry.sampled,
                 replied=entry.replied,
+                no_reply=entry.no_reply,
                 rejected={str(k): v for k, v in entry.rejected.items()},
+                clipped={str(k): v for k, v in entry.clipped.items()},
+                partitions={str(k): v for k, v in entry.partitions.items()},
+                update_norms={str(k): v for k, v in entry.update_norms.items()},
                 aggregated=entry.aggregated,
+                retries=len(attempts) - 1,
+                failed_attempts=[_attempt_json(a) for a in attempts[:-1]],
                 aggregator_metrics={k: v for k, v in entry.metrics.items() if k != "train-loss"},
                 client_config=entry.client_config,
             )
@@ -97,13 +122,82 @@ class RunRecord:
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": self.wall_seconds,
             "final_personal_mean_accuracy": personal[-1] if personal else None,
+            "status": self.status,
+            "resumed_after_rounds": self.resumed_after,
+            "earlier_stops": self.earlier_stops,
+            "retries": sum(r.get("retries", 0) for r in self.rounds),
         }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+def _attempt_json(attempt: Any) -> dict[str, Any]:
+    """A failed attempt at a round, for metrics.json."""
+    return {"attempt": attempt.attempt, "failure": attempt.failure, "sampled": attempt.sampled,
+            "replied": attempt.replied, "no_reply": attempt.no_reply,
+            "rejected": {str(k): v for k, v in attempt.rejected.items()},
+            "partitions": {str(k): v for k, v in attempt.partitions.items()}}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` all at once: write a temp file, fsync it, rename it over `path`, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    """The resolved config, `config.toml`: written when a run starts (resume reads it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.toml", to_toml(cfg))
+
+
+def _node(node: str | int, partitions: dict[str, int]) -> str:
+    part = partitions.get(str(node))
+    return f"node {node}" + (f" (partition {part})" if part is not None else "")
+
+
+def participation_markdown(record: RunRecord) -> list[str]:
+    """Per round: who was sampled, who replied, who was left out or clipped and why, and retried attempts."""
+    lines = ["## Participation and faults", "",
+             "Node ids are Flower's; the partition is the one the node reported. Left out: error replies, "
+             "malformed or non-finite updates, updates beyond the norm limit "
+             f"(`update_norm_rule = {record.cfg.federation.update_norm_rule}`, "
+             f"factor {record.cfg.federation.update_norm_factor:g}), and sampled nodes with no reply in time.", ""]
+    for r in record.rounds[1:]:
+        parts = r.get("partitions", {})
+        lines.append(f"- **round {r['round']}**: sampled {len(r['sampled'])}, replied {len(r['replied'])}, "
+                     f"aggregated {len(r['sampled']) - len(r['no_reply']) - len(r['rejected'])}"
+                     + (f"; retries {r['retries']}" if r.get("retries") else ""))
+        lines.append(f"  - sampled: {', '.join(_node(n, parts) for n in sorted(r['sampled'])) or '-'}")
+        for n, why in r.get("rejected", {}).items():
+            lines.append(f"  - left out {_node(n, parts)}: {why}")
+        for n in r.get("no_reply", []):
+            lines.append(f"  - left out {_node(n, parts)}: no reply within {record.cfg.federation.round_timeout:g} s")
+        for n, why in r.get("clipped", {}).items():
+            lines.append(f"  - clipped {_node(n, parts)}: {why}")
+        for a in r.get("failed_attempts", []):
+            fparts = a.get("partitions", {})
+            left = [f"{_node(n, fparts)}: {why}" for n, why in a["rejected"].items()]
+            left += [f"{_node(n, fparts)}: no reply" for n in a["no_reply"]]
+            lines.append(f"  - attempt {a['attempt'] + 1} not aggregated: {a['failure']}"
+                         + (f" (left out {'; '.join(left)})" if left else ""))
+    return lines + [""]
 
 
 def report_markdown(record: RunRecord) -> str:
@@ -117,6 +211,13 @@ def report_markdown(record: RunRecord) -> str:
         f"{cfg.federation.rounds} rounds, aggregation {cfg.aggregation.method}, seed {cfg.seed}. "
         f"Wall time {s['wall_seconds']:.1f} s.",
         "",
+    ]
+    if record.status != "complete":
+        lines += [f"**Run stopped early**: {record.status}", ""]
+    if record.resumed_after:
+        lines += [f"Resumed from its checkpoint after round(s) {', '.join(map(str, record.resumed_after))}."]
+        lines += [f"An earlier session stopped: {why}" for why in record.earlier_stops] + [""]
+    lines += [
         "| | mean accuracy | shifted-domain mean | worst domain |",
         "|---|---|---|---|",
         f"| base (round 0) | {s['base_mean_accuracy']:.4f} | {s['base_shifted_mean_accuracy']:.4f} "
@@ -136,21 +237,24 @@ def report_markdown(record: RunRecord) -> str:
     lines += [
         "## Per round",
         "",
-        "| round | train loss | mean acc | worst acc | personal acc | bytes up | up vs fp32 | bytes down "
-        "| replied | left out |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| round | train loss | mean acc | worst acc | personal acc | bytes up | fp32 / bytes up | bytes down "
+        "| replied | left out | retries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record.rounds[1:]:
         loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "not aggregated"
-        ratio = f"{r['uplink_ratio_vs_fp32']:.1f}x smaller" if r.get("uplink_ratio_vs_fp32") else "-"
-        left_out = "; ".join(f"{n}: {why}" for n, why in r.get("rejected", {}).items()) or "-"
+        ratio = f"{r['uplink_ratio_vs_fp32']:.3g}x" if r.get("uplink_ratio_vs_fp32") else "-"
+        left_out = "; ".join([f"{n}: {why}" for n, why in r.get("rejected", {}).items()]
+                             + [f"{n}: no reply" for n in r.get("no_reply", [])]) or "-"
         personal = f"{r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "-"
         lines.append(
             f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {personal} "
             f"| {r['bytes_up']:,} "
-            f"| {ratio} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} |"
+            f"| {ratio} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} "
+            f"| {r.get('retries', 0)} |"
         )
-    lines += ["", "## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
+    lines += [""] + participation_markdown(record)
+    lines += ["## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
     for d in record.domains:
         lines.append(f"| {d} | {record.rounds[0]['accuracy'].get(d, float('nan')):.4f} "
                      f"| {record.rounds[-1]['accuracy'].get(d, float('nan')):.4f} |")
@@ -189,8 +293,7 @@ def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, Bas
     adapter alone does not reproduce such a run's model.
     """
     d = record.run_dir
-    d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / "config.toml", to_toml(record.cfg))
+    write_config(d, record.cfg)
     metrics = {
         "config": record.cfg.model_dump(mode="json"),
         "config_hash": config_hash(record.cfg),

@@ -1,26 +1,42 @@
 """The Flower ServerApp, for `flwr run .` and deployments.
 
-Reads `config-file` and `overrides` (`"section.field=value; ..."`) from the
-Flower run config (`[tool.flwr.app.config]` in pyproject.toml, or
-`flwr run . --run-config ...`) and runs `server.federation.run_federation`.
+Reads from the Flower run config (`[tool.flwr.app.config]` in pyproject.toml, or
+`flwr run . --run-config ...`):
+- `config-file` and `overrides` (`"section.field=value; ..."`): the run's config;
+- `resume` (a run folder, empty by default): continue that run after its last
+  complete checkpoint instead (its own `config.toml`; `overrides` may then only
+  change `server.checkpoint.RESUMABLE_CHANGES`, e.g. extend `federation.rounds`).
+Then runs `server.federation.run_federation`.
 """
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_config
+from server.checkpoint import client_state_warning, resume_config
 from server.federation import run_federation
 from server.run_outputs import new_run_dir
 
 app = ServerApp()
+log = logging.getLogger("fairedge.server")
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run one federated LoRA fine-tuning job as configured."""
-    path = str(context.run_config.get("config-file", "")) or None
+    """Run (or resume) one federated LoRA fine-tuning job as configured."""
     overrides = [o.strip() for o in str(context.run_config.get("overrides", "")).split(";") if o.strip()]
+    resume = str(context.run_config.get("resume", "")).strip()
+    if resume:
+        cfg = resume_config(resume, overrides)
+        if (why := client_state_warning(cfg)) is not None:
+            log.warning("resume: %s", why)
+        run_federation(grid, cfg, Path(resume), resume=True)
+        return
+    path = str(context.run_config.get("config-file", "")) or None
     cfg = load_config(path, overrides)
     run_federation(grid, cfg, new_run_dir(cfg))

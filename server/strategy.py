@@ -1,25 +1,46 @@
-"""The Flower strategy: FedAvg's sampling and messaging, a pluggable LoRA aggregation rule.
+"""The Flower strategy: FedAvg's messaging, seeded node sampling, update screening, a pluggable LoRA rule.
 
 The strategy keeps the global `Adapter` (the factors clients restart from each
 round: Avg-Initial, plus any base-weight change the rule makes). Each round it
-merges the rule's `client_config` into the train config; a reply must carry
-exactly the tensors that config asks for (`reply_factors`: a factor that is
-frozen or personal stays out) with the sent shapes and finite values; an error
-reply or a malformed one is logged with its node id and left out. Factors a
-client did not send are taken as the ones it was sent. A round with fewer than
-`min_train_nodes` valid replies is not aggregated: the global adapter stays as
-it was. For a personalised rule (FedSA-LoRA) every client also evaluates its own
-model after each round; the accuracies are kept per round.
+samples nodes with its own seeded RNG (from the sorted node ids, so the draw is
+reproducible and its state can be checkpointed) and merges the rule's
+`client_config` into the train config. A reply must carry exactly the tensors
+that config asks for (`reply_factors`: a factor that is frozen or personal stays
+out) with the sent shapes and finite values; an error reply or a malformed one is
+logged with its node id and left out, and a sampled node that does not reply in
+time is logged as such. Factors a client did not send are taken as the ones it
+was sent.
+
+Update norms: a client's update is its change from the adapter it was sent. Its
+norm is compared with the round's reference norm, the median of the valid
+updates' norms (with two updates the smaller one; a single update cannot be
+judged and passes). Beyond `update_norm_factor` × the reference, the update is
+rejected (`update_norm_rule="reject"`) or scaled down to that norm ("clip");
+"off" only logs the norms. A reference of zero (clients that did not move)
+gives no scale and disables the check for the round.
+
+Valid updates are aggregated in the order of the partition ids the clients
+report (then node ids), so the result does not depend on reply arrival order.
+A round attempt with fewer than `min_train_nodes` valid replies is not
+aggregated: the global adapter stays as it was and the caller may retry the
+round (each attempt gets its own `RoundLog`). For a personalised rule
+(FedSA-LoRA) every client also evaluates its own model after each round; the
+accuracies are kept per round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
+import statistics
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -43,20 +64,42 @@ log = logging.getLogger("fairedge.server")
 
 @dataclass
 class RoundLog:
-    """Who took part in a round, what it cost on the wire and, if personalised, each client's accuracy."""
+    """One attempt at a round: who took part, who was left out and why, what it cost on the wire
+    and, if personalised, each client's accuracy. Node ids are Flower's."""
 
     round: int
+    attempt: int = 0
+    """0 for the first try of a round, 1 for its first retry, ..."""
     sampled: list[int] = field(default_factory=list)
     replied: list[int] = field(default_factory=list)
+    no_reply: list[int] = field(default_factory=list)
+    """sampled nodes with no reply within the round timeout (crashed, disconnected or too slow)."""
     rejected: dict[int, str] = field(default_factory=dict)
+    clipped: dict[int, str] = field(default_factory=dict)
+    partitions: dict[int, int] = field(default_factory=dict)
+    """node id → partition id of the sampled and replying nodes, where known (reported this round or earlier)."""
+    update_norms: dict[int, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     fp32_bytes_up: int = 0
     aggregated: bool = False
+    failure: str = ""
+    """why this attempt was not aggregated (empty when it was)."""
     metrics: dict[str, float] = field(default_factory=dict)
     client_config: ClientConfig = field(default_factory=dict)
     personal_accuracy: dict[int, float] = field(default_factory=dict)
     """partition id → accuracy of that client's own model on its own domains (personalised rules)."""
+
+    _INT_KEYED = ("rejected", "clipped", "partitions", "update_norms", "personal_accuracy")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (JSON turns its int keys into strings; `from_json` turns them back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundLog:
+        return cls(**{k: ({int(n): v for n, v in val.items()} if k in cls._INT_KEYED else val)
+                      for k, val in data.items()})
 
 
 class LoraStrategy(FedAvg):
@@ -78,6 +121,16 @@ class LoraStrategy(FedAvg):
     downlink : "fp32" | "fp16"
         Precision of the global adapter sent to clients. Compressed replies are
         changes relative to exactly what was sent.
+    seed : int
+        Seed of the node sampler (`self.sampler`, a `random.Random`).
+    update_norm_rule : "reject" | "clip" | "off"
+        What happens to an update whose norm exceeds `update_norm_factor` × the
+        round's reference norm (see the module docstring).
+    update_norm_factor : float
+        The limit, as a multiple of the reference norm (> 1).
+    node_wait : float
+        Seconds `configure_train` waits for `min_train_nodes` nodes to be connected
+        (a deployment's SuperNodes may connect after the server starts).
     """
 
     def __init__(
@@ -88,37 +141,69 @@ class LoraStrategy(FedAvg):
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         downlink: Literal["fp32", "fp16"] = "fp32",
+        seed: int = 0,
+        update_norm_rule: Literal["reject", "clip", "off"] = "reject",
+        update_norm_factor: float = 10.0,
+        node_wait: float = 0.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0 if aggregator.personalized else 0.0,
             min_train_nodes=min_train_nodes, min_evaluate_nodes=min_train_nodes,
             min_available_nodes=min_train_nodes,
         )
+        if update_norm_rule not in ("reject", "clip", "off"):
+            raise ValueError(f"update_norm_rule must be 'reject', 'clip' or 'off', got {update_norm_rule!r}")
+        if not update_norm_factor > 1:
+            raise ValueError(f"update_norm_factor must be > 1, got {update_norm_factor!r}")
         self.aggregator = aggregator
         self.global_adapter = initial
         self.downlink = downlink
         self.sent = initial
         self.round_config: ClientConfig = {}
         self.rounds: list[RoundLog] = []
+        self.partitions: dict[int, int] = {}
+        """node id → the partition id it last reported (also names nodes whose later replies are errors)."""
+        self.sampler = random.Random(seed)
+        self.update_norm_rule = update_norm_rule
+        self.update_norm_factor = float(update_norm_factor)
+        self.node_wait = node_wait
+
+    def _connected_nodes(self, grid: Grid) -> list[int]:
+        """The connected node ids, sorted; waits up to `node_wait` s for `min_train_nodes` of them."""
+        deadline = time.monotonic() + self.node_wait
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_train_nodes and time.monotonic() < deadline:
+            log.info("waiting for nodes: %d connected, %d needed", len(nodes), self.min_train_nodes)
+            time.sleep(1.0)
+        return nodes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes and send each the global adapter and the round's instructions; log who and how many bytes."""
+        """Sample nodes and send each the global adapter and the round's instructions; log who and how many bytes.
+
+        `arrays` is ignored: the strategy sends its own global adapter. With fewer than
+        `min_train_nodes` connected nodes nobody is sampled (the attempt fails).
+        """
         self.round_config = self.aggregator.client_config(server_round)
         arrays = adapter_to_record(self.global_adapter, self.downlink)
         self.sent = adapter_from_record(arrays)  # what clients start from (fp16-rounded if so sent)
-        config = ConfigRecord({**config, **self.round_config})
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.rounds.append(
-            RoundLog(
-                round=server_round,
-                sampled=[m.metadata.dst_node_id for m in messages],
-                bytes_down=record_bytes(arrays) * len(messages),
-                client_config=dict(self.round_config),
-            )
+        nodes = self._connected_nodes(grid)
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        sampled = self.sampler.sample(nodes, size) if len(nodes) >= size else []
+        config = ConfigRecord({**config, **self.round_config, "server-round": server_round})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        entry = RoundLog(
+            round=server_round,
+            attempt=sum(1 for r in self.rounds if r.round == server_round),
+            sampled=sampled,
+            bytes_down=record_bytes(arrays) * len(sampled),
+            client_config=dict(self.round_config),
         )
-        return messages
+        if not sampled:
+            entry.failure = f"{len(nodes)} nodes connected, fewer than min_train_nodes={self.min_train_nodes}"
+            log.warning("round %d: %s", server_round, entry.failure)
+        self.rounds.append(entry)
+        return self._construct_messages(record, sampled, MessageType.TRAIN)
 
     def _client_adapter(self, content: RecordDict, entry: RoundLog) -> Adapter:
         """The adapter a reply stands for: the tensors it sent (as arrays, or as a compressed
@@ -146,10 +231,14 @@ class LoraStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, aggregate the valid ones, keep the result as the global adapter."""
+        """Validate replies, screen update norms, aggregate the valid ones, keep the result as the global adapter.
+
+        Returns `(None, None)` when fewer than `min_train_nodes` updates are left; the
+        reason is in the round log's `failure`.
+        """
         entry = self.rounds[-1]
         updates: list[ClientUpdate] = []
-        losses: list[tuple[float, int]] = []
+        losses: dict[int, float] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
             entry.replied.append(node)
@@ -162,6 +251,8 @@ class LoraStrategy(FedAvg):
                 if "metrics" not in content:
                     raise MalformedAdapter("reply lacks 'metrics'")
                 metrics = content["metrics"]
+                if "partition-id" in metrics:
+                    self.partitions[node] = int(metrics["partition-id"])
                 num_examples = int(metrics.get("num-examples", -1))
                 if num_examples <= 0:
                     raise MalformedAdapter(f"num-examples must be positive, got {num_examples}")
@@ -173,27 +264,72 @@ class LoraStrategy(FedAvg):
                 self._reject(entry, node, f"malformed reply: {err}")
                 continue
             updates.append(ClientUpdate(adapter, num_examples, node))
-            losses.append((float(metrics.get("train-loss", float("nan"))), num_examples))
+            losses[node] = float(metrics.get("train-loss", float("nan")))
+        answered = set(entry.replied)
+        entry.no_reply = [n for n in entry.sampled if n not in answered]
+        entry.partitions = {n: self.partitions[n] for n in entry.sampled + entry.replied if n in self.partitions}
+        for node in entry.no_reply:
+            log.warning("round %d: left out node %d: no reply within the round timeout", server_round, node)
 
+        updates = self._screen_update_norms(updates, entry)
+        updates.sort(key=lambda u: (entry.partitions.get(u.node_id, math.inf), u.node_id))
         if len(updates) < self.min_train_nodes:
-            log.warning(
-                "round %d: only %d valid replies (< min_train_nodes=%d); global adapter unchanged",
-                server_round, len(updates), self.min_train_nodes,
-            )
+            entry.failure = entry.failure or (
+                f"{len(updates)} valid updates from {len(entry.sampled)} sampled nodes, "
+                f"fewer than min_train_nodes={self.min_train_nodes}")
+            log.warning("round %d (attempt %d) not aggregated: %s; global adapter unchanged",
+                        server_round, entry.attempt + 1, entry.failure)
             return None, None
         self.global_adapter, agg_metrics = self.aggregator.aggregate(updates, self.global_adapter)
-        total = sum(n for _, n in losses)
-        entry.metrics = {"train-loss": sum(l * n for l, n in losses) / total, **agg_metrics}
+        total = sum(u.num_examples for u in updates)
+        train_loss = sum(losses[u.node_id] * u.num_examples for u in updates) / total
+        entry.metrics = {"train-loss": train_loss, **agg_metrics}
         entry.aggregated = True
         return adapter_to_record(self.global_adapter), MetricRecord(entry.metrics)
+
+    def _screen_update_norms(self, updates: list[ClientUpdate], entry: RoundLog) -> list[ClientUpdate]:
+        """Log every update's norm; reject or clip those beyond `update_norm_factor` × the reference norm."""
+        start = reply_tensors(self.sent, reply_factors(self.round_config))
+        norms = [update_norm(reply_tensors(u.adapter), start) for u in updates]
+        entry.update_norms.update({u.node_id: n for u, n in zip(updates, norms, strict=True)})
+        if self.update_norm_rule == "off" or len(updates) < 2:
+            return updates
+        reference = statistics.median(norms) if len(norms) >= 3 else min(norms)
+        if reference == 0:
+            return updates
+        limit = self.update_norm_factor * reference
+        what = "median update norm" if len(norms) >= 3 else "smaller update norm"
+        kept = []
+        for u, norm in zip(updates, norms, strict=True):
+            if norm <= limit:
+                kept.append(u)
+                continue
+            why = (f"update norm {norm:.4g} is {norm / reference:.3g}x the round's {what} {reference:.4g} "
+                   f"(limit {self.update_norm_factor:g}x)")
+            if self.update_norm_rule == "reject":
+                self._reject(entry, u.node_id, why)
+                continue
+            scale = limit / norm
+            entry.clipped[u.node_id] = f"{why}: scaled by {scale:.3g} to norm {limit:.4g}"
+            log.warning("round %d: clipped node %d: %s", entry.round, u.node_id, entry.clipped[u.node_id])
+            tensors = reply_tensors(u.adapter)
+            scaled = {k: start[k] + (tensors[k] - start[k]) * scale for k in start}
+            kept.append(ClientUpdate(unflatten({**tensors, **scaled}), u.num_examples, u.node_id))
+        return kept
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """For a personalised rule, ask every node to evaluate its own model on its own domains."""
+        """For a personalised rule, ask every connected node to evaluate its own model on its own domains.
+
+        `arrays` is ignored: the nodes get the strategy's global adapter.
+        """
         if not self.aggregator.personalized:
             return []
-        return super().configure_evaluate(server_round, arrays, ConfigRecord({**config, **self.round_config}), grid)
+        config = ConfigRecord({**config, **self.round_config, "server-round": server_round})
+        record = RecordDict({self.arrayrecord_key: adapter_to_record(self.global_adapter, self.downlink),
+                             self.configrecord_key: config})
+        return self._construct_messages(record, sorted(grid.get_node_ids()), MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep each client's personalised accuracy in the round log; return their mean."""
@@ -213,7 +349,26 @@ class LoraStrategy(FedAvg):
         accs = list(entry.personal_accuracy.values())
         return MetricRecord({"personal-mean-accuracy": sum(accs) / len(accs)})
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy keeps across rounds besides the global adapter, as JSON-able data
+        (the aggregator's own state is checkpointed separately)."""
+        version, internal, gauss = self.sampler.getstate()
+        return {"sampler": [version, list(internal), gauss], "rounds": [r.to_json() for r in self.rounds]}
+
+    def load_state_dict(self, state: dict[str, Any], global_adapter: Adapter) -> None:
+        """Restore `state_dict()` and the global adapter (resume)."""
+        version, internal, gauss = state["sampler"]
+        self.sampler.setstate((version, tuple(internal), gauss))
+        self.rounds = [RoundLog.from_json(r) for r in state["rounds"]]
+        self.partitions = {n: p for r in self.rounds for n, p in r.partitions.items()}
+        self.global_adapter = self.sent = global_adapter
+
     @staticmethod
     def _reject(entry: RoundLog, node: int, reason: str) -> None:
         entry.rejected[node] = reason
         log.warning("round %d: left out node %d: %s", entry.round, node, reason)
+
+
+def update_norm(tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """`‖tensors − start‖` over the keys of `start` (float64)."""
+    return math.sqrt(sum(float((tensors[k].double() - s.double()).square().sum()) for k, s in start.items()))

@@ -1,8 +1,12 @@
-"""Run one federated job on Flower's simulation engine (Ray), in this process.
+"""Run one federated job on Flower's simulation engine (Ray), or in this process.
 
 `simulate(cfg)` builds a ServerApp around `server.federation.run_federation`
 and hands it, with fairedge's ClientApp, to `flwr.simulation.run_simulation`:
 one virtual SuperNode per client, each with the configured CPU/GPU share.
+`engine="inprocess"` skips Ray: an `InProcessGrid` answers every message by
+calling the ClientApp in this process, one node after another: the same client
+code and seeds, so the same results, without Ray's start-up cost (quick runs,
+debugging, tests).
 """
 
 from __future__ import annotations
@@ -10,7 +14,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import traceback
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import RunConfig
 
@@ -24,28 +39,110 @@ def flower_environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def simulate(cfg: RunConfig, run_dir: Path, *, on_round=None, client_app=None, verbose: bool = False):
-    """Run the federation described by `cfg`; return its `RunRecord` (outputs in `run_dir`)."""
+class InProcessGrid(Grid):
+    """Flower's Grid served by ClientApp calls in this process.
+
+    Node `i` (id `1000 + i`) has node config `partition-id = i` of `num-partitions`
+    and a state RecordDict that lasts the whole run, as a SuperNode's does. A
+    ClientApp exception becomes an error reply, as in Flower. Messages are
+    handled when their replies are pulled, one after another, so the round
+    timeout never cuts a client off here.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        self.contexts = {
+            1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+                              state=RecordDict(), run_config={})
+            for i in range(num_nodes)
+        }
+        self._pending: dict[str, Message] = {}
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 0
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"no node with id {msg.metadata.dst_node_id}")
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self._pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for message_id in message_ids:
+            msg = self._pending.pop(message_id)
+            try:
+                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception:  # a crashing client is an error reply, not a crashed server
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, traceback.format_exc()), reply_to=msg)
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
+
+
+def simulate(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    on_round=None,
+    client_app: ClientApp | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    engine: Literal["ray", "inprocess"] = "ray",
+):
+    """Run the federation described by `cfg`; return its `RunRecord` (outputs in `run_dir`).
+
+    `resume=True` continues the run in `run_dir` from its checkpoint. Errors of the
+    server side (e.g. `server.federation.RoundFailed`) are raised here.
+    """
     flower_environment()
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from client.client_app import app as default_client_app
     from server.federation import run_federation
 
-    records = []
+    client_app = client_app or default_client_app
+    if engine == "inprocess":
+        grid = InProcessGrid(client_app, cfg.federation.num_clients)
+        return run_federation(grid, cfg, run_dir, on_round=on_round, resume=resume)
+    if engine != "ray":
+        raise ValueError(f"engine must be 'ray' or 'inprocess', got {engine!r}")
+
+    records, errors = [], []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        records.append(run_federation(grid, cfg, run_dir, on_round=on_round))
+        try:
+            records.append(run_federation(grid, cfg, run_dir, on_round=on_round, resume=resume))
+        except Exception as err:  # raised again below, after Flower has shut the simulation down
+            errors.append(err)
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(
         server_app=server_app,
-        client_app=client_app or default_client_app,
+        client_app=client_app,
         num_supernodes=cfg.federation.num_clients,
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
@@ -53,6 +150,8 @@ def simulate(cfg: RunConfig, run_dir: Path, *, on_round=None, client_app=None, v
         },
         verbose_logging=verbose,
     )
+    if errors:
+        raise errors[0]
     if not records:
         raise RuntimeError(f"the simulation ended without a result; see the log above (run folder {run_dir})")
     return records[0]

@@ -1,0 +1,117 @@
+"""One device's state on the cloud, mirrored on disk so that a restart loses nothing.
+
+`<state_dir>/devices/<device_id>/` holds
+- `device.json`: registration (model id/version, time) and upload counters (samples
+  accepted, last batch_id) — written by the upload path, atomically, before it replies;
+- `params.safetensors`: the published version, how many samples it has learned from,
+  the student's and the teacher's norm params and their SGD momentum — written by the
+  learner, atomically, once per update (absent = version 0, the exported defaults);
+- `samples/`: the uploaded samples (`samples.SampleLog`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+
+from server.cloud.learner import DeviceParams
+from server.cloud.samples import SampleLog
+from server.cloud.storage import atomic_write_bytes, atomic_write_json, remove_stale_temps
+
+
+class Device:
+    """A registered device: counters, samples, learnable params and the published version.
+
+    Upload-side fields (`meta`) are guarded by `lock`; `params` and `consumed` belong to the
+    learner thread; `published` is replaced as a whole, so readers never see half an update.
+    """
+
+    def __init__(self, folder: Path, meta: dict[str, Any], params: DeviceParams, input_names: list[str]) -> None:
+        self.folder = folder
+        self.meta = meta
+        self.params = params
+        self.lock = threading.Lock()
+        self.samples = SampleLog(folder / "samples", input_names)
+        self.consumed = 0
+        self.version = 0
+        self.published: tuple[int, dict[str, np.ndarray]] = (0, params.student_arrays())
+        self.error: str | None = None  # set when an update failed; the device's updates pause
+        self.last_update = 0.0  # time.monotonic() of its last update (learner round robin)
+
+    @property
+    def device_id(self) -> str:
+        return self.meta["device_id"]
+
+    @classmethod
+    def create(cls, folder: Path, device_id: str, model_id: str, model_version: str,
+               params: DeviceParams, input_names: list[str]) -> Device:
+        """A new device at version 0; its `device.json` is on disk when this returns."""
+        meta = {"device_id": device_id, "model_id": model_id, "model_version": model_version,
+                "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "total_accepted": 0, "batches_accepted": 0, "last_batch_id": None}
+        device = cls(folder, meta, params, input_names)
+        device.samples.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "device.json", meta)
+        return device
+
+    @classmethod
+    def load(cls, folder: Path, params: DeviceParams, input_names: list[str]) -> Device:
+        """A device as it was persisted in `folder` (params restored into `params`)."""
+        remove_stale_temps(folder)
+        meta = json.loads((folder / "device.json").read_text())
+        device = cls(folder, meta, params, input_names)
+        path = folder / "params.safetensors"
+        if path.is_file():
+            params.load_state_dict(load_file(path))
+            with safe_open(path, "pt") as f:
+                header = f.metadata()
+            device.version, device.consumed = int(header["version"]), int(header["consumed"])
+            device.published = (device.version, params.student_arrays())
+        device.samples.load(end=meta["total_accepted"])
+        return device
+
+    def is_resend(self, batch_id: int) -> bool:
+        """Whether `batch_id` is not newer than the last stored batch (a re-send after a lost reply)."""
+        with self.lock:
+            return self.meta["last_batch_id"] is not None and batch_id <= self.meta["last_batch_id"]
+
+    def accept(self, batch_id: int, arrays: list[np.ndarray]) -> tuple[int, dict[str, Any]]:
+        """Store a batch unless `batch_id` is not newer than the last stored one (a re-send).
+
+        Returns the samples accepted (0 for a re-send) and a copy of the counters. The
+        samples and then the counters are on disk before this returns.
+        """
+        with self.lock:
+            last = self.meta["last_batch_id"]
+            if last is not None and batch_id <= last:
+                return 0, dict(self.meta)
+            n = len(arrays[0])
+            self.samples.append(self.meta["total_accepted"], arrays)
+            meta = dict(self.meta, total_accepted=self.meta["total_accepted"] + n,
+                        batches_accepted=self.meta["batches_accepted"] + 1, last_batch_id=batch_id)
+            atomic_write_json(self.folder / "device.json", meta)
+            self.meta = meta
+            return n, dict(meta)
+
+    def pending(self) -> int:
+        """Accepted samples not yet learned from."""
+        with self.lock:
+            return self.meta["total_accepted"] - self.consumed
+
+    def publish(self, consumed: int) -> int:
+        """Persist the learner's params as the next version (learned from `consumed` samples); return it."""
+        version = self.version + 1
+        data = save_safetensors(self.params.state_dict(), metadata={"version": str(version), "consumed": str(consumed)})
+        atomic_write_bytes(self.folder / "params.safetensors", data)
+        published = (version, self.params.student_arrays())
+        with self.lock:
+            self.version, self.consumed, self.published = version, consumed, published
+        return version

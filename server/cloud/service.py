@@ -1,0 +1,310 @@
+"""The CEMA cloud service: devices, their uploads, a learner thread, and (optionally) the gRPC server.
+
+RPC threads only validate, store and read; all learning happens on one worker thread, so
+an Upload returns as soon as its samples are on disk. The same object is the Python API
+for studies and benchmarks: `start()`, `stop()`, `flush()` (wait until every possible
+update has run) and `wait_for_version()`, plus in-process `register` / `upload` /
+`norm_params` that go through exactly the checks a gRPC call does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from common.config import CloudConfig
+from common.tensor_proto import to_proto
+from common.wire import edge_service_pb2 as pb
+from server.cloud.device import Device
+from server.cloud.grpc_server import start_grpc_server
+from server.cloud.learner import CemaLearner, StepStats
+from server.cloud.model import ServedModel
+from server.cloud.servicer import EdgeAdaptationServicer
+from server.cloud.storage import atomic_write_json
+from server.cloud.validation import RequestError, check_device_id, decode_batch
+
+log = logging.getLogger("fairedge.cloud")
+
+
+@dataclass
+class UpdateLog:
+    """Counters of the learner thread (for benchmarks and the service log)."""
+
+    updates: int = 0
+    seconds: float = 0.0
+    failures: int = 0
+    last: dict[str, StepStats] = field(default_factory=dict)
+
+
+class CloudService:
+    """Serves one model: per-device CEMA adaptation with state in `state_dir`.
+
+    `tokens` are the accepted bearer tokens (gRPC only); `tls` is `(cert chain PEM,
+    private key PEM)`; `seed` makes each device's replay sampling reproducible
+    (it depends on the seed, the device id and the version only).
+    """
+
+    def __init__(
+        self,
+        model: ServedModel,
+        state_dir: str | Path,
+        cfg: CloudConfig | None = None,
+        *,
+        tokens: list[str] | None = None,
+        tls: tuple[bytes, bytes] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg or CloudConfig()
+        self.state_dir = Path(state_dir)
+        self.tokens = tokens or []
+        self.tls = tls
+        self.seed = seed
+        self.specs = list(model.inputs)
+        self.input_names = [s.name for s in self.specs]
+        self.learner = CemaLearner(
+            model.student, model.teacher, student_norm=model.student_norm, teacher_norm=model.teacher_norm,
+            num_classes=model.num_classes, cfg=self.cfg, forward=model.forward,
+        )
+        self.norm_names = list(model.student_norm)
+        self.log = UpdateLog()
+        self._devices: dict[str, Device] = {}
+        self._cond = threading.Condition()
+        self._busy = False
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+        self._open_state_dir()
+
+    # ----- state on disk -----
+
+    def _open_state_dir(self) -> None:
+        """Check the state dir belongs to this model, then load every device in it."""
+        info = {"model_id": self.model.model_id, "model_version": self.model.model_version,
+                "inputs": self.input_names, "norm_param_names": self.norm_names}
+        path = self.state_dir / "service.json"
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            for key in ("model_id", "model_version", "norm_param_names"):
+                if stored.get(key) != info[key]:
+                    raise ValueError(f"state dir {str(self.state_dir)!r} belongs to {key} = {stored.get(key)!r}, "
+                                     f"this service serves {info[key]!r}; use another state dir")
+        else:
+            atomic_write_json(path, info)
+        (self.state_dir / "devices").mkdir(parents=True, exist_ok=True)
+        for folder in sorted((self.state_dir / "devices").iterdir()):
+            if (folder / "device.json").is_file():
+                device = Device.load(folder, self.learner.new_params(), self.input_names)
+                self._devices[device.device_id] = device
+        if self._devices:
+            log.info("loaded %d devices from %s", len(self._devices), self.state_dir)
+
+    # ----- lifecycle -----
+
+    def start(self, *, serve_grpc: bool = True, host: str | None = None, port: int | None = None) -> str | None:
+        """Start the learner thread and, unless `serve_grpc=False`, the gRPC server; return its address."""
+        if self._worker is not None:
+            raise RuntimeError("the cloud service is already started")
+        self._stopping = False
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)  # process-wide: oversubscribed cores make steps 10-40x slower
+        self._worker = threading.Thread(target=self._work, name="cloud-learner", daemon=True)
+        self._worker.start()
+        if not serve_grpc:
+            return None
+        host = host if host is not None else self.cfg.host
+        try:
+            self._server, self.port = start_grpc_server(
+                EdgeAdaptationServicer(self), host=host, port=self.cfg.port if port is None else port,
+                tokens=self.tokens, max_message_mb=self.cfg.max_message_mb, max_workers=self.cfg.max_workers,
+                tls=self.tls,
+            )
+        except Exception:
+            self.stop()
+            raise
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        """End open Watch streams, stop the gRPC server and the learner thread (a running update finishes)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    def __enter__(self) -> CloudService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- device operations (the gRPC servicer calls these) -----
+
+    def register(self, device_id: str, model_id: str, model_version: str) -> Device:
+        """The device (created on first registration); FAILED_PRECONDITION for a model this cloud does not serve."""
+        check_device_id(device_id)
+        if (model_id, model_version) != (self.model.model_id, self.model.model_version):
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model_id = {model_id!r}, model_version = {model_version!r}: this cloud serves model_id "
+                f"{self.model.model_id!r}, model_version {self.model.model_version!r}; deploy that model",
+            )
+        with self._cond:
+            device = self._devices.get(device_id)
+            if device is None:
+                device = Device.create(self.state_dir / "devices" / device_id, device_id, model_id, model_version,
+                                       self.learner.new_params(), self.input_names)
+                self._devices[device_id] = device
+                log.info("registered device %s", device_id)
+        return device
+
+    def device(self, device_id: str) -> Device:
+        """A registered device; INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one."""
+        check_device_id(device_id)
+        with self._cond:
+            device = self._devices.get(device_id)
+        if device is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"device_id = {device_id!r} is not registered; call Register first")
+        return device
+
+    def upload_batch(self, batch: pb.SampleBatch) -> tuple[int, dict]:
+        """Validate and store one SampleBatch; return the samples accepted and the device's counters."""
+        device = self.device(batch.device_id)
+        arrays, _entropies = decode_batch(batch, self.specs, self.cfg.max_batch_samples)
+        waiting, limit = device.pending(), self.cfg.max_pending_samples
+        if not device.is_resend(batch.batch_id) and waiting + len(arrays[0]) > limit:
+            # UNAVAILABLE, not RESOURCE_EXHAUSTED: the batch is fine, the device should back off and resend it
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"batch_id {batch.batch_id}: device {device.device_id!r} has {waiting} samples waiting "
+                               f"for the learner, at most max_pending_samples = {limit}; retry later")
+        accepted, meta = device.accept(batch.batch_id, arrays)
+        if accepted:
+            with self._cond:
+                self._cond.notify_all()
+        return accepted, meta
+
+    def upload(self, device_id: str, batch_id: int, inputs: Mapping[str, np.ndarray]) -> int:
+        """In-process upload (same checks as gRPC); returns the samples accepted."""
+        batch = pb.SampleBatch(device_id=device_id, batch_id=batch_id,
+                               inputs=[to_proto(name, np.asarray(a)) for name, a in inputs.items()])
+        return self.upload_batch(batch)[0]
+
+    def norm_params(self, device_id: str) -> tuple[int, dict[str, np.ndarray]]:
+        """The device's latest published version and its norm params (float32)."""
+        return self.device(device_id).published
+
+    def watch(self, device_id: str, known_version: int, is_active: Callable[[], bool] = lambda: True,
+              poll_s: float = 0.5) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield the device's latest version each time it is newer than the last one yielded.
+
+        Ends when `is_active()` turns false; raises UNAVAILABLE when the service stops.
+        A slow reader skips intermediate versions: only the newest matters to a device.
+        """
+        device = self.device(device_id)
+        known = known_version
+        while is_active():
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or device.published[0] > known, timeout=poll_s)
+                if self._stopping:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "the cloud service is shutting down; reconnect")
+            version, arrays = device.published
+            if version > known:
+                known = version
+                yield version, arrays
+
+    # ----- synchronisation for studies and benchmarks -----
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the learner has run every update the stored uploads allow (TimeoutError otherwise)."""
+        if self._worker is None:
+            raise RuntimeError("flush() needs a started service (start())")
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy and self._next_device() is None, timeout=timeout):
+                raise TimeoutError(f"updates still pending after {timeout} s")
+
+    def wait_for_version(self, device_id: str, version: int, timeout: float | None = None) -> int:
+        """Block until the device has published at least `version`; return its current version."""
+        device = self.device(device_id)
+        with self._cond:
+            if not self._cond.wait_for(lambda: device.published[0] >= version, timeout=timeout):
+                raise TimeoutError(f"device {device_id!r} is at version {device.published[0]} after "
+                                   f"{timeout} s, not {version}")
+            return device.published[0]
+
+    # ----- the learner thread -----
+
+    def _next_device(self) -> Device | None:
+        """A device with enough new samples for an update, the one waiting longest first (round robin)."""
+        ready = [d for d in self._devices.values()
+                 if d.error is None and d.pending() >= self.cfg.min_new_per_update]
+        return min(ready, key=lambda d: d.last_update, default=None)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self._next_device() is not None)
+                if self._stopping:
+                    return
+                device = self._next_device()
+                self._busy = True
+            try:
+                self.update(device)
+            except Exception as err:  # a failing device must not stop the others
+                log.exception("update of device %s failed; its updates are paused", device.device_id)
+                device.error = f"{type(err).__name__}: {err}"
+                self.log.failures += 1
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def update(self, device: Device) -> int:
+        """One update of `device`: `steps_per_update` CEMA steps on its next new samples, then publish.
+
+        Called by the learner thread; returns the new version.
+        """
+        cfg, t0 = self.cfg, time.perf_counter()
+        start = device.consumed
+        k = min(device.pending(), cfg.new_per_step)
+        lo = max(device.samples.first(), start - cfg.buffer_size)
+        rng = np.random.default_rng([self.seed, _stable_key(device.device_id), device.version])
+        stats = None
+        for _ in range(cfg.steps_per_update):
+            m = min(cfg.replay_per_step, start - lo)
+            replay = sorted(rng.choice(np.arange(lo, start), size=m, replace=False).tolist()) if m else []
+            arrays = device.samples.gather(list(range(start, start + k)) + replay)
+            tensors = {name: torch.from_numpy(a) for name, a in zip(self.input_names, arrays)}
+            stats = self.learner.step(device.params, {n: t[:k] for n, t in tensors.items()},
+                                      {n: t[k:] for n, t in tensors.items()})
+        version = device.publish(start + k)
+        device.samples.evict_before(start + k - cfg.buffer_size)
+        device.last_update = time.monotonic()
+        self.log.updates += 1
+        self.log.seconds += time.perf_counter() - t0
+        assert stats is not None
+        self.log.last[device.device_id] = stats
+        log.debug("device %s -> version %d (%s)", device.device_id, version, stats)
+        with self._cond:
+            self._cond.notify_all()
+        return version
+
+
+def _stable_key(text: str) -> int:
+    """A process-independent integer for `text` (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")

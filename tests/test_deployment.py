@@ -1,0 +1,164 @@
+"""The loopback deployment (`simulations/deploy_loopback.py`): real `flower-superlink` and
+`flower-supernode` processes with TLS and SuperNode authentication, a SuperNode killed
+mid-round, an unregistered SuperNode. One deployment serves the module; its finalizer
+stops every process it started and checks that none is left."""
+
+import contextlib
+import json
+import socket
+import ssl
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+
+from common.certificates import make_node_key
+from common.config import load_config
+from common.task import base_model, load_task
+from common.training import evaluate_per_domain
+from simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment, SuperNode, free_port
+
+pytestmark = pytest.mark.slow
+START_CLIENTAPP = "Start `flwr-clientapp` process"
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory):
+    """A small job: 3 clients, 2 rounds; the base model pre-trained here once (the ServerApp loads it)."""
+    root = tmp_path_factory.mktemp("deploy-job")
+    values = [
+        "name=deploy-test", "federation.num_clients=3", "federation.rounds=2", "federation.min_train_nodes=2",
+        "federation.local_steps=40", "federation.lr=0.005", "data.samples_per_domain=1200",
+        "model.pretrain_epochs=7", f"model.cache_dir='{root / 'cache'}'", "federation.round_timeout=300",
+    ]
+    with _one_thread():
+        base_model(load_config(DEFAULT_CONFIG, values))
+    return values
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, overrides):
+    d = LoopbackDeployment(tmp_path_factory.mktemp("deployment"), num_nodes=3, log=lambda m: print(f"[deploy] {m}"))
+    seen: dict[int, psutil.Process] = {}
+    try:
+        d.start()
+        yield d
+    finally:
+        for p in d.processes:
+            seen.update({q.pid: q for q in p.tree()})
+        d.stop()
+        left = []
+        for q in seen.values():
+            try:
+                if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{q.pid} {' '.join(q.cmdline()[:2])}")
+            except psutil.NoSuchProcess:
+                pass
+        assert not left, f"processes left running: {left}"
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())["rounds"]
+
+
+def test_three_supernodes_two_rounds_over_tls_with_node_auth(deployment, overrides):
+    started = time.monotonic()
+    run_dir = deployment.run(DEFAULT_CONFIG, overrides, name="run-3-nodes", timeout=600)
+    print(f"run took {time.monotonic() - started:.0f} s")
+    rounds = _metrics(run_dir)
+    node_ids = {n.node_id for n in deployment.nodes}
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert set(r["sampled"]) == node_ids and set(r["replied"]) == node_ids, r
+        assert r["aggregated"] and not r["rejected"] and not r.get("no_reply")
+        assert sorted(r["partitions"].values()) == [0, 1, 2]  # each node trained on its node-config partition
+    base, final = rounds[0], rounds[-1]
+    assert final["worst_accuracy"] > base["worst_accuracy"] + 0.05, (base, final)
+    assert final["shifted_mean_accuracy"] > base["shifted_mean_accuracy"], (base, final)
+    # the final adapter loads with PEFT on the same base and gives the accuracy the server recorded
+    cfg = load_config(run_dir / "config.toml")
+    model = PeftModel.from_pretrained(base_model(cfg), run_dir / "adapter").eval()
+    task = load_task(cfg)
+    with _one_thread():  # the machine is busy with Flower's processes
+        acc = evaluate_per_domain(model, task.test, task.domains)
+    assert acc == pytest.approx(final["accuracy"], abs=1e-9)
+
+
+def test_superlink_speaks_tls_only_with_our_ca(deployment):
+    assert deployment.creds is not None
+    with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as raw:
+        with ssl.create_default_context(cafile=str(deployment.creds.ca.cert_path)).wrap_socket(
+                raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() is not None
+    with pytest.raises(ssl.SSLCertVerificationError):
+        with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as raw:
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_supernode_killed_mid_round_is_left_out_and_run_finishes(deployment, overrides):
+    victim = deployment.nodes[2]
+    assert victim.process is not None
+    before = victim.process.log_path.read_text().count(START_CLIENTAPP)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["run_dir"] = deployment.run(DEFAULT_CONFIG, overrides, name="run-kill", timeout=600)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while victim.process.log_path.read_text().count(START_CLIENTAPP) == before:  # round 1 reached the victim
+        assert thread.is_alive() and time.monotonic() < deadline, result
+        time.sleep(0.5)
+    deployment.kill(victim.process)  # SIGKILL the SuperNode and its ClientApp: a crashed machine
+    killed_at = time.monotonic()
+    thread.join(timeout=700)
+    assert "error" not in result, result.get("error")
+    print(f"run ended {time.monotonic() - killed_at:.0f} s after the kill")
+    rounds = _metrics(result["run_dir"])
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    first, second = rounds[1], rounds[2]
+    assert victim.node_id in first["sampled"] and victim.node_id not in first["replied"]
+    why = {**first["rejected"], **{str(n): "no reply" for n in first.get("no_reply", [])}}
+    print(f"round 1, what happened to the killed node: {why}")
+    assert str(victim.node_id) in why
+    assert first["aggregated"] and len(first["replied"]) - len(first["rejected"]) >= 2
+    assert second["aggregated"] and victim.node_id not in second["replied"]
+    assert all(0 <= a <= 1 for a in second["accuracy"].values())
+
+
+def test_unregistered_unauthenticated_and_plain_http_supernodes_are_refused(deployment, tmp_path):
+    intruder_key = make_node_key(tmp_path / "intruder")  # a valid key pair, never registered
+    config = "partition-id=0 num-partitions=3"
+    unregistered = deployment.start_supernode(SuperNode(97, intruder_key.private_path, config, free_port()))
+    keyless = deployment.start_supernode(SuperNode(98, None, config, free_port()))
+    plain = deployment.start_supernode(SuperNode(99, None, config, free_port()), tls=False,  # (a key needs TLS)
+                                       extra_args=["--max-retries", "2"])
+    expected = [  # what Flower 1.41 says (Flower exit code 305 for the first two: "could not connect")
+        (unregistered, "Failed to activate SuperNode"),
+        (keyless, "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI"),
+        (plain, "Connection attempt failed"),
+    ]
+    for proc, says in expected:
+        assert proc.popen.wait(timeout=180) != 0, proc.name
+        log = proc.log_path.read_text()
+        assert says in log, (proc.name, log[-2000:])
+    superlink_log = (deployment.logs / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert deployment.online_nodes() <= {n.node_id for n in deployment.nodes}

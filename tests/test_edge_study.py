@@ -1,0 +1,104 @@
+"""The edge study's pure parts: corruptions (deterministic per seed, they change the images), the stream, the tables."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.data.task_data import LabeledData, normalize_pixels
+from simulations.edge_study import (
+    CORRUPTIONS,
+    MODES,
+    SEGMENTS,
+    build_stream,
+    corrupt,
+    corruption_generator,
+    gain_table,
+    gains,
+    mode_table,
+    segment_table,
+    tuning_table,
+    windowed_accuracy,
+)
+
+
+def digits_like(n: int = 24, seed: int = 0) -> torch.Tensor:
+    """Dark images with a bright stroke, pixels in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, 1, 16, 16), generator=g) * 0.1
+    x[:, :, 4:12, 7:9] = 0.9
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("severity", [1, 2])
+def test_corruptions_change_the_images_and_repeat_per_seed(name, severity):
+    x = digits_like()
+    a = corrupt(x, name, severity, corruption_generator(0, name, severity))
+    b = corrupt(x, name, severity, corruption_generator(0, name, severity))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)  # same seed, same corruption
+    assert (a - x).abs().mean() > 0.01  # it really changes the images
+    assert x.min() >= 0 and a.min() >= -1e-6 and a.max() <= 1 + 1e-6  # stays on the [0, 1] scale
+    if name in ("salt_pepper", "occlusion"):  # random ones differ with the seed
+        assert not torch.equal(a, corrupt(x, name, severity, corruption_generator(1, name, severity)))
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_severe_is_further_from_the_clean_image_than_mild(name):
+    x = digits_like(64)
+    mild = corrupt(x, name, 1, corruption_generator(0, name, 1))
+    severe = corrupt(x, name, 2, corruption_generator(0, name, 2))
+    assert (severe - x).abs().mean() > (mild - x).abs().mean()
+
+
+def test_bad_corruption_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown corruption 'fog'"):
+        corrupt(digits_like(), "fog", 1, corruption_generator(0, "fog", 1))
+    with pytest.raises(ValueError, match="severity must be 1"):
+        corrupt(digits_like(), "contrast", 3, corruption_generator(0, "contrast", 3))
+
+
+def test_stream_is_segments_in_order_and_deterministic_per_seed():
+    x01 = digits_like(40)
+    test = LabeledData(x=normalize_pixels(x01), y=torch.arange(40) % 10, domain=torch.arange(40) % 6)
+    s = build_stream(test, seed=3, per_segment=8)
+    assert len(s) == 8 * len(SEGMENTS) and s.x.dtype == np.float32
+    assert s.boundaries() == list(range(0, len(s) + 1, 8))
+    assert s.segments[0] == "contrast-1" and (np.diff(s.segment) >= 0).all()
+    again = build_stream(test, seed=3, per_segment=8)
+    other = build_stream(test, seed=4, per_segment=8)
+    assert np.array_equal(s.x, again.x) and np.array_equal(s.y, again.y)
+    assert not np.array_equal(s.y, other.y)
+    with pytest.raises(ValueError, match="per_segment = 41"):
+        build_stream(test, seed=0, per_segment=41)
+
+
+def _row(mode: str, seed: int, acc: float, uploaded: float) -> dict:
+    return {"mode": mode, "seed": seed, "accuracy": acc, "uploaded_fraction": uploaded, "bytes_up": 1000,
+            "bytes_down": 10, "params_version": 3, "seconds": 1.0, "overrides": [], "setting": "defaults",
+            "segment_accuracy": {"contrast-1": acc}}
+
+
+def test_gains_and_tables():
+    rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.59, 0.3), _row("all", 0, 0.60, 1.0),
+            _row("none", 1, 0.40, 0.0), _row("cema", 1, 0.40, 0.4), _row("all", 1, 0.38, 1.0)]
+    g = gains(rows)
+    assert g[0]["gain_cema"] == pytest.approx(0.09) and g[0]["gain_ratio"] == pytest.approx(0.9)
+    assert math.isnan(g[1]["gain_ratio"])  # no gain to keep when uploading everything did not help
+    table = gain_table(rows)
+    assert "| 0 | 0.5000 | 0.5900 | 0.6000 | +9.00 | +10.00 | 0.90 | 30.0% |" in table
+    assert "| mean |" in table
+    assert all(f"| {m} |" in mode_table(rows) for m in MODES)
+    assert "| contrast-1 | 0.4500 | 0.4950 | 0.4900 |" in segment_table(rows, ["contrast-1"])
+    assert "| defaults | `-` | 0.5900 | 0.6000 | +9.00 | +10.00 | 0.90 | 30.0% |" in tuning_table(rows[:3])
+
+
+def test_windowed_accuracy():
+    batches = [[0, 4, 4], [4, 4, 0], [8, 4, 2], [12, 4, 4]]
+    seen, acc = windowed_accuracy(batches, window=8)
+    assert seen.tolist() == [4, 8, 12, 16]
+    assert acc.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.75])
