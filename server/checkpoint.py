@@ -42,7 +42,8 @@ from safetensors.torch import load_file, save
 from common.adapter_record import flatten, unflatten
 from common.aggregation import AGGREGATORS, Aggregator
 from common.config import ConfigError, RunConfig, config_hash, load_config
-from server.run_outputs import RunRecord, atomic_write_bytes, fsync_dir
+from common.atomic_files import atomic_write_bytes, fsync_dir
+from server.run_outputs import RunRecord
 from server.strategy import LoraStrategy
 
 log = logging.getLogger("fairedge.server")

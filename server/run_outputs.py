@@ -13,7 +13,6 @@ and at the top of the report.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common.adapter_record import flatten
+from common.atomic_files import atomic_write_bytes
 from common.aggregation import Adapter, BaseDelta
 from common.config import RunConfig, config_hash, to_toml
 from common.lora import save_adapter
@@ -135,26 +135,6 @@ def _attempt_json(attempt: Any) -> dict[str, Any]:
             "replied": attempt.replied, "no_reply": attempt.no_reply,
             "rejected": {str(k): v for k, v in attempt.rejected.items()},
             "partitions": {str(k): v for k, v in attempt.partitions.items()}}
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` all at once: write a temp file, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -177,8 +177,8 @@ TUNING: dict[str, list[str]] = {
 """Settings tried on the tuning seed (0) only, with `--tune`; the choice becomes DEFAULT_SETTING."""
 
 CHOSEN = "KL only"
-CHOICE_RULE = ("the setting in which uploading every sample gains the most over no adaptation: only there is the "
-               "target's gain ratio defined (with every other setting, uploading everything lost accuracy)")
+CHOICE_RULE = ("the setting in which uploading every sample gains the most over no adaptation (the target's gain "
+               "ratio means something only when that gain is positive)")
 DEFAULT_SETTING: list[str] = TUNING[CHOSEN]
 """The settings the study runs on every seed, on top of the run's config and FIXED."""
 
@@ -351,7 +351,7 @@ def _ms(values: Sequence[float], fmt: str = "{:.4f}") -> str:
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.replace('+', '').format(sd)}"
 
 
 def mode_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -433,10 +433,11 @@ def plot(rows: Sequence[dict[str, Any]], boundaries: Sequence[int], segments: Se
         ax.plot(x, np.mean([c[1] for c in curves], axis=0), color=colors[mode],
                 label=f"{labels[mode]} ({statistics.mean(r['accuracy'] for r in sel):.3f})")
         if mode == "cema":
-            frac = [np.array([b[3] / b[1] for b in r["batches"]]) for r in sel]
-            k = max(1, window // int(sel[0]["batches"][0][1]))
-            smooth = np.convolve(np.mean(frac, axis=0), np.ones(k) / k, mode="full")[: len(x)]
-            ax2.plot(x, smooth, color=colors[mode], label="CEMA: fraction of samples uploaded")
+            picked = np.cumsum(np.mean([[b[3] for b in r["batches"]] for r in sel], axis=0))
+            j = np.searchsorted(x, x - window, side="right") - 1  # last batch before each window
+            before_n, before_k = np.where(j >= 0, x[j], 0.0), np.where(j >= 0, picked[j], 0.0)
+            ax2.plot(x, (picked - before_k) / (x - before_n), color=colors[mode],
+                     label=f"CEMA: fraction uploaded (last {window} samples)")
     for a in (ax, ax2):
         for b in boundaries[1:-1]:
             a.axvline(b, color="black", lw=0.6, ls=":")
@@ -600,8 +601,10 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
         "Accuracy over the whole stream; gains in accuracy points over no adaptation (same seed). Target (issue 5): "
         "CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of uploading everything.\n",
         gain_table(rows) + "\n",
-        f"**Target {'met' if met else 'not met'}**: CEMA uploads {statistics.mean(uploads):.1%} on average, gain ratio "
-        f"{mean_ratio:.2f}.\n" if g else "",
+        f"**Target {'met' if met else 'not met'}**: CEMA uploads {statistics.mean(uploads):.1%} of the stream on "
+        f"average ({'within' if statistics.mean(uploads) <= 0.5 else 'above'} the 50 % budget) and keeps "
+        f"{mean_ratio:.2f} of the gain of uploading everything ({'at least' if mean_ratio >= 0.9 else 'below'} "
+        "the 0.9 asked for).\n" if g else "",
         _oracle_line(data.get("label_oracle", {}), g),
         "Per mode (mean ± std over seeds; bytes are serialized gRPC messages, uplink = uploads + registration, "
         "downlink = parameter versions; cloud versions = parameter updates published):\n",
@@ -609,8 +612,9 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
         "Accuracy per segment (mean over seeds):\n",
         segment_table(rows, study["segments"]) + "\n",
         "![accuracy along the stream](edge_stream.png)\n",
-        "Accuracy over the last 256 samples along the stream (mean over seeds), and the fraction of each batch "
-        "CEMA uploads. Dotted lines: corruption boundaries.\n",
+        "Accuracy over the last 256 samples along the stream (mean over seeds), and the fraction of those "
+        "samples CEMA uploaded. Dotted lines: corruption boundaries.\n",
+        _reading(data, g),
     ]
     if data.get("tuning"):
         parts += ["## Tuning (seed 0 only)\n",
@@ -635,6 +639,47 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
                   "Written by `simulations/bench_edge_latency.py`, not by this study; copied here as it was when "
                   "this file was written.\n", body.strip() + "\n"]
     return "\n".join(parts)
+
+
+def _reading(data: dict[str, Any], g: dict[int, dict[str, float]]) -> str:
+    """Why the gains are what they are, in the study's own numbers."""
+    if not g:
+        return ""
+    n = statistics.mean(r["samples"] for r in data["rows"])
+    g_cema = statistics.mean(v["gain_cema"] for v in g.values())
+    g_all = statistics.mean(v["gain_all"] for v in g.values())
+    oracle = [acc - g[int(seed)]["acc_none"] for seed, acc in data.get("label_oracle", {}).items() if int(seed) in g]
+    tuned = {r["mode"]: r["accuracy"] for r in data.get("tuning", []) if r["setting"] == "defaults"}
+    lines = ["## Reading the results\n",
+             f"- The gains are tiny: {100 * g_cema:+.2f} (CEMA) and {100 * g_all:+.2f} (all) points are about "
+             f"{g_cema * n:+.0f} and {g_all * n:+.0f} of {n:.0f} samples, so the ratio of the two says little"
+             + (" (the order none < CEMA < all did hold on every seed)."
+                if all(v["acc_none"] < v["acc_cema"] < v["acc_all"] for v in g.values()) else ".")]
+    if oracle:
+        lines.append(f"- Headroom: even learning the norm parameters from the true labels gains "
+                     f"{100 * statistics.mean(oracle):+.2f} points on average ({', '.join(f'{100 * o:+.2f}' for o in oracle)}). "
+                     "Only the LayerNorm affine values of a small ViT may change (the deployed weights are fixed), "
+                     f"and each corruption lasts {data['study']['per_segment']} samples.")
+    if {"none", "cema", "all"} <= tuned.keys():
+        lines.append(f"- The teacher is the served model itself (the issue's default), about "
+                     f"{statistics.mean(v['acc_none'] for v in g.values()):.0%} accurate on this stream. Its "
+                     "entropy minimisation and its pseudo-labels reinforce its own mistakes: with the public CEMA "
+                     f"code's loss weights (entropy/KL/CE 3/3/1) uploading every sample lost "
+                     f"{100 * (tuned['none'] - tuned['all']):.2f} points on seed 0, while CEMA, which leaves out "
+                     f"the unreliable high-entropy samples, gained {100 * (tuned['cema'] - tuned['none']):+.2f}: "
+                     "the harm the selection is designed to avoid.")
+    settings = {r["setting"] for r in data.get("tuning", []) if r["mode"] == "all"}
+    none0 = next((r["accuracy"] for r in data.get("tuning", []) if r["mode"] == "none"), None)
+    hurt = sorted({r["setting"] for r in data.get("tuning", []) if r["mode"] == "all" and r["accuracy"] < none0})
+    if none0 is not None and settings:
+        lines.append(f"- In the tuning, uploading everything lost accuracy with {len(hurt)} of {len(settings)} "
+                     f"settings ({', '.join(hurt) or 'none'}). The chosen one, {CHOSEN} "
+                     f"(`{' '.join(TUNING[CHOSEN])}`), keeps only the KL term: the student follows the teacher, "
+                     "whose own norm parameters adapt by weighted entropy on the reliable (low-entropy) uploads.")
+    lines.append("- The paper distils from a much stronger foundation model than the edge model; here the only "
+                 "teacher is the same small model. `load_served_model(run, teacher=other_run)` takes a stronger "
+                 "one when a task has it.\n")
+    return "\n".join(lines)
 
 
 def _oracle_line(oracle: dict[str, float], g: dict[int, dict[str, float]]) -> str:

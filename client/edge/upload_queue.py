@@ -17,6 +17,7 @@ conditions, and the device never blocks its predictions on a full queue.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.atomic_files import atomic_write_bytes, remove_stale_temps
 
 _ENTROPY = "__entropy__"
 _NAME = re.compile(r"^(\d{12})-(\d+)\.npz$")
@@ -56,8 +59,7 @@ class UploadQueue:
         self.batch_samples = batch_samples
         self._lock = threading.Lock()
         self.batch_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.batch_dir.glob(".tmp-*"):  # an interrupted write: never renamed, never counted
-            leftover.unlink()
+        remove_stale_temps(self.batch_dir)  # an interrupted write: never renamed, never counted
         self._pending: dict[int, int] = {}  # batch_id -> samples, in id order
         for f in sorted(self.batch_dir.iterdir()):
             if m := _NAME.match(f.name):
@@ -82,7 +84,7 @@ class UploadQueue:
         return state
 
     def _save_state(self) -> None:
-        _atomic_write(self.dir / "state.json", json.dumps(self._state, indent=1).encode())
+        atomic_write_bytes(self.dir / "state.json", json.dumps(self._state, indent=1).encode())
 
     # ---- producer ----------------------------------------------------------------------------
     def put(self, inputs: dict[str, np.ndarray], entropy: np.ndarray) -> list[int]:
@@ -109,12 +111,9 @@ class UploadQueue:
     def _write_batch(self, batch_id: int, inputs: dict[str, np.ndarray], entropy: np.ndarray) -> None:
         if _ENTROPY in inputs:
             raise ValueError(f"an input may not be named {_ENTROPY!r}")
-        tmp = self.batch_dir / f".tmp-{batch_id:012d}.npz"
-        with open(tmp, "wb") as f:
-            np.savez(f, **inputs, **{_ENTROPY: entropy})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.batch_dir / f"{batch_id:012d}-{len(entropy)}.npz")
+        buf = io.BytesIO()
+        np.savez(buf, **inputs, **{_ENTROPY: entropy})
+        atomic_write_bytes(self.batch_dir / f"{batch_id:012d}-{len(entropy)}.npz", buf.getvalue())
         self._pending[batch_id] = len(entropy)
 
     def _enforce_bound(self) -> None:
@@ -202,12 +201,3 @@ class UploadQueue:
                 "pending_batches": self.pending_batches,
                 "next_batch_id": int(self._state["next_batch_id"]),
             }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from server.cloud.learner import DeviceParams
 from server.cloud.samples import SampleLog
-from server.cloud.storage import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from common.atomic_files import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 
 class Device:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.cloud.storage import atomic_write_bytes, fsync_dir, remove_stale_temps
+from common.atomic_files import atomic_write_bytes, fsync_dir, remove_stale_temps
 
 
 @dataclass(frozen=True)

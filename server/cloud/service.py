@@ -30,7 +30,7 @@ from server.cloud.grpc_server import start_grpc_server
 from server.cloud.learner import CemaLearner, StepStats
 from server.cloud.model import ServedModel
 from server.cloud.servicer import EdgeAdaptationServicer
-from server.cloud.storage import atomic_write_json
+from common.atomic_files import atomic_write_json
 from server.cloud.validation import RequestError, check_device_id, decode_batch
 
 log = logging.getLogger("fairedge.cloud")

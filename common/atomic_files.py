@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader (or a restart after a crash) sees the old file or the new one, never half.
+"""Atomic, durable file writes for run outputs, checkpoints, cloud and edge state.
+
+A reader (or a restart after a crash) sees the old file or the new one, never half of one.
 
 Write to a temporary file in the same folder, fsync it, rename it over the target,
 then fsync the folder so the rename itself survives a power cut.
