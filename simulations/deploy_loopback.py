@@ -39,7 +39,7 @@ from typing import IO, Any
 import psutil
 import tomli_w
 
-from common.certificates import Credentials, make_credentials, make_node_key
+from common.certificates import Credentials, make_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "simulations" / "configs" / "default.toml"
@@ -238,9 +238,9 @@ class LoopbackDeployment:
             try:
                 out, _ = popen.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                stop_processes([proc])
                 raise DeploymentError(f"`flwr {' '.join(args)}` took over {timeout:.0f} s; log {log_path}") from None
-            finally:
+            finally:  # also on Ctrl-C
+                stop_processes([proc])
                 self.processes.remove(proc)
             log_file.write(out)
         if popen.returncode:
@@ -386,11 +386,20 @@ class LoopbackDeployment:
             proc.pump.join(timeout=10)
         new = sorted((p for p in output_dir.iterdir() if p.is_dir() and p not in before
                       and (p / "metrics.json").is_file()), key=lambda p: p.stat().st_mtime)
-        if proc.popen.returncode or not new:
-            raise DeploymentError(f"the run failed (flwr run exit {proc.popen.returncode}, "
-                                  f"{'no' if not new else 'a'} run folder in {output_dir}); log {proc.log_path}:\n"
+        started = re.search(r"Successfully started run (\d+)", proc.log_path.read_text(errors="replace"))
+        status, details = self.run_status(int(started.group(1))) if started else ("not started", "")
+        if proc.popen.returncode or status != "finished:completed" or not new:
+            raise DeploymentError(f"the run failed (Flower status {status!r} {details}, "
+                                  f"flwr run exit {proc.popen.returncode}, "
+                                  f"run folder {new[-1] if new else 'none'}); log {proc.log_path}:\n"
                                   + _tail(proc.log_path, 30))
         return new[-1]
+
+    def run_status(self, run_id: int) -> tuple[str, str]:
+        """Flower's status of a run (`finished:completed`, `finished:failed`, `running`, ...) and its details."""
+        out = self._flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], "runs")
+        runs = json.loads(out[out.index("{"):]).get("runs", [])
+        return (str(runs[0]["status"]), str(runs[0].get("status-details") or "")) if runs else ("unknown", "")
 
     def run(self, config_file: Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, timeout: float = 3600,
             name: str = "flwr-run", on_line: Log | None = None) -> Path:

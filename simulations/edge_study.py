@@ -1,7 +1,7 @@
 """CEMA on a drifting edge stream: no adaptation vs CEMA vs uploading every sample (issue 5, study 1).
 
-    python -m simulations.edge_study [--run RUN_DIR] [--seeds 0 1 2] [--per-segment 400]
-    python -m simulations.edge_study --tune          # the seed-0 settings search (see TUNING)
+    python -m simulations.edge_study [--run RUN_DIR] [--seeds 0 1 2] [--per-segment 384]
+    python -m simulations.edge_study --tune          # the seed-0 settings search (TUNING -> CHOSEN)
 
 The federated model (`--run`, or by default `simulations/configs/default.toml` trained here once
 and cached as `runs/edge-study-<config hash>/`) is merged, exported to ONNX, and run by the real
@@ -14,7 +14,9 @@ with the cloud (after each batch: uploads acknowledged, every possible update do
 parameters swapped in), so a run is deterministic per seed and independent of thread timing.
 
 A seed draws the stream (which test images, their order, the corruption noise) and the
-cloud's replay sampling; the trained model is the same for every seed.
+cloud's replay sampling; the trained model is the same for every seed. Edge and cloud
+settings are the run's config plus DEFAULT_SETTING, chosen from TUNING on seed 0 only.
+A label oracle (norm parameters learning from the true labels) measures the headroom.
 
 Writes `simulations/results/edge_stream.json` (every run, per-batch records), `edge_stream.png`
 (accuracy along the stream) and `edge.md` (tables; plus a summary of `edge_latency.md` when the
@@ -362,11 +364,11 @@ def mode_table(rows: Sequence[dict[str, Any]]) -> str:
         sel = [r for r in rows if r["mode"] == mode]
         if not sel:
             continue
+        mean = {k: statistics.mean(r[k] for r in sel) for k in ("bytes_up", "bytes_down", "params_version", "seconds")}
         lines.append(
             f"| {mode} | {_ms([r['accuracy'] for r in sel])} | {_ms([r['uploaded_fraction'] for r in sel], '{:.3f}')} "
-            f"| {statistics.mean(r['bytes_up'] for r in sel):,.0f} | {statistics.mean(r['bytes_down'] for r in sel):,.0f} "
-            f"| {statistics.mean(r['params_version'] for r in sel):.1f} | {statistics.mean(r['seconds'] for r in sel):.1f} "
-            f"| {len(sel)} |")
+            f"| {mean['bytes_up']:,.0f} | {mean['bytes_down']:,.0f} | {mean['params_version']:.1f} "
+            f"| {mean['seconds']:.1f} | {len(sel)} |")
     return "\n".join(lines)
 
 
@@ -421,16 +423,20 @@ def plot(rows: Sequence[dict[str, Any]], boundaries: Sequence[int], segments: Se
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_gain, ax2) = plt.subplots(3, 1, figsize=(11, 8), sharex=True,
+                                           gridspec_kw={"height_ratios": [3, 1.5, 1]})
     colors = {"none": "tab:gray", "cema": "tab:blue", "all": "tab:orange"}
     labels = {"none": "no adaptation", "cema": "CEMA", "all": "upload every sample"}
+    mean_curve: dict[str, np.ndarray] = {}
+    x = np.zeros(0)
     for mode in MODES:
         sel = [r for r in rows if r["mode"] == mode]
         if not sel:
             continue
         curves = [windowed_accuracy(r["batches"], window) for r in sel]
         x = curves[0][0]
-        ax.plot(x, np.mean([c[1] for c in curves], axis=0), color=colors[mode],
+        mean_curve[mode] = np.mean([c[1] for c in curves], axis=0)
+        ax.plot(x, mean_curve[mode], color=colors[mode],
                 label=f"{labels[mode]} ({statistics.mean(r['accuracy'] for r in sel):.3f})")
         if mode == "cema":
             picked = np.cumsum(np.mean([[b[3] for b in r["batches"]] for r in sel], axis=0))
@@ -438,7 +444,14 @@ def plot(rows: Sequence[dict[str, Any]], boundaries: Sequence[int], segments: Se
             before_n, before_k = np.where(j >= 0, x[j], 0.0), np.where(j >= 0, picked[j], 0.0)
             ax2.plot(x, (picked - before_k) / (x - before_n), color=colors[mode],
                      label=f"CEMA: fraction uploaded (last {window} samples)")
-    for a in (ax, ax2):
+    for mode in ("cema", "all"):
+        if mode in mean_curve and "none" in mean_curve:
+            ax_gain.plot(x, 100 * (mean_curve[mode] - mean_curve["none"]), color=colors[mode], label=labels[mode])
+    ax_gain.axhline(0, color=colors["none"], lw=0.8)
+    ax_gain.set_ylabel("vs no adaptation\n(points)")
+    ax_gain.legend(loc="lower left", fontsize=8)
+    ax_gain.grid(alpha=0.3)
+    for a in (ax, ax_gain, ax2):
         for b in boundaries[1:-1]:
             a.axvline(b, color="black", lw=0.6, ls=":")
     for name, lo, hi in zip(segments, boundaries[:-1], boundaries[1:]):
@@ -524,7 +537,8 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, override
             data["stream_boundaries"] = stream.boundaries()
             _save(out, data)
             print(f"{section}: {label:>12} seed {seed} {mode:>4}: accuracy {row['accuracy']:.4f}  uploaded "
-                  f"{row['uploaded_fraction']:.3f}  versions {row['params_version']}  {row['seconds']:.0f} s", flush=True)
+                  f"{row['uploaded_fraction']:.3f}  versions {row['params_version']}  {row['seconds']:.0f} s",
+                  flush=True)
         if not tune:
             oracle = data.setdefault("label_oracle", {})
             for seed in seeds:
@@ -574,7 +588,8 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
         "settings search). Latency: `python -m simulations.bench_edge_latency` (another study, summarised below).\n",
         "## Setup\n",
         f"- Model: the federated global model of `{study['run_dir']}` (config `{study['config_name']}`, hash "
-        f"`{study['config_hash']}`: `simulations/configs/default.toml`, FedIT, 10 rounds, 6 clients), LoRA merged, "
+        f"`{study['config_hash']}`: {cfg.aggregation.method}, {cfg.federation.rounds} rounds, "
+        f"{cfg.federation.num_clients} clients; {_federated_accuracy(study['run_dir'])}), LoRA merged, "
         f"exported to ONNX (model version `{study['model_version']}`); the cloud serves the same merged model as "
         "student and as teacher.",
         f"- Stream: {len(study['segments'])} segments of {study['per_segment']} digits test images each (a seeded draw "
@@ -597,6 +612,7 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
         f"{c.entropy_weight}/{c.kl_weight}/{c.ce_weight}, T = {c.temperature}. Overrides of the run's config: "
         f"`{' '.join(data.get('overrides', [])) or 'none'}` (chosen on seed 0, see Tuning) plus study plumbing "
         f"`{' '.join(study['fixed'])}`.\n",
+        _runtime_line(data),
         "## Results\n",
         "Accuracy over the whole stream; gains in accuracy points over no adaptation (same seed). Target (issue 5): "
         "CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of uploading everything.\n",
@@ -612,8 +628,9 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
         "Accuracy per segment (mean over seeds):\n",
         segment_table(rows, study["segments"]) + "\n",
         "![accuracy along the stream](edge_stream.png)\n",
-        "Accuracy over the last 256 samples along the stream (mean over seeds), and the fraction of those "
-        "samples CEMA uploaded. Dotted lines: corruption boundaries.\n",
+        "Top: accuracy over the last 256 samples along the stream (mean over seeds); middle: the same minus no "
+        "adaptation, in points; bottom: the fraction of those samples CEMA uploaded. Dotted lines: corruption "
+        "boundaries.\n",
         _reading(data, g),
     ]
     if data.get("tuning"):
@@ -629,16 +646,45 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
                   f"per update of {bench['new_per_step']} new + {bench['replay_per_step']} replayed samples (teacher "
                   "step + student distillation), parameters published to the state folder; median of "
                   f"{bench['updates']}: **{bench['updates_per_s']:.1f} updates/s** ({1e3 * bench['median_s']:.1f} ms "
-                  f"each, {bench['new_samples_per_s']:.0f} new samples/s) on a {bench['cpu_count']}-core machine shared with "
-                  f"other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured, so an idle machine "
-                  "is faster).\n"]
+                  f"each, {bench['new_samples_per_s']:.0f} new samples/s) on a {bench['cpu_count']}-core machine "
+                  f"shared with other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured, "
+                  "so an idle machine is faster).\n"]
     if latency is not None and latency.is_file():
-        text = latency.read_text().strip()
-        body = "\n".join(("#" + line) if line.startswith("#") else line for line in text.splitlines()[1:])
-        parts += ["## Latency (from [edge_latency.md](edge_latency.md))\n",
-                  "Written by `simulations/bench_edge_latency.py`, not by this study; copied here as it was when "
-                  "this file was written.\n", body.strip() + "\n"]
+        parts += ["## Latency (summary of [edge_latency.md](edge_latency.md))\n",
+                  "Measured by `python -m simulations.bench_edge_latency`, not by this study; its latency and "
+                  "swap-vs-rebuild tables as they were when this file was written (parity, int8 quality and the "
+                  "models are in the linked file).\n", latency_summary(latency.read_text()) + "\n"]
     return "\n".join(parts)
+
+
+def latency_summary(text: str, keep: Sequence[str] = ("Latency", "Swapping")) -> str:
+    """The intro and the `## ` sections of the latency report whose titles start with `keep`, one level down."""
+    sections: list[list[str]] = [[]]
+    for line in text.strip().splitlines()[1:]:  # the first line is the report's own title
+        if line.startswith("## "):
+            sections.append([])
+        sections[-1].append(line)
+    chosen = [sections[0]] + [s for s in sections[1:] if s[0][3:].startswith(tuple(keep))]
+    return "\n".join(("#" + line) if line.startswith("#") else line for sec in chosen for line in sec).strip()
+
+
+def _federated_accuracy(run_dir: str) -> str:
+    """The trained model's own mean test accuracy over the uncorrupted domains, from its metrics.json."""
+    metrics = ROOT / run_dir / "metrics.json"
+    acc = json.loads(metrics.read_text())["summary"].get("final_mean_accuracy") if metrics.is_file() else None
+    return f"mean accuracy {acc:.3f} on the uncorrupted test domains" if acc is not None else "accuracy unknown"
+
+
+def _runtime_line(data: dict[str, Any]) -> str:
+    """Where the study's time went (wall seconds of the edge runs, and of training the model once)."""
+    metrics = ROOT / data["study"]["run_dir"] / "metrics.json"
+    train = json.loads(metrics.read_text())["summary"].get("wall_seconds") if metrics.is_file() else None
+    runs = sum(r["seconds"] for r in data.get("rows", []))
+    tuning = sum(r["seconds"] for r in data.get("tuning", []))
+    return (f"- Time on this shared 2-core machine: the {len(data.get('rows', []))} study runs {runs / 60:.1f} min "
+            f"(edge + cloud, lockstep), the {len(data.get('tuning', []))} tuning runs {tuning / 60:.1f} min"
+            + (f", training the federated model once {train / 60:.1f} min (cached afterwards)" if train else "")
+            + "; the export, label oracle and update benchmark add under a minute.\n")
 
 
 def _reading(data: dict[str, Any], g: dict[int, dict[str, float]]) -> str:
@@ -657,7 +703,8 @@ def _reading(data: dict[str, Any], g: dict[int, dict[str, float]]) -> str:
                 if all(v["acc_none"] < v["acc_cema"] < v["acc_all"] for v in g.values()) else ".")]
     if oracle:
         lines.append(f"- Headroom: even learning the norm parameters from the true labels gains "
-                     f"{100 * statistics.mean(oracle):+.2f} points on average ({', '.join(f'{100 * o:+.2f}' for o in oracle)}). "
+                     f"{100 * statistics.mean(oracle):+.2f} points on average "
+                     f"({', '.join(f'{100 * o:+.2f}' for o in oracle)}). "
                      "Only the LayerNorm affine values of a small ViT may change (the deployed weights are fixed), "
                      f"and each corruption lasts {data['study']['per_segment']} samples.")
     if {"none", "cema", "all"} <= tuned.keys():

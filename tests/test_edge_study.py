@@ -18,6 +18,7 @@ from simulations.edge_study import (
     corruption_generator,
     gain_table,
     gains,
+    latency_summary,
     mode_table,
     segment_table,
     tuning_table,
@@ -102,3 +103,12 @@ def test_windowed_accuracy():
     seen, acc = windowed_accuracy(batches, window=8)
     assert seen.tolist() == [4, 8, 12, 16]
     assert acc.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.75])
+
+
+def test_latency_summary_keeps_the_intro_and_the_chosen_sections_one_level_down():
+    text = ("# Title\n\nMachine: x.\n\n## Latency (ms)\n\n| a |\n\n## Parity\n\n| b |\n\n"
+            "## Swapping vs rebuild\n\n| c |\n")
+    out = latency_summary(text)
+    assert "Title" not in out and "Machine: x." in out
+    assert "### Latency (ms)" in out and "### Swapping vs rebuild" in out and "| c |" in out
+    assert "Parity" not in out and "| b |" not in out
