@@ -2,6 +2,7 @@
 
     python -m simulations.edge_study [--run RUN_DIR] [--seeds 0 1 2] [--per-segment 384]
     python -m simulations.edge_study --tune          # the seed-0 settings search (TUNING -> CHOSEN)
+    python -m simulations.edge_study --teacher centralised [--teacher-set federation.rounds=3]
 
 The federated model (`--run`, or by default `simulations/configs/default.toml` trained here once
 and cached as `runs/edge-study-<config hash>/`) is merged, exported to ONNX, and run by the real
@@ -17,10 +18,14 @@ A seed draws the stream (which test images, their order, the corruption noise) a
 cloud's replay sampling; the trained model is the same for every seed. Edge and cloud
 settings are the run's config plus DEFAULT_SETTING, chosen from TUNING on seed 0 only.
 A label oracle (norm parameters learning from the true labels) measures the headroom.
+The cloud's teacher is the served model itself (`--teacher self`, the issue's default) or a
+stronger one (`--teacher centralised`: LoRA trained on the pooled client data, cached as
+`runs/edge-teacher-centralised-<config hash>/`); each teacher has its own result files.
 
 Writes `simulations/results/edge_stream.json` (every run, per-batch records), `edge_stream.png`
-(accuracy along the stream) and `edge.md` (tables; plus a summary of `edge_latency.md` when the
-latency benchmark has written it).
+(accuracy along the stream), `edge_stream_centralised-teacher.{json,png}` for the stronger teacher,
+and `edge.md` (tables of both; plus a summary of `edge_latency.md` when the latency benchmark has
+written it).
 """
 
 from __future__ import annotations
@@ -160,6 +165,69 @@ def trained_run(cfg: RunConfig) -> Path:
     simulate(cfg, partial, engine="inprocess")
     partial.rename(run_dir)
     return run_dir
+
+
+def centralised_teacher(cfg: RunConfig) -> Path:
+    """`runs/edge-teacher-centralised-<config hash>/`: a stronger teacher, LoRA trained on all clients' data pooled.
+
+    The training of `simulations.aggregation_study.centralised` (same model, seeded adapter, steps and
+    seeds, no Flower), which does not keep its model; this one saves it as a run folder
+    (`write_outputs`: config.toml, adapter/, metrics.json) that `load_served_model(..., teacher=)` reads.
+    """
+    from common.lora import set_trainable_factors
+    from common.task import client_partition, load_task, lora_model
+    from common.training import evaluate_per_domain, resolve_device, train_local
+    from server.run_outputs import RunRecord, write_outputs
+    from simulations.aggregation_study import _pool
+
+    run_dir = ROOT / cfg.output_dir / f"edge-teacher-centralised-{config_hash(cfg)}"
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return run_dir
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    print(f"training the centralised teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data) "
+          f"-> {run_dir}", flush=True)
+    task, f = load_task(cfg), cfg.federation
+    pooled = _pool([client_partition(cfg, k) for k in range(f.num_clients)])
+    model, device = lora_model(cfg), resolve_device(f.device)
+    set_trainable_factors(model, "AB")
+    record = RunRecord(cfg=cfg, run_dir=partial, domains=task.domains,
+                       shifted_domains=[d for d in task.domains if d != task.source_domain])
+    started = time.time()
+    for r in range(1, f.rounds + 1):  # evaluated once, at the end: this is a teacher, not a learning curve
+        loss = train_local(model, pooled, steps=f.local_steps * f.num_clients, epochs=f.local_epochs,
+                           batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer, weight_decay=f.weight_decay,
+                           device=device, seed=cfg.seed * 100_003 + r * 1_009)
+        print(f"  round {r}/{f.rounds}: train loss {loss:.4f} ({time.time() - started:.0f} s)", flush=True)
+    record.add_round(f.rounds, evaluate_per_domain(model, task.test, task.domains, device=device), None,
+                     time.time() - started)["train_loss"] = loss
+    record.wall_seconds = time.time() - started
+    write_outputs(record, model)
+    partial.rename(run_dir)
+    return run_dir
+
+
+TEACHERS = ("self", "centralised")
+"""`--teacher`: the served model teaches itself (the issue's default), or the centralised model does."""
+
+
+def teacher_run(teacher: str, cfg: RunConfig) -> Path | None:
+    """The run folder of the teacher (None: the served model itself)."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher {teacher!r}: allowed {TEACHERS}")
+    return None if teacher == "self" else centralised_teacher(cfg)
+
+
+def stream_accuracy(served: Any, stream: Stream, *, teacher: bool = False, batch: int = 256) -> float:
+    """Accuracy of the served student (or teacher) on the stream, no adaptation (its starting norm params)."""
+    module, params = (served.teacher, served.teacher_norm) if teacher else (served.student, served.student_norm)
+    name, correct = served.inputs[0].name, 0
+    with torch.no_grad():
+        for i in range(0, len(stream), batch):
+            logits = served.forward(module, params, {name: torch.from_numpy(stream.x[i : i + batch])})
+            correct += int((logits.argmax(1) == torch.from_numpy(stream.y[i : i + batch])).sum())
+    return correct / len(stream)
 
 
 # ---------------------------------------------------------------- one run: edge runtime + cloud service
@@ -499,21 +567,26 @@ def _save(path: Path, data: dict[str, Any]) -> None:
 
 
 def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, overrides: Sequence[str], out: Path,
-              tune: bool = False) -> dict[str, Any]:
-    """Every (seed, mode) run, or with `tune` every TUNING setting on seed 0; rows saved to `out` as they finish.
+              tune: bool = False, teacher: Path | None = None, settings: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every (seed, mode) run, or with `tune` the TUNING `settings` (default all) on seed 0; rows saved to `out`.
 
-    A row already in `out` for the same model, stream size and settings is reused, not run again.
+    `teacher`: the run folder of the cloud's teacher (None: the served model teaches itself).
+    A row already in `out` for the same model, teacher, stream size and settings is reused, not run again.
     """
+    from common.edge_model import load_merged_model
     from common.task import load_task
     from server.cloud import load_served_model
 
     onnx_path = export_model(run_dir)
-    served = load_served_model(run_dir)
+    served = load_served_model(run_dir, teacher=teacher)
     cfg = study_settings(run_dir, overrides)
     test = load_task(cfg).test
     data = _load(out)
-    study = {"model_version": served.model_version, "per_segment": per_segment}
-    if {k: data.get("study", {}).get(k) for k in study} != study:
+    teacher_info = {"teacher": "self"} if teacher is None else {
+        "teacher": os.path.relpath(teacher, ROOT), "teacher_model_version": load_merged_model(teacher).model_version}
+    study = {"model_version": served.model_version, "per_segment": per_segment} | teacher_info
+    old = {"teacher": "self"} | data.get("study", {})  # files written before --teacher existed: self-taught
+    if {k: old.get(k) for k in study} != study:
         data = {"tuning": data.get("tuning", []) if data.get("study", {}).get("model_version") == served.model_version
                 else []}
     data.update(study=study | {"run_dir": os.path.relpath(run_dir, ROOT), "config_name": cfg.name,
@@ -522,7 +595,11 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, override
                                "corruptions": CORRUPTIONS})
     workdir = Path(tempfile.mkdtemp(prefix="edge-study-"))
     try:
-        jobs = ([(label, ov, 0, mode) for label, ov in TUNING.items() for mode in MODES]
+        unknown = sorted(set(settings or []) - TUNING.keys())
+        if unknown:
+            raise ValueError(f"tuning settings {unknown}: allowed {sorted(TUNING)}")
+        jobs = ([(label, ov, 0, mode) for label, ov in TUNING.items() if label in (settings or TUNING)
+                 for mode in MODES]
                 if tune else [("study", list(overrides), seed, mode) for seed in seeds for mode in MODES])
         section = "tuning" if tune else "rows"
         rows = data.setdefault(section, [])
@@ -541,9 +618,13 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, override
                   flush=True)
         if not tune:
             oracle = data.setdefault("label_oracle", {})
+            teacher_acc = data.setdefault("teacher_stream_accuracy", {})
             for seed in seeds:
                 if str(seed) not in oracle:
                     oracle[str(seed)] = label_oracle(served, build_stream(test, seed=seed, per_segment=per_segment))
+                if str(seed) not in teacher_acc:
+                    teacher_acc[str(seed)] = stream_accuracy(
+                        served, build_stream(test, seed=seed, per_segment=per_segment), teacher=True)
             stream = build_stream(test, seed=seeds[0], per_segment=per_segment)
             data["cloud_updates_per_s"] = bench_cloud_updates(served, cfg, stream.x)
             data["overrides"] = list(overrides)
@@ -571,16 +652,64 @@ def tuning_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: Path | None = None) -> str:
-    """`edge.md`: setup, the stream tables, the plot, the tuning, cloud update speed, and the latency results."""
+def _target_line(g: dict[int, dict[str, float]]) -> str:
+    """Whether the issue's target is met: CEMA uploads at most half the stream and keeps 90 % of the gain."""
+    if not g:
+        return ""
+    upload = statistics.mean(v["uploaded_cema"] for v in g.values())
+    ratios = [v["gain_ratio"] for v in g.values()]
+    ratio = statistics.mean(ratios)  # nan when uploading everything did not help on some seed
+    met = upload <= 0.5 and ratio >= 0.9
+    return (f"**Target {'met' if met else 'not met'}**: CEMA uploads {upload:.1%} of the stream on average "
+            f"({'within' if upload <= 0.5 else 'above'} the 50 % budget) and keeps {ratio:.2f} of the gain of "
+            f"uploading everything ({'at least' if ratio >= 0.9 else 'below'} the 0.9 asked for).\n")
+
+
+def teacher_section(data: dict[str, Any], *, command: str, tune_command: str, plot_name: str) -> str:
+    """The section of `edge.md` for a run of the study with another teacher than the served model itself."""
+    study, rows = data["study"], data.get("rows", [])
+    g = gains(rows)
+    served_acc = statistics.mean(v["acc_none"] for v in g.values()) if g else math.nan
+    t_acc = data.get("teacher_stream_accuracy", {})
+    t_cfg = ROOT / study["teacher"] / "config.toml"
+    rounds = ""
+    if t_cfg.is_file() and (ROOT / study["run_dir"] / "config.toml").is_file():
+        t, fed = load_config(t_cfg).federation, load_config(ROOT / study["run_dir"] / "config.toml").federation
+        rounds = (f" {t.rounds} rounds of {t.local_steps * t.num_clients} steps (the federation: {fed.rounds} rounds "
+                  f"of {fed.local_steps} steps on each of {fed.num_clients} clients),")
+    parts = [
+        "## A stronger teacher: centralised LoRA\n",
+        f"Regenerate: `{command}` (trains the teacher once, cached) and `{tune_command}` (seed 0 only).\n",
+        f"- Teacher: `{study['teacher']}` (model version `{study.get('teacher_model_version', '?')}`), LoRA trained "
+        f"without Flower on the pooled training data of all clients,{rounds} with the model, rank, seeded initial "
+        "adapter, steps per round and seeds of `simulations.aggregation_study.centralised` (`centralised_teacher`, "
+        f"config `{_teacher_hash(study['teacher'])}`); {_federated_accuracy(study['teacher'])} (the federated model: "
+        f"{_federated_accuracy(study['run_dir']).replace('mean accuracy ', '')}). On the stream, without "
+        "adaptation: " + ", ".join(f"seed {s}: {a:.4f}" for s, a in t_acc.items())
+        + (f" (mean {statistics.mean(t_acc.values()):.4f}; the served model {served_acc:.4f})." if t_acc else "."),
+        "- Everything else as above: the same served model (the federated one, which the device runs), stream, "
+        f"seeds and lockstep; settings `{' '.join(data.get('overrides', [])) or 'none'}`. The cloud's teacher "
+        "adapts its own norm parameters (teacher lr) and the student distils from it.\n",
+        gain_table(rows) + "\n",
+        _target_line(g),
+        "Per mode (mean ± std over seeds):\n",
+        mode_table(rows) + "\n",
+        "Accuracy per segment (mean over seeds):\n",
+        segment_table(rows, study["segments"]) + "\n",
+        f"![accuracy along the stream, centralised teacher]({plot_name})\n",
+    ]
+    if data.get("tuning"):
+        parts += ["### Settings on seed 0 with this teacher\n", tuning_table(data["tuning"]) + "\n"]
+    return "\n".join(parts)
+
+
+def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: Path | None = None,
+             extra: Sequence[str] = ()) -> str:
+    """`edge.md`: setup, the stream tables, the plot, the tuning, `extra` sections, cloud update speed, latency."""
     study, rows = data["study"], data.get("rows", [])
     cfg = study_settings(ROOT / study["run_dir"], data.get("overrides", []))
     e, c = cfg.edge, cfg.cloud
     g = gains(rows)
-    ratios = [v["gain_ratio"] for v in g.values()]
-    uploads = [v["uploaded_cema"] for v in g.values()]
-    mean_ratio = statistics.mean(ratios) if ratios else math.nan
-    met = bool(g) and statistics.mean(uploads) <= 0.5 and mean_ratio >= 0.9
     corruptions = "; ".join(f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items())
     parts = [
         "# Edge adaptation with CEMA: results\n",
@@ -617,10 +746,7 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
         "Accuracy over the whole stream; gains in accuracy points over no adaptation (same seed). Target (issue 5): "
         "CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of uploading everything.\n",
         gain_table(rows) + "\n",
-        f"**Target {'met' if met else 'not met'}**: CEMA uploads {statistics.mean(uploads):.1%} of the stream on "
-        f"average ({'within' if statistics.mean(uploads) <= 0.5 else 'above'} the 50 % budget) and keeps "
-        f"{mean_ratio:.2f} of the gain of uploading everything ({'at least' if mean_ratio >= 0.9 else 'below'} "
-        "the 0.9 asked for).\n" if g else "",
+        _target_line(g),
         _oracle_line(data.get("label_oracle", {}), g),
         "Per mode (mean ± std over seeds; bytes are serialized gRPC messages, uplink = uploads + registration, "
         "downlink = parameter versions; cloud versions = parameter updates published):\n",
@@ -639,6 +765,7 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
                   "(so seed 0's figures above are tuned on its own stream; seeds 1 and 2 are not). "
                   f"Chosen: **{CHOSEN}**, by the rule: {CHOICE_RULE}.\n",
                   tuning_table(data["tuning"]) + "\n"]
+    parts += list(extra)
     bench = data.get("cloud_updates_per_s")
     if bench:
         parts += ["## Cloud updates per second\n",
@@ -666,6 +793,12 @@ def latency_summary(text: str, keep: Sequence[str] = ("Latency", "Swapping")) ->
         sections[-1].append(line)
     chosen = [sections[0]] + [s for s in sections[1:] if s[0][3:].startswith(tuple(keep))]
     return "\n".join(("#" + line) if line.startswith("#") else line for sec in chosen for line in sec).strip()
+
+
+def _teacher_hash(run_dir: str) -> str:
+    """The config hash of a teacher's run folder (its cache key)."""
+    path = ROOT / run_dir / "config.toml"
+    return config_hash(load_config(path)) if path.is_file() else "?"
 
 
 def _federated_accuracy(run_dir: str) -> str:
@@ -723,9 +856,9 @@ def _reading(data: dict[str, Any], g: dict[int, dict[str, float]]) -> str:
                      f"settings ({', '.join(hurt) or 'none'}). The chosen one, {CHOSEN} "
                      f"(`{' '.join(TUNING[CHOSEN])}`), keeps only the KL term: the student follows the teacher, "
                      "whose own norm parameters adapt by weighted entropy on the reliable (low-entropy) uploads.")
-    lines.append("- The paper distils from a much stronger foundation model than the edge model; here the only "
+    lines.append("- The paper distils from a much stronger foundation model than the edge model; here the "
                  "teacher is the same small model. `load_served_model(run, teacher=other_run)` takes a stronger "
-                 "one when a task has it.\n")
+                 "one: see the next section for a centralised-trained teacher.\n")
     return "\n".join(lines)
 
 
@@ -741,34 +874,67 @@ def _oracle_line(oracle: dict[str, float], g: dict[int, dict[str, float]]) -> st
             "on this stream within one pass.\n")
 
 
+OUTPUTS = {"self": "edge_stream", "centralised": "edge_stream_centralised-teacher"}
+"""Result files (.json, .png under RESULTS) per teacher."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=None, help="a finished run folder (default: train or reuse one)")
     parser.add_argument("--config", default=str(CONFIG), help="config to train when --run is not given")
     parser.add_argument("--method", default="fedit", help="aggregation method to train (default: %(default)s)")
+    parser.add_argument("--teacher", choices=TEACHERS, default="self",
+                        help="the cloud's teacher: the served model itself, or LoRA trained centrally on the pooled "
+                             "client data (trained once with --config, cached) (default: %(default)s)")
+    parser.add_argument("--teacher-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="overrides of the centralised teacher's training config (e.g. federation.rounds=3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-segment", type=int, default=384, help="test images per corruption segment")
     parser.add_argument("--set", action="append", default=None, metavar="SECTION.FIELD=VALUE",
                         help="edge/cloud settings (default: the chosen DEFAULT_SETTING)")
     parser.add_argument("--tune", action="store_true", help="run the TUNING settings on seed 0 only")
+    parser.add_argument("--settings", nargs="+", default=None, metavar="LABEL",
+                        help=f"with --tune: only these TUNING settings (default: all of {list(TUNING)})")
     args = parser.parse_args()
     started = time.time()
-    run_dir = Path(args.run) if args.run else trained_run(study_config(args.config, args.method))
+    cfg = study_config(args.config, args.method)
+    run_dir = Path(args.run) if args.run else trained_run(cfg)
+    teacher = teacher_run(args.teacher, load_config(args.config, [f"aggregation.method={args.method}",
+                                                                  *args.teacher_set]))
     overrides = DEFAULT_SETTING if args.set is None else args.set
-    out = RESULTS / "edge_stream.json"
+    out = RESULTS / f"{OUTPUTS[args.teacher]}.json"
     data = run_study(run_dir, seeds=args.seeds, per_segment=args.per_segment, overrides=overrides, out=out,
-                     tune=args.tune)
-    command = "python -m simulations.edge_study" + (f" --run {args.run}" if args.run else "")
+                     tune=args.tune, teacher=teacher, settings=args.settings)
     if args.tune:
         print(tuning_table(data["tuning"]))
     if data.get("rows"):
-        plot(data["rows"], data["stream_boundaries"], data["study"]["segments"], RESULTS / "edge_stream.png",
-             title=f"CEMA on a corrupted digits stream ({data['study']['config_name']}, "
-                   f"config {data['study']['config_hash']}, seeds {sorted({r['seed'] for r in data['rows']})})")
-        (RESULTS / "edge.md").write_text(markdown(data, command=command, tune_command=command + " --tune",
-                                                  latency=RESULTS / "edge_latency.md"))
+        plot(data["rows"], data["stream_boundaries"], data["study"]["segments"],
+             RESULTS / f"{OUTPUTS[args.teacher]}.png",
+             title=f"CEMA on a corrupted digits stream ({data['study']['config_name']}, config "
+                   f"{data['study']['config_hash']}, teacher {args.teacher}, "
+                   f"seeds {sorted({r['seed'] for r in data['rows']})})")
         print(gain_table(data["rows"]))
+    write_report(args.run)
     print(f"done in {time.time() - started:.0f} s")
+
+
+def write_report(run: str | None = None) -> Path | None:
+    """`edge.md` from every teacher's result file (the self-teacher study first; nothing without it)."""
+    base = "python -m simulations.edge_study" + (f" --run {run}" if run else "")
+    own = _load(RESULTS / f"{OUTPUTS['self']}.json")
+    if not own.get("rows"):
+        return None
+    extra = []
+    for teacher, name in OUTPUTS.items():
+        other = _load(RESULTS / f"{name}.json")
+        if teacher != "self" and other.get("rows"):
+            cmd = f"{base} --teacher {teacher}"
+            extra.append(teacher_section(other, command=cmd, tune_command=f"{cmd} --tune --settings defaults "
+                                         f"'{CHOSEN}'", plot_name=f"{name}.png"))
+    path = RESULTS / "edge.md"
+    path.write_text(markdown(own, command=base, tune_command=base + " --tune", latency=RESULTS / "edge_latency.md",
+                             extra=extra))
+    return path
 
 
 if __name__ == "__main__":

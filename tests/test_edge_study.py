@@ -112,3 +112,45 @@ def test_latency_summary_keeps_the_intro_and_the_chosen_sections_one_level_down(
     assert "Title" not in out and "Machine: x." in out
     assert "### Latency (ms)" in out and "### Swapping vs rebuild" in out and "| c |" in out
     assert "Parity" not in out and "| b |" not in out
+
+
+def test_target_line_and_teacher_section():
+    from simulations.edge_study import _target_line, teacher_section
+
+    rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
+    assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%")
+    worse = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.55, 0.6), _row("all", 0, 0.60, 1.0)]
+    assert "**Target not met**" in _target_line(gains(worse)) and "above the 50 % budget" in _target_line(gains(worse))
+    data = {"study": {"teacher": "runs/t", "teacher_model_version": "abc", "config_hash": "h", "run_dir": "runs/s",
+                      "segments": ["contrast-1"]},
+            "rows": rows, "teacher_stream_accuracy": {"0": 0.62}, "overrides": ["cloud.ce_weight=0"]}
+    md = teacher_section(data, command="cmd", tune_command="tune", plot_name="p.png")
+    assert "`runs/t` (model version `abc`)" in md and "seed 0: 0.6200 (mean 0.6200; the served model 0.5000)" in md
+    assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md and "(p.png)" in md
+    assert "`cloud.ce_weight=0`" in md and "Settings on seed 0" not in md
+
+
+def test_teacher_choice_is_checked():
+    from simulations.edge_study import study_config, teacher_run
+
+    cfg = study_config()
+    assert teacher_run("self", cfg) is None
+    with pytest.raises(ValueError, match="teacher 'oracle': allowed"):
+        teacher_run("oracle", cfg)
+
+
+def test_stream_accuracy_of_student_and_teacher():
+    from types import SimpleNamespace
+
+    from simulations.edge_study import Stream, stream_accuracy
+
+    x = np.zeros((10, 1, 2, 2), dtype=np.float32)
+    x[:, 0, 0, 0] = np.arange(10)
+    y = np.array([1] * 6 + [0] * 4)
+    stream = Stream(x, y, np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64), ["contrast-1"])
+    ones = lambda n: torch.tensor([[0.0, 1.0]]).expand(n, 2)  # noqa: E731  always class 1
+    served = SimpleNamespace(inputs=[SimpleNamespace(name="pixels")], student="s", teacher="t", student_norm={},
+                             teacher_norm={},
+                             forward=lambda m, p, f: ones(len(f["pixels"])) if m == "s" else -ones(len(f["pixels"])))
+    assert stream_accuracy(served, stream, batch=3) == pytest.approx(0.6)
+    assert stream_accuracy(served, stream, teacher=True, batch=4) == pytest.approx(0.4)
