@@ -161,6 +161,7 @@ class LoraStrategy(FedAvg):
         self.sent = initial
         self.round_config: ClientConfig = {}
         self.rounds: list[RoundLog] = []
+        self._outgoing: list[Message] = []
         self.partitions: dict[int, int] = {}
         """node id → the partition id it last reported (also names nodes whose later replies are errors)."""
         self.sampler = random.Random(seed)
@@ -203,7 +204,18 @@ class LoraStrategy(FedAvg):
             entry.failure = f"{len(nodes)} nodes connected, fewer than min_train_nodes={self.min_train_nodes}"
             log.warning("round %d: %s", server_round, entry.failure)
         self.rounds.append(entry)
-        return self._construct_messages(record, sampled, MessageType.TRAIN)
+        self._outgoing = list(self._construct_messages(record, sampled, MessageType.TRAIN))
+        return self._outgoing
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply stands for: the one its message was sent to.
+
+        An error reply made by the SuperLink for a node that died carries the
+        SuperLink's own id as sender; the message ids (set when the grid pushed our
+        messages) still say whom it was meant for.
+        """
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _client_adapter(self, content: RecordDict, entry: RoundLog) -> Adapter:
         """The adapter a reply stands for: the tensors it sent (as arrays, or as a compressed
@@ -240,7 +252,7 @@ class LoraStrategy(FedAvg):
         updates: list[ClientUpdate] = []
         losses: dict[int, float] = {}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             entry.replied.append(node)
             if msg.has_error():
                 reason = (msg.error.reason or f"error code {msg.error.code}").strip().splitlines()[-1]

@@ -68,6 +68,27 @@ def _mean(*adapters: Adapter) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("_task_identity")
+def test_error_reply_made_by_the_superlink_is_charged_to_the_node_it_was_sent_to():
+    """A dead SuperNode's error reply comes from the SuperLink (sender id 1); the report names the dead node."""
+    from flwr.app import Error
+
+    s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
+    messages = {m.metadata.dst_node_id: m for m in
+                s.configure_train(1, ArrayRecord(), ConfigRecord(), _Nodes(7, 8, 9))}
+    for node, m in messages.items():  # what the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"msg-{node}"
+    ok = [Message(RecordDict({"arrays": adapter_to_record(_update(n)),
+                              "metrics": MetricRecord({"num-examples": 10, "partition-id": n - 7})}),
+                  reply_to=messages[n]) for n in (7, 8)]
+    dead = Message(Error(0, "Node Unavailable"), reply_to=messages[9])
+    dead.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answered for it
+    arrays, _ = s.aggregate_train(1, [*ok, dead])
+    entry = s.rounds[-1]
+    assert arrays is not None and set(entry.rejected) == {9} and "Node Unavailable" in entry.rejected[9]
+    assert sorted(entry.replied) == [7, 8, 9] and entry.no_reply == []
+
+
+@pytest.mark.usefixtures("_task_identity")
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_poisoned_update_is_rejected_with_its_node_and_the_global_model_stays_finite(poison):
     s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
