@@ -253,11 +253,15 @@ class LoraStrategy(FedAvg):
         losses: dict[int, float] = {}
         for msg in replies:
             node = self._sender(msg)
-            entry.replied.append(node)
             if msg.has_error():
                 reason = (msg.error.reason or f"error code {msg.error.code}").strip().splitlines()[-1]
+                if msg.metadata.src_node_id != node:  # the SuperLink answered for a node that is gone
+                    self._reject(entry, node, f"no reply: {reason}")
+                    continue
+                entry.replied.append(node)
                 self._reject(entry, node, f"client error: {reason}")
                 continue
+            entry.replied.append(node)
             try:
                 content = msg.content
                 if "metrics" not in content:
@@ -277,7 +281,7 @@ class LoraStrategy(FedAvg):
                 continue
             updates.append(ClientUpdate(adapter, num_examples, node))
             losses[node] = float(metrics.get("train-loss", float("nan")))
-        answered = set(entry.replied)
+        answered = set(entry.replied) | set(entry.rejected)
         entry.no_reply = [n for n in entry.sampled if n not in answered]
         entry.partitions = {n: self.partitions[n] for n in entry.sampled + entry.replied if n in self.partitions}
         for node in entry.no_reply:

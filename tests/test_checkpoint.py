@@ -145,7 +145,8 @@ def test_sigkill_while_writing_checkpoints_leaves_a_complete_one(tmp_path):
     tensors, state = load_checkpoint(tmp_path)
     assert state["round"] >= 3 and state["note"] == "x" * 100_000
     assert torch.equal(tensors["lora/l/A"], torch.full((1000, 1000), float(state["round"])))
-    assert len(list((tmp_path / "checkpoint").glob("round-*"))) <= 2
+    # two are kept; a kill between the rename and the pruning of the oldest leaves one more until the next write
+    assert len(list((tmp_path / "checkpoint").glob("round-*"))) <= 3
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_and_a_torn_one_falls_back(tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ def test_target_line_and_teacher_section():
     from simulations.edge_study import _target_line, teacher_section
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
-    assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%")
+    assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in _target_line(gains(rows))
     worse = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.55, 0.6), _row("all", 0, 0.60, 1.0)]
     assert "**Target not met**" in _target_line(gains(worse)) and "above the 50 % budget" in _target_line(gains(worse))
     data = {"study": {"teacher": "runs/t", "teacher_model_version": "abc", "config_hash": "h", "run_dir": "runs/s",
@@ -154,3 +154,11 @@ def test_stream_accuracy_of_student_and_teacher():
                              forward=lambda m, p, f: ones(len(f["pixels"])) if m == "s" else -ones(len(f["pixels"])))
     assert stream_accuracy(served, stream, batch=3) == pytest.approx(0.6)
     assert stream_accuracy(served, stream, teacher=True, batch=4) == pytest.approx(0.4)
+
+
+def test_target_line_names_seeds_where_uploading_everything_lost():
+    from simulations.edge_study import _target_line
+
+    rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.51, 0.3), _row("all", 0, 0.49, 1.0)]
+    line = _target_line(gains(rows))
+    assert line.startswith("**Target not met**") and "gained nothing on seed(s) 0 (-1.00 points)" in line
