@@ -151,6 +151,18 @@ def test_cosine_never_worse_than_dense_lbfgs(case: str, lam: float) -> None:
     assert ours <= float(f(Bb)) + 1e-15  # never worse than FedIT
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_float32_clients_are_solved_as_well_as_dense_float64(case: str) -> None:
+    """float32 factors take the float32 path for the large products; the reference is float64 on the same values."""
+    A, B, w = CASES[case]()
+    A32, B32 = [a.float() for a in A], [b.float() for b in B]
+    dW, Ab, Bb = dense([a.double() for a in A32], [b.double() for b in B32], w)
+    f = cosine_objective(dW, Ab, Bb, 0.01)
+    ours = float(f(lora_fair(A32, B32, w.float(), lam=0.01)[1].double()))
+    reference = float(f(lbfgs(f, Bb)))
+    assert ours <= reference + 1e-4 * abs(reference), (ours, reference)
+
+
 @pytest.mark.parametrize("case", ["random0", "lora_scale", "ill0", "cancel"])
 def test_cosine_solution_is_stationary_and_beats_random_starts(case: str) -> None:
     A, B, w = CASES[case]()
@@ -328,6 +340,21 @@ def test_factored_norm_and_inner_products_equal_dense(case: str, monkeypatch) ->
     assert float(delta.inner(X, Ab)) == pytest.approx(float((dW * (X @ Ab)).sum()), rel=1e-10, abs=1e-13)
     assert torch.allclose(delta.times_t(Ab), dW @ Ab.T, rtol=1e-10, atol=1e-13)
     assert torch.allclose(delta.mean_A(), Ab) and torch.allclose(delta.mean_B(), Bb)
+
+
+@pytest.mark.parametrize("case", ["random0", "many_clients", "ill1", "cancel", "cancel_hard"])
+def test_float32_stacks_give_the_norm_to_1e6_falling_back_to_float64_on_cancellation(case: str) -> None:
+    """float32 Grams for ‖ΔW‖², redone in float64 when the terms cancel (the `cancel` cases)."""
+    A, B, w = CASES[case]()
+    A32, B32 = [a.float() for a in A], [b.float() for b in B]
+    dW, Ab, _ = dense([a.double() for a in A32], [b.double() for b in B32], w)
+    delta = LowRankSum.stack(A32, B32, w, dtype=torch.float32)
+    assert delta.A.dtype == torch.float32 and delta.sq_norm().dtype == F64
+    assert float(delta.sq_norm()) == pytest.approx(float((dW**2).sum()), rel=1e-6)
+    # ΔW Āᵀ in float32: each entry within ~1e-5 of the size of the terms it sums (cancellation may make it tiny)
+    p = w / w.sum()
+    size = sum(pk * b.double().abs() @ (a.double() @ Ab.T).abs() for pk, a, b in zip(p, A32, B32))
+    assert ((delta.times_t(Ab) - dW @ Ab.T).abs() <= 1e-5 * size + 1e-15).all()
 
 
 def test_factored_norm_with_unequal_ranks() -> None:

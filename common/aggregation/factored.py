@@ -4,10 +4,13 @@
 its factors are only `K·r·(m+n)`. Every aggregation rule that needs `ΔW`
 (its norm, its products with small matrices, its truncated SVD) can work on
 
-    ΔW = B_s A_s,   B_s = [p_1B_1 … p_KB_K]  (m×Kr),   A_s = [A_1; …; A_K]  (Kr×n),
+    ΔW = B_s W A_s,   B_s = [B_1 … B_K]  (m×Kr),   W = diag(p_k, each r_k times),   A_s = [A_1; …; A_K]  (Kr×n),
 
-so nothing here allocates `m×n`. Float64 throughout: these are the numbers
-the server's correction is computed from.
+so nothing here allocates `m×n`. The stacks are float64 by default; a caller
+may keep float32 clients' factors in float32 (`stack(..., dtype=torch.float32)`),
+which halves the cost of the large products. Every result leaves in float64, the
+products' sums are taken in float64, and `sq_norm` redoes its Grams in float64
+when cancellation would make float32 inexact.
 """
 
 from __future__ import annotations
@@ -76,13 +79,20 @@ def check_finite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> None:
 
 @dataclass(frozen=True)
 class LowRankSum:
-    """`ΔW = Σ p_k B_k A_k = B_s A_s` as float64 stacks; `Bt` holds `B_sᵀ`."""
+    """`ΔW = Σ p_k B_k A_k = B_s diag(w) A_s` as stacks (float64 unless asked otherwise).
+
+    The stacks hold the clients' values exactly as given; the weights `w` (`p_k`
+    repeated `r_k` times) are applied in float64 to the small `Kr×·` products.
+    """
 
     A: torch.Tensor
     """`A_s`, `(Σr_k)×n`: the clients' `A_k` one under another."""
-    Bt: torch.Tensor
-    """`B_sᵀ`, `(Σr_k)×m`: the clients' `p_k B_kᵀ` (transposed, so each block is contiguous)."""
+    Bs: torch.Tensor
+    """`B_s`, `m×(Σr_k)`: the clients' `B_k` side by side (unweighted, row-major)."""
     p: torch.Tensor
+    """`p_k`, float64."""
+    w: torch.Tensor
+    """`p_k` per stacked row, float64."""
     ranks: tuple[int, ...]
 
     @classmethod
@@ -93,8 +103,9 @@ class LowRankSum:
         weights: Weights,
         *,
         same_rank: bool = True,
+        dtype: torch.dtype = torch.float64,
     ) -> LowRankSum:
-        """Validate the factors and stack them in one float64 pass each.
+        """Validate the factors and stack them (in `dtype`) in one pass each.
 
         A NaN or infinity anywhere makes a stack's sum non-finite, so one cheap
         reduction checks everything; `check_finite` then names the culprit.
@@ -102,56 +113,73 @@ class LowRankSum:
         check_factors(A, B, same_rank=same_rank)
         p = normalise_weights(weights, len(A))
         ranks = tuple(a.shape[0] for a in A)
-        n, m, device = A[0].shape[1], B[0].shape[0], A[0].device
-        As = torch.empty(sum(ranks), n, dtype=torch.float64, device=device)
-        Bt = torch.empty(sum(ranks), m, dtype=torch.float64, device=device)
-        row = 0
-        for a, b, w, r in zip(A, B, p.tolist(), ranks, strict=True):
-            As[row : row + r].copy_(a)
-            Bt[row : row + r].copy_(b.T).mul_(w)
-            row += r
-        if not (torch.isfinite(As.sum()) and torch.isfinite(Bt.sum())):
-            check_finite(A, B)  # a sum can also overflow with finite (huge float64) entries
-        return cls(As, Bt, p.to(device), ranks)
+        device = A[0].device
+        As = torch.cat([a.to(dtype) for a in A])
+        Bs = torch.cat([b.to(dtype) for b in B], dim=1)
+        if not (torch.isfinite(As.sum()) and torch.isfinite(Bs.sum())):
+            check_finite(A, B)  # a sum can also overflow with finite (huge) entries
+        p = p.to(device)
+        return cls(As, Bs, p, torch.repeat_interleave(p, torch.tensor(ranks, device=device)), ranks)
 
     @property
     def shape(self) -> tuple[int, int]:
         """`(m, n)` of `ΔW`."""
-        return self.Bt.shape[1], self.A.shape[1]
+        return self.Bs.shape[0], self.A.shape[1]
 
-    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` (`Kr×d`, equal ranks) viewed as `K×r×d`."""
+    @property
+    def Bw(self) -> torch.Tensor:
+        """`B_s diag(w)`, `m×(Σr_k)`: the clients' `p_k B_k` side by side (formed on each call)."""
+        return self.Bs * self.w.to(self.Bs.dtype)
+
+    def _rank(self) -> int:
+        """The clients' common rank; factor means need one."""
         if len(set(self.ranks)) != 1:
             raise ValueError(f"factor means need equal ranks, got {self.ranks}")
-        return t.view(len(self.ranks), self.ranks[0], t.shape[1])
+        return self.ranks[0]
 
     def mean_A(self) -> torch.Tensor:
-        """`Ā = Σ p_k A_k` (`r×n`)."""
-        return torch.einsum("k,krn->rn", self.p, self._blocks(self.A))
+        """`Ā = Σ p_k A_k` (`r×n`), float64."""
+        blocks = self.A.view(len(self.ranks), self._rank(), self.A.shape[1])
+        return torch.einsum("k,krn->rn", self.p.to(self.A.dtype), blocks).double()
 
     def mean_B(self) -> torch.Tensor:
-        """`B̄ = Σ p_k B_k` (`m×r`)."""
-        return self._blocks(self.Bt).sum(0).T
+        """`B̄ = Σ p_k B_k` (`m×r`), float64."""
+        blocks = self.Bs.view(self.Bs.shape[0], len(self.ranks), self._rank())
+        return torch.einsum("k,mkr->mr", self.p.to(self.Bs.dtype), blocks).double()
 
     def times_t(self, Y: torch.Tensor) -> torch.Tensor:
-        """`ΔW Yᵀ = Σ p_k B_k (A_k Yᵀ)` for `Y` of shape `s×n`: an `m×s` matrix."""
-        return ((self.A @ Y.T).T @ self.Bt).T  # this order keeps both products row-major
+        """`ΔW Yᵀ = Σ p_k B_k (A_k Yᵀ)` for `Y` of shape `s×n`: an `m×s` matrix, float64."""
+        small = (self.A @ Y.to(self.A.dtype).T).double() * self.w[:, None]  # Kr×s
+        return (self.Bs @ small.to(self.Bs.dtype)).double()
 
     def inner(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """`⟨ΔW, X Y⟩` for `X` `m×s`, `Y` `s×n`, through `ΔW Yᵀ`."""
         return (self.times_t(Y) * X).sum()
 
     def sq_norm(self) -> torch.Tensor:
-        """`‖ΔW‖²_F = ⟨B_sᵀB_s, A_sA_sᵀ⟩`: two `Kr×Kr` Grams, built in row slabs.
+        """`‖ΔW‖²_F = ⟨A_sA_sᵀ, W B_sᵀB_s W⟩`: two `Kr×Kr` Grams, built in row slabs.
 
         Only the upper block triangle is formed (both Grams are symmetric),
-        and at most `_GRAM_BLOCK_ELEMS` entries of each at a time.
+        and at most `_GRAM_BLOCK_ELEMS` entries of each at a time. With float32
+        stacks the Grams are float32 (relative error ~1e-6 per entry); when the
+        terms cancel so much that this could reach ~1e-4 of the result, or a Gram
+        overflows, they are recomputed in float64 from the same (exact) values.
         """
-        k = self.A.shape[0]
-        block = max(1, min(-(-k // 4), _GRAM_BLOCK_ELEMS // k))
-        total = torch.zeros((), dtype=torch.float64, device=self.A.device)
-        for s in range(0, k, block):
-            e = min(s + block, k)
-            prod = (self.A[s:e] @ self.A[s:].T) * (self.Bt[s:e] @ self.Bt[s:].T)
-            total += 2 * prod.sum() - prod[:, : e - s].sum()
+        total, magnitude = _gram_inner(self.A, self.Bs, self.w)
+        if self.A.dtype != torch.float64 and not (torch.isfinite(magnitude) and total >= 1e-2 * magnitude):
+            total, _ = _gram_inner(self.A.double(), self.Bs.double(), self.w)
         return total
+
+
+def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
+    k = A.shape[0]
+    block = max(1, min(-(-k // 4), _GRAM_BLOCK_ELEMS // k))
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
+    for s in range(0, k, block):
+        e = min(s + block, k)
+        prod = ((A[s:e] @ A[s:].T) * (Bs[:, s:e].T @ Bs[:, s:])).double() * (w[s:e, None] * w[None, s:])
+        total += 2 * prod.sum() - prod[:, : e - s].sum()
+        magnitude += 2 * prod.abs().sum() - prod[:, : e - s].abs().sum()
+    return total, magnitude

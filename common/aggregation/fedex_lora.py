@@ -41,12 +41,12 @@ class FedExLoRA(Aggregator):
         p = client_weights(updates)
         factors, base_delta = {}, dict(current.base_delta)
         for layer, (a, b) in current.factors.items():
-            stack = LowRankSum.stack(  # ΔW = B_s A_s with B_s = [p_1B_1 … p_KB_K], A_s = [A_1; …; A_K]
+            stack = LowRankSum.stack(  # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
                 [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates], p
             )
             a_bar, b_bar = stack.mean_A(), stack.mean_B()
             Q = torch.cat([stack.A, -a_bar])  # ΔW − B̄Ā = [B_s, B̄] [A_s; −Ā]
-            P = self.lora_scale * torch.cat([stack.Bt.T, b_bar], dim=1)
+            P = self.lora_scale * torch.cat([stack.Bw, b_bar], dim=1)
             base_delta[layer] = extend_base_delta(current.base_delta.get(layer), Q, P, a.dtype)
             factors[layer] = (a_bar.to(a.dtype), b_bar.to(b.dtype))
         ranks = [q.shape[0] for q, _ in base_delta.values()]

@@ -22,7 +22,7 @@ from .factored import LowRankSum, Weights
 
 def truncated_svd(delta: LowRankSum, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`U (m×rank)`, `S (rank)`, `Vᵀ (rank×n)` of `ΔW` in float64, zero-padded past its rank."""
-    QB, RB = torch.linalg.qr(delta.Bt.T)  # B_s = Q_B R_B
+    QB, RB = torch.linalg.qr(delta.Bw)  # B_s W = Q_B R_B
     QA, RA = torch.linalg.qr(delta.A.T)  # A_sᵀ = Q_A R_A
     Uc, S, Vhc = torch.linalg.svd(RB @ RA.T, full_matrices=False)
     keep = min(rank, S.numel())

@@ -42,11 +42,11 @@ class FLoRA(Aggregator):
         p = client_weights(updates)
         factors, base_delta = {}, dict(current.base_delta)
         for layer, (a, b) in current.factors.items():
-            stack = LowRankSum.stack(  # ΔW = B_s A_s with B_s = [p_1B_1 … p_KB_K], A_s = [A_1; …; A_K]
+            stack = LowRankSum.stack(  # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
                 [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates], p
             )
             base_delta[layer] = extend_base_delta(
-                current.base_delta.get(layer), stack.A, self.lora_scale * stack.Bt.T, a.dtype
+                current.base_delta.get(layer), stack.A, self.lora_scale * stack.Bw, a.dtype
             )
             factors[layer] = (a, torch.zeros_like(b))
         ranks = [q.shape[0] for q, _ in base_delta.values()]

@@ -119,7 +119,9 @@ def _solve(
     `‖XĀ‖² = Σ g_i ‖X u_i‖²` holds without the cancellation of `⟨XG, X⟩`, which
     matters for points with `XĀ` near zero."""
     lam = _check_options(lam, objective)
-    delta = LowRankSum.stack(A, B, weights)
+    # float32 clients keep their large products in float32 (half the time); all small algebra is float64
+    single = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (*A, *B))
+    delta = LowRankSum.stack(A, B, weights, dtype=torch.float32 if single else torch.float64)
     Ab, Bb = delta.mean_A(), delta.mean_B()
     g, U = torch.linalg.eigh(Ab @ Ab.T)
     reach = g > g.max() * g.numel() * torch.finfo(g.dtype).eps  # directions `XĀ` can move in
