@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from common.aggregation import AGGREGATORS
 from common.config import RunConfig, config_hash, load_config
@@ -70,7 +71,7 @@ def _pool(parts: Sequence[LabeledData]) -> LabeledData:
     return LabeledData(x=x, y=torch.cat([p.y for p in parts]), domain=torch.cat([p.domain for p in parts]))
 
 
-def centralised(cfg: RunConfig, *, large_batch: bool = False) -> RunRecord:
+def centralised(cfg: RunConfig, *, large_batch: bool = False, curve: bool = True) -> tuple[RunRecord, nn.Module]:
     """LoRA trained on the union of all clients' training data, no Flower.
 
     Same model, rank and seeded initial adapter as the federation; each "round" runs
@@ -80,7 +81,8 @@ def centralised(cfg: RunConfig, *, large_batch: bool = False) -> RunRecord:
     is instead `local_steps` steps of `batch_size × num_clients` examples: the same examples per
     round, but only as many sequential steps as one client takes (what a federation without
     client drift could match). Evaluated per domain after every round on the same test data as
-    the server (round 0 = before training).
+    the server (round 0 = before training), or with `curve=False` only after the last round.
+    Returns the record and the trained model.
     """
     task, f = load_task(cfg), cfg.federation
     pooled = _pool([client_partition(cfg, k) for k in range(f.num_clients)])
@@ -89,7 +91,8 @@ def centralised(cfg: RunConfig, *, large_batch: bool = False) -> RunRecord:
     record = RunRecord(cfg=cfg, run_dir=Path(), domains=task.domains,
                        shifted_domains=[d for d in task.domains if d != task.source_domain])
     started = time.time()
-    record.add_round(0, evaluate_per_domain(model, task.test, task.domains, device=device), None, 0.0)
+    if curve:
+        record.add_round(0, evaluate_per_domain(model, task.test, task.domains, device=device), None, 0.0)
     for r in range(1, f.rounds + 1):
         t = time.time()
         steps, batch = ((f.local_steps, f.batch_size * f.num_clients) if large_batch
@@ -97,11 +100,12 @@ def centralised(cfg: RunConfig, *, large_batch: bool = False) -> RunRecord:
         loss = train_local(model, pooled, steps=steps, epochs=f.local_epochs, batch_size=batch, lr=f.lr,
                            optimizer=f.optimizer, weight_decay=f.weight_decay, device=device,
                            seed=cfg.seed * 100_003 + r * 1_009)
-        row = record.add_round(r, evaluate_per_domain(model, task.test, task.domains, device=device), None,
-                               time.time() - t)
-        row["train_loss"] = loss
+        if curve or r == f.rounds:
+            row = record.add_round(r, evaluate_per_domain(model, task.test, task.domains, device=device), None,
+                                   time.time() - t)
+            row["train_loss"] = loss
     record.wall_seconds = time.time() - started
-    return record
+    return record, model
 
 
 def run_centralised(config: str | Path, partitions: Sequence[str], seeds: Sequence[int], results: Path,
@@ -115,7 +119,7 @@ def run_centralised(config: str | Path, partitions: Sequence[str], seeds: Sequen
             cfg = run_config(config, label, overrides, seed, common)
             if (label, seed, config_hash(cfg)) in done:
                 continue
-            record = centralised(cfg)
+            record, _ = centralised(cfg)
             rows.append({"variant": label, "seed": seed, "config_hash": config_hash(cfg),
                          "overrides": overrides, "summary": record.summary(), "rounds": record.rounds,
                          "run_dir": None})

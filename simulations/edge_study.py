@@ -170,15 +170,12 @@ def trained_run(cfg: RunConfig) -> Path:
 def centralised_teacher(cfg: RunConfig) -> Path:
     """`runs/edge-teacher-centralised-<config hash>/`: a stronger teacher, LoRA trained on all clients' data pooled.
 
-    The training of `simulations.aggregation_study.centralised` (same model, seeded adapter, steps and
-    seeds, no Flower), which does not keep its model; this one saves it as a run folder
-    (`write_outputs`: config.toml, adapter/, metrics.json) that `load_served_model(..., teacher=)` reads.
+    Trained by `simulations.aggregation_study.centralised` (same model, seeded adapter, steps and seeds as
+    the federation, no Flower) and saved as a run folder (`write_outputs`: config.toml, adapter/,
+    metrics.json) that `load_served_model(..., teacher=)` reads.
     """
-    from common.lora import set_trainable_factors
-    from common.task import client_partition, load_task, lora_model
-    from common.training import evaluate_per_domain, resolve_device, train_local
-    from server.run_outputs import RunRecord, write_outputs
-    from simulations.aggregation_study import _pool
+    from server.run_outputs import write_outputs
+    from simulations.aggregation_study import centralised
 
     run_dir = ROOT / cfg.output_dir / f"edge-teacher-centralised-{config_hash(cfg)}"
     if (run_dir / "adapter" / "adapter_config.json").is_file():
@@ -188,21 +185,8 @@ def centralised_teacher(cfg: RunConfig) -> Path:
     partial.mkdir(parents=True)
     print(f"training the centralised teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data) "
           f"-> {run_dir}", flush=True)
-    task, f = load_task(cfg), cfg.federation
-    pooled = _pool([client_partition(cfg, k) for k in range(f.num_clients)])
-    model, device = lora_model(cfg), resolve_device(f.device)
-    set_trainable_factors(model, "AB")
-    record = RunRecord(cfg=cfg, run_dir=partial, domains=task.domains,
-                       shifted_domains=[d for d in task.domains if d != task.source_domain])
-    started = time.time()
-    for r in range(1, f.rounds + 1):  # evaluated once, at the end: this is a teacher, not a learning curve
-        loss = train_local(model, pooled, steps=f.local_steps * f.num_clients, epochs=f.local_epochs,
-                           batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer, weight_decay=f.weight_decay,
-                           device=device, seed=cfg.seed * 100_003 + r * 1_009)
-        print(f"  round {r}/{f.rounds}: train loss {loss:.4f} ({time.time() - started:.0f} s)", flush=True)
-    record.add_round(f.rounds, evaluate_per_domain(model, task.test, task.domains, device=device), None,
-                     time.time() - started)["train_loss"] = loss
-    record.wall_seconds = time.time() - started
+    record, model = centralised(cfg, curve=False)  # evaluated once, at the end: a teacher, not a learning curve
+    record.run_dir = partial
     write_outputs(record, model)
     partial.rename(run_dir)
     return run_dir

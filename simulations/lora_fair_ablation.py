@@ -43,7 +43,7 @@ def run_large_batch(partition: str, seeds: list[int], out: Path) -> None:
         cfg = run_config(CONFIG, label, [f"data.partition={partition}"], seed)
         if any(r["variant"] == label and r["seed"] == seed and r["config_hash"] == config_hash(cfg) for r in rows):
             continue
-        record = centralised(cfg, large_batch=True)
+        record, _ = centralised(cfg, large_batch=True)
         rows.append({"variant": label, "seed": seed, "config_hash": config_hash(cfg), "overrides": [],
                      "summary": record.summary(), "rounds": record.rounds, "run_dir": None})
         out.write_text(json.dumps(rows, indent=1))
