@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic_files import atomic_write_bytes
 from common.config import RunConfig, config_hash, load_config
 from common.data.task_data import PIXEL_MEAN, PIXEL_STD, LabeledData, normalize_pixels
 
@@ -552,10 +553,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, overrides: Sequence[str], out: Path,
