@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from common.data.task_data import PIXEL_MEAN, PIXEL_STD
-from common.data.user_data import IMAGE_SUFFIXES
+from common.data.task_data import normalize_pixels
+from common.data.user_data import IMAGE_SUFFIXES, image_pixels
 from common.edge_model import EdgeModelInfo
 
 
@@ -124,17 +124,12 @@ def _folder_samples(root: Path, info: EdgeModelInfo) -> Iterator[tuple[np.ndarra
 
 
 def read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """An image file -> float32 (C, H, W) on the tasks' pixel scale (as in training: bilinear resize)."""
+    """An image file -> float32 (C, H, W) on the tasks' pixel scale, read exactly as training reads images."""
     from PIL import Image
 
     channels, height, width = shape
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"the model takes {channels} channels; image files give 1 or 3")
     with Image.open(path) as img:
-        img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(img, dtype=np.float32).reshape(height, width, channels) / 255.0
-    return ((pixels.transpose(2, 0, 1) - PIXEL_MEAN) / PIXEL_STD).astype(np.float32)
+        return normalize_pixels(image_pixels(img, height, width, channels)).numpy()
 
 
 def _table_samples(path: Path, info: EdgeModelInfo) -> Iterator[tuple[str, int | None]]:

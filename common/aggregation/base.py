@@ -112,6 +112,16 @@ def average_heads(updates: Sequence[ClientUpdate], weights: torch.Tensor) -> dic
     return {k: weighted_mean([u.adapter.head[k] for u in updates], weights) for k in keys}
 
 
+def layer_factors(updates: Sequence[ClientUpdate], layer: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The clients' `A_k` and `B_k` of one layer, in update order."""
+    return [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates]
+
+
+def base_delta_metrics(base_delta: Mapping[str, BaseDelta]) -> dict[str, float]:
+    """`base_delta_rank`: the largest rank any layer's base-weight change has reached (FLoRA, FedEx-LoRA)."""
+    return {"base_delta_rank": float(max(q.shape[0] for q, _ in base_delta.values()))} if base_delta else {}
+
+
 def extend_base_delta(
     old: BaseDelta | None, Q: torch.Tensor, P: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> BaseDelta:

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, extend_base_delta
+from .base import (Adapter, Aggregator, ClientUpdate, average_heads, base_delta_metrics, client_weights,
+                   extend_base_delta, layer_factors)
 from .factored import LowRankSum
 
 
@@ -41,14 +42,11 @@ class FedExLoRA(Aggregator):
         p = client_weights(updates)
         factors, base_delta = {}, dict(current.base_delta)
         for layer, (a, b) in current.factors.items():
-            stack = LowRankSum.stack(  # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
-                [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates], p
-            )
+            # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
+            stack = LowRankSum.stack(*layer_factors(updates, layer), p)
             a_bar, b_bar = stack.mean_A(), stack.mean_B()
             Q = torch.cat([stack.A, -a_bar])  # ΔW − B̄Ā = [B_s, B̄] [A_s; −Ā]
             P = self.lora_scale * torch.cat([stack.Bw, b_bar], dim=1)
             base_delta[layer] = extend_base_delta(current.base_delta.get(layer), Q, P, a.dtype)
             factors[layer] = (a_bar.to(a.dtype), b_bar.to(b.dtype))
-        ranks = [q.shape[0] for q, _ in base_delta.values()]
-        metrics = {"base_delta_rank": float(max(ranks))} if ranks else {}
-        return Adapter(factors, average_heads(updates, p), base_delta), metrics
+        return Adapter(factors, average_heads(updates, p), base_delta), base_delta_metrics(base_delta)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights
+from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
 from .factored import LowRankSum, Weights
 
 
@@ -75,10 +75,5 @@ class FlexLoRA(Aggregator):
         factors = {}
         for layer, (a_cur, _) in current.factors.items():
             rank = self.rank if self.rank is not None else a_cur.shape[0]
-            factors[layer] = flexlora(
-                [u.adapter.factors[layer][0] for u in updates],
-                [u.adapter.factors[layer][1] for u in updates],
-                p,
-                rank,
-            )
+            factors[layer] = flexlora(*layer_factors(updates, layer), p, rank)
         return Adapter(factors, average_heads(updates, p)), {}

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, extend_base_delta
+from .base import (Adapter, Aggregator, ClientUpdate, average_heads, base_delta_metrics, client_weights,
+                   extend_base_delta, layer_factors)
 from .factored import LowRankSum
 
 
@@ -42,13 +43,10 @@ class FLoRA(Aggregator):
         p = client_weights(updates)
         factors, base_delta = {}, dict(current.base_delta)
         for layer, (a, b) in current.factors.items():
-            stack = LowRankSum.stack(  # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
-                [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates], p
-            )
+            # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
+            stack = LowRankSum.stack(*layer_factors(updates, layer), p)
             base_delta[layer] = extend_base_delta(
                 current.base_delta.get(layer), stack.A, self.lora_scale * stack.Bw, a.dtype
             )
             factors[layer] = (a, torch.zeros_like(b))
-        ranks = [q.shape[0] for q, _ in base_delta.values()]
-        metrics = {"base_delta_rank": float(max(ranks))} if ranks else {}
-        return Adapter(factors, average_heads(updates, p), base_delta), metrics
+        return Adapter(factors, average_heads(updates, p), base_delta), base_delta_metrics(base_delta)

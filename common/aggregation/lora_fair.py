@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights
+from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
 from .factored import LowRankSum, Weights
 
 Objective = Literal["cosine", "frobenius"]
@@ -421,13 +421,7 @@ class LoraFair(Aggregator):
         factors = {}
         sums = {"cos_fair": 0.0, "cos_fedit": 0.0, "rel_correction": 0.0}
         for layer in current.factors:
-            res = solve_lora_fair(
-                [u.adapter.factors[layer][0] for u in updates],
-                [u.adapter.factors[layer][1] for u in updates],
-                p,
-                lam=self.lam,
-                objective=self.objective,
-            )
+            res = solve_lora_fair(*layer_factors(updates, layer), p, lam=self.lam, objective=self.objective)
             factors[layer] = (res.A_bar, res.B_prime)
             for key in sums:
                 sums[key] += getattr(res, key)

@@ -47,7 +47,7 @@ def load_image_folder(
             continue  # a stray folder without images is not a class
         for f in files:
             with Image.open(f) as img:
-                images.append(_to_pixels(img, image_size, channels))
+                images.append(image_pixels(img, image_size, image_size, channels))
         labels += [len(classes)] * len(files)
         classes.append(class_dir.name)
     if not images:
@@ -103,7 +103,7 @@ def load_hf_image_dataset(
         domains, domain = _encode_column(whole.features["domain"], whole["domain"])
     else:
         domains, domain = ["all"], torch.zeros(len(y), dtype=torch.int64)
-    pixels = [_to_pixels(_as_image(v), image_size, channels) for v in whole[image_column]]
+    pixels = [image_pixels(_as_image(v), image_size, image_size, channels) for v in whole[image_column]]
     data = LabeledData(x=normalize_pixels(torch.stack(pixels)), y=y, domain=domain)
 
     if len(parts) == 2:
@@ -194,11 +194,13 @@ def _as_image(value: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _to_pixels(img: Image.Image, image_size: int, channels: int) -> torch.Tensor:
-    """PIL image -> float (C, H, W) in [0, 1] at `image_size`."""
-    img = img.convert(_PIL_MODE[channels]).resize((image_size, image_size), Image.Resampling.BILINEAR)
+def image_pixels(img: Image.Image, height: int, width: int, channels: int) -> torch.Tensor:
+    """PIL image -> float (C, H, W) in [0, 1], bilinear resize: how training (and the edge) read images."""
+    if channels not in _PIL_MODE:
+        raise ValueError(f"channels = {channels}: image files give 1 or 3")
+    img = img.convert(_PIL_MODE[channels]).resize((width, height), Image.Resampling.BILINEAR)
     array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.reshape(image_size, image_size, channels)).permute(2, 0, 1)
+    return torch.from_numpy(array.reshape(height, width, channels)).permute(2, 0, 1)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
