@@ -23,7 +23,7 @@ import shlex
 import statistics
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ def _pool(parts: Sequence[LabeledData]) -> LabeledData:
     return LabeledData(x=x, y=torch.cat([p.y for p in parts]), domain=torch.cat([p.domain for p in parts]))
 
 
-def centralised(cfg: RunConfig, *, large_batch: bool = False, curve: bool = True) -> tuple[RunRecord, nn.Module]:
+def centralised(cfg: RunConfig, *, large_batch: bool = False, curve: bool = True,
+                augment: Callable[[LabeledData], LabeledData] | None = None) -> tuple[RunRecord, nn.Module]:
     """LoRA trained on the union of all clients' training data, no Flower.
 
     Same model, rank and seeded initial adapter as the federation; each "round" runs
@@ -82,10 +83,13 @@ def centralised(cfg: RunConfig, *, large_batch: bool = False, curve: bool = True
     round, but only as many sequential steps as one client takes (what a federation without
     client drift could match). Evaluated per domain after every round on the same test data as
     the server (round 0 = before training), or with `curve=False` only after the last round.
+    `augment` maps the pooled training data to the data actually trained on (e.g. with augmented copies).
     Returns the record and the trained model.
     """
     task, f = load_task(cfg), cfg.federation
     pooled = _pool([client_partition(cfg, k) for k in range(f.num_clients)])
+    if augment is not None:
+        pooled = augment(pooled)
     model, device = lora_model(cfg), resolve_device(f.device)
     set_trainable_factors(model, "AB")
     record = RunRecord(cfg=cfg, run_dir=Path(), domains=task.domains,

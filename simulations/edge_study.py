@@ -1,8 +1,7 @@
 """CEMA on a drifting edge stream: no adaptation vs CEMA vs uploading every sample (issue 5, study 1).
 
-    python -m simulations.edge_study [--run RUN_DIR] [--seeds 0 1 2] [--per-segment 384]
-    python -m simulations.edge_study --tune          # the seed-0 settings search (TUNING -> CHOSEN)
-    python -m simulations.edge_study --teacher centralised [--teacher-set federation.rounds=3]
+    python -m simulations.edge_study [--teacher self|centralised|foundation] [--seeds 0 1 2] [--run RUN_DIR]
+    python -m simulations.edge_study --teacher foundation --tune     # only the seed-0 settings search
 
 The federated model (`--run`, or by default `simulations/configs/default.toml` trained here once
 and cached as `runs/edge-study-<config hash>/`) is merged, exported to ONNX, and run by the real
@@ -15,17 +14,17 @@ with the cloud (after each batch: uploads acknowledged, every possible update do
 parameters swapped in), so a run is deterministic per seed and independent of thread timing.
 
 A seed draws the stream (which test images, their order, the corruption noise) and the
-cloud's replay sampling; the trained model is the same for every seed. Edge and cloud
-settings are the run's config plus DEFAULT_SETTING, chosen from TUNING on seed 0 only.
-A label oracle (norm parameters learning from the true labels) measures the headroom.
-The cloud's teacher is the served model itself (`--teacher self`, the issue's default) or a
-stronger one (`--teacher centralised`: LoRA trained on the pooled client data, cached as
-`runs/edge-teacher-centralised-<config hash>/`); each teacher has its own result files.
+cloud's replay sampling; the trained model is the same for every seed. Per teacher, the TUNING
+settings run on seed 0, `chosen_setting` picks one, and every seed runs with it. Two yardsticks
+use the true labels (not deployable): `norm_headroom` (what fitted norm parameters gain per
+corruption) and `label_oracle` (the same, online, on the stream). The cloud's teacher is the
+served model itself (`--teacher self`, the issue's default) or a stronger one trained once and
+cached (`trained_teacher`: `centralised` LoRA on the pooled client data, or `foundation`, the
+same trained longer with colour-jitter augmentation); each teacher has its own result files.
 
-Writes `simulations/results/edge_stream.json` (every run, per-batch records), `edge_stream.png`
-(accuracy along the stream), `edge_stream_centralised-teacher.{json,png}` for the stronger teacher,
-and `edge.md` (tables of both; plus a summary of `edge_latency.md` when the latency benchmark has
-written it).
+Writes `simulations/results/edge_stream*.json` (every run, per-batch records), `edge_stream*.png`
+(accuracy along the stream) per teacher, and `edge.md` (all of them; plus a summary of
+`edge_latency.md` when the latency benchmark has written it).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic_files import atomic_write_bytes
-from common.config import RunConfig, config_hash, load_config
+from common.config import RunConfig, build_config, config_hash, load_config
 from common.data.task_data import PIXEL_MEAN, PIXEL_STD, LabeledData, normalize_pixels
 
 ROOT = Path(__file__).parents[1]
@@ -64,11 +63,16 @@ CORRUPTIONS: dict[str, tuple[float, float]] = {
     # name: (mild, severe) strength; none of these is among the federation's training domains
     # (rotated, inverted, gaussian-noisy, blurred, thick strokes)
     "contrast": (0.35, 0.15),  # keep this fraction of each image's deviation from its own mean
+    "brightness": (0.3, 0.5),  # add this to every pixel, not clipped (a sensor offset: a washed-out image)
+    "darken": (0.6, 0.35),  # multiply every pixel by this (a dim scene)
     "pixelate": (6, 4),  # average over a coarse grid of this many cells per side, then blow up (16 px images)
     "salt_pepper": (0.10, 0.22),  # fraction of pixels set to black or white
     "occlusion": (6, 9),  # side (px) of a mid-grey square at a random place
 }
-SEGMENTS: list[tuple[str, int]] = [(name, sev) for name in CORRUPTIONS for sev in (1, 2)]
+STREAM_CORRUPTIONS = ("contrast", "brightness", "darken", "pixelate")
+"""The stream's corruptions: those that norm parameters can partly undo (`--headroom`: learning them from
+the true labels gains 9-27 points on each, 0-2 points on salt_pepper and occlusion, which are left out)."""
+SEGMENTS: list[tuple[str, int]] = [(name, sev) for name in STREAM_CORRUPTIONS for sev in (1, 2)]
 """The stream order: each corruption mild (1) then severe (2), corruptions one after another."""
 
 
@@ -90,6 +94,10 @@ def corrupt(x01: torch.Tensor, name: str, severity: int, gen: torch.Generator) -
     if name == "contrast":
         mean = x01.mean(dim=(1, 2, 3), keepdim=True)
         return mean + level * (x01 - mean)
+    if name == "brightness":
+        return x01 + level
+    if name == "darken":
+        return x01 * level
     if name == "pixelate":
         coarse = F.adaptive_avg_pool2d(x01, int(level))
         return F.interpolate(coarse, size=(h, w), mode="nearest")
@@ -168,40 +176,75 @@ def trained_run(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def centralised_teacher(cfg: RunConfig) -> Path:
-    """`runs/edge-teacher-centralised-<config hash>/`: a stronger teacher, LoRA trained on all clients' data pooled.
+JITTER_CONTRAST = (0.1, 1.0)
+JITTER_BRIGHTNESS = (0.3, 1.0)
+"""Colour-jitter ranges of the foundation teacher's training: contrast factor (kept fraction of each image's
+deviation from its mean) and brightness factor (multiplies every pixel), each drawn uniformly per image."""
+JITTER_COPIES = 3
+FOUNDATION_TRAINING = ["federation.local_steps=100"]
+"""The foundation teacher trains 10 rounds x 100 steps x 6 clients = 6000 steps (the centralised one 2400)."""
 
-    Trained by `simulations.aggregation_study.centralised` (same model, seeded adapter, steps and seeds as
-    the federation, no Flower) and saved as a run folder (`write_outputs`: config.toml, adapter/,
+
+def photometric_jitter(data: LabeledData, *, copies: int = JITTER_COPIES, seed: int = 0) -> LabeledData:
+    """`data` plus `copies` colour-jittered copies of it (random contrast and brightness factor per image).
+
+    The standard photometric augmentation that makes large pre-trained models robust to lighting
+    changes; the federation and the device's model never see it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x01 = data.x * PIXEL_STD + PIXEL_MEAN
+    mean = x01.mean(dim=(1, 2, 3), keepdim=True)
+    xs = [data.x]
+    for _ in range(copies):
+        shape = (len(x01), 1, 1, 1)
+        contrast = torch.empty(shape).uniform_(*JITTER_CONTRAST, generator=gen)
+        brightness = torch.empty(shape).uniform_(*JITTER_BRIGHTNESS, generator=gen)
+        xs.append(normalize_pixels((mean + contrast * (x01 - mean)) * brightness))
+    return LabeledData(torch.cat(xs), data.y.repeat(copies + 1), data.domain.repeat(copies + 1))
+
+
+def trained_teacher(cfg: RunConfig, kind: str) -> Path:
+    """`runs/edge-teacher-<kind>-<config hash>/`: a stronger teacher than the served model, trained once.
+
+    `centralised`: LoRA trained without Flower on the pooled training data of all clients, by
+    `simulations.aggregation_study.centralised` (same model, rank, seeded initial adapter, steps per
+    round and seeds as the federation). `foundation`: the same, but longer (FOUNDATION_TRAINING) and on
+    the pooled data plus colour-jittered copies (`photometric_jitter`), standing in for a foundation
+    model made robust by its training. Saved as a run folder (`write_outputs`: config.toml, adapter/,
     metrics.json) that `load_served_model(..., teacher=)` reads.
     """
     from server.run_outputs import write_outputs
     from simulations.aggregation_study import centralised
 
-    run_dir = ROOT / cfg.output_dir / f"edge-teacher-centralised-{config_hash(cfg)}"
+    if kind not in ("centralised", "foundation"):
+        raise ValueError(f"teacher kind {kind!r}: allowed 'centralised', 'foundation'")
+    if kind == "foundation":
+        cfg = build_config(cfg.model_dump(mode="json", exclude_none=True), FOUNDATION_TRAINING)
+    run_dir = ROOT / cfg.output_dir / f"edge-teacher-{kind}-{config_hash(cfg)}"
     if (run_dir / "adapter" / "adapter_config.json").is_file():
         return run_dir
     partial = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    print(f"training the centralised teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data) "
+    print(f"training the {kind} teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data) "
           f"-> {run_dir}", flush=True)
-    record, model = centralised(cfg, curve=False)  # evaluated once, at the end: a teacher, not a learning curve
+    # evaluated once, at the end: a teacher, not a learning curve
+    record, model = centralised(cfg, curve=False, augment=photometric_jitter if kind == "foundation" else None)
     record.run_dir = partial
     write_outputs(record, model)
     partial.rename(run_dir)
     return run_dir
 
 
-TEACHERS = ("self", "centralised")
-"""`--teacher`: the served model teaches itself (the issue's default), or the centralised model does."""
+TEACHERS = ("self", "centralised", "foundation")
+"""`--teacher`: the served model teaches itself (the issue's default), or a stronger model does (`trained_teacher`)."""
 
 
 def teacher_run(teacher: str, cfg: RunConfig) -> Path | None:
     """The run folder of the teacher (None: the served model itself)."""
     if teacher not in TEACHERS:
         raise ValueError(f"teacher {teacher!r}: allowed {TEACHERS}")
-    return None if teacher == "self" else centralised_teacher(cfg)
+    return None if teacher == "self" else trained_teacher(cfg, teacher)
 
 
 def stream_accuracy(served: Any, stream: Stream, *, teacher: bool = False, batch: int = 256) -> float:
@@ -221,23 +264,38 @@ FIXED = ["edge.batch_size=32", "edge.upload_batch_size=32", "edge.threads=1", "e
          "edge.backoff_max_s=1.0", "cloud.threads=1"]
 """Study plumbing, not tuned: one thread each side (2 shared cores), quick retries on loopback."""
 
+KL_FROZEN = ["cloud.entropy_weight=0", "cloud.ce_weight=0", "cloud.teacher_lr=0", "cloud.lr=0.05",
+             "cloud.steps_per_update=4", "cloud.min_new_per_update=8"]
 TUNING: dict[str, list[str]] = {
     "defaults": [],  # the public CEMA code's values (common.config)
-    "teacher lr x10": ["cloud.teacher_lr=0.0025"],
-    "student lr x4": ["cloud.lr=0.01", "cloud.teacher_lr=0.0025"],
     "KL only": ["cloud.entropy_weight=0", "cloud.ce_weight=0", "cloud.lr=0.01", "cloud.teacher_lr=0.0025"],
     "cautious": ["cloud.e_max=0.2", "cloud.lr=0.001"],
-    "narrow window": ["edge.e_max=0.3"],
+    # the student follows a frozen teacher by KL alone, 4 steps per update, an update once 8 new samples wait
+    # (so CEMA's uploads get as many updates as uploading everything does)
+    "KL, frozen teacher": KL_FROZEN,
+    "KL, frozen teacher, E_max 0.7": [*KL_FROZEN, "edge.e_max=0.7"],
 }
-"""Settings tried on the tuning seed (0) only, with `--tune`; the choice becomes DEFAULT_SETTING."""
+"""Settings tried on the tuning seed (0) with every teacher; `chosen_setting` picks the one each study runs."""
 
-CHOSEN = "KL only"
-CHOICE_RULE = ("the setting in which uploading every sample gains the most over no adaptation (the target's gain "
-               "ratio means something only when that gain is positive)")
-DEFAULT_SETTING: list[str] = TUNING[CHOSEN]
-"""The settings the study runs on every seed, on top of the run's config and FIXED."""
-CHOSEN_BY_TEACHER = {"self": CHOSEN, "centralised": "cautious"}
-"""Per teacher, the TUNING setting chosen by CHOICE_RULE on seed 0 with that teacher (`--teacher T --tune`)."""
+CHOICE_RULE = ("the largest CEMA gain over no adaptation among the settings where CEMA uploads at most 50 % and "
+               "uploading everything gains too (failing that, the largest gain of uploading everything)")
+
+
+def chosen_setting(tuning: Sequence[dict[str, Any]]) -> str | None:
+    """The TUNING label that CHOICE_RULE picks from seed-0 tuning rows (None before any complete setting)."""
+    none = next((r["accuracy"] for r in tuning if r["mode"] == "none"), None)
+    if none is None:
+        return None
+    scores = {}
+    for label in TUNING:
+        by = {r["mode"]: r for r in tuning if r["setting"] == label}
+        if "cema" in by and "all" in by:
+            scores[label] = (by["cema"]["accuracy"] - none, by["all"]["accuracy"] - none,
+                             by["cema"]["uploaded_fraction"])
+    within = {k: v for k, v in scores.items() if v[2] <= 0.5 and v[1] > 0}
+    if within:
+        return max(within, key=lambda k: within[k][0])
+    return max(scores, key=lambda k: scores[k][1]) if scores else None
 
 
 def study_settings(run_dir: Path, overrides: Sequence[str]) -> RunConfig:
@@ -344,6 +402,55 @@ def label_oracle(served: Any, stream: Stream, *, lr: float = 0.01, batch: int = 
     finally:
         torch.set_num_threads(threads)
     return correct / len(stream)
+
+
+def norm_headroom(served: Any, test: LabeledData, *, seed: int = 0, steps: int = 150, lr: float = 0.01,
+                  batch: int = 128) -> list[dict[str, Any]]:
+    """Per corruption and severity: accuracy with the served norm params vs norm params fitted to the TRUE labels.
+
+    The whole test set is corrupted and split in halves (seeded); the norm parameters are fitted on one
+    half (Adam, `steps` steps of `batch`) and both are scored on the other. An upper bound on what any
+    adaptation of only the norm parameters can gain on that corruption: the check that a stream can
+    show CEMA's effect at all (not deployable: it uses labels).
+    """
+    name = served.inputs[0].name
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(test), generator=gen)
+    fit, held = order[: len(test) // 2], order[len(test) // 2 :]
+
+    def accuracy(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((served.forward(served.student, params, {name: x}).argmax(1) == y).float().mean())
+
+    rows = []
+    for corruption in CORRUPTIONS:
+        for severity in (1, 2):
+            x = normalize_pixels(corrupt(test.x * PIXEL_STD + PIXEL_MEAN, corruption, severity,
+                                         corruption_generator(seed, corruption, severity)))
+            params = {k: v.detach().clone().requires_grad_(True) for k, v in served.student_norm.items()}
+            opt = torch.optim.Adam(list(params.values()), lr=lr)
+            for _ in range(steps):
+                idx = fit[torch.randint(0, len(fit), (batch,), generator=gen)]
+                loss = F.cross_entropy(served.forward(served.student, params, {name: x[idx]}), test.y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            rows.append({"corruption": corruption, "severity": severity, "in_stream": corruption in STREAM_CORRUPTIONS,
+                         "served": accuracy(served.student_norm, x[held], test.y[held]),
+                         "fitted": accuracy(params, x[held], test.y[held])})
+            print(f"headroom {corruption}-{severity}: served {rows[-1]['served']:.3f} fitted {rows[-1]['fitted']:.3f}",
+                  flush=True)
+    return rows
+
+
+def headroom_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per corruption, served vs label-fitted norm params and the gain."""
+    lines = ["| corruption | in the stream | served norm params | fitted to the labels | headroom (pts) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['corruption']}-{r['severity']} | {'yes' if r['in_stream'] else 'no'} | {r['served']:.3f} "
+                     f"| {r['fitted']:.3f} | {100 * (r['fitted'] - r['served']):+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- cloud updates per second
@@ -556,76 +663,87 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
-def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, overrides: Sequence[str], out: Path,
-              tune: bool = False, teacher: Path | None = None, settings: Sequence[str] | None = None) -> dict[str, Any]:
-    """Every (seed, mode) run, or with `tune` the TUNING `settings` (default all) on seed 0; rows saved to `out`.
+def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Path,
+              overrides: Sequence[str] | None = None, tune: bool = False, teacher: Path | None = None,
+              settings: Sequence[str] | None = None) -> dict[str, Any]:
+    """The seed-0 tuning, then every (seed, mode) run with the chosen setting; rows saved to `out`.
 
+    `overrides`: run the seeds with these settings instead of the TUNING setting `chosen_setting` picks
+    (then no tuning runs). `tune`: only the TUNING `settings` (default all) on seed 0.
     `teacher`: the run folder of the cloud's teacher (None: the served model teaches itself).
-    A row already in `out` for the same model, teacher, stream size and settings is reused, not run again.
+    A row already in `out` for the same model, teacher, stream and settings is reused, not run again.
     """
     from common.edge_model import load_merged_model
     from common.task import load_task
     from server.cloud import load_served_model
 
+    unknown = sorted(set(settings or []) - TUNING.keys())
+    if unknown:
+        raise ValueError(f"tuning settings {unknown}: allowed {sorted(TUNING)}")
     onnx_path = export_model(run_dir)
     served = load_served_model(run_dir, teacher=teacher)
-    cfg = study_settings(run_dir, overrides)
-    test = load_task(cfg).test
+    test = load_task(study_settings(run_dir, [])).test
     data = _load(out)
     teacher_info = {"teacher": "self"} if teacher is None else {
         "teacher": os.path.relpath(teacher, ROOT), "teacher_model_version": load_merged_model(teacher).model_version}
-    study = {"model_version": served.model_version, "per_segment": per_segment} | teacher_info
+    study = {"model_version": served.model_version, "per_segment": per_segment,
+             "segments": [f"{n}-{s}" for n, s in SEGMENTS], "corruptions": CORRUPTIONS} | teacher_info
     old = {"teacher": "self"} | data.get("study", {})  # files written before --teacher existed: self-taught
     if {k: old.get(k) for k in study} != study:
-        data = {"tuning": data.get("tuning", []) if data.get("study", {}).get("model_version") == served.model_version
-                else []}
+        data = {}  # another model, teacher or stream: start afresh
+    cfg = load_config(run_dir / "config.toml")
     data.update(study=study | {"run_dir": os.path.relpath(run_dir, ROOT), "config_name": cfg.name,
-                               "config_hash": config_hash(load_config(run_dir / "config.toml")),
-                               "fixed": FIXED, "segments": [f"{n}-{s}" for n, s in SEGMENTS],
-                               "corruptions": CORRUPTIONS})
+                               "config_hash": config_hash(cfg), "fixed": FIXED})
     workdir = Path(tempfile.mkdtemp(prefix="edge-study-"))
-    try:
-        unknown = sorted(set(settings or []) - TUNING.keys())
-        if unknown:
-            raise ValueError(f"tuning settings {unknown}: allowed {sorted(TUNING)}")
-        jobs = ([(label, ov, 0, mode) for label, ov in TUNING.items() if label in (settings or TUNING)
-                 for mode in MODES]
-                if tune else [("study", list(overrides), seed, mode) for seed in seeds for mode in MODES])
-        section = "tuning" if tune else "rows"
+
+    def run_jobs(section: str, jobs: Sequence[tuple[str, Sequence[str], int, str]]) -> None:
         rows = data.setdefault(section, [])
         for label, ov, seed, mode in jobs:
             key = {"mode": mode, "seed": seed, "overrides": [] if mode == "none" else list(ov)}
             if any({k: r.get(k) for k in key} == key for r in rows):
                 continue
-            run_cfg = study_settings(run_dir, ov)
             stream = build_stream(test, seed=seed, per_segment=per_segment)
-            row = run_stream(onnx_path, served, run_cfg, stream, mode, seed, workdir) | key | {"setting": label}
+            row = run_stream(onnx_path, served, study_settings(run_dir, ov), stream, mode, seed, workdir) | key | {
+                "setting": label}
             rows.append(row)
             data["stream_boundaries"] = stream.boundaries()
             _save(out, data)
             print(f"{section}: {label:>12} seed {seed} {mode:>4}: accuracy {row['accuracy']:.4f}  uploaded "
                   f"{row['uploaded_fraction']:.3f}  versions {row['params_version']}  {row['seconds']:.0f} s",
                   flush=True)
-        if not tune:
-            oracle = data.setdefault("label_oracle", {})
-            teacher_acc = data.setdefault("teacher_stream_accuracy", {})
-            for seed in seeds:
-                if str(seed) not in oracle:
-                    oracle[str(seed)] = label_oracle(served, build_stream(test, seed=seed, per_segment=per_segment))
-                if str(seed) not in teacher_acc:
-                    teacher_acc[str(seed)] = stream_accuracy(
-                        served, build_stream(test, seed=seed, per_segment=per_segment), teacher=True)
-            stream = build_stream(test, seed=seeds[0], per_segment=per_segment)
-            data["cloud_updates_per_s"] = bench_cloud_updates(served, cfg, stream.x)
-            data["overrides"] = list(overrides)
-            _save(out, data)
+
+    try:
+        if tune or overrides is None:
+            run_jobs("tuning", [(label, ov, 0, mode) for label, ov in TUNING.items()
+                                if label in (settings or TUNING) for mode in MODES])
+        if tune:
+            return data
+        label = "given" if overrides is not None else chosen_setting(data["tuning"])
+        overrides = list(overrides) if overrides is not None else TUNING[label]
+        data["chosen"], data["overrides"] = label, overrides
+        # rows of an earlier choice would mix into the per-seed gains
+        data["rows"] = [r for r in data.get("rows", []) if r["mode"] == "none" or r["overrides"] == overrides]
+        run_jobs("rows", [(label, overrides, seed, mode) for seed in seeds for mode in MODES])
+        oracle = data.setdefault("label_oracle", {})
+        teacher_acc = data.setdefault("teacher_stream_accuracy", {})
+        for seed in seeds:
+            if str(seed) not in oracle:
+                oracle[str(seed)] = label_oracle(served, build_stream(test, seed=seed, per_segment=per_segment))
+            if str(seed) not in teacher_acc:
+                teacher_acc[str(seed)] = stream_accuracy(
+                    served, build_stream(test, seed=seed, per_segment=per_segment), teacher=True)
+        if teacher is None and "headroom" not in data:  # a property of the served model: once, in its own file
+            data["headroom"] = norm_headroom(served, test)
+        stream = build_stream(test, seed=seeds[0], per_segment=per_segment)
+        data["cloud_updates_per_s"] = bench_cloud_updates(served, study_settings(run_dir, overrides), stream.x)
+        _save(out, data)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return data
 
 
-def tuning_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Seed-0 tuning runs: one line per setting (none is the same for every setting)."""
+def tuning_table(rows: Sequence[dict[str, Any]], chosen: str | None = None) -> str:
+    """Seed-0 tuning runs: one line per setting (none is the same for every setting), the chosen one in bold."""
     none = next((r["accuracy"] for r in rows if r["mode"] == "none"), math.nan)
     lines = [f"No adaptation: accuracy {none:.4f}.\n",
              "| setting | overrides | CEMA acc | all acc | gain CEMA (pts) | gain all (pts) | ratio | CEMA uploaded |",
@@ -636,7 +754,8 @@ def tuning_table(rows: Sequence[dict[str, Any]]) -> str:
             continue
         c, a = by["cema"]["accuracy"], by["all"]["accuracy"]
         ratio = (c - none) / (a - none) if a > none else math.nan
-        lines.append(f"| {label} | `{' '.join(by['cema']['overrides']) or '-'}` | {c:.4f} | {a:.4f} "
+        name = f"**{label}**" if label == chosen else label
+        lines.append(f"| {name} | `{' '.join(by['cema']['overrides']) or '-'}` | {c:.4f} | {a:.4f} "
                      f"| {100 * (c - none):+.2f} | {100 * (a - none):+.2f} | {ratio:.2f} "
                      f"| {by['cema']['uploaded_fraction']:.1%} |")
     return "\n".join(lines)
@@ -661,135 +780,133 @@ def _target_line(g: dict[int, dict[str, float]]) -> str:
             f"({'within' if upload <= 0.5 else 'above'} the 50 % budget); {kept}.\n")
 
 
-def teacher_section(data: dict[str, Any], *, command: str, tune_command: str, plot_name: str) -> str:
-    """The section of `edge.md` for a run of the study with another teacher than the served model itself."""
+TEACHER_TEXT = {
+    "self": "the served model itself (the issue's default): the cloud adapts a copy of the device's own model",
+    "centralised": ("LoRA trained without Flower on the pooled training data of all clients (same model, rank, "
+                    "seeded initial adapter, steps and seeds as the federation; `trained_teacher(cfg, "
+                    "'centralised')`)"),
+    "foundation": ("a stand-in for a foundation model: the same centralised LoRA trained 2.5x longer "
+                   f"(`{' '.join(FOUNDATION_TRAINING)}`) on the pooled data plus {JITTER_COPIES} colour-jittered "
+                   f"copies of it (per image a contrast factor U{JITTER_CONTRAST} and a brightness factor "
+                   f"U{JITTER_BRIGHTNESS}; `photometric_jitter`), the kind of augmentation that makes large "
+                   "pre-trained models robust to lighting. The federation and the device's model never saw it; "
+                   "two of the stream's four corruptions (contrast, darken) are of the jittered kinds"),
+}
+
+
+def teacher_section(teacher: str, data: dict[str, Any], *, command: str, plot_name: str) -> str:
+    """The section of `edge.md` for one teacher: its chosen setting, per-seed and per-mode tables, plot, tuning."""
     study, rows = data["study"], data.get("rows", [])
     g = gains(rows)
-    served_acc = statistics.mean(v["acc_none"] for v in g.values()) if g else math.nan
     t_acc = data.get("teacher_stream_accuracy", {})
-    t_cfg = ROOT / study["teacher"] / "config.toml"
-    rounds = ""
-    if t_cfg.is_file() and (ROOT / study["run_dir"] / "config.toml").is_file():
-        t, fed = load_config(t_cfg).federation, load_config(ROOT / study["run_dir"] / "config.toml").federation
-        rounds = (f" {t.rounds} rounds of {t.local_steps * t.num_clients} steps (the federation: {fed.rounds} rounds "
-                  f"of {fed.local_steps} steps on each of {fed.num_clients} clients),")
+    origin = "the served model" if study["teacher"] == "self" else (
+        f"`{study['teacher']}` (model version `{study.get('teacher_model_version', '?')}`, config "
+        f"`{_teacher_hash(study['teacher'])}`; {_federated_accuracy(study['teacher'])})")
     parts = [
-        "## A stronger teacher: centralised LoRA\n",
-        f"Regenerate: `{command}` (trains the teacher once, cached) and `{tune_command}` (seed 0 only).\n",
-        f"- Teacher: `{study['teacher']}` (model version `{study.get('teacher_model_version', '?')}`), LoRA trained "
-        f"without Flower on the pooled training data of all clients,{rounds} with the model, rank, seeded initial "
-        "adapter, steps per round and seeds of `simulations.aggregation_study.centralised` (`centralised_teacher`, "
-        f"config `{_teacher_hash(study['teacher'])}`); {_federated_accuracy(study['teacher'])} (the federated model: "
-        f"{_federated_accuracy(study['run_dir']).replace('mean accuracy ', '')}). On the stream, without "
-        "adaptation: " + ", ".join(f"seed {s}: {a:.4f}" for s, a in t_acc.items())
-        + (f" (mean {statistics.mean(t_acc.values()):.4f}; the served model {served_acc:.4f})." if t_acc else "."),
-        "- Everything else as above: the same served model (the federated one, which the device runs), stream, "
-        f"seeds and lockstep. Settings: `{' '.join(data.get('overrides', [])) or 'none'}` "
-        f"(**{CHOSEN_BY_TEACHER['centralised']}**, chosen on seed 0 with this teacher by the same rule: "
-        f"{CHOICE_RULE}; see the settings table below). The cloud's teacher adapts its own norm parameters "
-        "(teacher lr) on the uploads and the student distils from it.\n",
+        f"## Teacher: {teacher}\n",
+        f"Regenerate: `{command}`.\n",
+        f"- Teacher: {TEACHER_TEXT.get(teacher, teacher)}: {origin}. On the stream, without adaptation: "
+        + ", ".join(f"seed {k}: {v:.4f}" for k, v in t_acc.items())
+        + (f" (mean {statistics.mean(t_acc.values()):.4f})." if t_acc else "."),
+        f"- Setting: **{data.get('chosen')}** (`{' '.join(data.get('overrides', [])) or 'none'}`), chosen on seed 0 by "
+        "the rule in Setup (the tuning table below).\n",
         gain_table(rows) + "\n",
         _target_line(g),
-        "Per mode (mean ± std over seeds):\n",
-        mode_table(rows) + "\n",
-        "Accuracy per segment (mean over seeds):\n",
-        segment_table(rows, study["segments"]) + "\n",
-        f"![accuracy along the stream, centralised teacher]({plot_name})\n",
-        _teacher_reading(data, g),
-    ]
-    if data.get("tuning"):
-        parts += ["### Settings on seed 0 with this teacher\n",
-                  "The same TUNING settings as for the self-taught study, seed 0 only (so seed 0's figures above "
-                  "are tuned on its own stream; seeds 1 and 2 are not).\n", tuning_table(data["tuning"]) + "\n"]
-    return "\n".join(parts)
-
-
-def _teacher_reading(data: dict[str, Any], g: dict[int, dict[str, float]]) -> str:
-    """What the stronger teacher changed, in the study's own numbers."""
-    t_acc = data.get("teacher_stream_accuracy", {})
-    if not g or not t_acc:
-        return ""
-    served = statistics.mean(v["acc_none"] for v in g.values())
-    teacher = statistics.mean(t_acc.values())
-    tuned = {(r["setting"], r["mode"]): r["accuracy"] for r in data.get("tuning", [])}
-    none0 = next((r["accuracy"] for r in data.get("tuning", []) if r["mode"] == "none"), math.nan)
-    kl = [f"{100 * (tuned[(CHOSEN, m)] - none0):+.2f}" for m in ("cema", "all") if (CHOSEN, m) in tuned]
-    lines = [f"Reading: the teacher is {100 * (teacher - served):+.1f} points more accurate than the served model on "
-             f"this stream ({teacher:.3f} vs {served:.3f}), far less than on the clean test domains: the "
-             "corruptions are new to both, and the student can only move its LayerNorm affine values towards it."]
-    if len(kl) == 2:
-        lines.append(f"The self-taught study's setting ({CHOSEN}) loses with this teacher on seed 0 (CEMA {kl[0]}, "
-                     f"all {kl[1]} points).")
-    lines.append("Uploading every sample beat no adaptation on "
-                 f"{sum(v['gain_all'] > 0 for v in g.values())} of {len(g)} seeds, CEMA on "
-                 f"{sum(v['gain_cema'] > 0 for v in g.values())} of {len(g)}: seed 0's gains come from tuning on "
-                 "seed 0 and do not carry over.\n")
-    return " ".join(lines)
-
-
-def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: Path | None = None,
-             extra: Sequence[str] = ()) -> str:
-    """`edge.md`: setup, the stream tables, the plot, the tuning, `extra` sections, cloud update speed, latency."""
-    study, rows = data["study"], data.get("rows", [])
-    cfg = study_settings(ROOT / study["run_dir"], data.get("overrides", []))
-    e, c = cfg.edge, cfg.cloud
-    g = gains(rows)
-    corruptions = "; ".join(f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items())
-    parts = [
-        "# Edge adaptation with CEMA: results\n",
-        f"Regenerate: `{command}` (the study; reuses a cached trained model) and `{tune_command}` (the seed-0 "
-        "settings search). Latency: `python -m simulations.bench_edge_latency` (another study, summarised below).\n",
-        "## Setup\n",
-        f"- Model: the federated global model of `{study['run_dir']}` (config `{study['config_name']}`, hash "
-        f"`{study['config_hash']}`: {cfg.aggregation.method}, {cfg.federation.rounds} rounds, "
-        f"{cfg.federation.num_clients} clients; {_federated_accuracy(study['run_dir'])}), LoRA merged, "
-        f"exported to ONNX (model version `{study['model_version']}`); the cloud serves the same merged model as "
-        "student and as teacher.",
-        f"- Stream: {len(study['segments'])} segments of {study['per_segment']} digits test images each (a seeded draw "
-        "over all six training domains: clean, rotated, inverted, noisy, blurred, thick), one corruption after "
-        f"another, mild then severe: {', '.join(study['segments'])}. Strengths (mild / severe): {corruptions} "
-        "(contrast: fraction of each image's deviation from its mean kept; pixelate: coarse grid cells per side; "
-        "salt_pepper: fraction of pixels set black or white; occlusion: side in pixels of a grey square). None of "
-        "them is a training domain. Batches of 32; no batch straddles two segments.",
-        "- Modes: `none` (no adaptation), `cema` (CEMA selection), `all` (every sample uploaded); the same cloud "
-        "update for both. Each run has its own `CloudService` on loopback gRPC (token auth, fresh state folder) "
-        "and its own `EdgeRuntime` (fresh disk queue). After every batch the study waits until the uploads are "
-        "acknowledged, the cloud has run every update they allow and the device runs the newest parameters, so "
-        "each run is deterministic per seed.",
-        f"- Seeds {sorted(g)}: a seed draws the stream (images, corruption noise) and the cloud's replay sampling.",
-        f"- Settings: edge `e_min={e.e_min}`, `e_max={e.e_max}` (fractions of ln C), dynamic exclusion "
-        f"{e.dynamic_exclusion} (warm-up {e.warmup_samples} samples, coeff {e.e_max_coeff}), redundancy filter "
-        f"{e.redundancy_filter}; cloud SGD lr {c.lr} (teacher {c.teacher_lr}), momentum {c.momentum}, "
-        f"{c.steps_per_update} step(s) per update of {c.new_per_step} new + {c.replay_per_step} replayed samples, "
-        f"an update once {c.min_new_per_update} new samples wait, loss weights entropy/KL/CE "
-        f"{c.entropy_weight}/{c.kl_weight}/{c.ce_weight}, T = {c.temperature}. Overrides of the run's config: "
-        f"`{' '.join(data.get('overrides', [])) or 'none'}` (chosen on seed 0, see Tuning) plus study plumbing "
-        f"`{' '.join(study['fixed'])}`.\n",
-        _runtime_line(data),
-        "## Results\n",
-        "Accuracy over the whole stream; gains in accuracy points over no adaptation (same seed). Target (issue 5): "
-        "CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of uploading everything.\n",
-        gain_table(rows) + "\n",
-        _target_line(g),
-        _oracle_line(data.get("label_oracle", {}), g),
         "Per mode (mean ± std over seeds; bytes are serialized gRPC messages, uplink = uploads + registration, "
         "downlink = parameter versions; cloud versions = parameter updates published):\n",
         mode_table(rows) + "\n",
         "Accuracy per segment (mean over seeds):\n",
         segment_table(rows, study["segments"]) + "\n",
-        "![accuracy along the stream](edge_stream.png)\n",
-        "Top: accuracy over the last 256 samples along the stream (mean over seeds); middle: the same minus no "
-        "adaptation, in points; bottom: the fraction of those samples CEMA uploaded. Dotted lines: corruption "
-        "boundaries.\n",
-        _reading(data, g),
+        f"![accuracy along the stream, teacher {teacher}]({plot_name})\n",
+        "Top: accuracy over the last 256 samples (mean over seeds); middle: the same minus no adaptation, in "
+        "points; bottom: the fraction of those samples CEMA uploaded. Dotted lines: corruption boundaries.\n",
     ]
     if data.get("tuning"):
-        parts += ["## Tuning (seed 0 only)\n",
-                  "Settings tried on seed 0, the tuning seed, before running all seeds with the chosen one "
-                  "(so seed 0's figures above are tuned on its own stream; seeds 1 and 2 are not). "
-                  f"Chosen: **{CHOSEN}**, by the rule: {CHOICE_RULE}.\n",
-                  tuning_table(data["tuning"]) + "\n"]
-    parts += list(extra)
+        parts += [f"### Settings tried on seed 0 (teacher {teacher})\n",
+                  tuning_table(data["tuning"], data.get("chosen")) + "\n"]
+    return "\n".join(parts)
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> str:
+    """One line per teacher: chosen setting, mean accuracies, gains, ratio, uploads, target."""
+    lines = ["| teacher | teacher acc on stream | setting | none | CEMA | all | gain CEMA (pts) | gain all (pts) "
+             "| gain ratio | CEMA uploaded | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for teacher, data in results.items():
+        g = gains(data.get("rows", []))
+        if not g:
+            continue
+        col = lambda k: [v[k] for v in g.values()]  # noqa: E731
+        t_acc = data.get("teacher_stream_accuracy", {})
+        upload, ratio = statistics.mean(col("uploaded_cema")), statistics.mean(col("gain_ratio"))
+        met = upload <= 0.5 and ratio >= 0.9
+        lines.append(
+            f"| {teacher} | {statistics.mean(t_acc.values()):.4f} | {data.get('chosen')} "
+            f"| {_ms(col('acc_none'))} | {_ms(col('acc_cema'))} | {_ms(col('acc_all'))} "
+            f"| {_ms([100 * x for x in col('gain_cema')], '{:+.2f}')} "
+            f"| {_ms([100 * x for x in col('gain_all')], '{:+.2f}')} | {_ratio_cell(col('gain_ratio'))} "
+            f"| {100 * upload:.1f} % | {'met' if met else 'not met'} |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, dict[str, Any]], *, command: str, latency: Path | None = None) -> str:
+    """`edge.md`: setup, headroom, a summary over teachers, one section per teacher, reading, speed."""
+    data = results["self"]
+    study = data["study"]
+    cfg = study_settings(ROOT / study["run_dir"], [])
+    e, c = cfg.edge, cfg.cloud
+    corruptions = "; ".join(f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items()
+                            if n in STREAM_CORRUPTIONS)
+    seeds = sorted({r["seed"] for r in data.get("rows", [])})
+    parts = [
+        "# Edge adaptation with CEMA: results\n",
+        f"Regenerate: `{command} --teacher T` for T in {', '.join(TEACHERS)} (each: the seed-0 tuning, the choice, "
+        "then every seed; the federated model and the teachers are trained once and cached). Latency: "
+        "`python -m simulations.bench_edge_latency` (summarised below).\n",
+        "## Setup\n",
+        f"- Model: the federated global model of `{study['run_dir']}` (config `{study['config_name']}`, hash "
+        f"`{study['config_hash']}`: {cfg.aggregation.method}, {cfg.federation.rounds} rounds, "
+        f"{cfg.federation.num_clients} clients; {_federated_accuracy(study['run_dir'])}), LoRA merged, "
+        f"exported to ONNX (model version `{study['model_version']}`). The device runs it; only its "
+        "LayerNorm affine values (the exported norm inputs) change.",
+        f"- Stream: {len(study['segments'])} segments of {study['per_segment']} digits test images each (a seeded draw "
+        "over all six training domains: clean, rotated, inverted, noisy, blurred, thick), one corruption after "
+        f"another, mild then severe: {', '.join(study['segments'])}. Strengths (mild / severe): {corruptions} "
+        "(contrast: fraction of each image's deviation from its mean kept; brightness: added to every pixel, not "
+        "clipped; darken: every pixel multiplied by it; pixelate: coarse grid cells per side; pixels on the [0, 1] "
+        "scale). "
+        "None of them is a training domain; they are the ones where norm parameters have headroom (next section). "
+        "Batches of 32; no batch straddles two segments.",
+        "- Modes: `none` (no adaptation), `cema` (CEMA selection), `all` (every sample uploaded), with the same "
+        "cloud settings for both. Each run has its own `CloudService` on loopback gRPC (token auth, fresh state "
+        "folder) and its own `EdgeRuntime` (fresh disk queue). After every batch the study waits until the uploads "
+        "are acknowledged, the cloud has run every update they allow and the device runs the newest parameters, so "
+        "each run is deterministic per seed.",
+        f"- Seeds {seeds}: a seed draws the stream (images, corruption noise) and the cloud's replay sampling.",
+        f"- Settings: the run's config (edge `e_min={e.e_min}`, `e_max={e.e_max}` of ln C, dynamic exclusion "
+        f"{e.dynamic_exclusion}, warm-up {e.warmup_samples} samples; cloud SGD lr {c.lr}, teacher lr {c.teacher_lr}, "
+        f"momentum {c.momentum}, {c.steps_per_update} step per update of {c.new_per_step} new + {c.replay_per_step} "
+        f"replayed samples, loss weights entropy/KL/CE {c.entropy_weight}/{c.kl_weight}/{c.ce_weight}: the public "
+        f"CEMA code's values) plus study plumbing `{' '.join(study['fixed'])}` plus one TUNING setting per teacher, "
+        f"chosen on seed 0 by the rule: {CHOICE_RULE}. Seed 0's figures are therefore tuned on its own stream; "
+        "seeds 1 and 2 are not.",
+        "- Teachers: " + "; ".join(f"**{t}**: {TEACHER_TEXT[t]}" for t in TEACHERS if t in results) + ".\n",
+        _runtime_line(results),
+    ]
+    if data.get("headroom"):
+        parts += ["## Headroom: what the norm parameters can gain at all\n",
+                  "Not deployable (uses the labels), run first to pick a stream that can show CEMA's effect: the "
+                  "whole test set under each corruption, split in halves; the served model's norm parameters fitted "
+                  "to the true labels on one half (Adam lr 0.01, 150 steps of 128) and scored on the other "
+                  "(`norm_headroom`).\n", headroom_table(data["headroom"]) + "\n",
+                  _oracle_line(data.get("label_oracle", {}), gains(data.get("rows", [])))]
+    parts += ["## Summary\n",
+              "Accuracy over the whole stream, mean ± std over seeds; gains in points over no adaptation (same "
+              "seed). Target (issue 5): CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of "
+              "uploading everything.\n", summary_table(results) + "\n", _reading(results)]
+    for teacher, other in results.items():
+        if other.get("rows"):
+            parts.append(teacher_section(teacher, other, command=f"{command} --teacher {teacher}",
+                                         plot_name=f"{OUTPUTS[teacher]}.png"))
     bench = data.get("cloud_updates_per_s")
     if bench:
         parts += ["## Cloud updates per second\n",
@@ -798,8 +915,7 @@ def markdown(data: dict[str, Any], *, command: str, tune_command: str, latency: 
                   "step + student distillation), parameters published to the state folder; median of "
                   f"{bench['updates']}: **{bench['updates_per_s']:.1f} updates/s** ({1e3 * bench['median_s']:.1f} ms "
                   f"each, {bench['new_samples_per_s']:.0f} new samples/s) on a {bench['cpu_count']}-core machine "
-                  f"shared with other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured, "
-                  "so an idle machine is faster).\n"]
+                  f"shared with other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured).\n"]
     if latency is not None and latency.is_file():
         parts += ["## Latency (summary of [edge_latency.md](edge_latency.md))\n",
                   "Measured by `python -m simulations.bench_edge_latency`, not by this study; its latency and "
@@ -832,73 +948,66 @@ def _federated_accuracy(run_dir: str) -> str:
     return f"mean accuracy {acc:.3f} on the uncorrupted test domains" if acc is not None else "accuracy unknown"
 
 
-def _runtime_line(data: dict[str, Any]) -> str:
-    """Where the study's time went (wall seconds of the edge runs, and of training the model once)."""
+def _runtime_line(results: dict[str, dict[str, Any]]) -> str:
+    """Where the study's time went (wall seconds of the edge runs per teacher, and of training the model once)."""
+    data = results["self"]
     metrics = ROOT / data["study"]["run_dir"] / "metrics.json"
     train = json.loads(metrics.read_text())["summary"].get("wall_seconds") if metrics.is_file() else None
-    runs = sum(r["seconds"] for r in data.get("rows", []))
-    tuning = sum(r["seconds"] for r in data.get("tuning", []))
-    return (f"- Time on this shared 2-core machine: the {len(data.get('rows', []))} study runs {runs / 60:.1f} min "
-            f"(edge + cloud, lockstep), the {len(data.get('tuning', []))} tuning runs {tuning / 60:.1f} min"
-            + (f", training the federated model once {train / 60:.1f} min (cached afterwards)" if train else "")
-            + "; the export, label oracle and update benchmark add under a minute.\n")
+    cells = [f"{t} {len(d.get('rows', [])) + len(d.get('tuning', []))} runs "
+             f"{sum(r['seconds'] for r in d.get('rows', []) + d.get('tuning', [])) / 60:.1f} min"
+             for t, d in results.items()]
+    return (f"- Time on this shared 2-core machine (edge + cloud, lockstep, tuning included): {', '.join(cells)}"
+            + (f"; training the federated model once {train / 60:.1f} min (cached afterwards)" if train else "")
+            + ".\n")
 
 
-def _reading(data: dict[str, Any], g: dict[int, dict[str, float]]) -> str:
-    """Why the gains are what they are, in the study's own numbers."""
-    if not g:
-        return ""
-    n = statistics.mean(r["samples"] for r in data["rows"])
-    g_cema = statistics.mean(v["gain_cema"] for v in g.values())
-    g_all = statistics.mean(v["gain_all"] for v in g.values())
-    oracle = [acc - g[int(seed)]["acc_none"] for seed, acc in data.get("label_oracle", {}).items() if int(seed) in g]
-    tuned = {r["mode"]: r["accuracy"] for r in data.get("tuning", []) if r["setting"] == "defaults"}
-    lines = ["## Reading the results\n",
-             f"- The gains are tiny: {100 * g_cema:+.2f} (CEMA) and {100 * g_all:+.2f} (all) points are about "
-             f"{g_cema * n:+.0f} and {g_all * n:+.0f} of {n:.0f} samples, so the ratio of the two says little"
-             + (" (the order none < CEMA < all did hold on every seed)."
-                if all(v["acc_none"] < v["acc_cema"] < v["acc_all"] for v in g.values()) else ".")]
-    if oracle:
-        lines.append(f"- Headroom: even learning the norm parameters from the true labels gains "
-                     f"{100 * statistics.mean(oracle):+.2f} points on average "
-                     f"({', '.join(f'{100 * o:+.2f}' for o in oracle)}). "
-                     "Only the LayerNorm affine values of a small ViT may change (the deployed weights are fixed), "
-                     f"and each corruption lasts {data['study']['per_segment']} samples.")
-    if {"none", "cema", "all"} <= tuned.keys():
-        lines.append(f"- The teacher is the served model itself (the issue's default), about "
-                     f"{statistics.mean(v['acc_none'] for v in g.values()):.0%} accurate on this stream. Its "
-                     "entropy minimisation and its pseudo-labels reinforce its own mistakes: with the public CEMA "
-                     f"code's loss weights (entropy/KL/CE 3/3/1) uploading every sample lost "
-                     f"{100 * (tuned['none'] - tuned['all']):.2f} points on seed 0, while CEMA, which leaves out "
-                     f"the unreliable high-entropy samples, gained {100 * (tuned['cema'] - tuned['none']):+.2f}: "
-                     "the harm the selection is designed to avoid.")
-    settings = {r["setting"] for r in data.get("tuning", []) if r["mode"] == "all"}
-    none0 = next((r["accuracy"] for r in data.get("tuning", []) if r["mode"] == "none"), None)
-    hurt = sorted({r["setting"] for r in data.get("tuning", []) if r["mode"] == "all" and r["accuracy"] < none0})
-    if none0 is not None and settings:
-        lines.append(f"- In the tuning, uploading everything lost accuracy with {len(hurt)} of {len(settings)} "
-                     f"settings ({', '.join(hurt) or 'none'}). The chosen one, {CHOSEN} "
-                     f"(`{' '.join(TUNING[CHOSEN])}`), keeps only the KL term: the student follows the teacher, "
-                     "whose own norm parameters adapt by weighted entropy on the reliable (low-entropy) uploads.")
-    lines.append("- The paper distils from a much stronger foundation model than the edge model; here the "
-                 "teacher is the same small model. `load_served_model(run, teacher=other_run)` takes a stronger "
-                 "one: see the next section for a centralised-trained teacher.\n")
+def _reading(results: dict[str, dict[str, Any]]) -> str:
+    """What the numbers say, computed from them."""
+    lines = ["Reading:\n"]
+    for teacher, data in results.items():
+        g = gains(data.get("rows", []))
+        if not g:
+            continue
+        t_acc = statistics.mean(data.get("teacher_stream_accuracy", {"-": math.nan}).values())
+        served = statistics.mean(v["acc_none"] for v in g.values())
+        g_cema = statistics.mean(v["gain_cema"] for v in g.values())
+        g_all = statistics.mean(v["gain_all"] for v in g.values())
+        wins = sum(v["gain_all"] > 0 for v in g.values())
+        lines.append(f"- Teacher {teacher} ({t_acc:.3f} on the stream, the served model {served:.3f}): uploading "
+                     f"everything {100 * g_all:+.2f} points (positive on {wins} of {len(g)} seeds), CEMA "
+                     f"{100 * g_cema:+.2f}.")
+    found = results.get("foundation", {}).get("tuning", [])
+    none0 = next((r["accuracy"] for r in found if r["mode"] == "none"), None)
+    by = {(r["setting"], r["mode"]): r for r in found}
+    narrow, wide = ("KL, frozen teacher", "cema"), ("KL, frozen teacher, E_max 0.7", "cema")
+    if none0 is not None and narrow in by and wide in by:
+        lines.append(
+            f"- The upper threshold matters once the teacher is better than the device: on seed 0 with the "
+            f"foundation teacher, the paper's starting E_max = 0.4 ln C uploads {by[narrow]['uploaded_fraction']:.1%}"
+            f" and gains {100 * (by[narrow]['accuracy'] - none0):+.2f} points, E_max = 0.7 ln C uploads "
+            f"{by[wide]['uploaded_fraction']:.1%} and gains {100 * (by[wide]['accuracy'] - none0):+.2f}. The "
+            "device's high-entropy samples are where it is most often wrong and where a robust teacher still "
+            "labels well; the exclusion protects entropy minimisation from them (see the self teacher's "
+            "`defaults` row), not distillation from a stronger model.")
+    lines.append("- A weak teacher cannot help: the self-taught and centralised rows gain little or lose, since their "
+                 "pseudo-labels on the corrupted stream are barely better than the device's own.\n")
     return "\n".join(lines)
 
 
 def _oracle_line(oracle: dict[str, float], g: dict[int, dict[str, float]]) -> str:
-    """The label oracle per seed, as a gain over no adaptation."""
+    """The online label yardstick per seed, as a gain over no adaptation."""
     cells = [f"seed {seed}: {acc:.4f} ({100 * (acc - g[int(seed)]['acc_none']):+.2f} pts)"
              for seed, acc in oracle.items() if int(seed) in g]
     if not cells:
         return ""
-    return ("Yardstick, not deployable: the same norm parameters learning online from the true labels "
-            "(`label_oracle`: predict a batch, then one SGD step of cross-entropy, lr 0.01, momentum 0.9) reach "
-            + "; ".join(cells) + ". That is about all that adapting only the normalisation parameters can gain "
-            "on this stream within one pass.\n")
+    return ("Online on the stream itself, the same norm parameters learning from the true labels with the "
+            "cloud's own budget (`label_oracle`: predict a batch, then one SGD step of cross-entropy, lr 0.01, "
+            "momentum 0.9) reach " + "; ".join(cells) + ": one pass of 384 samples per corruption is far from the "
+            "fitted values above.\n")
 
 
-OUTPUTS = {"self": "edge_stream", "centralised": "edge_stream_centralised-teacher"}
+OUTPUTS = {"self": "edge_stream", "centralised": "edge_stream_centralised-teacher",
+           "foundation": "edge_stream_foundation-teacher"}
 """Result files (.json, .png under RESULTS) per teacher."""
 
 
@@ -908,14 +1017,15 @@ def main() -> None:
     parser.add_argument("--config", default=str(CONFIG), help="config to train when --run is not given")
     parser.add_argument("--method", default="fedit", help="aggregation method to train (default: %(default)s)")
     parser.add_argument("--teacher", choices=TEACHERS, default="self",
-                        help="the cloud's teacher: the served model itself, or LoRA trained centrally on the pooled "
-                             "client data (trained once with --config, cached) (default: %(default)s)")
+                        help="the cloud's teacher: the served model itself, LoRA trained centrally on the "
+                             "pooled client data, or that trained longer with colour jitter (trained once with --config, cached) "
+                             "(default: %(default)s)")
     parser.add_argument("--teacher-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="overrides of the centralised teacher's training config (e.g. federation.rounds=3)")
+                        help="overrides of the teacher's training config (e.g. federation.rounds=3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-segment", type=int, default=384, help="test images per corruption segment")
     parser.add_argument("--set", action="append", default=None, metavar="SECTION.FIELD=VALUE",
-                        help="edge/cloud settings (default: the chosen DEFAULT_SETTING)")
+                        help="edge/cloud settings for every seed (default: the TUNING setting chosen on seed 0)")
     parser.add_argument("--tune", action="store_true", help="run the TUNING settings on seed 0 only")
     parser.add_argument("--settings", nargs="+", default=None, metavar="LABEL",
                         help=f"with --tune: only these TUNING settings (default: all of {list(TUNING)})")
@@ -925,9 +1035,8 @@ def main() -> None:
     run_dir = Path(args.run) if args.run else trained_run(cfg)
     teacher = teacher_run(args.teacher, load_config(args.config, [f"aggregation.method={args.method}",
                                                                   *args.teacher_set]))
-    overrides = TUNING[CHOSEN_BY_TEACHER[args.teacher]] if args.set is None else args.set
     out = RESULTS / f"{OUTPUTS[args.teacher]}.json"
-    data = run_study(run_dir, seeds=args.seeds, per_segment=args.per_segment, overrides=overrides, out=out,
+    data = run_study(run_dir, seeds=args.seeds, per_segment=args.per_segment, overrides=args.set, out=out,
                      tune=args.tune, teacher=teacher, settings=args.settings)
     if args.tune:
         print(tuning_table(data["tuning"]))
@@ -938,25 +1047,23 @@ def main() -> None:
                    f"{data['study']['config_hash']}, teacher {args.teacher}, "
                    f"seeds {sorted({r['seed'] for r in data['rows']})})")
         print(gain_table(data["rows"]))
-    write_report(args.run)
+    try:
+        write_report(args.run)
+    except Exception as err:  # noqa: BLE001 - the results are saved; the report can be rewritten later
+        print(f"edge.md not written: {err!r}")
     print(f"done in {time.time() - started:.0f} s")
 
 
 def write_report(run: str | None = None) -> Path | None:
-    """`edge.md` from every teacher's result file (the self-teacher study first; nothing without it)."""
-    base = "python -m simulations.edge_study" + (f" --run {run}" if run else "")
-    own = _load(RESULTS / f"{OUTPUTS['self']}.json")
-    if not own.get("rows"):
+    """`edge.md` from every teacher's result file (nothing without the self-teacher study)."""
+    results = {t: _load(RESULTS / f"{name}.json") for t, name in OUTPUTS.items()}
+    results = {t: d for t, d in results.items() if d.get("rows")}
+    if "self" not in results:
         return None
-    extra = []
-    for teacher, name in OUTPUTS.items():
-        other = _load(RESULTS / f"{name}.json")
-        if teacher != "self" and other.get("rows"):
-            cmd = f"{base} --teacher {teacher}"
-            extra.append(teacher_section(other, command=cmd, tune_command=f"{cmd} --tune", plot_name=f"{name}.png"))
+    results = {"self": results.pop("self"), **results}
     path = RESULTS / "edge.md"
-    path.write_text(markdown(own, command=base, tune_command=base + " --tune", latency=RESULTS / "edge_latency.md",
-                             extra=extra))
+    command = "python -m simulations.edge_study" + (f" --run {run}" if run else "")
+    path.write_text(markdown(results, command=command, latency=RESULTS / "edge_latency.md"))
     return path
 
 

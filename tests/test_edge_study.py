@@ -43,7 +43,8 @@ def test_corruptions_change_the_images_and_repeat_per_seed(name, severity):
     assert a.shape == x.shape and a.dtype == x.dtype
     assert torch.equal(a, b)  # same seed, same corruption
     assert (a - x).abs().mean() > 0.01  # it really changes the images
-    assert x.min() >= 0 and a.min() >= -1e-6 and a.max() <= 1 + 1e-6  # stays on the [0, 1] scale
+    top = 1 + CORRUPTIONS["brightness"][severity - 1] if name == "brightness" else 1  # an offset, not clipped
+    assert x.min() >= 0 and a.min() >= -1e-6 and a.max() <= top + 1e-6  # stays on the [0, 1] scale
     if name in ("salt_pepper", "occlusion"):  # random ones differ with the seed
         assert not torch.equal(a, corrupt(x, name, severity, corruption_generator(1, name, severity)))
 
@@ -115,7 +116,7 @@ def test_latency_summary_keeps_the_intro_and_the_chosen_sections_one_level_down(
 
 
 def test_target_line_and_teacher_section():
-    from simulations.edge_study import _target_line, teacher_section
+    from simulations.edge_study import _target_line, summary_table, teacher_section
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
     assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in _target_line(gains(rows))
@@ -123,11 +124,52 @@ def test_target_line_and_teacher_section():
     assert "**Target not met**" in _target_line(gains(worse)) and "above the 50 % budget" in _target_line(gains(worse))
     data = {"study": {"teacher": "runs/t", "teacher_model_version": "abc", "config_hash": "h", "run_dir": "runs/s",
                       "segments": ["contrast-1"]},
-            "rows": rows, "teacher_stream_accuracy": {"0": 0.62}, "overrides": ["cloud.ce_weight=0"]}
-    md = teacher_section(data, command="cmd", tune_command="tune", plot_name="p.png")
-    assert "`runs/t` (model version `abc`)" in md and "seed 0: 0.6200 (mean 0.6200; the served model 0.5000)" in md
+            "rows": rows, "teacher_stream_accuracy": {"0": 0.62}, "overrides": ["cloud.ce_weight=0"],
+            "chosen": "KL only"}
+    md = teacher_section("centralised", data, command="cmd", plot_name="p.png")
+    assert "## Teacher: centralised" in md and "`runs/t` (model version `abc`" in md
+    assert "seed 0: 0.6200 (mean 0.6200)" in md and "**KL only** (`cloud.ce_weight=0`)" in md
     assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md and "(p.png)" in md
-    assert "`cloud.ce_weight=0`" in md and "Settings on seed 0" not in md
+    assert "Settings tried on seed 0" not in md  # no tuning rows
+    summary = summary_table({"centralised": data})
+    assert "| centralised | 0.6200 | KL only |" in summary and "| 30.0 % | met |" in summary
+
+
+def _tuned(setting: str, cema: float, all_: float, uploaded: float) -> list[dict]:
+    return [_row("cema", 0, cema, uploaded) | {"setting": setting}, _row("all", 0, all_, 1.0) | {"setting": setting}]
+
+
+def test_chosen_setting_prefers_the_best_cema_within_the_upload_budget():
+    from simulations.edge_study import chosen_setting
+
+    none = [_row("none", 0, 0.50, 0.0)]
+    assert chosen_setting([]) is None
+    rows = none + _tuned("defaults", 0.52, 0.55, 0.4) + _tuned("KL only", 0.56, 0.57, 0.6) + _tuned("cautious", 0.51,
+                                                                                                     0.58, 0.3)
+    assert chosen_setting(rows) == "defaults"  # KL only uploads too much; cautious gains less with CEMA
+    over = none + _tuned("defaults", 0.52, 0.49, 0.4) + _tuned("KL only", 0.51, 0.53, 0.6)
+    assert chosen_setting(over) == "KL only"  # nothing qualifies: the largest gain of uploading everything
+    assert "| **KL only** |" in tuning_table(over, "KL only")
+
+
+def test_photometric_jitter_adds_labelled_copies_deterministically():
+    from common.data import LabeledData
+    from simulations.edge_study import photometric_jitter
+
+    x = torch.randn(6, 1, 4, 4)
+    data = LabeledData(x, torch.arange(6), torch.zeros(6, dtype=torch.int64))
+    out = photometric_jitter(data, copies=2, seed=3)
+    assert out.x.shape == (18, 1, 4, 4) and out.y.tolist() == list(range(6)) * 3
+    assert torch.equal(out.x[:6], x) and not torch.allclose(out.x[6:12], x)
+    assert torch.equal(out.x, photometric_jitter(data, copies=2, seed=3).x)
+    assert not torch.equal(out.x, photometric_jitter(data, copies=2, seed=4).x)
+
+
+def test_headroom_table():
+    from simulations.edge_study import headroom_table
+
+    rows = [{"corruption": "contrast", "severity": 2, "in_stream": True, "served": 0.2, "fitted": 0.41}]
+    assert "| contrast-2 | yes | 0.200 | 0.410 | +21.0 |" in headroom_table(rows)
 
 
 def test_teacher_choice_is_checked():
