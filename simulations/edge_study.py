@@ -38,7 +38,7 @@ import statistics
 import tempfile
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,15 +163,20 @@ def trained_run(cfg: RunConfig) -> Path:
     """`runs/edge-study-<config hash>/`: trained with `simulate` once (in-process engine), then reused."""
     from simulations.simulate import simulate
 
-    run_dir = ROOT / cfg.output_dir / f"edge-study-{config_hash(cfg)}"
+    return _train_once(ROOT / cfg.output_dir / f"edge-study-{config_hash(cfg)}",
+                       f"the federated model ({cfg.name}, {cfg.aggregation.method}, {cfg.federation.rounds} rounds)",
+                       lambda partial: simulate(cfg, partial, engine="inprocess"))
+
+
+def _train_once(run_dir: Path, what: str, train: Callable[[Path], object]) -> Path:
+    """`run_dir` if it holds a trained adapter; else `train(<run_dir>.partial)`, then renamed into place."""
     if (run_dir / "adapter" / "adapter_config.json").is_file():
         return run_dir
     partial = run_dir.with_name(run_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    print(f"training the federated model ({cfg.name}, {cfg.aggregation.method}, {cfg.federation.rounds} rounds) "
-          f"-> {run_dir}", flush=True)
-    simulate(cfg, partial, engine="inprocess")
+    print(f"training {what} -> {run_dir}", flush=True)
+    train(partial)
     partial.rename(run_dir)
     return run_dir
 
@@ -220,20 +225,15 @@ def trained_teacher(cfg: RunConfig, kind: str) -> Path:
         raise ValueError(f"teacher kind {kind!r}: allowed 'centralised', 'foundation'")
     if kind == "foundation":
         cfg = build_config(cfg.model_dump(mode="json", exclude_none=True), FOUNDATION_TRAINING)
-    run_dir = ROOT / cfg.output_dir / f"edge-teacher-{kind}-{config_hash(cfg)}"
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return run_dir
-    partial = run_dir.with_name(run_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    print(f"training the {kind} teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data) "
-          f"-> {run_dir}", flush=True)
-    # evaluated once, at the end: a teacher, not a learning curve
-    record, model = centralised(cfg, curve=False, augment=photometric_jitter if kind == "foundation" else None)
-    record.run_dir = partial
-    write_outputs(record, model)
-    partial.rename(run_dir)
-    return run_dir
+
+    def train(partial: Path) -> None:
+        # evaluated once, at the end: a teacher, not a learning curve
+        record, model = centralised(cfg, curve=False, augment=photometric_jitter if kind == "foundation" else None)
+        record.run_dir = partial
+        write_outputs(record, model)
+
+    return _train_once(ROOT / cfg.output_dir / f"edge-teacher-{kind}-{config_hash(cfg)}",
+                       f"the {kind} teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data)", train)
 
 
 TEACHERS = ("self", "centralised", "foundation")
