@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 proto: $(STAMP)
-	$(PY) -m common.wire.generate
+	$(PY) -m fairedge.common.wire.generate
 
 clean:
 	rm -rf runs .flwr .pytest_cache

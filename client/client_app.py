@@ -3,12 +3,12 @@
 Each train message carries the global adapter (`arrays`), the run config
 (`config["fairedge-config"]`, JSON) and the aggregator's instructions for the
 round (`config["train-factors"]`, `config["personal-b"]`, see
-`common.aggregation.base`). The client sets its base weights to `W0` plus the
+`fairedge.common.aggregation.base`). The client sets its base weights to `W0` plus the
 adapter's base delta (FLoRA, FedEx-LoRA), loads the factors (with
 `personal-b`, its own B from earlier rounds instead of the global one), trains
 the factors it is told to, and replies with what `reply_factors` names plus the
 head (`arrays`), or with compression on, the ComPEFT-compressed change since
-what it started from (`compressed["payload"]`, see `client.update_compression`).
+what it started from (`compressed["payload"]`, see `fairedge.client.update_compression`).
 A personal B never leaves the client: it is kept in Flower's per-node context
 state. Evaluate messages are answered with this node's accuracy on the test
 data of its own domains (for personalised methods: global A, own B).
@@ -31,15 +31,15 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.update_compression import compress_update
-from common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
-from common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
-from common.config import RunConfig
-from common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
-from common.data import LabeledData
-from common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
-from common.training import evaluate as evaluate_model
-from common.training import resolve_device, train_local
+from fairedge.client.update_compression import compress_update
+from fairedge.common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
+from fairedge.common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
+from fairedge.common.config import RunConfig
+from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
+from fairedge.common.data import LabeledData
+from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
+from fairedge.common.training import evaluate as evaluate_model
+from fairedge.common.training import resolve_device, train_local
 
 log = logging.getLogger("fairedge.client")
 CONFIG_KEY = "fairedge-config"

@@ -32,8 +32,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_edge(args: argparse.Namespace) -> int:
     """Serve predictions on the input stream, adapt through the cloud, write the JSON log."""
-    from client.edge import CloudEndpoint, EdgeRuntime, open_stream
-    from common.config import ConfigError, load_config
+    from fairedge.client.edge import CloudEndpoint, EdgeRuntime, open_stream
+    from fairedge.common.config import ConfigError, load_config
 
     def fail(message: str) -> int:
         print(f"fairedge-edge run: {message}", file=sys.stderr)

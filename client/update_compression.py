@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from common.compression import compress, decompress
-from common.config import CompressionConfig
+from fairedge.common.compression import compress, decompress
+from fairedge.common.config import CompressionConfig
 
 RESIDUAL_KEY = "fairedge.ef-residual"
 

@@ -3,7 +3,7 @@
 Keys are `lora/<layer>/A`, `lora/<layer>/B`, `head/<name>` and, for a change of
 the base weights, `base/<layer>/Q`, `base/<layer>/P`, so the receiver can check
 names and shapes before using anything. The same keys name the tensors in a
-compressed update (`common.compression`) and in a Flower ArrayRecord.
+compressed update (`fairedge.common.compression`) and in a Flower ArrayRecord.
 
 Downlink (server → client) carries everything. A reply (client → server) carries
 the head and the LoRA factors the client was asked to send (`reply_factors` of
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.aggregation import Adapter
+from fairedge.common.aggregation import Adapter
 
 
 class MalformedAdapter(ValueError):

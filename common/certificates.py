@@ -7,7 +7,7 @@ make what Flower 1.41 reads, with the `cryptography` package (a Flower dependenc
 - `make_ca`: `ca.crt` + `ca.key`, a self-signed CA (EC P-256). Clients trust `ca.crt`
   (`flower-supernode --root-certificates`, `root-certificates` of a `flwr` connection,
   `grpc.ssl_channel_credentials(root_certificates=...)`).
-- `make_server_cert`: `server.crt` + `server.key` signed by the CA, valid for
+- `make_server_cert`: `fairedge.server.crt` + `fairedge.server.key` signed by the CA, valid for
   `localhost`, `127.0.0.1`, `::1` and the given host names / IP addresses (SAN).
 - `make_node_key`: a SuperNode authentication key pair in OpenSSH format, EC P-384 (what
   `ssh-keygen -t ecdsa -b 384` writes and what `flower-supernode

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.aggregation import AGGREGATORS
+from fairedge.common.aggregation import AGGREGATORS
 
 
 

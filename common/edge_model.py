@@ -37,8 +37,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from common.config import RunConfig, config_hash, load_config
-from common.data.task_data import TaskData
+from fairedge.common.config import RunConfig, config_hash, load_config
+from fairedge.common.data.task_data import TaskData
 
 METADATA_PREFIX = "fairedge."
 FORMAT_VERSION = 1
@@ -112,8 +112,8 @@ def load_merged_model(run_dir: str | Path) -> MergedModel:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from common.adapter_record import unflatten
-    from common.task import base_model, load_task
+    from fairedge.common.adapter_record import unflatten
+    from fairedge.common.task import base_model, load_task
 
     run_dir = Path(run_dir)
     for need in ("config.toml", "adapter/adapter_config.json"):
@@ -242,7 +242,7 @@ def model_inputs(model: MergedModel | EdgeModelInfo, x: Any, *, tokenizer: Any =
     """Raw task data -> ONNX feeds (also valid `**kwargs` for the PyTorch model after `torch.from_numpy`).
 
     Images: a float batch `(N, C, H, W)` already on the task's pixel scale (what `load_task`
-    gives; see `common.data.task_data.normalize_pixels`). Texts: a list of strings, tokenized
+    gives; see `fairedge.common.data.task_data.normalize_pixels`). Texts: a list of strings, tokenized
     and padded to `max_length`; the tokenizer is the merged model's own, or for an
     `EdgeModelInfo` the one saved next to the ONNX file (`load_tokenizer`).
     """

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.aggregation import Adapter
-from common.config import DataConfig, LoraSettings, ModelConfig, RunConfig
-from common.data import LabeledData, TaskData, make_digits_domains, partition_clients
-from common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
-from common.lora import (
+from fairedge.common.aggregation import Adapter
+from fairedge.common.config import DataConfig, LoraSettings, ModelConfig, RunConfig
+from fairedge.common.data import LabeledData, TaskData, make_digits_domains, partition_clients
+from fairedge.common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
+from fairedge.common.lora import (
     add_lora,
     get_head_state,
     get_lora_factors,
@@ -27,7 +27,7 @@ from common.lora import (
     set_head_state,
     set_lora_factors,
 )
-from common.models import load_text_classifier, pretrained_vision_classifier
+from fairedge.common.models import load_text_classifier, pretrained_vision_classifier
 
 
 @functools.lru_cache(maxsize=4)
@@ -107,7 +107,7 @@ def get_adapter(model: nn.Module) -> Adapter:
 def set_adapter(model: nn.Module, adapter: Adapter, base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Load an `Adapter` into a LoRA model, in place.
 
-    `base_weights` are the pristine `W0` of the LoRA layers (`common.lora.get_base_weights`
+    `base_weights` are the pristine `W0` of the LoRA layers (`fairedge.common.lora.get_base_weights`
     of the model as built). With them every such layer's base weight becomes
     `W0 + P @ Q` from `adapter.base_delta`, or `W0` where it has no entry, so a
     model can be reused across rounds. An adapter with a base delta needs them.

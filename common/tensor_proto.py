@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.wire import edge_service_pb2 as pb
+from fairedge.common.wire import edge_service_pb2 as pb
 
 DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ("float32", "float16", "int64", "int32", "uint8")}
 """The dtypes a Tensor may carry, little-endian."""

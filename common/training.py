@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.data import LabeledData
+from fairedge.common.data import LabeledData
 
 
 def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:

@@ -4,7 +4,7 @@ Flower has no resume, so the server saves everything its round loop carries from
 one round to the next. `<run dir>/checkpoint/round-0003/` holds:
 
 - `tensors.safetensors`: the global adapter under its wire names (`lora/<layer>/A|B`,
-  `head/<name>`, `base/<layer>/Q|P`, see `common.adapter_record`), any tensor an
+  `head/<name>`, `base/<layer>/Q|P`, see `fairedge.common.adapter_record`), any tensor an
   aggregator keeps as an attribute (`aggregator/<attr>`) and torch's RNG state (`rng/torch`);
 - `state.json`: the round, the config hash, the adapter's tensor names in order,
   the aggregator's other attributes (e.g. RoLoRA's alternation), the RNG states
@@ -39,12 +39,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from common.adapter_record import flatten, unflatten
-from common.aggregation import AGGREGATORS, Aggregator
-from common.config import ConfigError, RunConfig, config_hash, load_config
-from common.atomic_files import atomic_write_bytes, fsync_dir
-from server.run_outputs import RunRecord
-from server.strategy import LoraStrategy
+from fairedge.common.adapter_record import flatten, unflatten
+from fairedge.common.aggregation import AGGREGATORS, Aggregator
+from fairedge.common.config import ConfigError, RunConfig, config_hash, load_config
+from fairedge.common.atomic_files import atomic_write_bytes, fsync_dir
+from fairedge.server.run_outputs import RunRecord
+from fairedge.server.strategy import LoraStrategy
 
 log = logging.getLogger("fairedge.server")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cloud.cli import add_cloud_arguments, run_cloud
+from fairedge.server.cloud.cli import add_cloud_arguments, run_cloud
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    """Write a local CA, a server certificate and SuperNode key pairs (see `common.certificates`)."""
-    from common.certificates import make_credentials
+    """Write a local CA, a server certificate and SuperNode key pairs (see `fairedge.common.certificates`)."""
+    from fairedge.common.certificates import make_credentials
 
     hosts = [h for h in args.hosts.split(",") if h.strip()]
     try:
@@ -27,9 +27,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's merged model to ONNX and print where it went and its parity with PyTorch."""
-    from common.config import ConfigError
-    from common.edge_model import NormExportError
-    from server.export import describe, export_run
+    from fairedge.common.config import ConfigError
+    from fairedge.common.edge_model import NormExportError
+    from fairedge.server.export import describe, export_run
 
     try:
         report = export_run(args.run_dir, args.out, int8=args.int8)

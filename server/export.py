@@ -1,6 +1,6 @@
 """`fairedge-server export`: a run folder -> an ONNX model for the edge, checked on the run's own test data.
 
-`common.edge_model.export_onnx` already refuses an export whose normalisation parameters
+`fairedge.common.edge_model.export_onnx` already refuses an export whose normalisation parameters
 could not be swapped; here we also measure what a person deciding to ship it wants to
 know: how far ONNX Runtime is from PyTorch on real samples, with the trained and with
 changed normalisation parameters, and (int8) how much accuracy quantisation costs.
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.edge_model import (
+from fairedge.common.edge_model import (
     MergedModel,
     export_onnx,
     forward_with_norm,
@@ -28,8 +28,8 @@ from common.edge_model import (
     perturbed_norm,
     session,
 )
-from common.task import load_task
-from common.training import evaluate_per_domain
+from fairedge.common.task import load_task
+from fairedge.common.training import evaluate_per_domain
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """One federated LoRA run on a Flower Grid, from config to run folder.
 
 Reads top to bottom: data and model, the initial global adapter, the strategy,
-then the round loop, then the outputs (see `server.run_outputs`). The loop is
+then the round loop, then the outputs (see `fairedge.server.run_outputs`). The loop is
 ours rather than Flower's `Strategy.start` (which always runs rounds 1..N)
 because a run must be able to resume and to retry a round:
 
@@ -11,7 +11,7 @@ because a run must be able to resume and to retry a round:
                       personalised rules: every client evaluates its own model
                       server-side evaluation per domain (of the global adapter,
                       on the base weights it implies)
-                      checkpoint (`server.checkpoint`)
+                      checkpoint (`fairedge.server.checkpoint`)
 
 With `resume=True` the run continues in `run_dir` after the round of its newest
 checkpoint; its outputs then cover all rounds of all sessions.
@@ -29,14 +29,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from common.aggregation import AGGREGATORS, Aggregator
-from common.config import RunConfig
-from common.lora import get_base_weights
-from common.task import config_json, get_adapter, load_task, lora_model, set_adapter
-from common.training import evaluate_per_domain, resolve_device
-from server.checkpoint import client_state_warning, restore_run_state, save_run_state
-from server.run_outputs import RunRecord, write_config, write_outputs
-from server.strategy import LoraStrategy
+from fairedge.common.aggregation import AGGREGATORS, Aggregator
+from fairedge.common.config import RunConfig
+from fairedge.common.lora import get_base_weights
+from fairedge.common.task import config_json, get_adapter, load_task, lora_model, set_adapter
+from fairedge.common.training import evaluate_per_domain, resolve_device
+from fairedge.server.checkpoint import client_state_warning, restore_run_state, save_run_state
+from fairedge.server.run_outputs import RunRecord, write_config, write_outputs
+from fairedge.server.strategy import LoraStrategy
 
 log = logging.getLogger("fairedge.server")
 RoundCallback = Callable[[dict[str, Any]], None]

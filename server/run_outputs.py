@@ -4,7 +4,7 @@
 `metrics.json` (every round), `report.md` (tables), `accuracy.png`,
 `adapter/` (the final global adapter in PEFT's format) and, for rules that
 change the base weights (FLoRA, FedEx-LoRA), `base_delta.safetensors`.
-`checkpoint/` (see `server.checkpoint`) holds the state after the last complete
+`checkpoint/` (see `fairedge.server.checkpoint`) holds the state after the last complete
 round, for `--resume`. A run that stops early (a round failed all its retries)
 still writes its outputs, with the reason in `metrics.json` (`summary.status`)
 and at the top of the report.
@@ -22,11 +22,11 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from common.adapter_record import flatten
-from common.atomic_files import atomic_write_bytes
-from common.aggregation import Adapter, BaseDelta
-from common.config import RunConfig, config_hash, to_toml
-from common.lora import save_adapter
+from fairedge.common.adapter_record import flatten
+from fairedge.common.atomic_files import atomic_write_bytes
+from fairedge.common.aggregation import Adapter, BaseDelta
+from fairedge.common.config import RunConfig, config_hash, to_toml
+from fairedge.common.lora import save_adapter
 
 
 def new_run_dir(cfg: RunConfig) -> Path:

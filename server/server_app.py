@@ -5,8 +5,8 @@ Reads from the Flower run config (`[tool.flwr.app.config]` in pyproject.toml, or
 - `config-file` and `overrides` (`"section.field=value; ..."`): the run's config;
 - `resume` (a run folder, empty by default): continue that run after its last
   complete checkpoint instead (its own `config.toml`; `overrides` may then only
-  change `server.checkpoint.RESUMABLE_CHANGES`, e.g. extend `federation.rounds`).
-Then runs `server.federation.run_federation`.
+  change `fairedge.server.checkpoint.RESUMABLE_CHANGES`, e.g. extend `federation.rounds`).
+Then runs `fairedge.server.federation.run_federation`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import load_config
-from server.checkpoint import client_state_warning, resume_config
-from server.federation import run_federation
-from server.run_outputs import new_run_dir
+from fairedge.common.config import load_config
+from fairedge.server.checkpoint import client_state_warning, resume_config
+from fairedge.server.federation import run_federation
+from fairedge.server.run_outputs import new_run_dir
 
 app = ServerApp()
 log = logging.getLogger("fairedge.server")

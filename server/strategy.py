@@ -44,7 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapter_record import (
+from fairedge.common.adapter_record import (
     MalformedAdapter,
     adapter_from_record,
     adapter_to_record,
@@ -56,8 +56,8 @@ from common.adapter_record import (
     shapes,
     unflatten,
 )
-from common.aggregation import Adapter, Aggregator, ClientConfig, ClientUpdate, reply_factors
-from common.compression import PayloadError, decompress
+from fairedge.common.aggregation import Adapter, Aggregator, ClientConfig, ClientUpdate, reply_factors
+from fairedge.common.compression import PayloadError, decompress
 
 log = logging.getLogger("fairedge.server")
 

@@ -16,7 +16,7 @@ the round had not happened) and `cos(U, P − W_g)`:
 plus `rank90(U)`, the number of singular values holding 90 % of `‖U‖²` (clients' updates span up to K·r).
 Dense matrices are fine here: the built-in ViT's layers are 64×64 / 64×128.
 
-    python -m simulations.aggregation_bias [--set data.partition=feature-label] [--method lora_fair]
+    python -m fairedge.simulations.aggregation_bias [--set data.partition=feature-label] [--method lora_fair]
 
 writes `simulations/results/aggregation_bias.json` and `.md`.
 """
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from common.aggregation import ClientUpdate, lora_fair
-from common.config import load_config
-from common.task import client_partition, get_adapter, lora_model, set_adapter
-from common.training import train_local
-from server.federation import make_aggregator
-from simulations.aggregation_study import CONFIG, RESULTS, _display
+from fairedge.common.aggregation import ClientUpdate, lora_fair
+from fairedge.common.config import load_config
+from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
+from fairedge.common.training import train_local
+from fairedge.server.federation import make_aggregator
+from fairedge.simulations.aggregation_study import CONFIG, RESULTS, _display
 
 CANDIDATES = ("fedit", "lora_fair", "best_B", "best_rank_r")
 
@@ -136,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(CONFIG, args.overrides)
     rows = replay(cfg, args.method)
-    command = shlex.join(["python", "-m", "simulations.aggregation_bias", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "fairedge.simulations.aggregation_bias", *sys.argv[1:]])
     out = Path(args.results)
     tag = f"{cfg.data.partition}-{args.method}"
     (out / f"aggregation_bias-{tag}.json").write_text(json.dumps(

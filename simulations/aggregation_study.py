@@ -5,7 +5,7 @@ label skew), same rounds, local steps and LoRA rank for every method, several se
 mean ± std of the final average and worst-domain accuracy, and the round at which
 each run first reaches 95 % of its own final mean accuracy.
 
-    python -m simulations.aggregation_study [--seeds 0 1 2] [--partitions feature feature-label]
+    python -m fairedge.simulations.aggregation_study [--seeds 0 1 2] [--partitions feature feature-label]
         [--methods fedit lora_fair ...] [--set federation.rounds=2 ...] [--results DIR]
 
 writes `<results>/aggregation_accuracy.json` (every run; resumable, seed-major),
@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.aggregation import AGGREGATORS
-from common.config import RunConfig, config_hash, load_config
-from common.data import LabeledData
-from common.lora import set_trainable_factors
-from common.task import client_partition, load_task, lora_model
-from common.training import evaluate_per_domain, resolve_device, train_local
-from server.run_outputs import RunRecord
-from simulations.sweep import run_sweep
+from fairedge.common.aggregation import AGGREGATORS
+from fairedge.common.config import RunConfig, config_hash, load_config
+from fairedge.common.data import LabeledData
+from fairedge.common.lora import set_trainable_factors
+from fairedge.common.task import client_partition, load_task, lora_model
+from fairedge.common.training import evaluate_per_domain, resolve_device, train_local
+from fairedge.server.run_outputs import RunRecord
+from fairedge.simulations.sweep import run_sweep
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = Path(__file__).parent / "configs" / "default.toml"
@@ -250,7 +250,7 @@ def plot(tables: dict[str, dict[str, list[dict]]], path: Path, title: str) -> No
 
 def command(args: argparse.Namespace) -> str:
     """The exact command line that regenerates these results."""
-    parts = ["python", "-m", "simulations.aggregation_study", "--seeds", *map(str, args.seeds),
+    parts = ["python", "-m", "fairedge.simulations.aggregation_study", "--seeds", *map(str, args.seeds),
              "--partitions", *args.partitions, "--methods", *args.methods]
     for o in args.overrides:
         parts += ["--set", o]

@@ -1,6 +1,6 @@
 """Benchmark the ComPEFT codec: bits per parameter vs the entropy bound, and single-core speed.
 
-    python -m simulations.bench_compression [--deltas deltas.pt] [--out simulations/results/compression_codec.md]
+    python -m fairedge.simulations.bench_compression [--deltas deltas.pt] [--out simulations/results/compression_codec.md]
 
 (1) For each density k, the wire size in bits per parameter against `H(k) + k`, the fewest
 bits any code can spend on a ternary vector of density k (H the binary entropy). "total"
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from common.compression import compress, decompress, read_header
-from common.wire import adapter_update_pb2 as pb
+from fairedge.common.compression import compress, decompress, read_header
+from fairedge.common.wire import adapter_update_pb2 as pb
 
 DEFAULT_OUT = Path("simulations/results/compression_codec.md")
 

@@ -1,8 +1,8 @@
 """Edge inference speed: ONNX Runtime vs PyTorch eager (fp32 and int8), and a norm swap vs a session rebuild.
 
-    python -m simulations.bench_edge_latency [--repeats 30] [--vit-run RUN_DIR]
+    python -m fairedge.simulations.bench_edge_latency [--repeats 30] [--vit-run RUN_DIR]
 
-Two models, both exported with `common.edge_model.export_onnx` (norm parameters as
+Two models, both exported with `fairedge.common.edge_model.export_onnx` (norm parameters as
 overridable graph inputs) and quantised with `quantize_onnx`:
 
 - the built-in ViT of `simulations/configs/default.toml` (its pre-trained base, or the
@@ -42,8 +42,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from common.config import RunConfig, build_config, config_hash, load_config
-from common.edge_model import (
+from fairedge.common.config import RunConfig, build_config, config_hash, load_config
+from fairedge.common.edge_model import (
     MergedModel,
     export_onnx,
     forward_with_norm,
@@ -57,7 +57,7 @@ from common.edge_model import (
     session,
     weights_version,
 )
-from common.task import base_model, load_task
+from fairedge.common.task import base_model, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "simulations" / "configs" / "default.toml"
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         models["minilm"] = bench_model("minilm", minilm, test.x, test.y.numpy(), tmp, args.repeats, how)
     import onnxruntime
 
-    command = "python -m simulations.bench_edge_latency" + (f" --repeats {args.repeats}" if args.repeats != 30 else "")
+    command = "python -m fairedge.simulations.bench_edge_latency" + (f" --repeats {args.repeats}" if args.repeats != 30 else "")
     command += f" --vit-run {args.vit_run}" if args.vit_run else ""
     res = {
         "command": command,

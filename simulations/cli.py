@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.config import ConfigError, config_hash, load_config
+from fairedge.common.config import ConfigError, config_hash, load_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 console = Console()
@@ -35,12 +35,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Validate the config, run the simulation with a live display, print where outputs went.
 
     With `--resume DIR` the config is the one in DIR (plus `--set` overrides that
-    only extend it: see `server.checkpoint.RESUMABLE_CHANGES`) and the run continues there.
+    only extend it: see `fairedge.server.checkpoint.RESUMABLE_CHANGES`) and the run continues there.
     """
-    from server.checkpoint import client_state_warning, resume_config
-    from server.federation import RoundFailed
-    from server.run_outputs import new_run_dir
-    from simulations.simulate import simulate
+    from fairedge.server.checkpoint import client_state_warning, resume_config
+    from fairedge.server.federation import RoundFailed
+    from fairedge.server.run_outputs import new_run_dir
+    from fairedge.simulations.simulate import simulate
 
     try:
         if args.resume and args.config:
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "another in this process, no Ray (same results, quicker start)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     run.set_defaults(func=cmd_run)
-    from simulations import deploy_loopback
+    from fairedge.simulations import deploy_loopback
 
     deploy = sub.add_parser("deploy", help="run one job on a real Flower deployment on this machine: a SuperLink "
                             "and N SuperNodes with TLS and node authentication (simulations/deploy_loopback.py)")

@@ -3,7 +3,7 @@
 Densities k ∈ {5, 10, 20, 100} %, with and without error feedback, against
 uncompressed fp32 updates, over several seeds; same rounds, local steps, rank.
 
-    python -m simulations.compression_study [--seeds 0 1 2] [--method fedit]
+    python -m fairedge.simulations.compression_study [--seeds 0 1 2] [--method fedit]
 
 writes `simulations/results/compression_accuracy.json` (every run), the
 accuracy table `compression_accuracy.md`, and `compression.md` (accuracy plus
@@ -17,7 +17,7 @@ import os
 import statistics
 from pathlib import Path
 
-from simulations.sweep import mean_std, run_sweep
+from fairedge.simulations.sweep import mean_std, run_sweep
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = Path(__file__).parent / "configs" / "default.toml"
@@ -78,15 +78,15 @@ def main() -> None:
         f"Config `{os.path.relpath(args.config, Path(__file__).parents[1])}` "
         f"with aggregation `{args.method}`, seeds {args.seeds}; "
         "digits-domains, 6 clients (one domain each), 10 rounds.\n"
-        "Regenerate: `python -m simulations.compression_study "
+        "Regenerate: `python -m fairedge.simulations.compression_study "
         f"--seeds {' '.join(map(str, args.seeds))} --method {args.method}`\n\n" + table(rows, args.seeds) + "\n"
     )
     codec = RESULTS / "compression_codec.md"
     (RESULTS / "compression.md").write_text(
         "# ComPEFT compression: results\n\n"
-        "Regenerate: `python -m simulations.real_deltas && python -m simulations.bench_compression "
+        "Regenerate: `python -m fairedge.simulations.real_deltas && python -m fairedge.simulations.bench_compression "
         "--deltas simulations/results/real_deltas.pt` (size and speed, below) and "
-        f"`python -m simulations.compression_study --seeds {' '.join(map(str, args.seeds))} --method {args.method}` "
+        f"`python -m fairedge.simulations.compression_study --seeds {' '.join(map(str, args.seeds))} --method {args.method}` "
         "(accuracy).\n\n"
         + md.read_text().replace("# ", "## ", 1)
         + ("\n" + codec.read_text().replace("## ", "### ").replace("# ", "## ", 1) if codec.exists() else "")

@@ -1,9 +1,9 @@
 """A real Flower deployment on this machine: one SuperLink, N SuperNodes, TLS and node authentication.
 
-What `python -m simulations.deploy_loopback` (or `fairedge-sim deploy`) does, top to bottom:
+What `python -m fairedge.simulations.deploy_loopback` (or `fairedge-sim deploy`) does, top to bottom:
 
 1. a deployment folder `runs/deploy-<timestamp>/` with a local CA, the SuperLink's TLS
-   certificate and one authentication key pair per SuperNode (`common.certificates`);
+   certificate and one authentication key pair per SuperNode (`fairedge.common.certificates`);
 2. `FLWR_HOME` inside it, whose `config.toml` names the connection `fairedge-loopback`
    (address + CA certificate: Flower 1.41 keeps connections there, not in pyproject.toml);
 3. `flower-superlink` with `--ssl-*` and `--enable-supernode-auth`;
@@ -39,7 +39,7 @@ from typing import IO, Any
 import psutil
 import tomli_w
 
-from common.certificates import Credentials, make_credentials
+from fairedge.common.certificates import Credentials, make_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "simulations" / "configs" / "default.toml"
@@ -508,7 +508,7 @@ def summary(run_dir: Path) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m simulations.deploy_loopback", description=__doc__,
+    parser = parser or argparse.ArgumentParser(prog="python -m fairedge.simulations.deploy_loopback", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (default: %(default)s)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: %(default)s)")
@@ -523,7 +523,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run_cli(args: argparse.Namespace) -> int:
     """Deploy, run, stop; exit code 0 when the run finished and wrote its folder."""
-    from common.config import ConfigError, load_config
+    from fairedge.common.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, [*args.set, f"federation.num_clients={args.nodes}"])  # fail early

@@ -1,12 +1,12 @@
 """CEMA on a drifting edge stream: no adaptation vs CEMA vs uploading every sample (issue 5, study 1).
 
-    python -m simulations.edge_study [--teacher self|centralised|foundation] [--seeds 0 1 2] [--run RUN_DIR]
-    python -m simulations.edge_study --teacher foundation --tune     # only the seed-0 settings search
+    python -m fairedge.simulations.edge_study [--teacher self|centralised|foundation] [--seeds 0 1 2] [--run RUN_DIR]
+    python -m fairedge.simulations.edge_study --teacher foundation --tune     # only the seed-0 settings search
 
 The federated model (`--run`, or by default `simulations/configs/default.toml` trained here once
 and cached as `runs/edge-study-<config hash>/`) is merged, exported to ONNX, and run by the real
-edge runtime (`client.edge.EdgeRuntime`) against a real CEMA cloud service
-(`server.cloud.CloudService`) on loopback gRPC with token auth, a fresh state and queue folder
+edge runtime (`fairedge.client.edge.EdgeRuntime`) against a real CEMA cloud service
+(`fairedge.server.cloud.CloudService`) on loopback gRPC with token auth, a fresh state and queue folder
 per run. The stream is the task's test images (all six domains the federation trained on)
 under corruptions it never trained on, one corruption after another, mild then severe (the
 paper streams one ImageNet-C corruption after another): `SEGMENTS`. Each run steps in lockstep
@@ -47,9 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.atomic_files import atomic_write_bytes
-from common.config import RunConfig, build_config, config_hash, load_config
-from common.data.task_data import PIXEL_MEAN, PIXEL_STD, LabeledData, normalize_pixels
+from fairedge.common.atomic_files import atomic_write_bytes
+from fairedge.common.config import RunConfig, build_config, config_hash, load_config
+from fairedge.common.data.task_data import PIXEL_MEAN, PIXEL_STD, LabeledData, normalize_pixels
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -161,7 +161,7 @@ def study_config(config: str | Path = CONFIG, method: str = "fedit") -> RunConfi
 
 def trained_run(cfg: RunConfig) -> Path:
     """`runs/edge-study-<config hash>/`: trained with `simulate` once (in-process engine), then reused."""
-    from simulations.simulate import simulate
+    from fairedge.simulations.simulate import simulate
 
     return _train_once(ROOT / cfg.output_dir / f"edge-study-{config_hash(cfg)}",
                        f"the federated model ({cfg.name}, {cfg.aggregation.method}, {cfg.federation.rounds} rounds)",
@@ -212,14 +212,14 @@ def trained_teacher(cfg: RunConfig, kind: str) -> Path:
     """`runs/edge-teacher-<kind>-<config hash>/`: a stronger teacher than the served model, trained once.
 
     `centralised`: LoRA trained without Flower on the pooled training data of all clients, by
-    `simulations.aggregation_study.centralised` (same model, rank, seeded initial adapter, steps per
+    `fairedge.simulations.aggregation_study.centralised` (same model, rank, seeded initial adapter, steps per
     round and seeds as the federation). `foundation`: the same, but longer (FOUNDATION_TRAINING) and on
     the pooled data plus colour-jittered copies (`photometric_jitter`), standing in for a foundation
     model made robust by its training. Saved as a run folder (`write_outputs`: config.toml, adapter/,
     metrics.json) that `load_served_model(..., teacher=)` reads.
     """
-    from server.run_outputs import write_outputs
-    from simulations.aggregation_study import centralised
+    from fairedge.server.run_outputs import write_outputs
+    from fairedge.simulations.aggregation_study import centralised
 
     if kind not in ("centralised", "foundation"):
         raise ValueError(f"teacher kind {kind!r}: allowed 'centralised', 'foundation'")
@@ -306,8 +306,8 @@ def study_settings(run_dir: Path, overrides: Sequence[str]) -> RunConfig:
 def run_stream(onnx_path: Path, served: Any, cfg: RunConfig, stream: Stream, mode: str, seed: int,
                workdir: Path) -> dict[str, Any]:
     """Stream through an EdgeRuntime (select = `mode`) talking gRPC to a fresh CloudService; one result row."""
-    from client.edge import CloudEndpoint, EdgeRuntime
-    from server.cloud import CloudService
+    from fairedge.client.edge import CloudEndpoint, EdgeRuntime
+    from fairedge.server.cloud import CloudService
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: allowed {MODES}")
@@ -462,7 +462,7 @@ def bench_cloud_updates(served: Any, cfg: RunConfig, x: np.ndarray, *, updates: 
     One update = `cloud.steps_per_update` CEMA steps on `new_per_step` new + `replay_per_step` replayed
     samples, then publishing the version (written to the state folder), as the learner thread does it.
     """
-    from server.cloud import CloudService
+    from fairedge.server.cloud import CloudService
 
     per = cfg.cloud.new_per_step
     need = per * (updates + warmup)
@@ -645,7 +645,7 @@ def plot(rows: Sequence[dict[str, Any]], boundaries: Sequence[int], segments: Se
 
 def export_model(run_dir: Path) -> Path:
     """The run's merged model as ONNX (`<run_dir>/edge-study/model.onnx`, exported once per model version)."""
-    from common.edge_model import export_onnx, load_edge_info, load_merged_model
+    from fairedge.common.edge_model import export_onnx, load_edge_info, load_merged_model
 
     path = run_dir / "edge-study" / "model.onnx"
     merged = load_merged_model(run_dir)
@@ -673,9 +673,9 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Pat
     `teacher`: the run folder of the cloud's teacher (None: the served model teaches itself).
     A row already in `out` for the same model, teacher, stream and settings is reused, not run again.
     """
-    from common.edge_model import load_merged_model
-    from common.task import load_task
-    from server.cloud import load_served_model
+    from fairedge.common.edge_model import load_merged_model
+    from fairedge.common.task import load_task
+    from fairedge.server.cloud import load_served_model
 
     unknown = sorted(set(settings or []) - TUNING.keys())
     if unknown:
@@ -864,7 +864,7 @@ def markdown(results: dict[str, dict[str, Any]], *, command: str, latency: Path 
         "# Edge adaptation with CEMA: results\n",
         f"Regenerate: `{command} --teacher T` for T in {', '.join(TEACHERS)} (each: the seed-0 tuning, the choice, "
         "then every seed; the federated model and the teachers are trained once and cached). Latency: "
-        "`python -m simulations.bench_edge_latency` (summarised below).\n",
+        "`python -m fairedge.simulations.bench_edge_latency` (summarised below).\n",
         "## Setup\n",
         f"- Model: the federated global model of `{study['run_dir']}` (config `{study['config_name']}`, hash "
         f"`{study['config_hash']}`: {cfg.aggregation.method}, {cfg.federation.rounds} rounds, "
@@ -921,7 +921,7 @@ def markdown(results: dict[str, dict[str, Any]], *, command: str, latency: Path 
                   f"shared with other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured).\n"]
     if latency is not None and latency.is_file():
         parts += ["## Latency (summary of [edge_latency.md](edge_latency.md))\n",
-                  "Measured by `python -m simulations.bench_edge_latency`, not by this study; its latency and "
+                  "Measured by `python -m fairedge.simulations.bench_edge_latency`, not by this study; its latency and "
                   "swap-vs-rebuild tables as they were when this file was written (parity, int8 quality and the "
                   "models are in the linked file).\n", latency_summary(latency.read_text()) + "\n"]
     return "\n".join(parts)
@@ -1065,7 +1065,7 @@ def write_report(run: str | None = None) -> Path | None:
         return None
     results = {"self": results.pop("self"), **results}
     path = RESULTS / "edge.md"
-    command = "python -m simulations.edge_study" + (f" --run {run}" if run else "")
+    command = "python -m fairedge.simulations.edge_study" + (f" --run {run}" if run else "")
     path.write_text(markdown(results, command=command, latency=RESULTS / "edge_latency.md"))
     return path
 

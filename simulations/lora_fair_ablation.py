@@ -4,7 +4,7 @@ Each variant changes one thing against the aggregation study's setting (same con
 non-IID by default, same seeds), and is compared per seed with FedIT and default LoRA-FAIR from the
 study's own runs (`aggregation_accuracy.json`), so every difference is paired.
 
-    python -m simulations.lora_fair_ablation [--seeds 0 1 2] [--partition feature-label]
+    python -m fairedge.simulations.lora_fair_ablation [--seeds 0 1 2] [--partition feature-label]
 
 writes `simulations/results/lora_fair_ablation.json` (every run; resumable) and
 `simulations/results/lora_fair_ablation.md`.
@@ -18,10 +18,10 @@ import shlex
 import statistics
 from pathlib import Path
 
-from common.config import config_hash
-from simulations.aggregation_study import (CENTRAL, CONFIG, PARTITIONS, RESULTS, _display, _pct, centralised,
+from fairedge.common.config import config_hash
+from fairedge.simulations.aggregation_study import (CENTRAL, CONFIG, PARTITIONS, RESULTS, _display, _pct, centralised,
                                            run_config, select)
-from simulations.sweep import run_sweep
+from fairedge.simulations.sweep import run_sweep
 
 VARIANTS: dict[str, list[str]] = {
     "lora_fair λ=0.0001": ["aggregation.method=lora_fair", "aggregation.lam=0.0001"],
@@ -126,7 +126,7 @@ def main() -> None:
         run_sweep(CONFIG, variants, [seed], out)
     run_large_batch(args.partition, args.seeds, out)
     study = json.loads((Path(args.results) / "aggregation_accuracy.json").read_text())
-    command = shlex.join(["python", "-m", "simulations.lora_fair_ablation", "--seeds", *map(str, args.seeds),
+    command = shlex.join(["python", "-m", "fairedge.simulations.lora_fair_ablation", "--seeds", *map(str, args.seeds),
                           "--partition", args.partition])
     md = report(json.loads(out.read_text()), args.partition, args.seeds, study, command)
     (Path(args.results) / "lora_fair_ablation.md").write_text(md)

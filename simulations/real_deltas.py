@@ -1,7 +1,7 @@
 """Save real client LoRA deltas (one round of local training per client) for the codec benchmark.
 
-    python -m simulations.real_deltas --out simulations/results/real_deltas.pt
-    python -m simulations.bench_compression --deltas simulations/results/real_deltas.pt
+    python -m fairedge.simulations.real_deltas --out simulations/results/real_deltas.pt
+    python -m fairedge.simulations.bench_compression --deltas simulations/results/real_deltas.pt
 
 Each client of the config trains `local_steps` from the initial global adapter,
 exactly as in round 1 of a run; the file maps `client<k>/<wire name>` to its delta.
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from common.adapter_record import flatten
-from common.config import load_config
-from common.task import client_partition, get_adapter, lora_model, set_adapter
-from common.training import train_local
+from fairedge.common.adapter_record import flatten
+from fairedge.common.config import load_config
+from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
+from fairedge.common.training import train_local
 
 CONFIG = Path(__file__).parent / "configs" / "default.toml"
 

@@ -1,6 +1,6 @@
 """Run one federated job on Flower's simulation engine (Ray), or in this process.
 
-`simulate(cfg)` builds a ServerApp around `server.federation.run_federation`
+`simulate(cfg)` builds a ServerApp around `fairedge.server.federation.run_federation`
 and hands it, with fairedge's ClientApp, to `flwr.simulation.run_simulation`:
 one virtual SuperNode per client, each with the configured CPU/GPU share.
 `engine="inprocess"` skips Ray: an `InProcessGrid` answers every message by
@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import RunConfig
+from fairedge.common.config import RunConfig
 
 
 def flower_environment() -> None:
@@ -112,14 +112,14 @@ def simulate(
     """Run the federation described by `cfg`; return its `RunRecord` (outputs in `run_dir`).
 
     `resume=True` continues the run in `run_dir` from its checkpoint. Errors of the
-    server side (e.g. `server.federation.RoundFailed`) are raised here.
+    server side (e.g. `fairedge.server.federation.RoundFailed`) are raised here.
     """
     flower_environment()
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as default_client_app
-    from server.federation import run_federation
+    from fairedge.client.client_app import app as default_client_app
+    from fairedge.server.federation import run_federation
 
     client_app = client_app or default_client_app
     if engine == "inprocess":

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import config_hash, load_config
-from server.run_outputs import new_run_dir
-from simulations.simulate import simulate
+from fairedge.common.config import config_hash, load_config
+from fairedge.server.run_outputs import new_run_dir
+from fairedge.simulations.simulate import simulate
 
 
 def run_sweep(

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes, shapes
-from common.aggregation import Adapter
+from fairedge.common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes, shapes
+from fairedge.common.aggregation import Adapter
 
 
 def _adapter():

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from common.task import client_partition
-from simulations import aggregation_study as study
+from fairedge.common.task import client_partition
+from fairedge.simulations import aggregation_study as study
 
 DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 

@@ -8,10 +8,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import PERSONAL_B_KEY, _models, run_evaluate, run_train
-from client.update_compression import compress_update
-from common.adapter_record import adapter_to_record, record_tensors, reply_tensors, shapes, tensors_to_record
-from common.aggregation import (
+from fairedge.client.client_app import PERSONAL_B_KEY, _models, run_evaluate, run_train
+from fairedge.client.update_compression import compress_update
+from fairedge.common.adapter_record import adapter_to_record, record_tensors, reply_tensors, shapes, tensors_to_record
+from fairedge.common.aggregation import (
     PERSONAL_B,
     TRAIN_FACTORS,
     Adapter,
@@ -26,13 +26,13 @@ from common.aggregation import (
     make_aggregator,
     reply_factors,
 )
-from common.compression import decompress
-from common.config import CompressionConfig, build_config
-from common.lora import get_base_weights, get_lora_factors, set_trainable_factors
-from common.task import client_partition, config_json, get_adapter, load_task, lora_model, set_adapter
-from common.training import evaluate, train_local
-from server.federation import make_aggregator as make_configured_aggregator
-from server.strategy import LoraStrategy
+from fairedge.common.compression import decompress
+from fairedge.common.config import CompressionConfig, build_config
+from fairedge.common.lora import get_base_weights, get_lora_factors, set_trainable_factors
+from fairedge.common.task import client_partition, config_json, get_adapter, load_task, lora_model, set_adapter
+from fairedge.common.training import evaluate, train_local
+from fairedge.server.federation import make_aggregator as make_configured_aggregator
+from fairedge.server.strategy import LoraStrategy
 
 S = 2.0  # LoRA scale alpha / r
 M, N, R, K = 6, 5, 2, 3  # K·r = 6 > min(m, n) = 5: FLoRA's first stack is already re-factored

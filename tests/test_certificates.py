@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from common.certificates import make_ca, make_credentials, make_node_key, make_server_cert
-from server.cli import main as server_cli
+from fairedge.common.certificates import make_ca, make_credentials, make_node_key, make_server_cert
+from fairedge.server.cli import main as server_cli
 
 
 def _handshake(creds, server_hostname: str, cafile) -> None:

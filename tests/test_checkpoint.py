@@ -19,10 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from common.aggregation import Adapter, FedIT, RoLoRA
-from common.config import ConfigError, build_config, to_toml
-from server import checkpoint
-from server.checkpoint import (
+from fairedge.common.aggregation import Adapter, FedIT, RoLoRA
+from fairedge.common.config import ConfigError, build_config, to_toml
+from fairedge.server import checkpoint
+from fairedge.server.checkpoint import (
     aggregator_state,
     client_state_warning,
     load_checkpoint,
@@ -32,12 +32,12 @@ from server.checkpoint import (
     set_aggregator_state,
     set_rng_state,
 )
-from server.run_outputs import write_config
-from server.strategy import LoraStrategy
-from client.client_app import app as client_app
-from server.server_app import app as server_app
-from simulations import cli
-from simulations.simulate import InProcessGrid
+from fairedge.server.run_outputs import write_config
+from fairedge.server.strategy import LoraStrategy
+from fairedge.client.client_app import app as client_app
+from fairedge.server.server_app import app as server_app
+from fairedge.simulations import cli
+from fairedge.simulations.simulate import InProcessGrid
 
 ROOT = Path(__file__).parents[1]
 
@@ -88,7 +88,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(to_toml(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "run", "--engine", "inprocess", "--config", str(config)],
+        [sys.executable, "-m", "fairedge.simulations.cli", "run", "--engine", "inprocess", "--config", str(config)],
         cwd=ROOT, env=_env(tmp_path), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for("*/checkpoint/round-0002", tmp_path / "runs", proc)
@@ -128,7 +128,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from server.checkpoint import save_checkpoint
+    from fairedge.server.checkpoint import save_checkpoint
     for r in range(1, 10_000):
         save_checkpoint(sys.argv[1], r, {"lora/l/A": torch.full((1000, 1000), float(r))}, {"note": "x" * 100_000})
 """)

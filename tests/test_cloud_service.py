@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.certificates import make_credentials
-from common.config import CloudConfig, ConfigError, build_config
-from common.edge_model import InputSpec, forward_with_norm, norm_parameters, perturbed_norm
-from common.models.vision import build_vision_classifier
-from common.tensor_proto import from_proto, to_proto
-from common.wire import edge_service_pb2 as pb
-from common.wire import edge_service_pb2_grpc as pb_grpc
-from server.cloud import CemaLearner, CloudService, ServedModel, bearer_metadata
-from server.cloud.validation import RequestError
+from fairedge.common.certificates import make_credentials
+from fairedge.common.config import CloudConfig, ConfigError, build_config
+from fairedge.common.edge_model import InputSpec, forward_with_norm, norm_parameters, perturbed_norm
+from fairedge.common.models.vision import build_vision_classifier
+from fairedge.common.tensor_proto import from_proto, to_proto
+from fairedge.common.wire import edge_service_pb2 as pb
+from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
+from fairedge.server.cloud import CemaLearner, CloudService, ServedModel, bearer_metadata
+from fairedge.server.cloud.validation import RequestError
 
 TOKEN = "test-token-0123"
 INPUTS = [InputSpec("pixel_values", (1, 16, 16), "float32")]
@@ -349,10 +349,10 @@ def test_cloud_config_checks_and_run_config_section():
 def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
     import socket
 
-    import server.cloud
-    from server.cli import main
+    from fairedge.server import cloud
+    from fairedge.server.cli import main
 
-    monkeypatch.setattr(server.cloud, "load_served_model", lambda run, teacher=None: served())
+    monkeypatch.setattr(cloud, "load_served_model", lambda run, teacher=None: served())
     monkeypatch.setenv("FAIREDGE_CLOUD_TOKENS", TOKEN)
     (tmp_path / "config.toml").write_text('name = "tiny"\n')
     with socket.socket() as s:  # a free port (the CLI prints it too, but we are in the same process)
@@ -387,7 +387,7 @@ def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_refuses_to_run_without_tokens(tmp_path, monkeypatch, capsys):
-    from server.cli import main
+    from fairedge.server.cli import main
 
     monkeypatch.delenv("FAIREDGE_CLOUD_TOKENS", raising=False)
     (tmp_path / "config.toml").write_text('name = "tiny"\n')

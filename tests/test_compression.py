@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.compression import FORMAT_VERSION, PayloadError, compress, decompress, kept_count, read_header
-from common.compression import golomb
-from common.compression.codec import _checksum, _kth_largest, layout_fingerprint
-from common.wire import adapter_update_pb2 as pb
+from fairedge.common.compression import FORMAT_VERSION, PayloadError, compress, decompress, kept_count, read_header
+from fairedge.common.compression import golomb
+from fairedge.common.compression.codec import _checksum, _kth_largest, layout_fingerprint
+from fairedge.common.wire import adapter_update_pb2 as pb
 
 
 def lora_adapter(pairs: int, rank: int = 16, dim: int = 768, seed: int = 0) -> dict[str, torch.Tensor]:

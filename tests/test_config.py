@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, build_config, config_hash, load_config, to_toml
+from fairedge.common.config import ConfigError, RunConfig, build_config, config_hash, load_config, to_toml
 
 DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 

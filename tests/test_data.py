@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import (
+from fairedge.common.data import (
     DIGITS_DOMAINS,
     LabeledData,
     TaskData,

@@ -16,12 +16,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from client.client_app import node_partition, node_run_config
-from common.certificates import make_node_key
-from common.config import load_config
-from common.task import base_model, client_partition, config_json, load_task
-from common.training import evaluate_per_domain
-from simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment, SuperNode, free_port
+from fairedge.client.client_app import node_partition, node_run_config
+from fairedge.common.certificates import make_node_key
+from fairedge.common.config import load_config
+from fairedge.common.task import base_model, client_partition, config_json, load_task
+from fairedge.common.training import evaluate_per_domain
+from fairedge.simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment, SuperNode, free_port
 
 START_CLIENTAPP = "Start `flwr-clientapp` process"
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.edge import CloudEndpoint, EdgeRuntime
-from client.edge_cli import main as edge_main
-from common.certificates import make_credentials
-from common.config import CloudConfig, EdgeConfig, load_config
-from common.edge_model import InputSpec, MergedModel, export_onnx, forward_with_norm
-from common.models.vision import build_vision_classifier
-from server.cloud import CloudService, ServedModel
+from fairedge.client.edge import CloudEndpoint, EdgeRuntime
+from fairedge.client.edge_cli import main as edge_main
+from fairedge.common.certificates import make_credentials
+from fairedge.common.config import CloudConfig, EdgeConfig, load_config
+from fairedge.common.edge_model import InputSpec, MergedModel, export_onnx, forward_with_norm
+from fairedge.common.models.vision import build_vision_classifier
+from fairedge.server.cloud import CloudService, ServedModel
 
 TOKEN = "edge-cloud-token-1"
 C = 10

@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from client.edge import CemaSelector, CloudEndpoint, EdgeRuntime, EdgeSession, FixedSelector, UploadQueue, batched
-from client.edge.cloud_sync import Backoff
-from client.edge.inputs import open_stream
-from common.config import ConfigError, EdgeConfig, build_config, load_config
-from common.edge_model import InputSpec, MergedModel, export_onnx, forward_with_norm, norm_parameters, perturbed_norm
-from common.models.vision import build_vision_classifier
-from common.tensor_proto import from_proto, to_proto
-from common.wire import edge_service_pb2 as pb
-from common.wire import edge_service_pb2_grpc as pb_grpc
+from fairedge.client.edge import CemaSelector, CloudEndpoint, EdgeRuntime, EdgeSession, FixedSelector, UploadQueue, batched
+from fairedge.client.edge.cloud_sync import Backoff
+from fairedge.client.edge.inputs import open_stream
+from fairedge.common.config import ConfigError, EdgeConfig, build_config, load_config
+from fairedge.common.edge_model import InputSpec, MergedModel, export_onnx, forward_with_norm, norm_parameters, perturbed_norm
+from fairedge.common.models.vision import build_vision_classifier
+from fairedge.common.tensor_proto import from_proto, to_proto
+from fairedge.common.wire import edge_service_pb2 as pb
+from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 
 TOKEN = "edge-test-token"
 C = 10

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.task_data import LabeledData, normalize_pixels
-from simulations.edge_study import (
+from fairedge.common.data.task_data import LabeledData, normalize_pixels
+from fairedge.simulations.edge_study import (
     CORRUPTIONS,
     MODES,
     SEGMENTS,
@@ -116,7 +116,7 @@ def test_latency_summary_keeps_the_intro_and_the_chosen_sections_one_level_down(
 
 
 def test_target_line_and_teacher_section():
-    from simulations.edge_study import _target_line, summary_table, teacher_section
+    from fairedge.simulations.edge_study import _target_line, summary_table, teacher_section
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
     assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in _target_line(gains(rows))
@@ -140,7 +140,7 @@ def _tuned(setting: str, cema: float, all_: float, uploaded: float) -> list[dict
 
 
 def test_chosen_setting_prefers_the_best_cema_within_the_upload_budget():
-    from simulations.edge_study import chosen_setting
+    from fairedge.simulations.edge_study import chosen_setting
 
     none = [_row("none", 0, 0.50, 0.0)]
     assert chosen_setting([]) is None
@@ -153,8 +153,8 @@ def test_chosen_setting_prefers_the_best_cema_within_the_upload_budget():
 
 
 def test_photometric_jitter_adds_labelled_copies_deterministically():
-    from common.data import LabeledData
-    from simulations.edge_study import photometric_jitter
+    from fairedge.common.data import LabeledData
+    from fairedge.simulations.edge_study import photometric_jitter
 
     x = torch.randn(6, 1, 4, 4)
     data = LabeledData(x, torch.arange(6), torch.zeros(6, dtype=torch.int64))
@@ -166,14 +166,14 @@ def test_photometric_jitter_adds_labelled_copies_deterministically():
 
 
 def test_headroom_table():
-    from simulations.edge_study import headroom_table
+    from fairedge.simulations.edge_study import headroom_table
 
     rows = [{"corruption": "contrast", "severity": 2, "in_stream": True, "served": 0.2, "fitted": 0.41}]
     assert "| contrast-2 | yes | 0.200 | 0.410 | +21.0 |" in headroom_table(rows)
 
 
 def test_teacher_choice_is_checked():
-    from simulations.edge_study import study_config, teacher_run
+    from fairedge.simulations.edge_study import study_config, teacher_run
 
     cfg = study_config()
     assert teacher_run("self", cfg) is None
@@ -184,7 +184,7 @@ def test_teacher_choice_is_checked():
 def test_stream_accuracy_of_student_and_teacher():
     from types import SimpleNamespace
 
-    from simulations.edge_study import Stream, stream_accuracy
+    from fairedge.simulations.edge_study import Stream, stream_accuracy
 
     x = np.zeros((10, 1, 2, 2), dtype=np.float32)
     x[:, 0, 0, 0] = np.arange(10)
@@ -199,7 +199,7 @@ def test_stream_accuracy_of_student_and_teacher():
 
 
 def test_target_line_names_seeds_where_uploading_everything_lost():
-    from simulations.edge_study import _target_line
+    from fairedge.simulations.edge_study import _target_line
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.51, 0.3), _row("all", 0, 0.49, 1.0)]
     line = _target_line(gains(rows))

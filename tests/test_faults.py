@@ -10,14 +10,14 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
-from client.client_app import run_train
-from common.adapter_record import adapter_from_record, adapter_to_record, flatten
-from common.aggregation import Adapter, FedIT
-from common.config import build_config
-from server.checkpoint import load_checkpoint
-from server.federation import RoundFailed
-from server.strategy import LoraStrategy
-from simulations.simulate import InProcessGrid, simulate
+from fairedge.client.client_app import run_train
+from fairedge.common.adapter_record import adapter_from_record, adapter_to_record, flatten
+from fairedge.common.aggregation import Adapter, FedIT
+from fairedge.common.config import build_config
+from fairedge.server.checkpoint import load_checkpoint
+from fairedge.server.federation import RoundFailed
+from fairedge.server.strategy import LoraStrategy
+from fairedge.simulations.simulate import InProcessGrid, simulate
 
 # --- the strategy on crafted replies --------------------------------------------------------------
 
@@ -217,8 +217,8 @@ def test_a_silent_node_is_left_out_and_the_round_completes(cfg, tmp_path):
         def send_and_receive(self, messages, *, timeout=None):
             return [m for m in super().send_and_receive(messages, timeout=timeout) if m.metadata.src_node_id != 1000]
 
-    from client.client_app import app
-    from server.federation import run_federation
+    from fairedge.client.client_app import app
+    from fairedge.server.federation import run_federation
 
     record = run_federation(LossyGrid(app, 3), cfg, tmp_path / "run")
     for r in record.rounds[1:]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.aggregation import Adapter, ClientUpdate, FedIT, client_weights, make_aggregator
+from fairedge.common.aggregation import Adapter, ClientUpdate, FedIT, client_weights, make_aggregator
 
 
 def _updates(k=3, m=6, n=5, r=2, seed=0):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from common.aggregation import AGGREGATORS, Adapter, ClientUpdate, FlexLoRA, flexlora, make_aggregator
+from fairedge.common.aggregation import AGGREGATORS, Adapter, ClientUpdate, FlexLoRA, flexlora, make_aggregator
 
 F64 = torch.float64
 

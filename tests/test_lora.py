@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from common.lora import (
+from fairedge.common.lora import (
     add_lora,
     get_head_state,
     get_lora_factors,
@@ -17,7 +17,7 @@ from common.lora import (
     set_head_state,
     set_lora_factors,
 )
-from common.models import build_vision_classifier
+from fairedge.common.models import build_vision_classifier
 
 RANK, ALPHA = 4, 8.0
 LAYERS = [f"vit.layers.{i}.attention.{p}" for i in range(4) for p in ("q_proj", "v_proj")]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from common.aggregation import (
+from fairedge.common.aggregation import (
     AGGREGATORS,
     Adapter,
     ClientUpdate,
@@ -16,8 +16,8 @@ from common.aggregation import (
     make_aggregator,
     solve_lora_fair,
 )
-from common.aggregation import factored
-from common.aggregation.factored import LowRankSum
+from fairedge.common.aggregation import factored
+from fairedge.common.aggregation.factored import LowRankSum
 
 F64 = torch.float64
 Case = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]

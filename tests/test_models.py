@@ -11,15 +11,15 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.data.task_data import LabeledData, TaskData  # noqa: E402
-from common.lora import add_lora, save_adapter  # noqa: E402
-from common.models import (  # noqa: E402
+from fairedge.common.data.task_data import LabeledData, TaskData  # noqa: E402
+from fairedge.common.lora import add_lora, save_adapter  # noqa: E402
+from fairedge.common.models import (  # noqa: E402
     build_vision_classifier,
     evaluate_accuracy,
     load_text_classifier,
     pretrained_vision_classifier,
 )
-from common.models import pretrain as pretrain_module  # noqa: E402
+from fairedge.common.models import pretrain as pretrain_module  # noqa: E402
 
 
 def _digits_task() -> TaskData:

@@ -15,8 +15,8 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.config import build_config, to_toml  # noqa: E402
-from common.edge_model import (  # noqa: E402
+from fairedge.common.config import build_config, to_toml  # noqa: E402
+from fairedge.common.edge_model import (  # noqa: E402
     PARITY_TOLERANCE,
     InputSpec,
     MergedModel,
@@ -39,9 +39,9 @@ from common.edge_model import (  # noqa: E402
     session,
     weights_version,
 )
-from common.lora import get_base_weights, get_lora_factors, save_adapter, set_lora_factors  # noqa: E402
-from common.task import get_adapter, load_task, lora_model, set_adapter  # noqa: E402
-from common.training import evaluate_per_domain  # noqa: E402
+from fairedge.common.lora import get_base_weights, get_lora_factors, save_adapter, set_lora_factors  # noqa: E402
+from fairedge.common.task import get_adapter, load_task, lora_model, set_adapter  # noqa: E402
+from fairedge.common.training import evaluate_per_domain  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,14 +64,14 @@ def _tiny_vit_config(root, name="tiny-export"):
 
 
 def _write_run(cfg, run_dir, *, base_delta: bool, scale: float = 0.3):
-    """A run folder as `server.run_outputs.write_outputs` leaves it, with non-trivial LoRA factors and head.
+    """A run folder as `fairedge.server.run_outputs.write_outputs` leaves it, with non-trivial LoRA factors and head.
 
     Returns the PEFT model it describes (with the base delta applied) as the reference.
     """
     from safetensors.torch import save_file
 
-    from common.adapter_record import flatten
-    from common.aggregation import Adapter
+    from fairedge.common.adapter_record import flatten
+    from fairedge.common.aggregation import Adapter
 
     model = lora_model(cfg)
     gen = torch.Generator().manual_seed(7)
@@ -305,7 +305,7 @@ def test_check_rejects_deduplicated_or_folded_norm_params(convbn):
 
 
 def test_cli_exports_a_run_folder_in_int8_and_stays_close(vit_run, vit_merged, capsys):
-    from server.cli import main
+    from fairedge.server.cli import main
 
     run_dir, _ = vit_run
     assert main(["export", str(run_dir), "--int8"]) == 0
@@ -328,14 +328,14 @@ def test_cli_exports_a_run_folder_in_int8_and_stays_close(vit_run, vit_merged, c
 
 
 def test_cli_reports_a_missing_run_folder(tmp_path, capsys):
-    from server.cli import main
+    from fairedge.server.cli import main
 
     assert main(["export", str(tmp_path / "nope")]) == 2
     assert "config.toml is missing" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_run_whose_accuracy_the_merged_model_does_not_reproduce(vit_run, tmp_path, capsys):
-    from server.cli import main
+    from fairedge.server.cli import main
 
     run_dir = tmp_path / vit_run[0].name
     shutil.copytree(vit_run[0], run_dir, ignore=shutil.ignore_patterns("*.onnx"))

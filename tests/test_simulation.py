@@ -10,11 +10,11 @@ from flwr.clientapp import ClientApp
 
 from peft import PeftModel
 
-from client.client_app import run_train
-from common.task import base_model, load_task
-from common.training import evaluate_per_domain
-from common.config import build_config
-from simulations.simulate import simulate
+from fairedge.client.client_app import run_train
+from fairedge.common.task import base_model, load_task
+from fairedge.common.training import evaluate_per_domain
+from fairedge.common.config import build_config
+from fairedge.simulations.simulate import simulate
 
 pytestmark = pytest.mark.slow
 DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"

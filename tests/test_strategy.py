@@ -5,9 +5,9 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.adapter_record import adapter_from_record, adapter_to_record
-from common.aggregation import Adapter, FedIT
-from server.strategy import LoraStrategy, RoundLog
+from fairedge.common.adapter_record import adapter_from_record, adapter_to_record
+from fairedge.common.aggregation import Adapter, FedIT
+from fairedge.server.strategy import LoraStrategy, RoundLog
 
 
 @pytest.fixture(autouse=True)

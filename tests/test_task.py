@@ -2,8 +2,8 @@
 
 import pytest
 
-from common.config import build_config
-from common.task import client_partition, load_task, lora_model
+from fairedge.common.config import build_config
+from fairedge.common.task import client_partition, load_task, lora_model
 
 
 @pytest.fixture

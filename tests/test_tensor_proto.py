@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.tensor_proto import TensorError, from_proto, to_proto
+from fairedge.common.tensor_proto import TensorError, from_proto, to_proto
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "int32", "uint8"])

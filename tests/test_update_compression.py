@@ -5,12 +5,12 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.update_compression import RESIDUAL_KEY, compress_update
-from common.adapter_record import flatten, shapes
-from common.aggregation import Adapter, FedIT
-from common.compression import decompress
-from common.config import CompressionConfig
-from server.strategy import LoraStrategy, RoundLog
+from fairedge.client.update_compression import RESIDUAL_KEY, compress_update
+from fairedge.common.adapter_record import flatten, shapes
+from fairedge.common.aggregation import Adapter, FedIT
+from fairedge.common.compression import decompress
+from fairedge.common.config import CompressionConfig
+from fairedge.server.strategy import LoraStrategy, RoundLog
 
 
 def _adapter(seed: int) -> Adapter:

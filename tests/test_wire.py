@@ -9,8 +9,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
-from common.wire import adapter_update_pb2 as pb
-from common.wire.generate import PROTO_DIR, WIRE_DIR, generate
+from fairedge.common.wire import adapter_update_pb2 as pb
+from fairedge.common.wire.generate import PROTO_DIR, WIRE_DIR, generate
 
 
 def _generator_version(text: str) -> str | None:
@@ -35,15 +35,15 @@ def test_committed_code_matches_proto_sources(tmp_path: Path):
         assert protoc.main(["protoc", f"-I{PROTO_DIR}", f"--descriptor_set_out={descriptor_set}", str(proto)]) == 0
         expected = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file[0]
         _clear_json_names(expected.message_type)
-        module = importlib.import_module(f"common.wire.{proto.stem}_pb2")
+        module = importlib.import_module(f"fairedge.common.wire.{proto.stem}_pb2")
         committed = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
-        assert committed == expected, f"{proto.name} changed; run `python -m common.wire.generate`"
+        assert committed == expected, f"{proto.name} changed; run `python -m fairedge.common.wire.generate`"
     for path in fresh:
         committed = WIRE_DIR / path.name
-        assert committed.exists(), f"{committed.name} is not committed; run `python -m common.wire.generate`"
+        assert committed.exists(), f"{committed.name} is not committed; run `python -m fairedge.common.wire.generate`"
         new, old = path.read_text(), committed.read_text()
         if _generator_version(new) == _generator_version(old):  # a newer protoc words things differently
-            assert old == new, f"{committed.name} differs from proto/; run `python -m common.wire.generate`"
+            assert old == new, f"{committed.name} differs from proto/; run `python -m fairedge.common.wire.generate`"
 
 
 def test_schema_is_stable():

@@ -5,12 +5,12 @@ sample selection (selection.py), the disk upload queue (upload_queue.py), the gR
 (cloud_link.py) and the threads that sync with the cloud (cloud_sync.py); inputs.py reads streams.
 """
 
-from client.edge.cloud_link import CloudEndpoint, CloudLink
-from client.edge.inputs import StreamBatch, batched, open_stream
-from client.edge.runtime import BatchRecord, EdgeRuntime
-from client.edge.selection import CemaSelector, FixedSelector, make_selector, softmax_entropy
-from client.edge.session import EdgeSession, NormParamSet
-from client.edge.upload_queue import UploadQueue
+from fairedge.client.edge.cloud_link import CloudEndpoint, CloudLink
+from fairedge.client.edge.inputs import StreamBatch, batched, open_stream
+from fairedge.client.edge.runtime import BatchRecord, EdgeRuntime
+from fairedge.client.edge.selection import CemaSelector, FixedSelector, make_selector, softmax_entropy
+from fairedge.client.edge.session import EdgeSession, NormParamSet
+from fairedge.client.edge.upload_queue import UploadQueue
 
 __all__ = [
     "BatchRecord",

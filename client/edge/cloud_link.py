@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from common.wire import edge_service_pb2 as pb
-from common.wire import edge_service_pb2_grpc as pb_grpc
+from fairedge.common.wire import edge_service_pb2 as pb
+from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)

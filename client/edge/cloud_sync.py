@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from client.edge.cloud_link import CloudLink, WatchCall
-from client.edge.upload_queue import QueuedBatch, UploadQueue
-from common.tensor_proto import TensorError, from_proto, to_proto
-from common.wire import edge_service_pb2 as pb
+from fairedge.client.edge.cloud_link import CloudLink, WatchCall
+from fairedge.client.edge.upload_queue import QueuedBatch, UploadQueue
+from fairedge.common.tensor_proto import TensorError, from_proto, to_proto
+from fairedge.common.wire import edge_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 

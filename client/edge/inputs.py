@@ -2,7 +2,7 @@
 
 Every source yields `StreamBatch`es of raw samples (images as float arrays `(n, C, H, W)` on the
 tasks' pixel scale, or texts) with optional integer labels, for accuracy bookkeeping only: labels
-never leave the device. `common.edge_model.model_inputs` turns raw samples into model feeds
+never leave the device. `fairedge.common.edge_model.model_inputs` turns raw samples into model feeds
 (tokenizing texts), so the edge prepares inputs exactly as the export and the cloud do.
 
 Formats:
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from common.data.task_data import normalize_pixels
-from common.data.user_data import IMAGE_SUFFIXES, image_pixels
-from common.edge_model import EdgeModelInfo
+from fairedge.common.data.task_data import normalize_pixels
+from fairedge.common.data.user_data import IMAGE_SUFFIXES, image_pixels
+from fairedge.common.edge_model import EdgeModelInfo
 
 
 @dataclass(frozen=True)

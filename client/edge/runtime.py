@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from client.edge.cloud_link import CloudEndpoint, CloudLink
-from client.edge.cloud_sync import CloudSync
-from client.edge.inputs import StreamBatch, as_stream_batch
-from client.edge.selection import make_selector
-from client.edge.session import EdgeSession
-from client.edge.upload_queue import UploadQueue
-from common.config import EdgeConfig
-from common.edge_model import load_tokenizer, model_inputs
+from fairedge.client.edge.cloud_link import CloudEndpoint, CloudLink
+from fairedge.client.edge.cloud_sync import CloudSync
+from fairedge.client.edge.inputs import StreamBatch, as_stream_batch
+from fairedge.client.edge.selection import make_selector
+from fairedge.client.edge.session import EdgeSession
+from fairedge.client.edge.upload_queue import UploadQueue
+from fairedge.common.config import EdgeConfig
+from fairedge.common.edge_model import load_tokenizer, model_inputs
 
 
 @dataclass(frozen=True)

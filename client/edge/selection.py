@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.config import EdgeConfig
+from fairedge.common.config import EdgeConfig
 
 
 def softmax_entropy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

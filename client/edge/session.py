@@ -18,8 +18,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from common import edge_model
-from common.edge_model import EdgeModelInfo
+from fairedge.common import edge_model
+from fairedge.common.edge_model import EdgeModelInfo
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_files import atomic_write_bytes, remove_stale_temps
+from fairedge.common.atomic_files import atomic_write_bytes, remove_stale_temps
 
 _ENTROPY = "__entropy__"
 _NAME = re.compile(r"^(\d{12})-(\d+)\.npz$")

@@ -5,7 +5,7 @@ turns untrusted bytes back into tensors or raises `PayloadError`. See `codec.py`
 conventions and `golomb.py` for the position code.
 """
 
-from common.compression.codec import (
+from fairedge.common.compression.codec import (
     FORMAT_VERSION,
     Header,
     PayloadError,

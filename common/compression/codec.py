@@ -52,8 +52,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from common.compression import golomb
-from common.wire import adapter_update_pb2 as pb
+from fairedge.common.compression import golomb
+from fairedge.common.wire import adapter_update_pb2 as pb
 
 FORMAT_VERSION = 2
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of decoded float32

@@ -1,8 +1,8 @@
 """Tasks as tensors: the built-in digits-domains task, user data loaders, client partitioning."""
 
-from common.data.digits_domains import DIGITS_DOMAINS, digits_domains_source_ids, make_digits_domains
-from common.data.partition import PartitionMode, partition_clients
-from common.data.task_data import (
+from fairedge.common.data.digits_domains import DIGITS_DOMAINS, digits_domains_source_ids, make_digits_domains
+from fairedge.common.data.partition import PartitionMode, partition_clients
+from fairedge.common.data.task_data import (
     PIXEL_MEAN,
     PIXEL_STD,
     LabeledData,
@@ -10,7 +10,7 @@ from common.data.task_data import (
     normalize_pixels,
     stratified_split,
 )
-from common.data.user_data import IMAGE_SUFFIXES, load_hf_image_dataset, load_image_folder, load_text_table
+from fairedge.common.data.user_data import IMAGE_SUFFIXES, load_hf_image_dataset, load_image_folder, load_text_table
 
 __all__ = [
     "DIGITS_DOMAINS",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data.task_data import LabeledData, TaskData, normalize_pixels, stratified_split
+from fairedge.common.data.task_data import LabeledData, TaskData, normalize_pixels, stratified_split
 
 DIGITS_DOMAINS = ("clean", "rotated", "inverted", "noisy", "blurred", "thick")
 

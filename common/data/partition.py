@@ -11,7 +11,7 @@ import warnings
 from typing import Literal
 
 import numpy as np
-from common.data.task_data import LabeledData
+from fairedge.common.data.task_data import LabeledData
 
 PartitionMode = Literal["feature", "feature-label"]
 MIN_PARTITION_SIZE = 10  # what the Dirichlet partitioner asks of every partition, when feasible

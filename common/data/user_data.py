@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.data.task_data import LabeledData, TaskData, normalize_pixels, stratified_split
+from fairedge.common.data.task_data import LabeledData, TaskData, normalize_pixels, stratified_split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _PIL_MODE = {1: "L", 3: "RGB"}

@@ -1,9 +1,9 @@
 """Model builders: a small from-scratch ViT, a pre-trained text encoder, and ViT pre-training."""
 
-from common.models.evaluate import evaluate_accuracy
-from common.models.pretrain import pretrained_vision_classifier
-from common.models.text import TextClassifier, load_text_classifier
-from common.models.vision import VisionClassifier, build_vision_classifier
+from fairedge.common.models.evaluate import evaluate_accuracy
+from fairedge.common.models.pretrain import pretrained_vision_classifier
+from fairedge.common.models.text import TextClassifier, load_text_classifier
+from fairedge.common.models.vision import VisionClassifier, build_vision_classifier
 
 __all__ = [
     "TextClassifier",

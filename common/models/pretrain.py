@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.data.task_data import TaskData
-from common.models.evaluate import evaluate_accuracy
-from common.models.vision import VisionClassifier, build_vision_classifier
+from fairedge.common.data.task_data import TaskData
+from fairedge.common.models.evaluate import evaluate_accuracy
+from fairedge.common.models.vision import VisionClassifier, build_vision_classifier
 
 log = logging.getLogger(__name__)
 

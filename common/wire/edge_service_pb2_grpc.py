@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from common.wire import edge_service_pb2 as edge__service__pb2
+from fairedge.common.wire import edge_service_pb2 as edge__service__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -1,6 +1,6 @@
 """Regenerate the committed protobuf code in `common/wire/` from the sources in `proto/`.
 
-Run `python -m common.wire.generate` after editing a `.proto` file. The generated
+Run `python -m fairedge.common.wire.generate` after editing a `.proto` file. The generated
 modules are committed so that nobody needs protoc at run time; `tests/test_wire.py`
 regenerates into a temporary folder and fails if the committed files differ.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parents[2] / "proto"
 WIRE_DIR = Path(__file__).resolve().parent
-PACKAGE = "common.wire"
+PACKAGE = "fairedge.common.wire"
 
 # protoc emits `import foo_pb2 as foo__pb2` for local imports, which only works with
 # the output folder on sys.path; rewrite them to package imports.

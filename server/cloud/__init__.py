@@ -4,10 +4,10 @@ Entry points: `CloudService` (Python API and gRPC server), `load_served_model` (
 folder -> what to serve), `fairedge-server cloud` (command line). Protocol: proto/edge_service.proto.
 """
 
-from server.cloud.auth import bearer_metadata, load_tokens
-from server.cloud.learner import CemaLearner, DeviceParams, StepStats
-from server.cloud.model import ServedModel, load_served_model
-from server.cloud.service import CloudService
+from fairedge.server.cloud.auth import bearer_metadata, load_tokens
+from fairedge.server.cloud.learner import CemaLearner, DeviceParams, StepStats
+from fairedge.server.cloud.model import ServedModel, load_served_model
+from fairedge.server.cloud.service import CloudService
 
 __all__ = [
     "CemaLearner",

@@ -30,8 +30,8 @@ def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cloud(args: argparse.Namespace) -> int:
     """Start the service, print its address, serve until SIGINT/SIGTERM, then stop cleanly."""
-    from common.config import ConfigError, load_config
-    from server.cloud import CloudService, load_served_model, load_tokens
+    from fairedge.common.config import ConfigError, load_config
+    from fairedge.server.cloud import CloudService, load_served_model, load_tokens
 
     run = Path(args.run)
 

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from server.cloud.learner import DeviceParams
-from server.cloud.samples import SampleLog
-from common.atomic_files import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from fairedge.server.cloud.learner import DeviceParams
+from fairedge.server.cloud.samples import SampleLog
+from fairedge.common.atomic_files import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 
 class Device:

@@ -6,8 +6,8 @@ from concurrent import futures
 
 import grpc
 
-from common.wire import edge_service_pb2_grpc as pb_grpc
-from server.cloud.auth import TokenAuthInterceptor
+from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
+from fairedge.server.cloud.auth import TokenAuthInterceptor
 
 
 def start_grpc_server(

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.config import CloudConfig
-from server.cloud.losses import distillation_loss, entropy, teacher_entropy_loss
+from fairedge.common.config import CloudConfig
+from fairedge.server.cloud.losses import distillation_loss, entropy, teacher_entropy_loss
 
 ForwardFn = Callable[[nn.Module, Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
 """`forward(model, norm_params, inputs) -> logits`: the model run with `norm_params` swapped in."""

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from common.edge_model import InputSpec, forward_with_norm, load_merged_model, norm_parameters
-from server.cloud.learner import ForwardFn
+from fairedge.common.edge_model import InputSpec, forward_with_norm, load_merged_model, norm_parameters
+from fairedge.server.cloud.learner import ForwardFn
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_files import atomic_write_bytes, fsync_dir, remove_stale_temps
+from fairedge.common.atomic_files import atomic_write_bytes, fsync_dir, remove_stale_temps
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ import grpc
 import numpy as np
 import torch
 
-from common.config import CloudConfig
-from common.tensor_proto import to_proto
-from common.wire import edge_service_pb2 as pb
-from server.cloud.device import Device
-from server.cloud.grpc_server import start_grpc_server
-from server.cloud.learner import CemaLearner, StepStats
-from server.cloud.model import ServedModel
-from server.cloud.servicer import EdgeAdaptationServicer
-from common.atomic_files import atomic_write_json
-from server.cloud.validation import RequestError, check_device_id, decode_batch
+from fairedge.common.config import CloudConfig
+from fairedge.common.tensor_proto import to_proto
+from fairedge.common.wire import edge_service_pb2 as pb
+from fairedge.server.cloud.device import Device
+from fairedge.server.cloud.grpc_server import start_grpc_server
+from fairedge.server.cloud.learner import CemaLearner, StepStats
+from fairedge.server.cloud.model import ServedModel
+from fairedge.server.cloud.servicer import EdgeAdaptationServicer
+from fairedge.common.atomic_files import atomic_write_json
+from fairedge.server.cloud.validation import RequestError, check_device_id, decode_batch
 
 log = logging.getLogger("fairedge.cloud")
 

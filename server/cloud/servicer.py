@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from common.tensor_proto import to_proto
-from common.wire import edge_service_pb2 as pb
-from common.wire import edge_service_pb2_grpc as pb_grpc
-from server.cloud.validation import RequestError
+from fairedge.common.tensor_proto import to_proto
+from fairedge.common.wire import edge_service_pb2 as pb
+from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
+from fairedge.server.cloud.validation import RequestError
 
 if TYPE_CHECKING:
-    from server.cloud.service import CloudService
+    from fairedge.server.cloud.service import CloudService
 
 
 def norm_params_message(version: int, arrays: dict) -> pb.NormParams:

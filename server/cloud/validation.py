@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from common.edge_model import InputSpec
-from common.tensor_proto import TensorError, from_proto
-from common.wire import edge_service_pb2 as pb
+from fairedge.common.edge_model import InputSpec
+from fairedge.common.tensor_proto import TensorError, from_proto
+from fairedge.common.wire import edge_service_pb2 as pb
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
