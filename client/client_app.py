@@ -35,8 +35,8 @@ from fairedge.client.update_compression import compress_update
 from fairedge.common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
 from fairedge.common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
 from fairedge.common.config import RunConfig
-from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
 from fairedge.common.data import LabeledData
+from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
 from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
 from fairedge.common.training import evaluate as evaluate_model
 from fairedge.common.training import resolve_device, train_local
@@ -71,17 +71,19 @@ def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:
         return RunConfig.model_validate_json(raw)
     values = json.loads(raw)
     if values["model"]["kind"] != "hf-text":
-        raise ValueError(f"node config data-path={data_path!r} needs model.kind 'hf-text' (got "
-                         f"{values['model']['kind']!r}, pre-trained on the run's data: use partition-id instead)")
+        raise ValueError(
+            f"node config data-path={data_path!r} needs model.kind 'hf-text' (got "
+            f"{values['model']['kind']!r}, pre-trained on the run's data: use partition-id instead)"
+        )
     values["data"]["path"] = str(data_path)
     return RunConfig.model_validate(values)
 
 
-def node_partition(cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int,
-                   num_partitions: int) -> LabeledData:
+def node_partition(
+    cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, num_partitions: int
+) -> LabeledData:
     """This node's training data: its own files whole (`data-path`), or its share of the run's data."""
-    return load_task(cfg).train if node_config.get("data-path") else client_partition(cfg, partition_id,
-                                                                                       num_partitions)
+    return load_task(cfg).train if node_config.get("data-path") else client_partition(cfg, partition_id, num_partitions)
 
 
 def _load_message(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, int, int]:
@@ -123,8 +125,15 @@ def run_train(msg: Message, context: Context) -> Message:
     start = reply_tensors(get_adapter(model), send)
     f = cfg.federation
     loss = train_local(
-        model, data, steps=f.local_steps, epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
-        optimizer=f.optimizer, weight_decay=f.weight_decay, device=resolve_device(f.device),
+        model,
+        data,
+        steps=f.local_steps,
+        epochs=f.local_epochs,
+        batch_size=f.batch_size,
+        lr=f.lr,
+        optimizer=f.optimizer,
+        weight_decay=f.weight_decay,
+        device=resolve_device(f.device),
         seed=cfg.seed * 100_003 + server_round * 1_009 + partition_id,
     )
     model.cpu()
@@ -134,8 +143,9 @@ def run_train(msg: Message, context: Context) -> Message:
     reply = reply_tensors(trained, send)
     metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "partition-id": partition_id})
     if cfg.compression.enabled:
-        payload = compress_update(reply, start, cfg.compression, context.state,
-                                  server_round=server_round, num_examples=len(data))
+        payload = compress_update(
+            reply, start, cfg.compression, context.state, server_round=server_round, num_examples=len(data)
+        )
         content = RecordDict({"compressed": ConfigRecord({"payload": payload}), "metrics": metrics})
     else:
         content = RecordDict({"arrays": tensors_to_record(reply), "metrics": metrics})
@@ -151,8 +161,9 @@ def run_evaluate(msg: Message, context: Context) -> Message:
     test = task.test.subset(torch.nonzero(torch.isin(task.test.domain, domains)).flatten())
     acc, loss = evaluate_model(model, test, device=resolve_device(cfg.federation.device))
     model.cpu()
-    metrics = MetricRecord({"num-examples": len(test), "accuracy": acc, "loss": loss,
-                            "partition-id": partition_id, "own-b": int(own_b)})
+    metrics = MetricRecord(
+        {"num-examples": len(test), "accuracy": acc, "loss": loss, "partition-id": partition_id, "own-b": int(own_b)}
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -13,20 +13,32 @@ from pathlib import Path
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fairedge-edge run`."""
     parser.add_argument("--model", required=True, help="exported ONNX model (fairedge-server export)")
-    parser.add_argument("--input", required=True,
-                        help="a folder of images/.npy files, a .npz (x[, y]) or a .csv/.jsonl (text[, label])")
+    parser.add_argument(
+        "--input", required=True, help="a folder of images/.npy files, a .npz (x[, y]) or a .csv/.jsonl (text[, label])"
+    )
     parser.add_argument("--cloud", help="cloud service host:port (without it samples only queue up on disk)")
     parser.add_argument("--token-file", help="file holding this device's bearer token (needed with --cloud)")
-    parser.add_argument("--tls-ca", help="CA certificate (PEM) to verify the cloud's TLS certificate; "
-                        "without it the connection is plaintext")
+    parser.add_argument(
+        "--tls-ca",
+        help="CA certificate (PEM) to verify the cloud's TLS certificate; without it the connection is plaintext",
+    )
     parser.add_argument("--device-id", default="edge-0", help="stable id of this device (default: %(default)s)")
     parser.add_argument("--queue-dir", help="upload queue folder (default: edge-queue/<device-id>)")
     parser.add_argument("--config", help="TOML whose [edge] section to use (default: built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set edge.e_max=0.3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set edge.e_max=0.3 (repeatable)",
+    )
     parser.add_argument("--log", help="JSON log to write (default: runs/edge-<time>-<device-id>.json)")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds to wait at the end for queued uploads and new params (default: %(default)s)")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait at the end for queued uploads and new params (default: %(default)s)",
+    )
     parser.add_argument("--progress-every", type=int, default=10, help="batches between progress lines")
 
 
@@ -45,16 +57,25 @@ def run_edge(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         cloud = CloudEndpoint.from_files(args.cloud, args.token_file, args.tls_ca) if args.cloud else None
         queue_dir = Path(args.queue_dir) if args.queue_dir else Path("edge-queue") / args.device_id
-        runtime = EdgeRuntime(args.model, cfg.edge, cloud=cloud, device_id=args.device_id, queue_dir=queue_dir,
-                              config_name=cfg.name if args.config else None)
+        runtime = EdgeRuntime(
+            args.model,
+            cfg.edge,
+            cloud=cloud,
+            device_id=args.device_id,
+            queue_dir=queue_dir,
+            config_name=cfg.name if args.config else None,
+        )
         stream = open_stream(args.input, runtime.info, cfg.edge.batch_size)
     except (ConfigError, ValueError, OSError) as err:
         return fail(str(err))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = Path(args.log) if args.log else Path("runs") / f"edge-{stamp}-{args.device_id}.json"
-    print(f"fairedge edge: model {runtime.info.model_id} ({runtime.info.model_version}, {runtime.info.task}, "
-          f"{runtime.session.num_classes} classes), select={cfg.edge.select}, "
-          f"cloud={args.cloud or 'none'}{' (TLS)' if args.tls_ca else ''}, queue {queue_dir}", flush=True)
+    print(
+        f"fairedge edge: model {runtime.info.model_id} ({runtime.info.model_version}, {runtime.info.task}, "
+        f"{runtime.session.num_classes} classes), select={cfg.edge.select}, "
+        f"cloud={args.cloud or 'none'}{' (TLS)' if args.tls_ca else ''}, queue {queue_dir}",
+        flush=True,
+    )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -68,8 +89,11 @@ def run_edge(args: argparse.Namespace) -> int:
                     print(progress_line(runtime.report()), flush=True)
             if args.cloud and not stop.is_set() and args.drain_timeout > 0:
                 if not runtime.drain(args.drain_timeout):
-                    print(f"fairedge edge: cloud not caught up after {args.drain_timeout:g} s; "
-                          "the queue keeps what is left for the next run", flush=True)
+                    print(
+                        f"fairedge edge: cloud not caught up after {args.drain_timeout:g} s; "
+                        "the queue keeps what is left for the next run",
+                        flush=True,
+                    )
             runtime.write_log(log_path)
             report = runtime.report()
     except (ValueError, OSError) as err:
@@ -86,11 +110,13 @@ def progress_line(report: dict) -> str:
     """One line: samples, accuracy, uploads, queue, bytes, params version, last cloud error."""
     acc = f"acc {report['accuracy']:.3f}" if report["accuracy"] is not None else "acc n/a"
     cloud = report["cloud"] or {}
-    line = (f"{report['predictions']} samples, {acc}, selected {report['selected']} "
-            f"({report['selected_fraction']:.1%}), uploaded {report['uploaded']}, "
-            f"queued {report['queue'].get('pending_samples', 0)}, dropped {report['queue'].get('dropped_samples', 0)}, "
-            f"up {report['bytes_up'] / 1e6:.2f} MB, down {report['bytes_down'] / 1e6:.2f} MB, "
-            f"params v{report['params_version']}")
+    line = (
+        f"{report['predictions']} samples, {acc}, selected {report['selected']} "
+        f"({report['selected_fraction']:.1%}), uploaded {report['uploaded']}, "
+        f"queued {report['queue'].get('pending_samples', 0)}, dropped {report['queue'].get('dropped_samples', 0)}, "
+        f"up {report['bytes_up'] / 1e6:.2f} MB, down {report['bytes_down'] / 1e6:.2f} MB, "
+        f"params v{report['params_version']}"
+    )
     if cloud.get("last_error"):
         line += f", last cloud error: {cloud['last_error']}"
     return line

@@ -43,8 +43,9 @@ def compress_update(
         stored = _stored_residual(state)
         # a residual of another shape belongs to another run: start that tensor from zero
         delta = {k: v + stored[k] if k in stored and stored[k].shape == v.shape else v for k, v in delta.items()}
-    payload = compress(delta, density=cfg.density, alpha=cfg.alpha, scope=cfg.scope,
-                       round=server_round, num_examples=num_examples)
+    payload = compress(
+        delta, density=cfg.density, alpha=cfg.alpha, scope=cfg.scope, round=server_round, num_examples=num_examples
+    )
     if cfg.error_feedback:
         sent = decompress(payload, expected={k: tuple(v.shape) for k, v in delta.items()})
         residual = {**stored, **{k: delta[k] - sent[k] for k in delta}}

@@ -32,7 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
-_HOSTNAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,15 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
     if days < 1:
         raise ValueError(f"days={days}: a certificate must be valid for at least 1 day")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)  # small slack for clock skew
 
 
@@ -114,13 +117,27 @@ def make_ca(directory: str | Path, *, common_name: str = "fairedge local CA", da
     not_before, not_after = _validity(days)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -131,8 +148,12 @@ def make_ca(directory: str | Path, *, common_name: str = "fairedge local CA", da
 
 
 def make_server_cert(
-    directory: str | Path, ca: CertificateAuthority, hosts: Iterable[str] = (), *,
-    name: str = "server", days: int = 825,
+    directory: str | Path,
+    ca: CertificateAuthority,
+    hosts: Iterable[str] = (),
+    *,
+    name: str = "server",
+    days: int = 825,
 ) -> ServerCertificate:
     """Create `directory/<name>.crt` and `<name>.key` (0600), signed by `ca`.
 
@@ -148,14 +169,26 @@ def make_server_cert(
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
+        .not_valid_before(not_before)
+        .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True, key_cert_sign=False,
-                                     crl_sign=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, encipher_only=False, decipher_only=False),
-                       critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -178,8 +211,9 @@ def make_node_key(path: str | Path, *, comment: str = "") -> NodeKey:
     """
     path = Path(path)
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     node = NodeKey(path, path.with_name(path.name + ".pub"))
     write_private(node.private_path, private)
@@ -206,8 +240,10 @@ def make_credentials(directory: str | Path, *, hosts: Iterable[str] = (), nodes:
     directory = Path(directory)
     existing = [p for p in ("ca.crt", "ca.key", "server.crt", "server.key", "node-keys") if (directory / p).exists()]
     if existing:
-        raise FileExistsError(f"{directory} already holds {', '.join(existing)}; choose an empty folder "
-                              "(credentials are never overwritten)")
+        raise FileExistsError(
+            f"{directory} already holds {', '.join(existing)}; choose an empty folder "
+            "(credentials are never overwritten)"
+        )
     ca = make_ca(directory)
     server = make_server_cert(directory, ca, hosts)
     keys = [make_node_key(directory / "node-keys" / f"node-{i}", comment=f"fairedge-node-{i}") for i in range(nodes)]

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fairedge.common.aggregation import AGGREGATORS
 
 
-
 class Section(BaseModel):
     """A config section: unknown keys are errors, assignments are re-validated."""
 
@@ -107,12 +106,15 @@ class FederationConfig(Section):
     client_gpus: float = Field(0.0, ge=0)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")
     round_retries: int = Field(
-        2, ge=0, description="times a round with fewer than min_train_nodes valid replies is run again before the "
-        "run stops (resumable from its last checkpoint)"
+        2,
+        ge=0,
+        description="times a round with fewer than min_train_nodes valid replies is run again before the "
+        "run stops (resumable from its last checkpoint)",
     )
     update_norm_rule: Literal["reject", "clip", "off"] = Field(
-        "reject", description="what to do with an update (change from the sent adapter) whose norm exceeds "
-        "update_norm_factor × the round's reference norm (the median; the smaller of two)"
+        "reject",
+        description="what to do with an update (change from the sent adapter) whose norm exceeds "
+        "update_norm_factor × the round's reference norm (the median; the smaller of two)",
     )
     update_norm_factor: float = Field(10.0, gt=1, description="see update_norm_rule")
 
@@ -120,8 +122,7 @@ class FederationConfig(Section):
     def _check(self) -> FederationConfig:
         if self.min_train_nodes > self.num_clients:
             raise ValueError(
-                f"federation.min_train_nodes={self.min_train_nodes} exceeds "
-                f"federation.num_clients={self.num_clients}"
+                f"federation.min_train_nodes={self.min_train_nodes} exceeds federation.num_clients={self.num_clients}"
             )
         return self
 
@@ -176,7 +177,8 @@ class EdgeConfig(Section):
     rpc_timeout_s: float = Field(10.0, gt=0)
     max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
     watch_params: bool = Field(
-        True, description="stream new norm params (WatchNormParams); off: fetch when an upload reply reports a newer one"
+        True,
+        description="stream new norm params (WatchNormParams); off: fetch when an upload reply reports a newer one",
     )
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = its default)")
 
@@ -220,7 +222,9 @@ class CloudConfig(Section):
     buffer_size: int = Field(10_000, ge=0, description="replay buffer bound per device, in samples")
     max_batch_samples: int = Field(256, ge=1, description="most samples in one uploaded SampleBatch")
     max_pending_samples: int = Field(
-        10_000, ge=1, description="most samples a device may have waiting for the learner (more: UNAVAILABLE, retry later)"
+        10_000,
+        ge=1,
+        description="most samples a device may have waiting for the learner (more: UNAVAILABLE, retry later)",
     )
     max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
     max_workers: int = Field(32, ge=2, description="gRPC handler threads (each open WatchNormParams holds one)")

@@ -132,8 +132,10 @@ def load_merged_model(run_dir: str | Path) -> MergedModel:
                 except AttributeError:
                     raise ValueError(f"{delta_file}: delta for {layer!r}, which the base model does not have") from None
                 if tuple(weight.shape) != (p.shape[0], q.shape[1]):
-                    raise ValueError(f"{delta_file}: delta of {layer} is {p.shape[0]}x{q.shape[1]}, "
-                                     f"the weight is {tuple(weight.shape)}")
+                    raise ValueError(
+                        f"{delta_file}: delta of {layer} is {p.shape[0]}x{q.shape[1]}, "
+                        f"the weight is {tuple(weight.shape)}"
+                    )
                 weight.add_(p @ q)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload().eval()
     model.requires_grad_(False)
@@ -250,8 +252,10 @@ def model_inputs(model: MergedModel | EdgeModelInfo, x: Any, *, tokenizer: Any =
     if [s.dtype for s in specs] == ["float32"]:
         arr = np.ascontiguousarray(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float32))
         if arr.ndim != len(specs[0].shape) + 1 or tuple(arr.shape[1:]) != specs[0].shape:
-            raise ValueError(f"{specs[0].name}: got an array of shape {tuple(arr.shape)}, "
-                             f"expected (batch, {', '.join(map(str, specs[0].shape))})")
+            raise ValueError(
+                f"{specs[0].name}: got an array of shape {tuple(arr.shape)}, "
+                f"expected (batch, {', '.join(map(str, specs[0].shape))})"
+            )
         return {specs[0].name: arr}
     texts = [x] if isinstance(x, str) else list(x)
     if not all(isinstance(t, str) for t in texts):
@@ -317,8 +321,10 @@ def quantize_onnx(merged: MergedModel, src: str | Path, dst: str | Path) -> Path
     if info.quantized:
         raise ValueError(f"{src} is already quantised")
     if info.model_version != merged.model_version:
-        raise ValueError(f"{src} holds model version {info.model_version}, not {merged.model_version} "
-                         f"({merged.model_id}): export that model first")
+        raise ValueError(
+            f"{src} holds model version {info.model_version}, not {merged.model_version} "
+            f"({merged.model_id}): export that model first"
+        )
     return _finish(proto, merged, Path(dst), quantize=True)
 
 
@@ -372,8 +378,9 @@ def check_norm_inputs(proto: onnx.ModelProto, defaults: Mapping[str, np.ndarray]
         if name not in inputs:
             problems.append(f"{name}: not a graph input (folded into the graph)")
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
-                for d in inputs[name].type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else d.dim_param for d in inputs[name].type.tensor_type.shape.dim
+        ]
         if dims != list(value.shape):
             problems.append(f"{name}: graph input of shape {dims}, expected {list(value.shape)}")
         found = inits.get(name, [])
@@ -474,8 +481,10 @@ def session(path: str | Path, *, threads: int | None = None) -> Any:
 
 def onnx_logits(sess: Any, feeds: Mapping[str, np.ndarray], norm: Mapping[str, Any] | None = None) -> np.ndarray:
     """Run a session; `norm` (tensors or arrays) overrides the default norm parameters for this run."""
-    extra = {k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, np.float32)
-             for k, v in (norm or {}).items()}
+    extra = {
+        k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, np.float32)
+        for k, v in (norm or {}).items()
+    }
     return sess.run([OUTPUT_NAME], {**feeds, **extra})[0]
 
 
@@ -515,8 +524,10 @@ def _check_swap(
     else:
         corr = float(np.corrcoef((got_swapped - got).ravel(), (want_swapped - want).ravel())[0, 1])
         if not corr > 0.9:
-            raise NormExportError(f"a norm parameter swap changes the quantised model unlike PyTorch "
-                                  f"(correlation of the logit changes {corr:.3f}, expected > 0.9)")
+            raise NormExportError(
+                f"a norm parameter swap changes the quantised model unlike PyTorch "
+                f"(correlation of the logit changes {corr:.3f}, expected > 0.9)"
+            )
 
 
 # ---------------------------------------------------------------- edge side (metadata only)
@@ -546,12 +557,23 @@ def read_edge_metadata(metadata: Mapping[str, str] | Sequence[Any]) -> EdgeModel
     if not isinstance(metadata, Mapping):
         metadata = {p.key: p.value for p in metadata}
     values: dict[str, Any] = {}
-    for key in ("format_version", "task", "inputs", "labels", "norm_params", "model_id", "model_version",
-                "config_name", "quantized"):
+    for key in (
+        "format_version",
+        "task",
+        "inputs",
+        "labels",
+        "norm_params",
+        "model_id",
+        "model_version",
+        "config_name",
+        "quantized",
+    ):
         raw = metadata.get(METADATA_PREFIX + key)
         if raw is None:
-            raise ValueError(f"not a fairedge edge model: metadata key {METADATA_PREFIX + key!r} is missing "
-                             "(export it with `fairedge-server export`)")
+            raise ValueError(
+                f"not a fairedge edge model: metadata key {METADATA_PREFIX + key!r} is missing "
+                "(export it with `fairedge-server export`)"
+            )
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError as e:

@@ -157,9 +157,7 @@ def set_head_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
         if key not in targets:
             raise KeyError(f"no head parameter named {key!r}")
         if value.shape != targets[key].shape:
-            raise ValueError(
-                f"{key}: shape {tuple(value.shape)}, expected {tuple(targets[key].shape)}"
-            )
+            raise ValueError(f"{key}: shape {tuple(value.shape)}, expected {tuple(targets[key].shape)}")
     for key, value in state.items():
         targets[key].copy_(value)
 

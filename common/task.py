@@ -35,16 +35,20 @@ def _load_task(data_json: str, seed: int) -> TaskData:
     cfg = DataConfig.model_validate_json(data_json)
     if cfg.task == "digits-domains":
         return make_digits_domains(
-            image_size=cfg.image_size, samples_per_domain=cfg.samples_per_domain,
-            test_fraction=cfg.test_fraction, seed=seed,
+            image_size=cfg.image_size,
+            samples_per_domain=cfg.samples_per_domain,
+            test_fraction=cfg.test_fraction,
+            seed=seed,
         )
     assert cfg.path is not None  # guaranteed by DataConfig
     if cfg.task == "image-folder":
-        return load_image_folder(cfg.path, image_size=cfg.image_size, channels=cfg.channels,
-                                 test_fraction=cfg.test_fraction, seed=seed)
+        return load_image_folder(
+            cfg.path, image_size=cfg.image_size, channels=cfg.channels, test_fraction=cfg.test_fraction, seed=seed
+        )
     if cfg.task == "hf-dataset":
-        return load_hf_image_dataset(cfg.path, image_size=cfg.image_size, channels=cfg.channels,
-                                     test_fraction=cfg.test_fraction, seed=seed)
+        return load_hf_image_dataset(
+            cfg.path, image_size=cfg.image_size, channels=cfg.channels, test_fraction=cfg.test_fraction, seed=seed
+        )
     return load_text_table(cfg.path, test_fraction=cfg.test_fraction, seed=seed)
 
 
@@ -60,8 +64,11 @@ def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int | No
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     train = load_task(cfg).train
     parts = partition_clients(
-        train, num_partitions, mode=cfg.data.partition,
-        dirichlet_alpha=cfg.data.dirichlet_alpha, seed=cfg.seed,
+        train,
+        num_partitions,
+        mode=cfg.data.partition,
+        dirichlet_alpha=cfg.data.dirichlet_alpha,
+        seed=cfg.seed,
     )
     return train.subset(parts[partition_id])
 
@@ -74,9 +81,16 @@ def _base_model(model_json: str, data_json: str, seed: int) -> nn.Module:
         assert m.path is not None
         return load_text_classifier(m.path, num_classes=data.num_classes, max_length=m.max_length, seed=seed)
     return pretrained_vision_classifier(
-        data, cache_dir=Path(m.cache_dir), epochs=m.pretrain_epochs, lr=m.pretrain_lr, seed=seed,
-        hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        intermediate_size=m.intermediate_size, patch_size=m.patch_size,
+        data,
+        cache_dir=Path(m.cache_dir),
+        epochs=m.pretrain_epochs,
+        lr=m.pretrain_lr,
+        seed=seed,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size,
+        patch_size=m.patch_size,
     )
 
 
@@ -90,11 +104,18 @@ def lora_model(cfg: RunConfig) -> nn.Module:
     lora: LoraSettings = cfg.lora
     base = base_model(cfg)
     targets = list(lora.target_modules or base.lora_targets)
-    linears = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
-                      if isinstance(m, nn.Linear) and not name.startswith("classifier")})
+    linears = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in base.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith("classifier")
+        }
+    )
     if not set(targets) & set(linears):
-        raise ValueError(f"lora.target_modules={targets} match no layer of model.kind={cfg.model.kind!r}; "
-                         f"its linear layers are named {linears}")
+        raise ValueError(
+            f"lora.target_modules={targets} match no layer of model.kind={cfg.model.kind!r}; "
+            f"its linear layers are named {linears}"
+        )
     torch.manual_seed(cfg.seed)
     return add_lora(base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
 
@@ -121,10 +142,13 @@ def set_adapter(model: nn.Module, adapter: Adapter, base_weights: Mapping[str, t
     unknown = sorted(set(adapter.base_delta) - set(base_weights))
     if unknown:
         raise KeyError(f"base delta for layers without base weights: {unknown[:3]}")
-    set_base_weights(model, {
-        name: w0 + adapter.base_delta[name][1] @ adapter.base_delta[name][0] if name in adapter.base_delta else w0
-        for name, w0 in base_weights.items()
-    })
+    set_base_weights(
+        model,
+        {
+            name: w0 + adapter.base_delta[name][1] @ adapter.base_delta[name][0] if name in adapter.base_delta else w0
+            for name, w0 in base_weights.items()
+        },
+    )
 
 
 def config_json(cfg: RunConfig) -> str:

@@ -41,8 +41,8 @@ from safetensors.torch import load_file, save
 
 from fairedge.common.adapter_record import flatten, unflatten
 from fairedge.common.aggregation import AGGREGATORS, Aggregator
-from fairedge.common.config import ConfigError, RunConfig, config_hash, load_config
 from fairedge.common.atomic_files import atomic_write_bytes, fsync_dir
+from fairedge.common.config import ConfigError, RunConfig, config_hash, load_config
 from fairedge.server.run_outputs import RunRecord
 from fairedge.server.strategy import LoraStrategy
 
@@ -70,7 +70,9 @@ def save_checkpoint(run_dir: Path, server_round: int, tensors: dict[str, torch.T
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier write
     tmp.mkdir()
-    atomic_write_bytes(tmp / "tensors.safetensors", save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}))
+    atomic_write_bytes(
+        tmp / "tensors.safetensors", save({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
+    )
     atomic_write_bytes(tmp / "state.json", json.dumps({"round": server_round, **state}, indent=1).encode())
     if final.exists():  # the same round written again: replace it
         shutil.rmtree(final)
@@ -112,8 +114,10 @@ def rng_state() -> tuple[dict[str, Any], torch.Tensor]:
     """Python's, numpy's (as JSON) and torch's (a byte tensor) global RNG states."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return ({"python": [version, list(internal), gauss],
-             "numpy": [name, keys.tolist(), pos, has_gauss, cached]}, torch.get_rng_state())
+    return (
+        {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]},
+        torch.get_rng_state(),
+    )
 
 
 def set_rng_state(state: dict[str, Any], torch_state: torch.Tensor) -> None:
@@ -134,8 +138,10 @@ def aggregator_state(aggregator: Aggregator) -> tuple[dict[str, Any], dict[str, 
         elif value is None or isinstance(value, (bool, int, float, str)):
             values[name] = value
         else:
-            raise TypeError(f"cannot checkpoint {type(aggregator).__name__}.{name} of type {type(value).__name__}; "
-                            "an aggregator's state must be JSON values or tensors")
+            raise TypeError(
+                f"cannot checkpoint {type(aggregator).__name__}.{name} of type {type(value).__name__}; "
+                "an aggregator's state must be JSON values or tensors"
+            )
     return values, tensors
 
 
@@ -160,8 +166,9 @@ def resumable_hash(cfg: RunConfig) -> str:
     return config_hash(data)
 
 
-def save_run_state(run_dir: Path, server_round: int, strategy: LoraStrategy, record: RunRecord,
-                   wall_seconds: float) -> Path:
+def save_run_state(
+    run_dir: Path, server_round: int, strategy: LoraStrategy, record: RunRecord, wall_seconds: float
+) -> Path:
     """Checkpoint everything a run carries past round `server_round`."""
     agg_values, agg_tensors = aggregator_state(strategy.aggregator)
     rng, torch_rng = rng_state()
@@ -174,8 +181,12 @@ def save_run_state(run_dir: Path, server_round: int, strategy: LoraStrategy, rec
         "aggregator": {"name": strategy.aggregator.name, "state": agg_values},
         "rng": rng,
         "strategy": strategy.state_dict(),
-        "record": {"rounds": record.rounds, "wall_seconds": wall_seconds, "resumed_after": record.resumed_after,
-                   "earlier_stops": record.earlier_stops},
+        "record": {
+            "rounds": record.rounds,
+            "wall_seconds": wall_seconds,
+            "resumed_after": record.resumed_after,
+            "earlier_stops": record.earlier_stops,
+        },
     }
     return save_checkpoint(run_dir, server_round, tensors, state)
 
@@ -189,11 +200,14 @@ def restore_run_state(run_dir: Path, cfg: RunConfig, strategy: LoraStrategy, rec
     tensors, state = load_checkpoint(run_dir)
     server_round = int(state["round"])
     if state["resumable_hash"] != resumable_hash(cfg):
-        raise CheckpointError(f"the checkpoint in {run_dir} was written under another config "
-                              f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)")
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} was written under another config "
+            f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume)"
+        )
     if state["aggregator"]["name"] != strategy.aggregator.name:
-        raise CheckpointError(f"the checkpoint is for aggregation {state['aggregator']['name']!r}, "
-                              f"not {strategy.aggregator.name!r}")
+        raise CheckpointError(
+            f"the checkpoint is for aggregation {state['aggregator']['name']!r}, not {strategy.aggregator.name!r}"
+        )
     adapter = unflatten({k: tensors[k] for k in state["adapter_keys"]}, like=strategy.global_adapter)
     strategy.load_state_dict(state["strategy"], adapter)
     set_aggregator_state(strategy.aggregator, state["aggregator"]["state"], tensors)
@@ -238,18 +252,25 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
     saved = load_config(path)
     cfg = load_config(path, overrides)
     before, after = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
-    changed = [f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in sorted(before.keys() | after.keys())
-               if before.get(k) != after.get(k) and k not in RESUMABLE_CHANGES]
+    changed = [
+        f"{k} ({before.get(k)!r} -> {after.get(k)!r})"
+        for k in sorted(before.keys() | after.keys())
+        if before.get(k) != after.get(k) and k not in RESUMABLE_CHANGES
+    ]
     if changed:
-        raise ConfigError(f"--resume {run_dir}: a resumed run keeps its config; the overrides would change "
-                          f"{', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)")
+        raise ConfigError(
+            f"--resume {run_dir}: a resumed run keeps its config; the overrides would change "
+            f"{', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )
     try:
         _, state = load_checkpoint(run_dir)
     except CheckpointError as err:
         raise ConfigError(f"--resume {run_dir}: {err}") from None
     if cfg.federation.rounds < state["round"]:
-        raise ConfigError(f"--resume {run_dir}: federation.rounds={cfg.federation.rounds} is below the "
-                          f"checkpoint's round {state['round']}")
+        raise ConfigError(
+            f"--resume {run_dir}: federation.rounds={cfg.federation.rounds} is below the "
+            f"checkpoint's round {state['round']}"
+        )
     return cfg
 
 
@@ -262,6 +283,8 @@ def client_state_warning(cfg: RunConfig) -> str | None:
         kept.append(f"each client's personal B ({cfg.aggregation.method})")
     if not kept:
         return None
-    return (f"clients keep {' and '.join(kept)}; that state is not in the server's checkpoint and a resumed "
-            "run is a new Flower run whose clients start it afresh, so the result will differ from an "
-            "uninterrupted run")
+    return (
+        f"clients keep {' and '.join(kept)}; that state is not in the server's checkpoint and a resumed "
+        "run is a new Flower run whose clients start it afresh, so the result will differ from an "
+        "uninterrupted run"
+    )

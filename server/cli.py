@@ -18,8 +18,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as err:
         print(f"fairedge-server certs: {err}", file=sys.stderr)
         return 2
-    print(f"CA:          {creds.ca.cert_path} (give this to every SuperNode and flwr CLI)\n"
-          f"server cert: {creds.server.cert_path} + {creds.server.key_path} (valid for {', '.join(creds.server.hosts)})")
+    print(
+        f"CA:          {creds.ca.cert_path} (give this to every SuperNode and flwr CLI)\n"
+        f"server cert: {creds.server.cert_path} + {creds.server.key_path} (valid for {', '.join(creds.server.hosts)})"
+    )
     for node in creds.nodes:
         print(f"node key:    {node.private_path} (SuperNode) + {node.public_path} (flwr supernode register)")
     return 0
@@ -45,13 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     certs = sub.add_parser("certs", help="make a local CA, a TLS server certificate and SuperNode key pairs")
     certs.add_argument("--out", required=True, help="folder to create them in (must not hold credentials yet)")
-    certs.add_argument("--hosts", default="", help="extra server names/IPs for the certificate, comma-separated "
-                       "(localhost, 127.0.0.1 and ::1 are always included)")
+    certs.add_argument(
+        "--hosts",
+        default="",
+        help="extra server names/IPs for the certificate, comma-separated "
+        "(localhost, 127.0.0.1 and ::1 are always included)",
+    )
     certs.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make (default: %(default)s)")
     export = sub.add_parser("export", help="merge a run's global LoRA into the base model and export ONNX for the edge")
     export.add_argument("run_dir", help="a finished run folder (config.toml, adapter/)")
-    export.add_argument("--out", default=None, help="ONNX file to write (default: <run_dir>/model.onnx, "
-                        "or model-int8.onnx with --int8)")
+    export.add_argument(
+        "--out", default=None, help="ONNX file to write (default: <run_dir>/model.onnx, or model-int8.onnx with --int8)"
+    )
     export.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the weights")
     add_cloud_arguments(sub.add_parser("cloud", help="run the CEMA cloud gRPC service for a run's merged model"))
     args = parser.parse_args(argv)

@@ -121,8 +121,9 @@ def check_reproduces_run(merged: MergedModel, run_dir: Path, tolerance: float = 
     want = rounds[-1].get("accuracy", {}) if rounds else {}
     task = load_task(merged.cfg)
     got = evaluate_per_domain(merged.model, task.test, task.domains)
-    off = {d: (got.get(d, float("nan")), acc) for d, acc in want.items()
-           if not abs(got.get(d, -1.0) - acc) <= tolerance}
+    off = {
+        d: (got.get(d, float("nan")), acc) for d, acc in want.items() if not abs(got.get(d, -1.0) - acc) <= tolerance
+    }
     if off:
         detail = ", ".join(f"{d}: {g:.4f} now vs {w:.4f} in the run" for d, (g, w) in list(off.items())[:3])
         raise ValueError(

@@ -75,9 +75,14 @@ def run_federation(
     shifted = [d for d in task.domains if d != task.source_domain]
     record = RunRecord(cfg=cfg, run_dir=run_dir, domains=task.domains, shifted_domains=shifted)
     strategy = LoraStrategy(
-        make_aggregator(cfg), initial,
-        fraction_train=f.fraction_train, min_train_nodes=f.min_train_nodes, downlink=cfg.compression.downlink,
-        seed=cfg.seed, update_norm_rule=f.update_norm_rule, update_norm_factor=f.update_norm_factor,
+        make_aggregator(cfg),
+        initial,
+        fraction_train=f.fraction_train,
+        min_train_nodes=f.min_train_nodes,
+        downlink=cfg.compression.downlink,
+        seed=cfg.seed,
+        update_norm_rule=f.update_norm_rule,
+        update_norm_factor=f.update_norm_factor,
         node_wait=f.round_timeout,
     )
     config = ConfigRecord({"fairedge-config": config_json(cfg)})
@@ -119,14 +124,19 @@ def run_federation(
             if attempt < f.round_retries:
                 log.warning("round %d: retrying (%d of %d retries)", server_round, attempt + 1, f.round_retries)
         else:
-            failures = "; ".join(f"attempt {r.attempt + 1}: {r.failure}"
-                                 for r in strategy.rounds if r.round == server_round)
-            record.status = (f"round {server_round} failed {f.round_retries + 1} attempts ({failures}); "
-                             f"the global adapter is the one after round {server_round - 1}")
+            failures = "; ".join(
+                f"attempt {r.attempt + 1}: {r.failure}" for r in strategy.rounds if r.round == server_round
+            )
+            record.status = (
+                f"round {server_round} failed {f.round_retries + 1} attempts ({failures}); "
+                f"the global adapter is the one after round {server_round - 1}"
+            )
             _finish(record, model, strategy, base_weights, earlier_seconds + time.time() - started)
-            raise RoundFailed(f"{record.status}. The checkpoint of round {server_round - 1} is in "
-                              f"{run_dir}/checkpoint; resume with: fairedge-sim run --resume {run_dir} "
-                              f"(flwr run: run config resume=\"{run_dir}\")")
+            raise RoundFailed(
+                f"{record.status}. The checkpoint of round {server_round - 1} is in "
+                f"{run_dir}/checkpoint; resume with: fairedge-sim run --resume {run_dir} "
+                f'(flwr run: run config resume="{run_dir}")'
+            )
         if strategy.aggregator.personalized:
             evaluations = strategy.configure_evaluate(server_round, ArrayRecord(), config, grid)
             strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=f.round_timeout))

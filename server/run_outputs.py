@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import nn
 
 from fairedge.common.adapter_record import flatten
-from fairedge.common.atomic_files import atomic_write_bytes
 from fairedge.common.aggregation import Adapter, BaseDelta
+from fairedge.common.atomic_files import atomic_write_bytes
 from fairedge.common.config import RunConfig, config_hash, to_toml
 from fairedge.common.lora import save_adapter
 
@@ -131,10 +131,15 @@ class RunRecord:
 
 def _attempt_json(attempt: Any) -> dict[str, Any]:
     """A failed attempt at a round, for metrics.json."""
-    return {"attempt": attempt.attempt, "failure": attempt.failure, "sampled": attempt.sampled,
-            "replied": attempt.replied, "no_reply": attempt.no_reply,
-            "rejected": {str(k): v for k, v in attempt.rejected.items()},
-            "partitions": {str(k): v for k, v in attempt.partitions.items()}}
+    return {
+        "attempt": attempt.attempt,
+        "failure": attempt.failure,
+        "sampled": attempt.sampled,
+        "replied": attempt.replied,
+        "no_reply": attempt.no_reply,
+        "rejected": {str(k): v for k, v in attempt.rejected.items()},
+        "partitions": {str(k): v for k, v in attempt.partitions.items()},
+    }
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -154,16 +159,22 @@ def _node(node: str | int, partitions: dict[str, int]) -> str:
 
 def participation_markdown(record: RunRecord) -> list[str]:
     """Per round: who was sampled, who replied, who was left out or clipped and why, and retried attempts."""
-    lines = ["## Participation and faults", "",
-             "Node ids are Flower's; the partition is the one the node reported. Left out: error replies, "
-             "malformed or non-finite updates, updates beyond the norm limit "
-             f"(`update_norm_rule = {record.cfg.federation.update_norm_rule}`, "
-             f"factor {record.cfg.federation.update_norm_factor:g}), and sampled nodes with no reply in time.", ""]
+    lines = [
+        "## Participation and faults",
+        "",
+        "Node ids are Flower's; the partition is the one the node reported. Left out: error replies, "
+        "malformed or non-finite updates, updates beyond the norm limit "
+        f"(`update_norm_rule = {record.cfg.federation.update_norm_rule}`, "
+        f"factor {record.cfg.federation.update_norm_factor:g}), and sampled nodes with no reply in time.",
+        "",
+    ]
     for r in record.rounds[1:]:
         parts = r.get("partitions", {})
-        lines.append(f"- **round {r['round']}**: sampled {len(r['sampled'])}, replied {len(r['replied'])}, "
-                     f"aggregated {len(r['sampled']) - len(r['no_reply']) - len(r['rejected'])}"
-                     + (f"; retries {r['retries']}" if r.get("retries") else ""))
+        lines.append(
+            f"- **round {r['round']}**: sampled {len(r['sampled'])}, replied {len(r['replied'])}, "
+            f"aggregated {len(r['sampled']) - len(r['no_reply']) - len(r['rejected'])}"
+            + (f"; retries {r['retries']}" if r.get("retries") else "")
+        )
         lines.append(f"  - sampled: {', '.join(_node(n, parts) for n in sorted(r['sampled'])) or '-'}")
         for n, why in r.get("rejected", {}).items():
             lines.append(f"  - left out {_node(n, parts)}: {why}")
@@ -175,8 +186,10 @@ def participation_markdown(record: RunRecord) -> list[str]:
             fparts = a.get("partitions", {})
             left = [f"{_node(n, fparts)}: {why}" for n, why in a["rejected"].items()]
             left += [f"{_node(n, fparts)}: no reply" for n in a["no_reply"]]
-            lines.append(f"  - attempt {a['attempt'] + 1} not aggregated: {a['failure']}"
-                         + (f" (left out {'; '.join(left)})" if left else ""))
+            lines.append(
+                f"  - attempt {a['attempt'] + 1} not aggregated: {a['failure']}"
+                + (f" (left out {'; '.join(left)})" if left else "")
+            )
     return lines + [""]
 
 
@@ -224,8 +237,13 @@ def report_markdown(record: RunRecord) -> str:
     for r in record.rounds[1:]:
         loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "not aggregated"
         ratio = f"{r['uplink_ratio_vs_fp32']:.3g}x" if r.get("uplink_ratio_vs_fp32") else "-"
-        left_out = "; ".join([f"{n}: {why}" for n, why in r.get("rejected", {}).items()]
-                             + [f"{n}: no reply" for n in r.get("no_reply", [])]) or "-"
+        left_out = (
+            "; ".join(
+                [f"{n}: {why}" for n, why in r.get("rejected", {}).items()]
+                + [f"{n}: no reply" for n in r.get("no_reply", [])]
+            )
+            or "-"
+        )
         personal = f"{r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "-"
         lines.append(
             f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {personal} "
@@ -236,8 +254,10 @@ def report_markdown(record: RunRecord) -> str:
     lines += [""] + participation_markdown(record)
     lines += ["## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
     for d in record.domains:
-        lines.append(f"| {d} | {record.rounds[0]['accuracy'].get(d, float('nan')):.4f} "
-                     f"| {record.rounds[-1]['accuracy'].get(d, float('nan')):.4f} |")
+        lines.append(
+            f"| {d} | {record.rounds[0]['accuracy'].get(d, float('nan')):.4f} "
+            f"| {record.rounds[-1]['accuracy'].get(d, float('nan')):.4f} |"
+        )
     lines += ["", "## Resolved config", "", "```toml", to_toml(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -287,5 +307,7 @@ def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, Bas
     plot_accuracy(record, d / "accuracy.png")
     save_adapter(model, d / "adapter")
     if base_delta:
-        save_file({k: t.contiguous() for k, t in flatten(Adapter({}, {}, base_delta)).items()},
-                  str(d / "base_delta.safetensors"))
+        save_file(
+            {k: t.contiguous() for k, t in flatten(Adapter({}, {}, base_delta)).items()},
+            str(d / "base_delta.safetensors"),
+        )

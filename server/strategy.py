@@ -98,8 +98,9 @@ class RoundLog:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoundLog:
-        return cls(**{k: ({int(n): v for n, v in val.items()} if k in cls._INT_KEYED else val)
-                      for k, val in data.items()})
+        return cls(
+            **{k: ({int(n): v for n, v in val.items()} if k in cls._INT_KEYED else val) for k, val in data.items()}
+        )
 
 
 class LoraStrategy(FedAvg):
@@ -147,8 +148,10 @@ class LoraStrategy(FedAvg):
         node_wait: float = 0.0,
     ) -> None:
         super().__init__(
-            fraction_train=fraction_train, fraction_evaluate=1.0 if aggregator.personalized else 0.0,
-            min_train_nodes=min_train_nodes, min_evaluate_nodes=min_train_nodes,
+            fraction_train=fraction_train,
+            fraction_evaluate=1.0 if aggregator.personalized else 0.0,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_train_nodes,
             min_available_nodes=min_train_nodes,
         )
         if update_norm_rule not in ("reject", "clip", "off"):
@@ -292,9 +295,14 @@ class LoraStrategy(FedAvg):
         if len(updates) < self.min_train_nodes:
             entry.failure = entry.failure or (
                 f"{len(updates)} valid updates from {len(entry.sampled)} sampled nodes, "
-                f"fewer than min_train_nodes={self.min_train_nodes}")
-            log.warning("round %d (attempt %d) not aggregated: %s; global adapter unchanged",
-                        server_round, entry.attempt + 1, entry.failure)
+                f"fewer than min_train_nodes={self.min_train_nodes}"
+            )
+            log.warning(
+                "round %d (attempt %d) not aggregated: %s; global adapter unchanged",
+                server_round,
+                entry.attempt + 1,
+                entry.failure,
+            )
             return None, None
         self.global_adapter, agg_metrics = self.aggregator.aggregate(updates, self.global_adapter)
         total = sum(u.num_examples for u in updates)
@@ -320,8 +328,10 @@ class LoraStrategy(FedAvg):
             if norm <= limit:
                 kept.append(u)
                 continue
-            why = (f"update norm {norm:.4g} is {norm / reference:.3g}x the round's {what} {reference:.4g} "
-                   f"(limit {self.update_norm_factor:g}x)")
+            why = (
+                f"update norm {norm:.4g} is {norm / reference:.3g}x the round's {what} {reference:.4g} "
+                f"(limit {self.update_norm_factor:g}x)"
+            )
             if self.update_norm_rule == "reject":
                 self._reject(entry, u.node_id, why)
                 continue
@@ -343,8 +353,9 @@ class LoraStrategy(FedAvg):
         if not self.aggregator.personalized:
             return []
         config = ConfigRecord({**config, **self.round_config, "server-round": server_round})
-        record = RecordDict({self.arrayrecord_key: adapter_to_record(self.global_adapter, self.downlink),
-                             self.configrecord_key: config})
+        record = RecordDict(
+            {self.arrayrecord_key: adapter_to_record(self.global_adapter, self.downlink), self.configrecord_key: config}
+        )
         return self._construct_messages(record, sorted(grid.get_node_ids()), MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -48,8 +48,9 @@ def _rel_err_cos(U: torch.Tensor, V: torch.Tensor) -> tuple[float, float]:
     return err, cos
 
 
-def layer_diagnostics(A: list[torch.Tensor], B: list[torch.Tensor], p: torch.Tensor, W_g: torch.Tensor,
-                      lam: float, objective: str) -> dict[str, float]:
+def layer_diagnostics(
+    A: list[torch.Tensor], B: list[torch.Tensor], p: torch.Tensor, W_g: torch.Tensor, lam: float, objective: str
+) -> dict[str, float]:
     """Update-preservation figures of one layer for every candidate (float64, dense)."""
     A = [a.double() for a in A]
     B = [b.double() for b in B]
@@ -61,8 +62,12 @@ def layer_diagnostics(A: list[torch.Tensor], B: list[torch.Tensor], p: torch.Ten
     _, B_fair = lora_fair(A, B, p, lam=lam, objective=objective)
     B_best = dW @ A_bar.T @ torch.linalg.pinv(A_bar @ A_bar.T)
     u, s, vh = torch.linalg.svd(dW, full_matrices=False)
-    products = {"fedit": B_bar @ A_bar, "lora_fair": B_fair.double() @ A_bar, "best_B": B_best @ A_bar,
-                "best_rank_r": (u[:, :r] * s[:r]) @ vh[:r]}
+    products = {
+        "fedit": B_bar @ A_bar,
+        "lora_fair": B_fair.double() @ A_bar,
+        "best_B": B_best @ A_bar,
+        "best_rank_r": (u[:, :r] * s[:r]) @ vh[:r],
+    }
     U = dW - W_g.double()
     out: dict[str, float] = {}
     for name, P in products.items():
@@ -86,17 +91,32 @@ def replay(cfg, method: str) -> list[dict[str, float]]:
         updates = []
         for k, data in enumerate(parts):
             set_adapter(model, global_adapter)
-            train_local(model, data, steps=f.local_steps, epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
-                        optimizer=f.optimizer, weight_decay=f.weight_decay,
-                        seed=cfg.seed * 100_003 + rnd * 1_009 + k)
+            train_local(
+                model,
+                data,
+                steps=f.local_steps,
+                epochs=f.local_epochs,
+                batch_size=f.batch_size,
+                lr=f.lr,
+                optimizer=f.optimizer,
+                weight_decay=f.weight_decay,
+                seed=cfg.seed * 100_003 + rnd * 1_009 + k,
+            )
             updates.append(ClientUpdate(get_adapter(model), len(data), k))
         p = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         p = p / p.sum()
         per_layer = []
         for layer, (A_g, B_g) in global_adapter.factors.items():
-            per_layer.append(layer_diagnostics(
-                [u.adapter.factors[layer][0] for u in updates], [u.adapter.factors[layer][1] for u in updates],
-                p, B_g.double() @ A_g.double(), cfg.aggregation.lam, cfg.aggregation.objective))
+            per_layer.append(
+                layer_diagnostics(
+                    [u.adapter.factors[layer][0] for u in updates],
+                    [u.adapter.factors[layer][1] for u in updates],
+                    p,
+                    B_g.double() @ A_g.double(),
+                    cfg.aggregation.lam,
+                    cfg.aggregation.objective,
+                )
+            )
         row = {"round": rnd, **{k: statistics.mean(d[k] for d in per_layer) for k in per_layer[0]}}
         rows.append(row)
         print(f"round {rnd}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "round"), flush=True)
@@ -118,13 +138,21 @@ def report(rows: list[dict[str, float]], cfg, method: str, command: str) -> str:
         command,
         "```",
         "",
-        "| round | rank90(U) | " + " | ".join(f"err {c}" for c in CANDIDATES) + " | "
-        + " | ".join(f"cos {c}" for c in CANDIDATES) + " |",
+        "| round | rank90(U) | "
+        + " | ".join(f"err {c}" for c in CANDIDATES)
+        + " | "
+        + " | ".join(f"cos {c}" for c in CANDIDATES)
+        + " |",
         "|---|---|" + "---|" * (2 * len(CANDIDATES)),
     ]
     for r in rows:
-        lines.append(f"| {r['round']} | {r['rank90']:.1f} | " + " | ".join(f"{r[f'err/{c}']:.3f}" for c in CANDIDATES)
-                     + " | " + " | ".join(f"{r[f'cos/{c}']:.3f}" for c in CANDIDATES) + " |")
+        lines.append(
+            f"| {r['round']} | {r['rank90']:.1f} | "
+            + " | ".join(f"{r[f'err/{c}']:.3f}" for c in CANDIDATES)
+            + " | "
+            + " | ".join(f"{r[f'cos/{c}']:.3f}" for c in CANDIDATES)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -139,8 +167,11 @@ def main() -> None:
     command = shlex.join(["python", "-m", "fairedge.simulations.aggregation_bias", *sys.argv[1:]])
     out = Path(args.results)
     tag = f"{cfg.data.partition}-{args.method}"
-    (out / f"aggregation_bias-{tag}.json").write_text(json.dumps(
-        {"config": cfg.model_dump(mode="json"), "method": args.method, "command": command, "rounds": rows}, indent=1))
+    (out / f"aggregation_bias-{tag}.json").write_text(
+        json.dumps(
+            {"config": cfg.model_dump(mode="json"), "method": args.method, "command": command, "rounds": rows}, indent=1
+        )
+    )
     md = report(rows, cfg, args.method, command)
     (out / f"aggregation_bias-{tag}.md").write_text(md)
     print(md)

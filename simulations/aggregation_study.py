@@ -44,9 +44,17 @@ CONFIG = Path(__file__).parent / "configs" / "default.toml"
 PARTITIONS = ("feature", "feature-label")
 METHODS = ("fedit", "lora_fair", "ffa_lora", "flora", "flexlora", "fedex_lora", "fedsa_lora", "rolora")
 CENTRAL = "centralised"
-NAMES = {"fedit": "FedIT", "lora_fair": "LoRA-FAIR", "ffa_lora": "FFA-LoRA", "flora": "FLoRA",
-         "flexlora": "FlexLoRA", "fedex_lora": "FedEx-LoRA", "fedsa_lora": "FedSA-LoRA¹", "rolora": "RoLoRA",
-         CENTRAL: "centralised LoRA (pooled data)"}
+NAMES = {
+    "fedit": "FedIT",
+    "lora_fair": "LoRA-FAIR",
+    "ffa_lora": "FFA-LoRA",
+    "flora": "FLoRA",
+    "flexlora": "FlexLoRA",
+    "fedex_lora": "FedEx-LoRA",
+    "fedsa_lora": "FedSA-LoRA¹",
+    "rolora": "RoLoRA",
+    CENTRAL: "centralised LoRA (pooled data)",
+}
 FRACTION = 0.95
 
 
@@ -55,11 +63,13 @@ def variants(partitions: Sequence[str], methods: Sequence[str]) -> dict[str, lis
     return {f"{p}/{m}": [f"data.partition={p}", f"aggregation.method={m}"] for p in partitions for m in methods}
 
 
-def run_config(config: str | Path, label: str, overrides: Sequence[str], seed: int,
-               common: Sequence[str] = ()) -> RunConfig:
+def run_config(
+    config: str | Path, label: str, overrides: Sequence[str], seed: int, common: Sequence[str] = ()
+) -> RunConfig:
     """The config `run_sweep` builds for (label, seed): so hashes match between the two."""
-    return load_config(config, [*common, *overrides, f"seed={seed}",
-                                f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"])
+    return load_config(
+        config, [*common, *overrides, f"seed={seed}", f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"]
+    )
 
 
 # --- the reference: centralised LoRA on the pooled client data --------------------------------
@@ -71,8 +81,13 @@ def _pool(parts: Sequence[LabeledData]) -> LabeledData:
     return LabeledData(x=x, y=torch.cat([p.y for p in parts]), domain=torch.cat([p.domain for p in parts]))
 
 
-def centralised(cfg: RunConfig, *, large_batch: bool = False, curve: bool = True,
-                augment: Callable[[LabeledData], LabeledData] | None = None) -> tuple[RunRecord, nn.Module]:
+def centralised(
+    cfg: RunConfig,
+    *,
+    large_batch: bool = False,
+    curve: bool = True,
+    augment: Callable[[LabeledData], LabeledData] | None = None,
+) -> tuple[RunRecord, nn.Module]:
     """LoRA trained on the union of all clients' training data, no Flower.
 
     Same model, rank and seeded initial adapter as the federation; each "round" runs
@@ -92,28 +107,46 @@ def centralised(cfg: RunConfig, *, large_batch: bool = False, curve: bool = True
         pooled = augment(pooled)
     model, device = lora_model(cfg), resolve_device(f.device)
     set_trainable_factors(model, "AB")
-    record = RunRecord(cfg=cfg, run_dir=Path(), domains=task.domains,
-                       shifted_domains=[d for d in task.domains if d != task.source_domain])
+    record = RunRecord(
+        cfg=cfg,
+        run_dir=Path(),
+        domains=task.domains,
+        shifted_domains=[d for d in task.domains if d != task.source_domain],
+    )
     started = time.time()
     if curve:
         record.add_round(0, evaluate_per_domain(model, task.test, task.domains, device=device), None, 0.0)
     for r in range(1, f.rounds + 1):
         t = time.time()
-        steps, batch = ((f.local_steps, f.batch_size * f.num_clients) if large_batch
-                        else (f.local_steps * f.num_clients, f.batch_size))
-        loss = train_local(model, pooled, steps=steps, epochs=f.local_epochs, batch_size=batch, lr=f.lr,
-                           optimizer=f.optimizer, weight_decay=f.weight_decay, device=device,
-                           seed=cfg.seed * 100_003 + r * 1_009)
+        steps, batch = (
+            (f.local_steps, f.batch_size * f.num_clients)
+            if large_batch
+            else (f.local_steps * f.num_clients, f.batch_size)
+        )
+        loss = train_local(
+            model,
+            pooled,
+            steps=steps,
+            epochs=f.local_epochs,
+            batch_size=batch,
+            lr=f.lr,
+            optimizer=f.optimizer,
+            weight_decay=f.weight_decay,
+            device=device,
+            seed=cfg.seed * 100_003 + r * 1_009,
+        )
         if curve or r == f.rounds:
-            row = record.add_round(r, evaluate_per_domain(model, task.test, task.domains, device=device), None,
-                                   time.time() - t)
+            row = record.add_round(
+                r, evaluate_per_domain(model, task.test, task.domains, device=device), None, time.time() - t
+            )
             row["train_loss"] = loss
     record.wall_seconds = time.time() - started
     return record, model
 
 
-def run_centralised(config: str | Path, partitions: Sequence[str], seeds: Sequence[int], results: Path,
-                    common: Sequence[str] = ()) -> list[dict[str, Any]]:
+def run_centralised(
+    config: str | Path, partitions: Sequence[str], seeds: Sequence[int], results: Path, common: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Append `<partition>/centralised` rows (shaped like `run_sweep`'s) to `results`; skip finished ones."""
     rows: list[dict[str, Any]] = json.loads(results.read_text()) if results.exists() else []
     done = {(r["variant"], r["seed"], r["config_hash"]) for r in rows}
@@ -124,13 +157,24 @@ def run_centralised(config: str | Path, partitions: Sequence[str], seeds: Sequen
             if (label, seed, config_hash(cfg)) in done:
                 continue
             record, _ = centralised(cfg)
-            rows.append({"variant": label, "seed": seed, "config_hash": config_hash(cfg),
-                         "overrides": overrides, "summary": record.summary(), "rounds": record.rounds,
-                         "run_dir": None})
+            rows.append(
+                {
+                    "variant": label,
+                    "seed": seed,
+                    "config_hash": config_hash(cfg),
+                    "overrides": overrides,
+                    "summary": record.summary(),
+                    "rounds": record.rounds,
+                    "run_dir": None,
+                }
+            )
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(rows, indent=1))
-            print(f"{label} seed {seed}: final mean acc {record.summary()['final_mean_accuracy']:.4f} "
-                  f"({record.wall_seconds:.0f} s)", flush=True)
+            print(
+                f"{label} seed {seed}: final mean acc {record.summary()['final_mean_accuracy']:.4f} "
+                f"({record.wall_seconds:.0f} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -148,14 +192,16 @@ def _pct(values: Sequence[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
 
 
-def select(rows: list[dict], config: str | Path, partition: str, method: str, seeds: Sequence[int],
-           common: Sequence[str] = ()) -> list[dict]:
+def select(
+    rows: list[dict], config: str | Path, partition: str, method: str, seeds: Sequence[int], common: Sequence[str] = ()
+) -> list[dict]:
     """This study's rows of one partition/method (same config hash as this invocation would run), by seed."""
     label = f"{partition}/{method}"
     overrides = [f"data.partition={partition}"] + ([] if method == CENTRAL else [f"aggregation.method={method}"])
     want = {s: config_hash(run_config(config, label, overrides, s, common)) for s in seeds}
-    return sorted((r for r in rows if r["variant"] == label and want.get(r["seed"]) == r["config_hash"]),
-                  key=lambda r: r["seed"])
+    return sorted(
+        (r for r in rows if r["variant"] == label and want.get(r["seed"]) == r["config_hash"]), key=lambda r: r["seed"]
+    )
 
 
 def _paired(a: list[dict], b: list[dict]) -> list[float]:
@@ -167,8 +213,18 @@ def _paired(a: list[dict], b: list[dict]) -> list[float]:
 def table(by_method: dict[str, list[dict]]) -> str:
     """One partition's table; `by_method` maps method (or `centralised`) to its rows."""
     personal = "fedsa_lora" in by_method
-    head = ["method", "final mean acc (%)", "final worst-domain acc (%)", f"round reaching {FRACTION:.0%} of final",
-            "uplink MB/run", "downlink MB/run"] + (["personal acc (%)¹"] if personal else []) + ["seeds"]
+    head = (
+        [
+            "method",
+            "final mean acc (%)",
+            "final worst-domain acc (%)",
+            f"round reaching {FRACTION:.0%} of final",
+            "uplink MB/run",
+            "downlink MB/run",
+        ]
+        + (["personal acc (%)¹"] if personal else [])
+        + ["seeds"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     final = {m: statistics.mean(r["summary"]["final_mean_accuracy"] for r in rs) for m, rs in by_method.items() if rs}
     fed = [final[m] for m in final if m != CENTRAL]
@@ -178,12 +234,21 @@ def table(by_method: dict[str, list[dict]]) -> str:
             continue
         s = [r["summary"] for r in rs]
         bold = "**" if m != CENTRAL and best is not None and final[m] >= best - 1e-12 else ""
-        comm = (["—", "—"] if m == CENTRAL else
-                [f"{statistics.mean(x['bytes_up'] for x in s) / 1e6:.2f}",
-                 f"{statistics.mean(x['bytes_down'] for x in s) / 1e6:.2f}"])
-        cells = [f"{bold}{NAMES.get(m, m)}{bold}", f"{bold}{_pct([x['final_mean_accuracy'] for x in s])}{bold}",
-                 _pct([x["final_worst_accuracy"] for x in s]),
-                 f"{statistics.mean(round_reaching(r['rounds']) for r in rs):.1f}", *comm]
+        comm = (
+            ["—", "—"]
+            if m == CENTRAL
+            else [
+                f"{statistics.mean(x['bytes_up'] for x in s) / 1e6:.2f}",
+                f"{statistics.mean(x['bytes_down'] for x in s) / 1e6:.2f}",
+            ]
+        )
+        cells = [
+            f"{bold}{NAMES.get(m, m)}{bold}",
+            f"{bold}{_pct([x['final_mean_accuracy'] for x in s])}{bold}",
+            _pct([x["final_worst_accuracy"] for x in s]),
+            f"{statistics.mean(round_reaching(r['rounds']) for r in rs):.1f}",
+            *comm,
+        ]
         if personal:
             pa = [x["final_personal_mean_accuracy"] for x in s if x.get("final_personal_mean_accuracy") is not None]
             cells.append(_pct(pa) if pa else "—")
@@ -200,20 +265,29 @@ def comparisons(by_method: dict[str, list[dict]]) -> list[str]:
         d = _paired(by_method.get(a) or [], by_method.get(b) or [])
         if d:
             sd = statistics.stdev(d) if len(d) > 1 else 0.0
-            out.append(f"- {name}: {statistics.mean(d):+.2f} ± {sd:.2f} points of final mean accuracy "
-                       f"(paired over {len(d)} seed{'s' * (len(d) > 1)})")
-    final = {m: statistics.mean(r["summary"]["final_mean_accuracy"] for r in rs)
-             for m, rs in by_method.items() if rs and m != CENTRAL}
+            out.append(
+                f"- {name}: {statistics.mean(d):+.2f} ± {sd:.2f} points of final mean accuracy "
+                f"(paired over {len(d)} seed{'s' * (len(d) > 1)})"
+            )
+    final = {
+        m: statistics.mean(r["summary"]["final_mean_accuracy"] for r in rs)
+        for m, rs in by_method.items()
+        if rs and m != CENTRAL
+    }
     if fair and len(final) > 1:
         beaten = [NAMES[m] for m, v in final.items() if v > final["lora_fair"] + 1e-12]
-        out.append("- Paper: LoRA-FAIR ≥ all baselines. Here: " + (
-            "holds (mean over seeds)." if not beaten else f"does not hold; higher mean: {', '.join(beaten)}."))
+        out.append(
+            "- Paper: LoRA-FAIR ≥ all baselines. Here: "
+            + ("holds (mean over seeds)." if not beaten else f"does not hold; higher mean: {', '.join(beaten)}.")
+        )
     d = _paired(by_method.get(CENTRAL) or [], fair)
     if d:
         gap = statistics.mean(d)
-        verdict = ("LoRA-FAIR is above centralised" if gap < 0 else "holds" if gap <= 0.7 else "does not hold")
-        out.append(f"- Paper: LoRA-FAIR within ~0.7 points below centralised. Here: centralised − LoRA-FAIR "
-                   f"= {gap:+.2f} points ({verdict}).")
+        verdict = "LoRA-FAIR is above centralised" if gap < 0 else "holds" if gap <= 0.7 else "does not hold"
+        out.append(
+            f"- Paper: LoRA-FAIR within ~0.7 points below centralised. Here: centralised − LoRA-FAIR "
+            f"= {gap:+.2f} points ({verdict})."
+        )
     return out
 
 
@@ -233,8 +307,15 @@ def plot(tables: dict[str, dict[str, list[dict]]], path: Path, title: str) -> No
             n = min(len(r["rounds"]) for r in rs)
             xs = [rs[0]["rounds"][i]["round"] for i in range(n)]
             ys = [100 * statistics.mean(r["rounds"][i]["mean_accuracy"] for r in rs) for i in range(n)]
-            ax.plot(xs, ys, "k--" if m == CENTRAL else "-", marker="o", markersize=3, linewidth=2 if m in (
-                CENTRAL, "lora_fair") else 1.2, label=NAMES.get(m, m).rstrip("¹"))
+            ax.plot(
+                xs,
+                ys,
+                "k--" if m == CENTRAL else "-",
+                marker="o",
+                markersize=3,
+                linewidth=2 if m in (CENTRAL, "lora_fair") else 1.2,
+                label=NAMES.get(m, m).rstrip("¹"),
+            )
         ax.set_title(f"{partition} non-IID")
         ax.set_xlabel("round (0 = pre-trained base)")
         ax.grid(alpha=0.3)
@@ -250,8 +331,17 @@ def plot(tables: dict[str, dict[str, list[dict]]], path: Path, title: str) -> No
 
 def command(args: argparse.Namespace) -> str:
     """The exact command line that regenerates these results."""
-    parts = ["python", "-m", "fairedge.simulations.aggregation_study", "--seeds", *map(str, args.seeds),
-             "--partitions", *args.partitions, "--methods", *args.methods]
+    parts = [
+        "python",
+        "-m",
+        "fairedge.simulations.aggregation_study",
+        "--seeds",
+        *map(str, args.seeds),
+        "--partitions",
+        *args.partitions,
+        "--methods",
+        *args.methods,
+    ]
     for o in args.overrides:
         parts += ["--set", o]
     if Path(args.config).resolve() != CONFIG.resolve():
@@ -272,8 +362,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> tuple[str, dict[str, d
     cfg = load_config(args.config, list(args.overrides))
     f = cfg.federation
     methods = [*args.methods, CENTRAL]
-    tables = {p: {m: select(rows, args.config, p, m, args.seeds, args.overrides) for m in methods}
-              for p in args.partitions}
+    tables = {
+        p: {m: select(rows, args.config, p, m, args.seeds, args.overrides) for m in methods} for p in args.partitions
+    }
     sets = ", ".join(f"`{o}`" for o in args.overrides) or "none"
     md = [
         "# Aggregation methods vs centralised LoRA: accuracy (digits-domains)",
@@ -308,13 +399,20 @@ def report(rows: list[dict], args: argparse.Namespace) -> tuple[str, dict[str, d
     for p, by_method in tables.items():
         md += [f"## {p} non-IID", "", table(by_method), "", *comparisons(by_method), ""]
     if "fedsa_lora" in args.methods:
-        md += ["¹ FedSA-LoRA shares only A; each client keeps its own B. Its server-side accuracy (the main "
-               "columns) is the global A with the initial B, so it is not comparable to the others; "
-               "'personal acc' is the mean over clients of each client's own model (global A, its own B) on "
-               "its own domains' test data, final round.", ""]
-    md += ["![mean accuracy per round](aggregation.png)", "",
-           "Why LoRA-FAIR does not win here (aggregation-bias diagnostic, λ / objective / local-steps ablation, "
-           "drift vs aggregation): [lora_fair_investigation.md](lora_fair_investigation.md).", ""]
+        md += [
+            "¹ FedSA-LoRA shares only A; each client keeps its own B. Its server-side accuracy (the main "
+            "columns) is the global A with the initial B, so it is not comparable to the others; "
+            "'personal acc' is the mean over clients of each client's own model (global A, its own B) on "
+            "its own domains' test data, final round.",
+            "",
+        ]
+    md += [
+        "![mean accuracy per round](aggregation.png)",
+        "",
+        "Why LoRA-FAIR does not win here (aggregation-bias diagnostic, λ / objective / local-steps ablation, "
+        "drift vs aggregation): [lora_fair_investigation.md](lora_fair_investigation.md).",
+        "",
+    ]
     return "\n".join(md), tables
 
 
@@ -323,8 +421,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--partitions", nargs="+", choices=PARTITIONS, default=list(PARTITIONS))
     parser.add_argument("--methods", nargs="+", choices=sorted(AGGREGATORS), default=list(METHODS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override for every run (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run (repeatable)",
+    )
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--results", default=str(RESULTS), help="output folder (default: %(default)s)")
     args = parser.parse_args()
@@ -336,8 +440,10 @@ def main() -> None:
         run_centralised(args.config, args.partitions, [seed], out, args.overrides)
     md, tables = report(json.loads(out.read_text()), args)
     (results / "aggregation.md").write_text(md)
-    title = (f"{_display(args.config)} {' '.join(args.overrides)}: mean accuracy per round, "
-             f"mean over seeds {list(args.seeds)}")
+    title = (
+        f"{_display(args.config)} {' '.join(args.overrides)}: mean accuracy per round, "
+        f"mean over seeds {list(args.seeds)}"
+    )
     plot(tables, results / "aggregation.png", title)
     print(md)
 

@@ -318,8 +318,15 @@ def main(argv: list[str] | None = None) -> None:
     headline = _headline(rows)
     report = {
         "config": {
-            "sizes": SIZES, "ranks": RANKS, "clients": CLIENTS, "lam": LAM, "dense_steps": DENSE_STEPS,
-            "dense_budget_s": DENSE_BUDGET_S, "seed": SEED, "quick": args.quick, "dtype_inputs": "float32",
+            "sizes": SIZES,
+            "ranks": RANKS,
+            "clients": CLIENTS,
+            "lam": LAM,
+            "dense_steps": DENSE_STEPS,
+            "dense_budget_s": DENSE_BUDGET_S,
+            "seed": SEED,
+            "quick": args.quick,
+            "dtype_inputs": "float32",
         },
         "machine": machine,
         "wall_seconds": time.time() - started,

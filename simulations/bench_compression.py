@@ -45,12 +45,19 @@ def lora_adapter(params: int, rank: int, dim: int, seed: int) -> dict[str, torch
     return tensors
 
 
-def vit_adapter(seed: int, layers: int = 4, rank: int = 8, dim: int = 64, mlp: int = 128,
-                classes: int = 10) -> dict[str, torch.Tensor]:
+def vit_adapter(
+    seed: int, layers: int = 4, rank: int = 8, dim: int = 64, mlp: int = 128, classes: int = 10
+) -> dict[str, torch.Tensor]:
     """A small ViT's LoRA delta under its wire names, in the client's order (B deltas smaller)."""
     g = torch.Generator().manual_seed(seed)
-    linears = {"attention.q_proj": (dim, dim), "attention.k_proj": (dim, dim), "attention.v_proj": (dim, dim),
-               "attention.output.dense": (dim, dim), "intermediate.dense": (dim, mlp), "output.dense": (mlp, dim)}
+    linears = {
+        "attention.q_proj": (dim, dim),
+        "attention.k_proj": (dim, dim),
+        "attention.v_proj": (dim, dim),
+        "attention.output.dense": (dim, dim),
+        "intermediate.dense": (dim, mlp),
+        "output.dense": (mlp, dim),
+    }
     tensors = {}
     for i in range(layers):
         for linear, (n_in, n_out) in linears.items():
@@ -77,10 +84,19 @@ def size_row(data: str, tensors: dict[str, torch.Tensor], density: float) -> dic
     body = sum(len(b.payload) + len(b.signs) for b in message.blocks)
     bound = entropy_bound(density)
     total_bits, body_bits = 8 * len(payload) / n, 8 * body / n
-    return {"data": data, "params": n, "tensors": len(tensors), "density": density,
-            "bytes": len(payload), "bits_per_param": total_bits, "body_bits_per_param": body_bits,
-            "bound": bound, "ratio": total_bits / bound, "body_ratio": body_bits / bound,
-            "vs_fp32": 32 / total_bits}
+    return {
+        "data": data,
+        "params": n,
+        "tensors": len(tensors),
+        "density": density,
+        "bytes": len(payload),
+        "bits_per_param": total_bits,
+        "body_bits_per_param": body_bits,
+        "bound": bound,
+        "ratio": total_bits / bound,
+        "body_ratio": body_bits / bound,
+        "vs_fp32": 32 / total_bits,
+    }
 
 
 def message_row(tensors: dict[str, torch.Tensor], density: float) -> dict:
@@ -103,8 +119,12 @@ def throughput(tensors: dict[str, torch.Tensor], density: float, scope: str, rep
     n = sum(t.numel() for t in tensors.values())
     expected = shapes_of(tensors)
     compress(tensors, density=density, scope=scope)  # warm-up
-    runs: dict[str, list[float]] = {"compress_wall": [], "compress_cpu": [], "decompress_wall": [],
-                                    "decompress_cpu": []}
+    runs: dict[str, list[float]] = {
+        "compress_wall": [],
+        "compress_cpu": [],
+        "decompress_wall": [],
+        "decompress_cpu": [],
+    }
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         payload = compress(tensors, density=density, scope=scope)
@@ -130,39 +150,64 @@ def load_deltas(path: Path) -> dict[str, torch.Tensor]:
 
 
 def markdown(config: dict, sizes: list[dict], messages: list[dict], speeds: list[dict]) -> str:
-    lines = ["# ComPEFT codec benchmark", "",
-             "Config: " + ", ".join(f"`{k}={v}`" for k, v in config.items()), "",
-             "## Size vs the entropy bound H(k)+k (bits per parameter)", "",
-             "| data | params | tensors | density | total bits/param | body bits/param | bound | total/bound "
-             "| body/bound | vs fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# ComPEFT codec benchmark",
+        "",
+        "Config: " + ", ".join(f"`{k}={v}`" for k, v in config.items()),
+        "",
+        "## Size vs the entropy bound H(k)+k (bits per parameter)",
+        "",
+        "| data | params | tensors | density | total bits/param | body bits/param | bound | total/bound "
+        "| body/bound | vs fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sizes:
-        lines.append(f"| {r['data']} | {r['params']:,} | {r['tensors']} | {r['density']:.0%} "
-                     f"| {r['bits_per_param']:.4f} | {r['body_bits_per_param']:.4f} | {r['bound']:.4f} "
-                     f"| {r['ratio']:.3f} | {r['body_ratio']:.3f} | {r['vs_fp32']:.1f}x |")
+        lines.append(
+            f"| {r['data']} | {r['params']:,} | {r['tensors']} | {r['density']:.0%} "
+            f"| {r['bits_per_param']:.4f} | {r['body_bits_per_param']:.4f} | {r['bound']:.4f} "
+            f"| {r['ratio']:.3f} | {r['body_ratio']:.3f} | {r['vs_fp32']:.1f}x |"
+        )
     if messages:
         m = messages[0]
-        lines += ["", f"## Whole message, small ViT adapter ({m['params']:,} params, {m['tensors']} tensors)", "",
-                  "| density | bound bytes | nameless bytes | bytes/param | vs fp32 | named bytes | named vs fp32 "
-                  "| per-tensor scope bytes | per-tensor vs fp32 |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Whole message, small ViT adapter ({m['params']:,} params, {m['tensors']} tensors)",
+            "",
+            "| density | bound bytes | nameless bytes | bytes/param | vs fp32 | named bytes | named vs fp32 "
+            "| per-tensor scope bytes | per-tensor vs fp32 |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in messages:
-            lines.append(f"| {r['density']:.0%} | {r['bound_bytes']:.0f} | {r['nameless_bytes']:,} "
-                         f"| {r['nameless_bytes_per_param']:.4f} | {r['nameless_vs_fp32']:.1f}x "
-                         f"| {r['named_bytes']:,} | {r['named_vs_fp32']:.1f}x "
-                         f"| {r['nameless_tensor_scope_bytes']:,} | {r['nameless_tensor_scope_vs_fp32']:.1f}x |")
-        lines += ["", "nameless = the default (`include_names=False`, scope global: one block); named = "
-                  "`include_names=True`; per-tensor scope = nameless, one block per tensor. fp32 = 4 bytes/param."]
-    lines += ["", f"## Throughput (MB/s of float32 input, 1 thread, median of {config['repeats']} runs)", "",
-              "| params | tensors | density | scope | compress (wall) | decompress (wall) "
-              "| compress (CPU) | decompress (CPU) |",
-              "|---:|---:|---:|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r['density']:.0%} | {r['bound_bytes']:.0f} | {r['nameless_bytes']:,} "
+                f"| {r['nameless_bytes_per_param']:.4f} | {r['nameless_vs_fp32']:.1f}x "
+                f"| {r['named_bytes']:,} | {r['named_vs_fp32']:.1f}x "
+                f"| {r['nameless_tensor_scope_bytes']:,} | {r['nameless_tensor_scope_vs_fp32']:.1f}x |"
+            )
+        lines += [
+            "",
+            "nameless = the default (`include_names=False`, scope global: one block); named = "
+            "`include_names=True`; per-tensor scope = nameless, one block per tensor. fp32 = 4 bytes/param.",
+        ]
+    lines += [
+        "",
+        f"## Throughput (MB/s of float32 input, 1 thread, median of {config['repeats']} runs)",
+        "",
+        "| params | tensors | density | scope | compress (wall) | decompress (wall) "
+        "| compress (CPU) | decompress (CPU) |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in speeds:
-        lines.append(f"| {r['params']:,} | {r['tensors']} | {r['density']:.0%} | {r['scope']} "
-                     f"| {r['compress_wall_MBps_median']:.0f} | {r['decompress_wall_MBps_median']:.0f} "
-                     f"| {r['compress_cpu_MBps_median']:.0f} | {r['decompress_cpu_MBps_median']:.0f} |")
-    lines += ["", "total = whole message; body = position + sign bits only (no header). "
-              "CPU = this process's CPU time (robust to other jobs on the machine)."]
+        lines.append(
+            f"| {r['params']:,} | {r['tensors']} | {r['density']:.0%} | {r['scope']} "
+            f"| {r['compress_wall_MBps_median']:.0f} | {r['decompress_wall_MBps_median']:.0f} "
+            f"| {r['compress_cpu_MBps_median']:.0f} | {r['decompress_cpu_MBps_median']:.0f} |"
+        )
+    lines += [
+        "",
+        "total = whole message; body = position + sign bits only (no header). "
+        "CPU = this process's CPU time (robust to other jobs on the machine).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -171,8 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown path; JSON goes next to it")
     parser.add_argument("--deltas", type=Path, help=".pt file of real LoRA deltas (dict name -> tensor)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5])
-    parser.add_argument("--message-densities", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.2, 0.5],
-                        help="densities for the small-ViT whole-message table")
+    parser.add_argument(
+        "--message-densities",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.05, 0.1, 0.2, 0.5],
+        help="densities for the small-ViT whole-message table",
+    )
     parser.add_argument("--params", type=int, default=10_000_000, help="size of the synthetic adapter")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dim", type=int, default=768)
@@ -182,16 +232,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    config = {"seed": args.seed, "params": args.params, "rank": args.rank, "dim": args.dim,
-              "densities": args.densities, "message_densities": args.message_densities,
-              "speed_density": args.speed_density, "repeats": args.repeats,
-              "deltas": str(args.deltas) if args.deltas else None, "torch_threads": torch.get_num_threads(),
-              "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-              "load_average_1min": round(os.getloadavg()[0], 2)}
+    config = {
+        "seed": args.seed,
+        "params": args.params,
+        "rank": args.rank,
+        "dim": args.dim,
+        "densities": args.densities,
+        "message_densities": args.message_densities,
+        "speed_density": args.speed_density,
+        "repeats": args.repeats,
+        "deltas": str(args.deltas) if args.deltas else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
 
     adapter = lora_adapter(args.params, args.rank, args.dim, args.seed)
-    datasets = {f"gaussian LoRA {args.rank}x{args.dim}": adapter,
-                "gaussian 1024x1024": {"w": torch.randn(1024, 1024, generator=torch.Generator().manual_seed(args.seed))}}
+    datasets = {
+        f"gaussian LoRA {args.rank}x{args.dim}": adapter,
+        "gaussian 1024x1024": {"w": torch.randn(1024, 1024, generator=torch.Generator().manual_seed(args.seed))},
+    }
     if args.deltas:
         datasets[f"deltas {args.deltas.name}"] = load_deltas(args.deltas)
 

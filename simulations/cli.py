@@ -18,17 +18,21 @@ console = Console()
 
 def _row(r: dict[str, Any]) -> str:
     if r["round"] == 0:
-        return (f"round  0 (base)                 mean acc {r['mean_accuracy']:.4f}  "
-                f"worst {r['worst_accuracy']:.4f}  shifted {r['shifted_mean_accuracy']:.4f}")
+        return (
+            f"round  0 (base)                 mean acc {r['mean_accuracy']:.4f}  "
+            f"worst {r['worst_accuracy']:.4f}  shifted {r['shifted_mean_accuracy']:.4f}"
+        )
     loss = r.get("train_loss")
     left_out = len(r.get("rejected", {})) + len(r.get("no_reply", []))
-    return (f"round {r['round']:2d}  loss {loss if loss is not None else float('nan'):.4f}  "
-            f"mean acc {r['mean_accuracy']:.4f}  worst {r['worst_accuracy']:.4f}  "
-            f"shifted {r['shifted_mean_accuracy']:.4f}  up {r.get('bytes_up', 0) / 1e6:.2f} MB  "
-            f"down {r.get('bytes_down', 0) / 1e6:.2f} MB  {r['seconds']:.1f}s"
-            + (f"  personal {r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "")
-            + (f"  [red]{left_out} left out[/red]" if left_out else "")
-            + (f"  [yellow]{r['retries']} retries[/yellow]" if r.get("retries") else ""))
+    return (
+        f"round {r['round']:2d}  loss {loss if loss is not None else float('nan'):.4f}  "
+        f"mean acc {r['mean_accuracy']:.4f}  worst {r['worst_accuracy']:.4f}  "
+        f"shifted {r['shifted_mean_accuracy']:.4f}  up {r.get('bytes_up', 0) / 1e6:.2f} MB  "
+        f"down {r.get('bytes_down', 0) / 1e6:.2f} MB  {r['seconds']:.1f}s"
+        + (f"  personal {r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "")
+        + (f"  [red]{left_out} left out[/red]" if left_out else "")
+        + (f"  [yellow]{r['retries']} retries[/yellow]" if r.get("retries") else "")
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -45,8 +49,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.resume and args.config:
             raise ConfigError("--resume takes the config from the run folder; leave out --config")
-        cfg = resume_config(args.resume, args.set) if args.resume else load_config(args.config or DEFAULT_CONFIG,
-                                                                                  args.set)
+        cfg = (
+            resume_config(args.resume, args.set)
+            if args.resume
+            else load_config(args.config or DEFAULT_CONFIG, args.set)
+        )
     except ConfigError as err:
         console.print(f"[red]{err}[/red]")
         return 2
@@ -55,8 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"fairedge-sim {action}: config [bold]{cfg.name}[/bold] (hash {config_hash(cfg)}) -> {run_dir}")
     if args.resume and (why := client_state_warning(cfg)):
         console.print(f"[yellow]warning: {why}[/yellow]")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("pre-training base model / starting Flower", total=cfg.federation.rounds)
 
         def on_round(row: dict[str, Any]) -> None:
@@ -64,8 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(task, completed=row["round"], description="federated rounds")
 
         try:
-            record = simulate(cfg, run_dir, on_round=on_round, verbose=args.verbose, resume=bool(args.resume),
-                              engine=args.engine)
+            record = simulate(
+                cfg, run_dir, on_round=on_round, verbose=args.verbose, resume=bool(args.resume), engine=args.engine
+            )
         except RoundFailed as err:
             console.print(f"[red]run stopped: {err}[/red]")
             return 1
@@ -83,20 +97,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federated simulation (Flower simulation engine)")
     run.add_argument("--config", default=None, help=f"TOML config (default: {DEFAULT_CONFIG})")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override a config value, e.g. --set federation.rounds=5 (repeatable)")
-    run.add_argument("--resume", metavar="RUN_DIR", default=None,
-                     help="continue the run in RUN_DIR after its last complete round (its config.toml; "
-                          "--set may only extend federation.rounds, round_timeout, round_retries)")
-    run.add_argument("--engine", choices=["ray", "inprocess"], default="ray",
-                     help="ray: Flower's simulation engine (default); inprocess: clients called one after "
-                          "another in this process, no Ray (same results, quicker start)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config value, e.g. --set federation.rounds=5 (repeatable)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in RUN_DIR after its last complete round (its config.toml; "
+        "--set may only extend federation.rounds, round_timeout, round_retries)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=["ray", "inprocess"],
+        default="ray",
+        help="ray: Flower's simulation engine (default); inprocess: clients called one after "
+        "another in this process, no Ray (same results, quicker start)",
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     run.set_defaults(func=cmd_run)
     from fairedge.simulations import deploy_loopback
 
-    deploy = sub.add_parser("deploy", help="run one job on a real Flower deployment on this machine: a SuperLink "
-                            "and N SuperNodes with TLS and node authentication (simulations/deploy_loopback.py)")
+    deploy = sub.add_parser(
+        "deploy",
+        help="run one job on a real Flower deployment on this machine: a SuperLink "
+        "and N SuperNodes with TLS and node authentication (simulations/deploy_loopback.py)",
+    )
     deploy_loopback.build_parser(deploy)
     deploy.set_defaults(func=deploy_loopback.run_cli)
     return parser

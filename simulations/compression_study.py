@@ -30,8 +30,11 @@ def variants() -> dict[str, list[str]]:
             if k == 1.0 and not ef:
                 continue  # lossless: error feedback has nothing to carry
             label = f"k={k:.0%}" + (" +EF" if ef else " no EF") if k < 1 else "k=100% (lossless codec)"
-            out[label] = ["compression.enabled=true", f"compression.density={k}",
-                          f"compression.error_feedback={'true' if ef else 'false'}"]
+            out[label] = [
+                "compression.enabled=true",
+                f"compression.density={k}",
+                f"compression.error_feedback={'true' if ef else 'false'}",
+            ]
     # ComPEFT's alpha is tuned per task in the paper; alpha·σ with alpha=1 under-scales the kept
     # top-10 % entries of a Gaussian-like update (their mean magnitude is about 1.75σ).
     for alpha in (2.0, 3.0):
@@ -70,8 +73,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(CONFIG))
     args = parser.parse_args()
     out = RESULTS / "compression_accuracy.json"
-    rows = run_sweep(args.config, variants(), args.seeds, out,
-                     common_overrides=[f"aggregation.method={args.method}"])
+    rows = run_sweep(args.config, variants(), args.seeds, out, common_overrides=[f"aggregation.method={args.method}"])
     md = RESULTS / "compression_accuracy.md"
     md.write_text(
         "# ComPEFT in federated rounds: accuracy vs uplink bytes\n\n"

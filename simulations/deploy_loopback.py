@@ -197,29 +197,55 @@ class LoopbackDeployment:
         self.log(f"certificates and {self.num_nodes} node keys in {self.folder / 'certs'}")
         self.port = free_port()
         self.flwr_home.mkdir(exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-            "default": CONNECTION,
-            CONNECTION: {"address": f"127.0.0.1:{self.port}", "root-certificates": str(self.creds.ca.cert_path)},
-        }}))
+        (self.flwr_home / "config.toml").write_text(
+            tomli_w.dumps(
+                {
+                    "superlink": {
+                        "default": CONNECTION,
+                        CONNECTION: {
+                            "address": f"127.0.0.1:{self.port}",
+                            "root-certificates": str(self.creds.ca.cert_path),
+                        },
+                    }
+                }
+            )
+        )
         for i, key in enumerate(self.creds.nodes):
             config = f"partition-id={i} num-partitions={self.num_nodes}"
             if self.data_paths:
                 config += f' data-path="{Path(self.data_paths[i]).resolve()}"'
             self.nodes.append(SuperNode(i, key.private_path, config, free_port()))
 
-    def _spawn(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None,
-               on_line: Log | None = None) -> Process:
+    def _spawn(
+        self, name: str, cmd: list[str], *, env: dict[str, str] | None = None, on_line: Log | None = None
+    ) -> Process:
         """Start `cmd` in its own process group, output to `logs/<name>.log` (and to `on_line`)."""
         log_path = self.logs / f"{name}.log"
         if on_line is None:
-            log_file = open(log_path, "ab")
-            popen = subprocess.Popen(cmd, cwd=self.project, env=env or self.env(), stdout=log_file,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            log_file = open(log_path, "ab")  # noqa: SIM115  (the Popen outlives this function; Process closes it)
+            popen = subprocess.Popen(
+                cmd,
+                cwd=self.project,
+                env=env or self.env(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             proc = Process(name, popen, log_path, log_file)
         else:
-            popen = subprocess.Popen(cmd, cwd=self.project, env=env or self.env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     text=True, errors="replace", bufsize=1)
+            popen = subprocess.Popen(
+                cmd,
+                cwd=self.project,
+                env=env or self.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                text=True,
+                errors="replace",
+                bufsize=1,
+            )
             proc = Process(name, popen, log_path)
             proc.pump = threading.Thread(target=_pump, args=(popen, log_path, on_line), daemon=True)
             proc.pump.start()
@@ -230,9 +256,15 @@ class LoopbackDeployment:
         """Run a `flwr` CLI command to completion; its output, or DeploymentError naming its log."""
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as log_file:
-            popen = subprocess.Popen([str(self.bin / "flwr"), *args], cwd=self.project, env=self.env(),
-                                     stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                [str(self.bin / "flwr"), *args],
+                cwd=self.project,
+                env=self.env(),
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             proc = Process(name, popen, log_path)
             self.processes.append(proc)
             try:
@@ -244,34 +276,49 @@ class LoopbackDeployment:
                 self.processes.remove(proc)
             log_file.write(out)
         if popen.returncode:
-            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {popen.returncode}); log {log_path}:\n"
-                                  + out.decode(errors="replace")[-2000:] + _tail(log_path))
+            raise DeploymentError(
+                f"`flwr {' '.join(args)}` failed (exit {popen.returncode}); log {log_path}:\n"
+                + out.decode(errors="replace")[-2000:]
+                + _tail(log_path)
+            )
         return out.decode(errors="replace")
 
     # ------------------------------------------------------------- the steps
     def start_superlink(self, timeout: float = 90) -> None:
         """`flower-superlink` with TLS and SuperNode authentication; wait until it accepts connections."""
         assert self.creds is not None, "call prepare() first"
-        proc = self._spawn("superlink", [
-            str(self.bin / "flower-superlink"),
-            "--ssl-ca-certfile", str(self.creds.ca.cert_path),
-            "--ssl-certfile", str(self.creds.server.cert_path),
-            "--ssl-keyfile", str(self.creds.server.key_path),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ])
+        proc = self._spawn(
+            "superlink",
+            [
+                str(self.bin / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(self.creds.ca.cert_path),
+                "--ssl-certfile",
+                str(self.creds.server.cert_path),
+                "--ssl-keyfile",
+                str(self.creds.server.key_path),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
         deadline = time.monotonic() + timeout
         while True:
             if not proc.alive():
-                raise DeploymentError(f"flower-superlink exited ({proc.popen.returncode}); log {proc.log_path}:\n"
-                                      + _tail(proc.log_path))
+                raise DeploymentError(
+                    f"flower-superlink exited ({proc.popen.returncode}); log {proc.log_path}:\n" + _tail(proc.log_path)
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise DeploymentError(f"flower-superlink not listening after {timeout:.0f} s; "
-                                          f"log {proc.log_path}") from None
+                    raise DeploymentError(
+                        f"flower-superlink not listening after {timeout:.0f} s; log {proc.log_path}"
+                    ) from None
                 time.sleep(0.5)
         self.log(f"SuperLink up on 127.0.0.1:{self.port} (TLS, SuperNode authentication on)")
 
@@ -279,7 +326,7 @@ class LoopbackDeployment:
         """`flwr supernode register <public key> <connection>`; the node id the SuperLink gives it."""
         out = self._flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"], name)
         try:
-            return int(json.loads(out[out.index("{"):])["node-id"])
+            return int(json.loads(out[out.index("{") :])["node-id"])
         except (ValueError, KeyError) as err:
             raise DeploymentError(f"unexpected output of flwr supernode register: {out!r}") from err
 
@@ -292,7 +339,7 @@ class LoopbackDeployment:
             try:
                 assert node.key is not None
                 node.node_id = self.register(node.key.with_name(node.key.name + ".pub"), f"register-{node.index}")
-            except BaseException as err:  # noqa: BLE001 - re-raised below in the main thread
+            except BaseException as err:
                 errors.append(err)
 
         threads = [threading.Thread(target=one, args=(n,)) for n in self.nodes]
@@ -317,8 +364,9 @@ class LoopbackDeployment:
         """Start one SuperNode with its own FLWR_HOME (as on its own machine)."""
         home = self.folder / "nodes" / f"node-{node.index}"
         home.mkdir(parents=True, exist_ok=True)
-        node.process = self._spawn(f"supernode-{node.index}", [*self.supernode_command(node, tls=tls), *extra_args],
-                                   env=self.env(home))
+        node.process = self._spawn(
+            f"supernode-{node.index}", [*self.supernode_command(node, tls=tls), *extra_args], env=self.env(home)
+        )
         return node.process
 
     def start_supernodes(self) -> None:
@@ -329,7 +377,7 @@ class LoopbackDeployment:
     def online_nodes(self) -> set[int]:
         """Node ids the SuperLink lists as online."""
         out = self._flwr(["supernode", "list", CONNECTION, "--format", "json"], "supernode-list")
-        nodes = json.loads(out[out.index("{"):]).get("nodes", [])
+        nodes = json.loads(out[out.index("{") :]).get("nodes", [])
         return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
 
     def wait_online(self, timeout: float = 120) -> None:
@@ -339,8 +387,10 @@ class LoopbackDeployment:
         while not wanted <= (online := self.online_nodes()):
             for n in self.nodes:
                 if n.process is not None and not n.process.alive():
-                    raise DeploymentError(f"SuperNode {n.index} exited ({n.process.popen.returncode}); "
-                                          f"log {n.process.log_path}:\n" + _tail(n.process.log_path))
+                    raise DeploymentError(
+                        f"SuperNode {n.index} exited ({n.process.popen.returncode}); "
+                        f"log {n.process.log_path}:\n" + _tail(n.process.log_path)
+                    )
             if time.monotonic() > deadline:
                 raise DeploymentError(f"SuperNodes {sorted(wanted - online)} not online after {timeout:.0f} s")
             time.sleep(1)
@@ -362,19 +412,24 @@ class LoopbackDeployment:
                 return (self.project / value.strip().strip("'\"")).resolve()
         return self.folder
 
-    def start_run(self, config_file: Path, overrides: Sequence[str], name: str = "flwr-run",
-                  on_line: Log | None = None) -> Process:
+    def start_run(
+        self, config_file: Path, overrides: Sequence[str], name: str = "flwr-run", on_line: Log | None = None
+    ) -> Process:
         """Start `flwr run . <connection> --stream` with a run-config file (`config-file`, `overrides`)."""
         output_dir = self.output_dir(overrides)
         output_dir.mkdir(parents=True, exist_ok=True)
         overrides = [o for o in overrides if o.partition("=")[0].strip() != "output_dir"]
         overrides.append(f"output_dir='{output_dir}'")  # absolute: the ServerApp runs in another process
         run_config = self.folder / f"{name}-config.toml"
-        run_config.write_text(tomli_w.dumps({"config-file": str(Path(config_file).resolve()),
-                                             "overrides": "; ".join(overrides)}))
+        run_config.write_text(
+            tomli_w.dumps({"config-file": str(Path(config_file).resolve()), "overrides": "; ".join(overrides)})
+        )
         self.log(f"flwr run . {CONNECTION} --stream --run-config {run_config} (log {self.logs / name}.log)")
-        return self._spawn(name, [str(self.bin / "flwr"), "run", ".", CONNECTION, "--stream",
-                                  "--run-config", str(run_config)], on_line=on_line or (lambda _: None))
+        return self._spawn(
+            name,
+            [str(self.bin / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", str(run_config)],
+            on_line=on_line or (lambda _: None),
+        )
 
     def wait_run(self, proc: Process, output_dir: Path, before: set[Path], timeout: float) -> Path:
         """Wait for `flwr run --stream` to end; the run folder the ServerApp wrote (with metrics.json)."""
@@ -384,25 +439,35 @@ class LoopbackDeployment:
             raise DeploymentError(f"the run did not end within {timeout:.0f} s; log {proc.log_path}") from None
         if proc.pump is not None:
             proc.pump.join(timeout=10)
-        new = sorted((p for p in output_dir.iterdir() if p.is_dir() and p not in before
-                      and (p / "metrics.json").is_file()), key=lambda p: p.stat().st_mtime)
+        new = sorted(
+            (p for p in output_dir.iterdir() if p.is_dir() and p not in before and (p / "metrics.json").is_file()),
+            key=lambda p: p.stat().st_mtime,
+        )
         started = re.search(r"Successfully started run (\d+)", proc.log_path.read_text(errors="replace"))
         status, details = self.run_status(int(started.group(1))) if started else ("not started", "")
         if proc.popen.returncode or status != "finished:completed" or not new:
-            raise DeploymentError(f"the run failed (Flower status {status!r} {details}, "
-                                  f"flwr run exit {proc.popen.returncode}, "
-                                  f"run folder {new[-1] if new else 'none'}); log {proc.log_path}:\n"
-                                  + _tail(proc.log_path, 30))
+            raise DeploymentError(
+                f"the run failed (Flower status {status!r} {details}, "
+                f"flwr run exit {proc.popen.returncode}, "
+                f"run folder {new[-1] if new else 'none'}); log {proc.log_path}:\n" + _tail(proc.log_path, 30)
+            )
         return new[-1]
 
     def run_status(self, run_id: int) -> tuple[str, str]:
         """Flower's status of a run (`finished:completed`, `finished:failed`, `running`, ...) and its details."""
         out = self._flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], "runs")
-        runs = json.loads(out[out.index("{"):]).get("runs", [])
+        runs = json.loads(out[out.index("{") :]).get("runs", [])
         return (str(runs[0]["status"]), str(runs[0].get("status-details") or "")) if runs else ("unknown", "")
 
-    def run(self, config_file: Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *, timeout: float = 3600,
-            name: str = "flwr-run", on_line: Log | None = None) -> Path:
+    def run(
+        self,
+        config_file: Path = DEFAULT_CONFIG,
+        overrides: Sequence[str] = (),
+        *,
+        timeout: float = 3600,
+        name: str = "flwr-run",
+        on_line: Log | None = None,
+    ) -> Path:
         """Step 6: one federated run on this deployment, to its end; its run folder."""
         output_dir = self.output_dir(overrides)
         before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
@@ -450,16 +515,18 @@ def _pump(popen: subprocess.Popen, log_path: Path, on_line: Log) -> None:
             log_file.flush()
             try:
                 on_line(line.rstrip("\n"))
-            except Exception:  # noqa: BLE001 - a display problem must not stop the log
+            except Exception:
                 pass
 
 
 def _progress(log: Log) -> Log:
     """Show the warnings and errors of the run's log stream (the rest is in its log file)."""
+
     def on_line(line: str) -> None:
         text = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
         if text.startswith(("WARNING", "ERROR", "Traceback")) or "Successfully started run" in text:
             log("  | " + text[:300])
+
     return on_line
 
 
@@ -488,9 +555,16 @@ def _watch_rounds(output_dir: Path, before: set[Path], done: threading.Event, lo
         shown = max(shown, len(rows))
 
 
-def deploy(num_nodes: int, config_file: Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), *,
-           folder: Path | None = None, data_paths: Sequence[str] = (), timeout: float = 3600,
-           log: Log = print) -> Path:
+def deploy(
+    num_nodes: int,
+    config_file: Path = DEFAULT_CONFIG,
+    overrides: Sequence[str] = (),
+    *,
+    folder: Path | None = None,
+    data_paths: Sequence[str] = (),
+    timeout: float = 3600,
+    log: Log = print,
+) -> Path:
     """The whole loopback deployment, start to stop; the run folder."""
     folder = folder or PROJECT_ROOT / "runs" / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}"
     with LoopbackDeployment(Path(folder), num_nodes, data_paths=data_paths, log=log) as deployment:
@@ -503,19 +577,37 @@ def summary(run_dir: Path) -> str:
     """Base and final accuracy and participation, from the run's metrics.json."""
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     base, final = rounds[0], rounds[-1]
-    return "\n".join([*(round_line(r) for r in rounds[1:]), f"mean accuracy {base['mean_accuracy']:.4f} (base) -> "
-                       f"{final['mean_accuracy']:.4f} (final); outputs in {run_dir}"])
+    return "\n".join(
+        [
+            *(round_line(r) for r in rounds[1:]),
+            f"mean accuracy {base['mean_accuracy']:.4f} (base) -> "
+            f"{final['mean_accuracy']:.4f} (final); outputs in {run_dir}",
+        ]
+    )
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m fairedge.simulations.deploy_loopback", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m fairedge.simulations.deploy_loopback",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes to start (default: %(default)s)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config value (repeatable); federation.num_clients is set to --nodes")
-    parser.add_argument("--data-path", action="append", default=[], metavar="PATH",
-                        help="a node's own data (node config data-path); give it once per node, in order")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config value (repeatable); federation.num_clients is set to --nodes",
+    )
+    parser.add_argument(
+        "--data-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a node's own data (node config data-path); give it once per node, in order",
+    )
     parser.add_argument("--folder", default=None, help="deployment folder (default: runs/deploy-<timestamp>)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the run may take (default: %(default)s)")
     return parser
@@ -528,8 +620,10 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, [*args.set, f"federation.num_clients={args.nodes}"])  # fail early
         if args.data_path and cfg.model.kind != "hf-text":
-            raise ConfigError(f"--data-path needs model.kind 'hf-text' (got {cfg.model.kind!r}, which is pre-trained "
-                              "on the run's data): leave --data-path out to split the run's data over the nodes")
+            raise ConfigError(
+                f"--data-path needs model.kind 'hf-text' (got {cfg.model.kind!r}, which is pre-trained "
+                "on the run's data): leave --data-path out to split the run's data over the nodes"
+            )
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -539,9 +633,15 @@ def run_cli(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        run_dir = deploy(args.nodes, Path(args.config), args.set, data_paths=args.data_path,
-                         folder=Path(args.folder) if args.folder else None, timeout=args.timeout,
-                         log=lambda m: print(f"[deploy] {m}", flush=True))
+        run_dir = deploy(
+            args.nodes,
+            Path(args.config),
+            args.set,
+            data_paths=args.data_path,
+            folder=Path(args.folder) if args.folder else None,
+            timeout=args.timeout,
+            log=lambda m: print(f"[deploy] {m}", flush=True),
+        )
     except (DeploymentError, ValueError) as err:
         print(f"[deploy] failed: {err}", file=sys.stderr)
         return 1

@@ -109,8 +109,12 @@ def corrupt(x01: torch.Tensor, name: str, severity: int, gen: torch.Generator) -
     top = torch.randint(0, h - side + 1, (n,), generator=gen)
     left = torch.randint(0, w - side + 1, (n,), generator=gen)
     rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + side).view(n, 1, 1))
-              & (cols >= left.view(n, 1, 1)) & (cols < (left + side).view(n, 1, 1)))
+    inside = (
+        (rows >= top.view(n, 1, 1))
+        & (rows < (top + side).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1))
+        & (cols < (left + side).view(n, 1, 1))
+    )
     return torch.where(inside.unsqueeze(1), torch.full_like(x01, 0.5), x01)
 
 
@@ -147,8 +151,13 @@ def build_stream(test: LabeledData, *, seed: int, per_segment: int) -> Stream:
         ys.append(test.y[idx])
         doms.append(test.domain[idx])
         segs.append(torch.full((per_segment,), k, dtype=torch.int64))
-    return Stream(torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(segs).numpy(), torch.cat(doms).numpy(),
-                  [f"{name}-{sev}" for name, sev in SEGMENTS])
+    return Stream(
+        torch.cat(xs).numpy(),
+        torch.cat(ys).numpy(),
+        torch.cat(segs).numpy(),
+        torch.cat(doms).numpy(),
+        [f"{name}-{sev}" for name, sev in SEGMENTS],
+    )
 
 
 # ---------------------------------------------------------------- the federated model
@@ -163,9 +172,11 @@ def trained_run(cfg: RunConfig) -> Path:
     """`runs/edge-study-<config hash>/`: trained with `simulate` once (in-process engine), then reused."""
     from fairedge.simulations.simulate import simulate
 
-    return _train_once(ROOT / cfg.output_dir / f"edge-study-{config_hash(cfg)}",
-                       f"the federated model ({cfg.name}, {cfg.aggregation.method}, {cfg.federation.rounds} rounds)",
-                       lambda partial: simulate(cfg, partial, engine="inprocess"))
+    return _train_once(
+        ROOT / cfg.output_dir / f"edge-study-{config_hash(cfg)}",
+        f"the federated model ({cfg.name}, {cfg.aggregation.method}, {cfg.federation.rounds} rounds)",
+        lambda partial: simulate(cfg, partial, engine="inprocess"),
+    )
 
 
 def _train_once(run_dir: Path, what: str, train: Callable[[Path], object]) -> Path:
@@ -232,8 +243,11 @@ def trained_teacher(cfg: RunConfig, kind: str) -> Path:
         record.run_dir = partial
         write_outputs(record, model)
 
-    return _train_once(ROOT / cfg.output_dir / f"edge-teacher-{kind}-{config_hash(cfg)}",
-                       f"the {kind} teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data)", train)
+    return _train_once(
+        ROOT / cfg.output_dir / f"edge-teacher-{kind}-{config_hash(cfg)}",
+        f"the {kind} teacher ({cfg.name}, {cfg.federation.rounds} rounds on the pooled data)",
+        train,
+    )
 
 
 TEACHERS = ("self", "centralised", "foundation")
@@ -260,12 +274,24 @@ def stream_accuracy(served: Any, stream: Stream, *, teacher: bool = False, batch
 
 # ---------------------------------------------------------------- one run: edge runtime + cloud service
 
-FIXED = ["edge.batch_size=32", "edge.upload_batch_size=32", "edge.threads=1", "edge.backoff_initial_s=0.05",
-         "edge.backoff_max_s=1.0", "cloud.threads=1"]
+FIXED = [
+    "edge.batch_size=32",
+    "edge.upload_batch_size=32",
+    "edge.threads=1",
+    "edge.backoff_initial_s=0.05",
+    "edge.backoff_max_s=1.0",
+    "cloud.threads=1",
+]
 """Study plumbing, not tuned: one thread each side (2 shared cores), quick retries on loopback."""
 
-KL_FROZEN = ["cloud.entropy_weight=0", "cloud.ce_weight=0", "cloud.teacher_lr=0", "cloud.lr=0.05",
-             "cloud.steps_per_update=4", "cloud.min_new_per_update=8"]
+KL_FROZEN = [
+    "cloud.entropy_weight=0",
+    "cloud.ce_weight=0",
+    "cloud.teacher_lr=0",
+    "cloud.lr=0.05",
+    "cloud.steps_per_update=4",
+    "cloud.min_new_per_update=8",
+]
 TUNING: dict[str, list[str]] = {
     "defaults": [],  # the public CEMA code's values (common.config)
     "KL only": ["cloud.entropy_weight=0", "cloud.ce_weight=0", "cloud.lr=0.01", "cloud.teacher_lr=0.0025"],
@@ -277,8 +303,10 @@ TUNING: dict[str, list[str]] = {
 }
 """Settings tried on the tuning seed (0) with every teacher; `chosen_setting` picks the one each study runs."""
 
-CHOICE_RULE = ("the largest CEMA gain over no adaptation among the settings where CEMA uploads at most 50 % and "
-               "uploading everything gains too (failing that, the largest gain of uploading everything)")
+CHOICE_RULE = (
+    "the largest CEMA gain over no adaptation among the settings where CEMA uploads at most 50 % and "
+    "uploading everything gains too (failing that, the largest gain of uploading everything)"
+)
 
 
 def chosen_setting(tuning: Sequence[dict[str, Any]]) -> str | None:
@@ -290,8 +318,11 @@ def chosen_setting(tuning: Sequence[dict[str, Any]]) -> str | None:
     for label in TUNING:
         by = {r["mode"]: r for r in tuning if r["setting"] == label}
         if "cema" in by and "all" in by:
-            scores[label] = (by["cema"]["accuracy"] - none, by["all"]["accuracy"] - none,
-                             by["cema"]["uploaded_fraction"])
+            scores[label] = (
+                by["cema"]["accuracy"] - none,
+                by["all"]["accuracy"] - none,
+                by["cema"]["uploaded_fraction"],
+            )
     within = {k: v for k, v in scores.items() if v[2] <= 0.5 and v[1] > 0}
     if within:
         return max(within, key=lambda k: within[k][0])
@@ -303,8 +334,9 @@ def study_settings(run_dir: Path, overrides: Sequence[str]) -> RunConfig:
     return load_config(run_dir / "config.toml", [*FIXED, *overrides])
 
 
-def run_stream(onnx_path: Path, served: Any, cfg: RunConfig, stream: Stream, mode: str, seed: int,
-               workdir: Path) -> dict[str, Any]:
+def run_stream(
+    onnx_path: Path, served: Any, cfg: RunConfig, stream: Stream, mode: str, seed: int, workdir: Path
+) -> dict[str, Any]:
     """Stream through an EdgeRuntime (select = `mode`) talking gRPC to a fresh CloudService; one result row."""
     from fairedge.client.edge import CloudEndpoint, EdgeRuntime
     from fairedge.server.cloud import CloudService
@@ -313,16 +345,23 @@ def run_stream(onnx_path: Path, served: Any, cfg: RunConfig, stream: Stream, mod
         raise ValueError(f"mode {mode!r}: allowed {MODES}")
     batch = cfg.edge.batch_size
     if len(stream) % batch or stream.boundaries()[1] % batch:
-        raise ValueError(f"segments of {stream.boundaries()[1]} samples must be a multiple of edge.batch_size={batch}, "
-                         "so that no batch straddles two corruptions")
+        raise ValueError(
+            f"segments of {stream.boundaries()[1]} samples must be a multiple of edge.batch_size={batch}, "
+            "so that no batch straddles two corruptions"
+        )
     device_id = f"study-{mode}-{seed}"
     edge_cfg = cfg.edge.model_copy(update={"select": mode})
     with tempfile.TemporaryDirectory(dir=workdir, prefix=f"{mode}-{seed}-") as tmp:
         service = CloudService(served, Path(tmp) / "state", cfg.cloud, tokens=[TOKEN], seed=seed)
         address = service.start(port=0)
         try:
-            with EdgeRuntime(onnx_path, edge_cfg, cloud=CloudEndpoint(address, TOKEN), device_id=device_id,
-                             queue_dir=Path(tmp) / "queue") as rt:
+            with EdgeRuntime(
+                onnx_path,
+                edge_cfg,
+                cloud=CloudEndpoint(address, TOKEN),
+                device_id=device_id,
+                queue_dir=Path(tmp) / "queue",
+            ) as rt:
 
                 def lockstep(rt: EdgeRuntime) -> None:
                     """Uploads acknowledged, every possible cloud update done, its parameters in use."""
@@ -336,13 +375,22 @@ def run_stream(onnx_path: Path, served: Any, cfg: RunConfig, stream: Stream, mod
                         raise TimeoutError(f"{device_id}: parameter version {version} not swapped in within 60 s")
 
                 started = time.perf_counter()
-                report = rt.run(((stream.x[i : i + batch], stream.y[i : i + batch])
-                                 for i in range(0, len(stream), batch)), after_batch=lockstep)
+                report = rt.run(
+                    ((stream.x[i : i + batch], stream.y[i : i + batch]) for i in range(0, len(stream), batch)),
+                    after_batch=lockstep,
+                )
                 seconds = time.perf_counter() - started
         finally:
             service.stop()
-    return result_row(report, stream, mode=mode, seed=seed, seconds=seconds,
-                      cloud_update_seconds=service.log.seconds, cloud_updates=service.log.updates)
+    return result_row(
+        report,
+        stream,
+        mode=mode,
+        seed=seed,
+        seconds=seconds,
+        cloud_update_seconds=service.log.seconds,
+        cloud_updates=service.log.updates,
+    )
 
 
 def _wait(condition: Any, timeout: float) -> bool:
@@ -354,8 +402,16 @@ def _wait(condition: Any, timeout: float) -> bool:
     return True
 
 
-def result_row(report: dict[str, Any], stream: Stream, *, mode: str, seed: int, seconds: float,
-               cloud_update_seconds: float = 0.0, cloud_updates: int = 0) -> dict[str, Any]:
+def result_row(
+    report: dict[str, Any],
+    stream: Stream,
+    *,
+    mode: str,
+    seed: int,
+    seconds: float,
+    cloud_update_seconds: float = 0.0,
+    cloud_updates: int = 0,
+) -> dict[str, Any]:
     """The JSON row of one run: overall and per-segment accuracy, uploads, bytes, per-batch records."""
     batches = [[b["start"], b["samples"], b["correct"], b["selected"], b["params_version"]] for b in report["batches"]]
     correct = np.zeros(len(stream.segments))
@@ -365,15 +421,18 @@ def result_row(report: dict[str, Any], stream: Stream, *, mode: str, seed: int, 
         correct[seg] += ok
         seen[seg] += n
     return {
-        "mode": mode, "seed": seed,
+        "mode": mode,
+        "seed": seed,
         "accuracy": report["accuracy"],
         "segment_accuracy": {name: float(c / s) for name, c, s in zip(stream.segments, correct, seen) if s},
         "samples": report["predictions"],
         "selected_fraction": report["selected_fraction"],
         "uploaded_fraction": report["uploaded_fraction"],
-        "bytes_up": report["bytes_up"], "bytes_down": report["bytes_down"],
+        "bytes_up": report["bytes_up"],
+        "bytes_down": report["bytes_down"],
         "params_version": report["params_version"],
-        "cloud_updates": cloud_updates, "cloud_update_seconds": cloud_update_seconds,
+        "cloud_updates": cloud_updates,
+        "cloud_update_seconds": cloud_update_seconds,
         "mean_latency_ms": report["mean_latency_ms"],
         "seconds": seconds,
         "batches": batches,  # [start, samples, correct, selected, params version]
@@ -404,8 +463,9 @@ def label_oracle(served: Any, stream: Stream, *, lr: float = 0.01, batch: int = 
     return correct / len(stream)
 
 
-def norm_headroom(served: Any, test: LabeledData, *, seed: int = 0, steps: int = 150, lr: float = 0.01,
-                  batch: int = 128) -> list[dict[str, Any]]:
+def norm_headroom(
+    served: Any, test: LabeledData, *, seed: int = 0, steps: int = 150, lr: float = 0.01, batch: int = 128
+) -> list[dict[str, Any]]:
     """Per corruption and severity: accuracy with the served norm params vs norm params fitted to the TRUE labels.
 
     The whole test set is corrupted and split in halves (seeded); the norm parameters are fitted on one
@@ -425,8 +485,14 @@ def norm_headroom(served: Any, test: LabeledData, *, seed: int = 0, steps: int =
     rows = []
     for corruption in CORRUPTIONS:
         for severity in (1, 2):
-            x = normalize_pixels(corrupt(test.x * PIXEL_STD + PIXEL_MEAN, corruption, severity,
-                                         corruption_generator(seed, corruption, severity)))
+            x = normalize_pixels(
+                corrupt(
+                    test.x * PIXEL_STD + PIXEL_MEAN,
+                    corruption,
+                    severity,
+                    corruption_generator(seed, corruption, severity),
+                )
+            )
             params = {k: v.detach().clone().requires_grad_(True) for k, v in served.student_norm.items()}
             opt = torch.optim.Adam(list(params.values()), lr=lr)
             for _ in range(steps):
@@ -435,21 +501,33 @@ def norm_headroom(served: Any, test: LabeledData, *, seed: int = 0, steps: int =
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            rows.append({"corruption": corruption, "severity": severity, "in_stream": corruption in STREAM_CORRUPTIONS,
-                         "served": accuracy(served.student_norm, x[held], test.y[held]),
-                         "fitted": accuracy(params, x[held], test.y[held])})
-            print(f"headroom {corruption}-{severity}: served {rows[-1]['served']:.3f} fitted {rows[-1]['fitted']:.3f}",
-                  flush=True)
+            rows.append(
+                {
+                    "corruption": corruption,
+                    "severity": severity,
+                    "in_stream": corruption in STREAM_CORRUPTIONS,
+                    "served": accuracy(served.student_norm, x[held], test.y[held]),
+                    "fitted": accuracy(params, x[held], test.y[held]),
+                }
+            )
+            print(
+                f"headroom {corruption}-{severity}: served {rows[-1]['served']:.3f} fitted {rows[-1]['fitted']:.3f}",
+                flush=True,
+            )
     return rows
 
 
 def headroom_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per corruption, served vs label-fitted norm params and the gain."""
-    lines = ["| corruption | in the stream | served norm params | fitted to the labels | headroom (pts) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| corruption | in the stream | served norm params | fitted to the labels | headroom (pts) |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['corruption']}-{r['severity']} | {'yes' if r['in_stream'] else 'no'} | {r['served']:.3f} "
-                     f"| {r['fitted']:.3f} | {100 * (r['fitted'] - r['served']):+.1f} |")
+        lines.append(
+            f"| {r['corruption']}-{r['severity']} | {'yes' if r['in_stream'] else 'no'} | {r['served']:.3f} "
+            f"| {r['fitted']:.3f} | {100 * (r['fitted'] - r['served']):+.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -486,10 +564,18 @@ def bench_cloud_updates(served: Any, cfg: RunConfig, x: np.ndarray, *, updates: 
     finally:
         torch.set_num_threads(threads)
     median = statistics.median(times)
-    return {"updates": updates, "median_s": median, "updates_per_s": 1 / median,
-            "new_samples_per_s": per / median, "steps_per_update": cfg.cloud.steps_per_update,
-            "new_per_step": per, "replay_per_step": cfg.cloud.replay_per_step, "threads": 1,
-            "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count()}
+    return {
+        "updates": updates,
+        "median_s": median,
+        "updates_per_s": 1 / median,
+        "new_samples_per_s": per / median,
+        "steps_per_update": cfg.cloud.steps_per_update,
+        "new_per_step": per,
+        "replay_per_step": cfg.cloud.replay_per_step,
+        "threads": 1,
+        "load_average_1min": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+    }
 
 
 # ---------------------------------------------------------------- tables and plot (pure)
@@ -504,9 +590,13 @@ def gains(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
             continue
         acc = {m: by[(m, seed)]["accuracy"] for m in MODES}
         g_cema, g_all = acc["cema"] - acc["none"], acc["all"] - acc["none"]
-        out[seed] = {**{f"acc_{m}": a for m, a in acc.items()}, "gain_cema": g_cema, "gain_all": g_all,
-                     "gain_ratio": g_cema / g_all if g_all > 0 else math.nan,
-                     "uploaded_cema": by[("cema", seed)]["uploaded_fraction"]}
+        out[seed] = {
+            **{f"acc_{m}": a for m, a in acc.items()},
+            "gain_cema": g_cema,
+            "gain_all": g_all,
+            "gain_ratio": g_cema / g_all if g_all > 0 else math.nan,
+            "uploaded_cema": by[("cema", seed)]["uploaded_fraction"],
+        }
     return out
 
 
@@ -520,8 +610,11 @@ def _ms(values: Sequence[float], fmt: str = "{:.4f}") -> str:
 
 def mode_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per mode, mean ± std over seeds."""
-    lines = ["| mode | accuracy | uploaded fraction | bytes up / run | bytes down / run | cloud versions "
-             "| wall s / run | seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | accuracy | uploaded fraction | bytes up / run | bytes down / run | cloud versions "
+        "| wall s / run | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for mode in MODES:
         sel = [r for r in rows if r["mode"] == mode]
         if not sel:
@@ -530,25 +623,32 @@ def mode_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {mode} | {_ms([r['accuracy'] for r in sel])} | {_ms([r['uploaded_fraction'] for r in sel], '{:.3f}')} "
             f"| {mean['bytes_up']:,.0f} | {mean['bytes_down']:,.0f} | {mean['params_version']:.1f} "
-            f"| {mean['seconds']:.1f} | {len(sel)} |")
+            f"| {mean['seconds']:.1f} | {len(sel)} |"
+        )
     return "\n".join(lines)
 
 
 def gain_table(rows: Sequence[dict[str, Any]]) -> str:
     """Per seed and mean: accuracies, gains over no adaptation (points), the gain ratio and CEMA's uploads."""
     g = gains(rows)
-    lines = ["| seed | none | CEMA | all | gain CEMA (pts) | gain all (pts) | gain ratio CEMA/all | CEMA uploaded |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | none | CEMA | all | gain CEMA (pts) | gain all (pts) | gain ratio CEMA/all | CEMA uploaded |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for seed, v in g.items():
-        lines.append(f"| {seed} | {v['acc_none']:.4f} | {v['acc_cema']:.4f} | {v['acc_all']:.4f} "
-                     f"| {100 * v['gain_cema']:+.2f} | {100 * v['gain_all']:+.2f} | {v['gain_ratio']:.2f} "
-                     f"| {v['uploaded_cema']:.1%} |")
+        lines.append(
+            f"| {seed} | {v['acc_none']:.4f} | {v['acc_cema']:.4f} | {v['acc_all']:.4f} "
+            f"| {100 * v['gain_cema']:+.2f} | {100 * v['gain_all']:+.2f} | {v['gain_ratio']:.2f} "
+            f"| {v['uploaded_cema']:.1%} |"
+        )
     if len(g) > 1:
         col = lambda k: [v[k] for v in g.values()]  # noqa: E731
-        lines.append(f"| mean | {_ms(col('acc_none'))} | {_ms(col('acc_cema'))} | {_ms(col('acc_all'))} "
-                     f"| {_ms([100 * x for x in col('gain_cema')], '{:+.2f}')} "
-                     f"| {_ms([100 * x for x in col('gain_all')], '{:+.2f}')} | {_ratio_cell(col('gain_ratio'))} "
-                     f"| {_ms([100 * x for x in col('uploaded_cema')], '{:.1f}')} % |")
+        lines.append(
+            f"| mean | {_ms(col('acc_none'))} | {_ms(col('acc_cema'))} | {_ms(col('acc_all'))} "
+            f"| {_ms([100 * x for x in col('gain_cema')], '{:+.2f}')} "
+            f"| {_ms([100 * x for x in col('gain_all')], '{:+.2f}')} | {_ratio_cell(col('gain_ratio'))} "
+            f"| {_ms([100 * x for x in col('uploaded_cema')], '{:.1f}')} % |"
+        )
     return "\n".join(lines)
 
 
@@ -583,16 +683,24 @@ def windowed_accuracy(batches: Sequence[Sequence[int]], window: int) -> tuple[np
     return seen, acc
 
 
-def plot(rows: Sequence[dict[str, Any]], boundaries: Sequence[int], segments: Sequence[str], path: Path,
-         *, window: int = 256, title: str = "") -> Path:
+def plot(
+    rows: Sequence[dict[str, Any]],
+    boundaries: Sequence[int],
+    segments: Sequence[str],
+    path: Path,
+    *,
+    window: int = 256,
+    title: str = "",
+) -> Path:
     """Windowed accuracy along the stream (mean over seeds) per mode, corruption boundaries marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_gain, ax2) = plt.subplots(3, 1, figsize=(11, 8), sharex=True,
-                                           gridspec_kw={"height_ratios": [3, 1.5, 1]})
+    fig, (ax, ax_gain, ax2) = plt.subplots(
+        3, 1, figsize=(11, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1.5, 1]}
+    )
     colors = {"none": "tab:gray", "cema": "tab:blue", "all": "tab:orange"}
     labels = {"none": "no adaptation", "cema": "CEMA", "all": "upload every sample"}
     mean_curve: dict[str, np.ndarray] = {}
@@ -604,14 +712,22 @@ def plot(rows: Sequence[dict[str, Any]], boundaries: Sequence[int], segments: Se
         curves = [windowed_accuracy(r["batches"], window) for r in sel]
         x = curves[0][0]
         mean_curve[mode] = np.mean([c[1] for c in curves], axis=0)
-        ax.plot(x, mean_curve[mode], color=colors[mode],
-                label=f"{labels[mode]} ({statistics.mean(r['accuracy'] for r in sel):.3f})")
+        ax.plot(
+            x,
+            mean_curve[mode],
+            color=colors[mode],
+            label=f"{labels[mode]} ({statistics.mean(r['accuracy'] for r in sel):.3f})",
+        )
         if mode == "cema":
             picked = np.cumsum(np.mean([[b[3] for b in r["batches"]] for r in sel], axis=0))
             j = np.searchsorted(x, x - window, side="right") - 1  # last batch before each window
             before_n, before_k = np.where(j >= 0, x[j], 0.0), np.where(j >= 0, picked[j], 0.0)
-            ax2.plot(x, (picked - before_k) / (x - before_n), color=colors[mode],
-                     label=f"CEMA: fraction uploaded (last {window} samples)")
+            ax2.plot(
+                x,
+                (picked - before_k) / (x - before_n),
+                color=colors[mode],
+                label=f"CEMA: fraction uploaded (last {window} samples)",
+            )
     for mode in ("cema", "all"):
         if mode in mean_curve and "none" in mean_curve:
             ax_gain.plot(x, 100 * (mean_curve[mode] - mean_curve["none"]), color=colors[mode], label=labels[mode])
@@ -663,9 +779,17 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
-def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Path,
-              overrides: Sequence[str] | None = None, tune: bool = False, teacher: Path | None = None,
-              settings: Sequence[str] | None = None) -> dict[str, Any]:
+def run_study(
+    run_dir: Path,
+    *,
+    seeds: Sequence[int],
+    per_segment: int,
+    out: Path,
+    overrides: Sequence[str] | None = None,
+    tune: bool = False,
+    teacher: Path | None = None,
+    settings: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """The seed-0 tuning, then every (seed, mode) run with the chosen setting; rows saved to `out`.
 
     `overrides`: run the seeds with these settings instead of the TUNING setting `chosen_setting` picks
@@ -684,16 +808,33 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Pat
     served = load_served_model(run_dir, teacher=teacher)
     test = load_task(study_settings(run_dir, [])).test
     data = _load(out)
-    teacher_info = {"teacher": "self"} if teacher is None else {
-        "teacher": os.path.relpath(teacher, ROOT), "teacher_model_version": load_merged_model(teacher).model_version}
-    study = {"model_version": served.model_version, "per_segment": per_segment,
-             "segments": [f"{n}-{s}" for n, s in SEGMENTS], "corruptions": CORRUPTIONS} | teacher_info
+    teacher_info = (
+        {"teacher": "self"}
+        if teacher is None
+        else {
+            "teacher": os.path.relpath(teacher, ROOT),
+            "teacher_model_version": load_merged_model(teacher).model_version,
+        }
+    )
+    study = {
+        "model_version": served.model_version,
+        "per_segment": per_segment,
+        "segments": [f"{n}-{s}" for n, s in SEGMENTS],
+        "corruptions": CORRUPTIONS,
+    } | teacher_info
     old = {"teacher": "self"} | data.get("study", {})  # files written before --teacher existed: self-taught
     if {k: old.get(k) for k in study} != study:
         data = {}  # another model, teacher or stream: start afresh
     cfg = load_config(run_dir / "config.toml")
-    data.update(study=study | {"run_dir": os.path.relpath(run_dir, ROOT), "config_name": cfg.name,
-                               "config_hash": config_hash(cfg), "fixed": FIXED})
+    data.update(
+        study=study
+        | {
+            "run_dir": os.path.relpath(run_dir, ROOT),
+            "config_name": cfg.name,
+            "config_hash": config_hash(cfg),
+            "fixed": FIXED,
+        }
+    )
     workdir = Path(tempfile.mkdtemp(prefix="edge-study-"))
 
     def run_jobs(section: str, jobs: Sequence[tuple[str, Sequence[str], int, str]]) -> None:
@@ -703,19 +844,31 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Pat
             if any({k: r.get(k) for k in key} == key for r in rows):
                 continue
             stream = build_stream(test, seed=seed, per_segment=per_segment)
-            row = run_stream(onnx_path, served, study_settings(run_dir, ov), stream, mode, seed, workdir) | key | {
-                "setting": label}
+            row = (
+                run_stream(onnx_path, served, study_settings(run_dir, ov), stream, mode, seed, workdir)
+                | key
+                | {"setting": label}
+            )
             rows.append(row)
             data["stream_boundaries"] = stream.boundaries()
             _save(out, data)
-            print(f"{section}: {label:>12} seed {seed} {mode:>4}: accuracy {row['accuracy']:.4f}  uploaded "
-                  f"{row['uploaded_fraction']:.3f}  versions {row['params_version']}  {row['seconds']:.0f} s",
-                  flush=True)
+            print(
+                f"{section}: {label:>12} seed {seed} {mode:>4}: accuracy {row['accuracy']:.4f}  uploaded "
+                f"{row['uploaded_fraction']:.3f}  versions {row['params_version']}  {row['seconds']:.0f} s",
+                flush=True,
+            )
 
     try:
         if tune or overrides is None:
-            run_jobs("tuning", [(label, ov, 0, mode) for label, ov in TUNING.items()
-                                if label in (settings or TUNING) for mode in MODES])
+            run_jobs(
+                "tuning",
+                [
+                    (label, ov, 0, mode)
+                    for label, ov in TUNING.items()
+                    if label in (settings or TUNING)
+                    for mode in MODES
+                ],
+            )
         if tune:
             return data
         label = "given" if overrides is not None else chosen_setting(data["tuning"])
@@ -731,7 +884,8 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Pat
                 oracle[str(seed)] = label_oracle(served, build_stream(test, seed=seed, per_segment=per_segment))
             if str(seed) not in teacher_acc:
                 teacher_acc[str(seed)] = stream_accuracy(
-                    served, build_stream(test, seed=seed, per_segment=per_segment), teacher=True)
+                    served, build_stream(test, seed=seed, per_segment=per_segment), teacher=True
+                )
         if teacher is None and "headroom" not in data:  # a property of the served model: once, in its own file
             data["headroom"] = norm_headroom(served, test)
         stream = build_stream(test, seed=seeds[0], per_segment=per_segment)
@@ -745,9 +899,11 @@ def run_study(run_dir: Path, *, seeds: Sequence[int], per_segment: int, out: Pat
 def tuning_table(rows: Sequence[dict[str, Any]], chosen: str | None = None) -> str:
     """Seed-0 tuning runs: one line per setting (none is the same for every setting), the chosen one in bold."""
     none = next((r["accuracy"] for r in rows if r["mode"] == "none"), math.nan)
-    lines = [f"No adaptation: accuracy {none:.4f}.\n",
-             "| setting | overrides | CEMA acc | all acc | gain CEMA (pts) | gain all (pts) | ratio | CEMA uploaded |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"No adaptation: accuracy {none:.4f}.\n",
+        "| setting | overrides | CEMA acc | all acc | gain CEMA (pts) | gain all (pts) | ratio | CEMA uploaded |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label in dict.fromkeys(r["setting"] for r in rows):
         by = {r["mode"]: r for r in rows if r["setting"] == label}
         if "cema" not in by or "all" not in by:
@@ -755,9 +911,11 @@ def tuning_table(rows: Sequence[dict[str, Any]], chosen: str | None = None) -> s
         c, a = by["cema"]["accuracy"], by["all"]["accuracy"]
         ratio = (c - none) / (a - none) if a > none else math.nan
         name = f"**{label}**" if label == chosen else label
-        lines.append(f"| {name} | `{' '.join(by['cema']['overrides']) or '-'}` | {c:.4f} | {a:.4f} "
-                     f"| {100 * (c - none):+.2f} | {100 * (a - none):+.2f} | {ratio:.2f} "
-                     f"| {by['cema']['uploaded_fraction']:.1%} |")
+        lines.append(
+            f"| {name} | `{' '.join(by['cema']['overrides']) or '-'}` | {c:.4f} | {a:.4f} "
+            f"| {100 * (c - none):+.2f} | {100 * (a - none):+.2f} | {ratio:.2f} "
+            f"| {by['cema']['uploaded_fraction']:.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -773,27 +931,36 @@ def _target_line(g: dict[int, dict[str, float]]) -> str:
     mean_all = statistics.mean(v["gain_all"] for v in g.values())
     mean_ratio = statistics.mean(v["gain_cema"] for v in g.values()) / mean_all if mean_all > 0 else math.nan
     lost_gains = ", ".join(f"{100 * g[s]['gain_all']:+.2f}" for s in lost)
-    kept = (f"uploading everything gained nothing on seed(s) {', '.join(map(str, lost))} "
-            f"({lost_gains} points), so there is no gain to keep "
-            "there and the ratio is undefined (the mean row averages the other seeds only)" if lost else
-            f"keeps {ratio:.2f} of the gain of uploading everything on average over seeds "
-            f"({'at least' if ratio >= 0.9 else 'below'} the 0.9 asked for; per seed "
-            f"{', '.join(f'{r:.2f}' for r in ratios)}; the ratio of the mean gains is {mean_ratio:.2f})")
-    return (f"**Target {'met' if met else 'not met'}**: CEMA uploads {upload:.1%} of the stream on average "
-            f"({'within' if upload <= 0.5 else 'above'} the 50 % budget); {kept}.\n")
+    kept = (
+        f"uploading everything gained nothing on seed(s) {', '.join(map(str, lost))} "
+        f"({lost_gains} points), so there is no gain to keep "
+        "there and the ratio is undefined (the mean row averages the other seeds only)"
+        if lost
+        else f"keeps {ratio:.2f} of the gain of uploading everything on average over seeds "
+        f"({'at least' if ratio >= 0.9 else 'below'} the 0.9 asked for; per seed "
+        f"{', '.join(f'{r:.2f}' for r in ratios)}; the ratio of the mean gains is {mean_ratio:.2f})"
+    )
+    return (
+        f"**Target {'met' if met else 'not met'}**: CEMA uploads {upload:.1%} of the stream on average "
+        f"({'within' if upload <= 0.5 else 'above'} the 50 % budget); {kept}.\n"
+    )
 
 
 TEACHER_TEXT = {
     "self": "the served model itself (the issue's default): the cloud adapts a copy of the device's own model",
-    "centralised": ("LoRA trained without Flower on the pooled training data of all clients (same model, rank, "
-                    "seeded initial adapter, steps and seeds as the federation; `trained_teacher(cfg, "
-                    "'centralised')`)"),
-    "foundation": ("a stand-in for a foundation model: the same centralised LoRA trained 2.5x longer "
-                   f"(`{' '.join(FOUNDATION_TRAINING)}`) on the pooled data plus {JITTER_COPIES} colour-jittered "
-                   f"copies of it (per image a contrast factor U{JITTER_CONTRAST} and a brightness factor "
-                   f"U{JITTER_BRIGHTNESS}; `photometric_jitter`), the kind of augmentation that makes large "
-                   "pre-trained models robust to lighting. The federation and the device's model never saw it; "
-                   "two of the stream's four corruptions (contrast, darken) are of the jittered kinds"),
+    "centralised": (
+        "LoRA trained without Flower on the pooled training data of all clients (same model, rank, "
+        "seeded initial adapter, steps and seeds as the federation; `trained_teacher(cfg, "
+        "'centralised')`)"
+    ),
+    "foundation": (
+        "a stand-in for a foundation model: the same centralised LoRA trained 2.5x longer "
+        f"(`{' '.join(FOUNDATION_TRAINING)}`) on the pooled data plus {JITTER_COPIES} colour-jittered "
+        f"copies of it (per image a contrast factor U{JITTER_CONTRAST} and a brightness factor "
+        f"U{JITTER_BRIGHTNESS}; `photometric_jitter`), the kind of augmentation that makes large "
+        "pre-trained models robust to lighting. The federation and the device's model never saw it; "
+        "two of the stream's four corruptions (contrast, darken) are of the jittered kinds"
+    ),
 }
 
 
@@ -802,9 +969,14 @@ def teacher_section(teacher: str, data: dict[str, Any], *, command: str, plot_na
     study, rows = data["study"], data.get("rows", [])
     g = gains(rows)
     t_acc = data.get("teacher_stream_accuracy", {})
-    origin = "" if study["teacher"] == "self" else (
-        f"`{study['teacher']}` (model version `{study.get('teacher_model_version', '?')}`, config "
-        f"`{_teacher_hash(study['teacher'])}`; {_federated_accuracy(study['teacher'])})")
+    origin = (
+        ""
+        if study["teacher"] == "self"
+        else (
+            f"`{study['teacher']}` (model version `{study.get('teacher_model_version', '?')}`, config "
+            f"`{_teacher_hash(study['teacher'])}`; {_federated_accuracy(study['teacher'])})"
+        )
+    )
     parts = [
         f"## Teacher: {teacher}\n",
         f"Regenerate: `{command}`.\n",
@@ -825,20 +997,25 @@ def teacher_section(teacher: str, data: dict[str, Any], *, command: str, plot_na
         "points; bottom: the fraction of those samples CEMA uploaded. Dotted lines: corruption boundaries.\n",
     ]
     if data.get("tuning"):
-        parts += [f"### Settings tried on seed 0 (teacher {teacher})\n",
-                  tuning_table(data["tuning"], data.get("chosen")) + "\n"]
+        parts += [
+            f"### Settings tried on seed 0 (teacher {teacher})\n",
+            tuning_table(data["tuning"], data.get("chosen")) + "\n",
+        ]
     return "\n".join(parts)
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """One line per teacher: chosen setting, mean accuracies, gains, ratio, uploads, target."""
-    lines = ["| teacher | teacher acc on stream | setting | none | CEMA | all | gain CEMA (pts) | gain all (pts) "
-             "| gain ratio | CEMA uploaded | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| teacher | teacher acc on stream | setting | none | CEMA | all | gain CEMA (pts) | gain all (pts) "
+        "| gain ratio | CEMA uploaded | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for teacher, data in results.items():
         g = gains(data.get("rows", []))
         if not g:
             continue
-        col = lambda k: [v[k] for v in g.values()]  # noqa: E731
+        col = lambda k: [v[k] for v in g.values()]  # noqa: E731, B023
         t_acc = data.get("teacher_stream_accuracy", {})
         upload, ratio = statistics.mean(col("uploaded_cema")), statistics.mean(col("gain_ratio"))
         met = upload <= 0.5 and ratio >= 0.9
@@ -847,7 +1024,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_ms(col('acc_none'))} | {_ms(col('acc_cema'))} | {_ms(col('acc_all'))} "
             f"| {_ms([100 * x for x in col('gain_cema')], '{:+.2f}')} "
             f"| {_ms([100 * x for x in col('gain_all')], '{:+.2f}')} | {_ratio_cell(col('gain_ratio'))} "
-            f"| {100 * upload:.1f} % | {'met' if met else 'not met'} |")
+            f"| {100 * upload:.1f} % | {'met' if met else 'not met'} |"
+        )
     return "\n".join(lines)
 
 
@@ -857,8 +1035,7 @@ def markdown(results: dict[str, dict[str, Any]], *, command: str, latency: Path 
     study = data["study"]
     cfg = study_settings(ROOT / study["run_dir"], [])
     e, c = cfg.edge, cfg.cloud
-    corruptions = "; ".join(f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items()
-                            if n in STREAM_CORRUPTIONS)
+    corruptions = "; ".join(f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items() if n in STREAM_CORRUPTIONS)
     seeds = sorted({r["seed"] for r in data.get("rows", [])})
     parts = [
         "# Edge adaptation with CEMA: results\n",
@@ -896,34 +1073,49 @@ def markdown(results: dict[str, dict[str, Any]], *, command: str, latency: Path 
         _runtime_line(results),
     ]
     if data.get("headroom"):
-        parts += ["## Headroom: what the norm parameters can gain at all\n",
-                  "Not deployable (uses the labels), run first to pick a stream that can show CEMA's effect: the "
-                  "whole test set under each corruption, split in halves; the served model's norm parameters fitted "
-                  "to the true labels on one half (Adam lr 0.01, 150 steps of 128) and scored on the other "
-                  "(`norm_headroom`).\n", headroom_table(data["headroom"]) + "\n",
-                  _oracle_line(data.get("label_oracle", {}), gains(data.get("rows", [])))]
-    parts += ["## Summary\n",
-              "Accuracy over the whole stream, mean ± std over seeds; gains in points over no adaptation (same "
-              "seed). Target (issue 5): CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of "
-              "uploading everything.\n", summary_table(results) + "\n", _reading(results)]
+        parts += [
+            "## Headroom: what the norm parameters can gain at all\n",
+            "Not deployable (uses the labels), run first to pick a stream that can show CEMA's effect: the "
+            "whole test set under each corruption, split in halves; the served model's norm parameters fitted "
+            "to the true labels on one half (Adam lr 0.01, 150 steps of 128) and scored on the other "
+            "(`norm_headroom`).\n",
+            headroom_table(data["headroom"]) + "\n",
+            _oracle_line(data.get("label_oracle", {}), gains(data.get("rows", []))),
+        ]
+    parts += [
+        "## Summary\n",
+        "Accuracy over the whole stream, mean ± std over seeds; gains in points over no adaptation (same "
+        "seed). Target (issue 5): CEMA uploads ≤ 50 % of the stream and keeps ≥ 90 % of the gain of "
+        "uploading everything.\n",
+        summary_table(results) + "\n",
+        _reading(results),
+    ]
     for teacher, other in results.items():
         if other.get("rows"):
-            parts.append(teacher_section(teacher, other, command=f"{command} --teacher {teacher}",
-                                         plot_name=f"{OUTPUTS[teacher]}.png"))
+            parts.append(
+                teacher_section(
+                    teacher, other, command=f"{command} --teacher {teacher}", plot_name=f"{OUTPUTS[teacher]}.png"
+                )
+            )
     bench = data.get("cloud_updates_per_s")
     if bench:
-        parts += ["## Cloud updates per second\n",
-                  f"`CloudService.update` in-process (no gRPC), one torch thread, {bench['steps_per_update']} step(s) "
-                  f"per update of {bench['new_per_step']} new + {bench['replay_per_step']} replayed samples (teacher "
-                  "step + student distillation), parameters published to the state folder; median of "
-                  f"{bench['updates']}: **{bench['updates_per_s']:.1f} updates/s** ({1e3 * bench['median_s']:.1f} ms "
-                  f"each, {bench['new_samples_per_s']:.0f} new samples/s) on a {bench['cpu_count']}-core machine "
-                  f"shared with other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured).\n"]
+        parts += [
+            "## Cloud updates per second\n",
+            f"`CloudService.update` in-process (no gRPC), one torch thread, {bench['steps_per_update']} step(s) "
+            f"per update of {bench['new_per_step']} new + {bench['replay_per_step']} replayed samples (teacher "
+            "step + student distillation), parameters published to the state folder; median of "
+            f"{bench['updates']}: **{bench['updates_per_s']:.1f} updates/s** ({1e3 * bench['median_s']:.1f} ms "
+            f"each, {bench['new_samples_per_s']:.0f} new samples/s) on a {bench['cpu_count']}-core machine "
+            f"shared with other jobs (1-minute load average {bench['load_average_1min']:.1f} when measured).\n",
+        ]
     if latency is not None and latency.is_file():
-        parts += ["## Latency (summary of [edge_latency.md](edge_latency.md))\n",
-                  "Measured by `python -m fairedge.simulations.bench_edge_latency`, not by this study; its latency and "
-                  "swap-vs-rebuild tables as they were when this file was written (parity, int8 quality and the "
-                  "models are in the linked file).\n", latency_summary(latency.read_text()) + "\n"]
+        parts += [
+            "## Latency (summary of [edge_latency.md](edge_latency.md))\n",
+            "Measured by `python -m fairedge.simulations.bench_edge_latency`, not by this study; its latency and "
+            "swap-vs-rebuild tables as they were when this file was written (parity, int8 quality and the "
+            "models are in the linked file).\n",
+            latency_summary(latency.read_text()) + "\n",
+        ]
     return "\n".join(parts)
 
 
@@ -956,12 +1148,16 @@ def _runtime_line(results: dict[str, dict[str, Any]]) -> str:
     data = results["self"]
     metrics = ROOT / data["study"]["run_dir"] / "metrics.json"
     train = json.loads(metrics.read_text())["summary"].get("wall_seconds") if metrics.is_file() else None
-    cells = [f"{t} {len(d.get('rows', [])) + len(d.get('tuning', []))} runs "
-             f"{sum(r['seconds'] for r in d.get('rows', []) + d.get('tuning', [])) / 60:.1f} min"
-             for t, d in results.items()]
-    return (f"- Time on this shared 2-core machine (edge + cloud, lockstep, tuning included): {', '.join(cells)}"
-            + (f"; training the federated model once {train / 60:.1f} min (cached afterwards)" if train else "")
-            + ".\n")
+    cells = [
+        f"{t} {len(d.get('rows', [])) + len(d.get('tuning', []))} runs "
+        f"{sum(r['seconds'] for r in d.get('rows', []) + d.get('tuning', [])) / 60:.1f} min"
+        for t, d in results.items()
+    ]
+    return (
+        f"- Time on this shared 2-core machine (edge + cloud, lockstep, tuning included): {', '.join(cells)}"
+        + (f"; training the federated model once {train / 60:.1f} min (cached afterwards)" if train else "")
+        + ".\n"
+    )
 
 
 def _reading(results: dict[str, dict[str, Any]]) -> str:
@@ -976,9 +1172,11 @@ def _reading(results: dict[str, dict[str, Any]]) -> str:
         g_cema = statistics.mean(v["gain_cema"] for v in g.values())
         g_all = statistics.mean(v["gain_all"] for v in g.values())
         wins = sum(v["gain_all"] > 0 for v in g.values())
-        lines.append(f"- Teacher {teacher} ({t_acc:.3f} on the stream, the served model {served:.3f}): uploading "
-                     f"everything {100 * g_all:+.2f} points (positive on {wins} of {len(g)} seeds), CEMA "
-                     f"{100 * g_cema:+.2f}.")
+        lines.append(
+            f"- Teacher {teacher} ({t_acc:.3f} on the stream, the served model {served:.3f}): uploading "
+            f"everything {100 * g_all:+.2f} points (positive on {wins} of {len(g)} seeds), CEMA "
+            f"{100 * g_cema:+.2f}."
+        )
     found = results.get("foundation", {}).get("tuning", [])
     none0 = next((r["accuracy"] for r in found if r["mode"] == "none"), None)
     by = {(r["setting"], r["mode"]): r for r in found}
@@ -991,26 +1189,37 @@ def _reading(results: dict[str, dict[str, Any]]) -> str:
             f"{by[wide]['uploaded_fraction']:.1%} and gains {100 * (by[wide]['accuracy'] - none0):+.2f}. The "
             "device's high-entropy samples are where it is most often wrong and where a robust teacher still "
             "labels well; the exclusion is there to keep unreliable samples out of entropy minimisation, "
-            "while distillation from a stronger model learns most from them.")
-    lines.append("- A weak teacher cannot help: the self-taught and centralised rows gain little or lose, since their "
-                 "pseudo-labels on the corrupted stream are barely better than the device's own.\n")
+            "while distillation from a stronger model learns most from them."
+        )
+    lines.append(
+        "- A weak teacher cannot help: the self-taught and centralised rows gain little or lose, since their "
+        "pseudo-labels on the corrupted stream are barely better than the device's own.\n"
+    )
     return "\n".join(lines)
 
 
 def _oracle_line(oracle: dict[str, float], g: dict[int, dict[str, float]]) -> str:
     """The online label yardstick per seed, as a gain over no adaptation."""
-    cells = [f"seed {seed}: {acc:.4f} ({100 * (acc - g[int(seed)]['acc_none']):+.2f} pts)"
-             for seed, acc in oracle.items() if int(seed) in g]
+    cells = [
+        f"seed {seed}: {acc:.4f} ({100 * (acc - g[int(seed)]['acc_none']):+.2f} pts)"
+        for seed, acc in oracle.items()
+        if int(seed) in g
+    ]
     if not cells:
         return ""
-    return ("Online on the stream itself, the same norm parameters learning from the true labels with the "
-            "cloud's own budget (`label_oracle`: predict a batch, then one SGD step of cross-entropy, lr 0.01, "
-            "momentum 0.9) reach " + "; ".join(cells) + ": one pass of 384 samples per corruption is far from the "
-            "fitted values above.\n")
+    return (
+        "Online on the stream itself, the same norm parameters learning from the true labels with the "
+        "cloud's own budget (`label_oracle`: predict a batch, then one SGD step of cross-entropy, lr 0.01, "
+        "momentum 0.9) reach " + "; ".join(cells) + ": one pass of 384 samples per corruption is far from the "
+        "fitted values above.\n"
+    )
 
 
-OUTPUTS = {"self": "edge_stream", "centralised": "edge_stream_centralised-teacher",
-           "foundation": "edge_stream_foundation-teacher"}
+OUTPUTS = {
+    "self": "edge_stream",
+    "centralised": "edge_stream_centralised-teacher",
+    "foundation": "edge_stream_foundation-teacher",
+}
 """Result files (.json, .png under RESULTS) per teacher."""
 
 
@@ -1019,40 +1228,72 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="a finished run folder (default: train or reuse one)")
     parser.add_argument("--config", default=str(CONFIG), help="config to train when --run is not given")
     parser.add_argument("--method", default="fedit", help="aggregation method to train (default: %(default)s)")
-    parser.add_argument("--teacher", choices=TEACHERS, default="self",
-                        help="the cloud's teacher: the served model itself, LoRA trained centrally on the "
-                             "pooled client data, or that trained longer with colour jitter (trained once with --config, cached) "
-                             "(default: %(default)s)")
-    parser.add_argument("--teacher-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="overrides of the teacher's training config (e.g. federation.rounds=3)")
+    parser.add_argument(
+        "--teacher",
+        choices=TEACHERS,
+        default="self",
+        help="the cloud's teacher: the served model itself, LoRA trained centrally on the "
+        "pooled client data, or that trained longer with colour jitter (trained once with --config, cached) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--teacher-set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="overrides of the teacher's training config (e.g. federation.rounds=3)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-segment", type=int, default=384, help="test images per corruption segment")
-    parser.add_argument("--set", action="append", default=None, metavar="SECTION.FIELD=VALUE",
-                        help="edge/cloud settings for every seed (default: the TUNING setting chosen on seed 0)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="SECTION.FIELD=VALUE",
+        help="edge/cloud settings for every seed (default: the TUNING setting chosen on seed 0)",
+    )
     parser.add_argument("--tune", action="store_true", help="run the TUNING settings on seed 0 only")
-    parser.add_argument("--settings", nargs="+", default=None, metavar="LABEL",
-                        help=f"with --tune: only these TUNING settings (default: all of {list(TUNING)})")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help=f"with --tune: only these TUNING settings (default: all of {list(TUNING)})",
+    )
     args = parser.parse_args()
     started = time.time()
     cfg = study_config(args.config, args.method)
     run_dir = Path(args.run) if args.run else trained_run(cfg)
-    teacher = teacher_run(args.teacher, load_config(args.config, [f"aggregation.method={args.method}",
-                                                                  *args.teacher_set]))
+    teacher = teacher_run(
+        args.teacher, load_config(args.config, [f"aggregation.method={args.method}", *args.teacher_set])
+    )
     out = RESULTS / f"{OUTPUTS[args.teacher]}.json"
-    data = run_study(run_dir, seeds=args.seeds, per_segment=args.per_segment, overrides=args.set, out=out,
-                     tune=args.tune, teacher=teacher, settings=args.settings)
+    data = run_study(
+        run_dir,
+        seeds=args.seeds,
+        per_segment=args.per_segment,
+        overrides=args.set,
+        out=out,
+        tune=args.tune,
+        teacher=teacher,
+        settings=args.settings,
+    )
     if args.tune:
         print(tuning_table(data["tuning"]))
     if data.get("rows"):
-        plot(data["rows"], data["stream_boundaries"], data["study"]["segments"],
-             RESULTS / f"{OUTPUTS[args.teacher]}.png",
-             title=f"CEMA on a corrupted digits stream ({data['study']['config_name']}, config "
-                   f"{data['study']['config_hash']}, teacher {args.teacher}, "
-                   f"seeds {sorted({r['seed'] for r in data['rows']})})")
+        plot(
+            data["rows"],
+            data["stream_boundaries"],
+            data["study"]["segments"],
+            RESULTS / f"{OUTPUTS[args.teacher]}.png",
+            title=f"CEMA on a corrupted digits stream ({data['study']['config_name']}, config "
+            f"{data['study']['config_hash']}, teacher {args.teacher}, "
+            f"seeds {sorted({r['seed'] for r in data['rows']})})",
+        )
         print(gain_table(data["rows"]))
     try:
         write_report(args.run)
-    except Exception as err:  # noqa: BLE001 - the results are saved; the report can be rewritten later
+    except Exception as err:
         print(f"edge.md not written: {err!r}")
     print(f"done in {time.time() - started:.0f} s")
 

@@ -19,8 +19,17 @@ import statistics
 from pathlib import Path
 
 from fairedge.common.config import config_hash
-from fairedge.simulations.aggregation_study import (CENTRAL, CONFIG, PARTITIONS, RESULTS, _display, _pct, centralised,
-                                           run_config, select)
+from fairedge.simulations.aggregation_study import (
+    CENTRAL,
+    CONFIG,
+    PARTITIONS,
+    RESULTS,
+    _display,
+    _pct,
+    centralised,
+    run_config,
+    select,
+)
 from fairedge.simulations.sweep import run_sweep
 
 VARIANTS: dict[str, list[str]] = {
@@ -44,8 +53,17 @@ def run_large_batch(partition: str, seeds: list[int], out: Path) -> None:
         if any(r["variant"] == label and r["seed"] == seed and r["config_hash"] == config_hash(cfg) for r in rows):
             continue
         record, _ = centralised(cfg, large_batch=True)
-        rows.append({"variant": label, "seed": seed, "config_hash": config_hash(cfg), "overrides": [],
-                     "summary": record.summary(), "rounds": record.rounds, "run_dir": None})
+        rows.append(
+            {
+                "variant": label,
+                "seed": seed,
+                "config_hash": config_hash(cfg),
+                "overrides": [],
+                "summary": record.summary(),
+                "rounds": record.rounds,
+                "run_dir": None,
+            }
+        )
         out.write_text(json.dumps(rows, indent=1))
         print(f"{label} seed {seed}: final mean acc {record.summary()['final_mean_accuracy']:.4f}", flush=True)
 
@@ -86,11 +104,18 @@ def report(rows: list[dict], partition: str, seeds: list[int], study: list[dict]
         "|---|---|---|---|---|---|---|---|",
     ]
     own = [*VARIANTS, LARGE_BATCH]
-    for name, label_rows in [("FedIT (study)", select(study, CONFIG, partition, "fedit", seeds)),
-                             ("LoRA-FAIR λ=0.01 (study)", select(study, CONFIG, partition, "lora_fair", seeds)),
-                             ("centralised (study)", select(study, CONFIG, partition, CENTRAL, seeds))] + [
-        (v, sorted((r for r in rows if r["variant"] == f"{partition}/{v}" and r["seed"] in seeds),
-                   key=lambda r: r["seed"])) for v in own
+    for name, label_rows in [
+        ("FedIT (study)", select(study, CONFIG, partition, "fedit", seeds)),
+        ("LoRA-FAIR λ=0.01 (study)", select(study, CONFIG, partition, "lora_fair", seeds)),
+        ("centralised (study)", select(study, CONFIG, partition, CENTRAL, seeds)),
+    ] + [
+        (
+            v,
+            sorted(
+                (r for r in rows if r["variant"] == f"{partition}/{v}" and r["seed"] in seeds), key=lambda r: r["seed"]
+            ),
+        )
+        for v in own
     ]:
         if not label_rows:
             continue
@@ -126,8 +151,17 @@ def main() -> None:
         run_sweep(CONFIG, variants, [seed], out)
     run_large_batch(args.partition, args.seeds, out)
     study = json.loads((Path(args.results) / "aggregation_accuracy.json").read_text())
-    command = shlex.join(["python", "-m", "fairedge.simulations.lora_fair_ablation", "--seeds", *map(str, args.seeds),
-                          "--partition", args.partition])
+    command = shlex.join(
+        [
+            "python",
+            "-m",
+            "fairedge.simulations.lora_fair_ablation",
+            "--seeds",
+            *map(str, args.seeds),
+            "--partition",
+            args.partition,
+        ]
+    )
     md = report(json.loads(out.read_text()), args.partition, args.seeds, study, command)
     (Path(args.results) / "lora_fair_ablation.md").write_text(md)
     print(md)

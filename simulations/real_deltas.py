@@ -36,8 +36,15 @@ def main() -> None:
     deltas: dict[str, torch.Tensor] = {}
     for k in range(f.num_clients):
         set_adapter(model, start)
-        train_local(model, client_partition(cfg, k), steps=f.local_steps, batch_size=f.batch_size, lr=f.lr,
-                    optimizer=f.optimizer, seed=cfg.seed * 100_003 + 1_009 + k)
+        train_local(
+            model,
+            client_partition(cfg, k),
+            steps=f.local_steps,
+            batch_size=f.batch_size,
+            lr=f.lr,
+            optimizer=f.optimizer,
+            seed=cfg.seed * 100_003 + 1_009 + k,
+        )
         after = flatten(get_adapter(model))
         deltas.update({f"client{k}/{name}": after[name] - t for name, t in flatten(start).items()})
         print(f"client {k}: {sum(t.numel() for t in after.values()):,} parameters")

@@ -53,8 +53,13 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         self.contexts = {
-            1000 + i: Context(run_id=run_id, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={})
+            1000 + i: Context(
+                run_id=run_id,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for i in range(num_nodes)
         }
         self._pending: dict[str, Message] = {}
@@ -67,8 +72,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:

@@ -34,19 +34,33 @@ def run_sweep(
     # seed-major: a sweep stopped early still has every variant for the seeds it finished
     jobs = [(label, overrides, seed) for seed in seeds for label, overrides in variants.items()]
     for i, (label, overrides, seed) in enumerate(jobs, 1):
-        cfg = load_config(config, [*common_overrides, *overrides, f"seed={seed}",
-                                   f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"])
+        cfg = load_config(
+            config,
+            [*common_overrides, *overrides, f"seed={seed}", f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"],
+        )
         key = (label, seed, config_hash(cfg))
         if key in done:
             continue
         started = time.time()
         record = simulate(cfg, new_run_dir(cfg))
-        rows.append({"variant": label, "seed": seed, "config_hash": key[2], "overrides": list(overrides),
-                     "summary": record.summary(), "rounds": record.rounds, "run_dir": str(record.run_dir)})
+        rows.append(
+            {
+                "variant": label,
+                "seed": seed,
+                "config_hash": key[2],
+                "overrides": list(overrides),
+                "summary": record.summary(),
+                "rounds": record.rounds,
+                "run_dir": str(record.run_dir),
+            }
+        )
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(rows, indent=1))
-        print(f"[{i}/{len(jobs)}] {label} seed {seed}: final mean acc "
-              f"{record.summary()['final_mean_accuracy']:.4f} ({time.time() - started:.0f} s)", flush=True)
+        print(
+            f"[{i}/{len(jobs)}] {label} seed {seed}: final mean acc "
+            f"{record.summary()['final_mean_accuracy']:.4f} ({time.time() - started:.0f} s)",
+            flush=True,
+        )
     return rows
 
 

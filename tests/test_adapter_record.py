@@ -3,15 +3,23 @@
 import pytest
 import torch
 
-from fairedge.common.adapter_record import MalformedAdapter, adapter_from_record, adapter_to_record, record_bytes, shapes
+from fairedge.common.adapter_record import (
+    MalformedAdapter,
+    adapter_from_record,
+    adapter_to_record,
+    record_bytes,
+    shapes,
+)
 from fairedge.common.aggregation import Adapter
 
 
 def _adapter():
     g = torch.Generator().manual_seed(1)
     return Adapter(
-        {"enc.0.q": (torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)),
-         "enc.0.v": (torch.randn(4, 8, generator=g), torch.zeros(8, 4))},
+        {
+            "enc.0.q": (torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)),
+            "enc.0.v": (torch.randn(4, 8, generator=g), torch.zeros(8, 4)),
+        },
         {"classifier.weight": torch.randn(3, 8, generator=g), "classifier.bias": torch.zeros(3)},
     )
 

@@ -12,15 +12,27 @@ DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 
 
 def _rounds(means, worst=None):
-    return [{"round": i, "mean_accuracy": m, "worst_accuracy": (worst or means)[i], "accuracy": {"a": m}}
-            for i, m in enumerate(means)]
+    return [
+        {"round": i, "mean_accuracy": m, "worst_accuracy": (worst or means)[i], "accuracy": {"a": m}}
+        for i, m in enumerate(means)
+    ]
 
 
 def _row(variant, seed, means, *, up=0, down=0, personal=None):
     rounds = _rounds(means)
-    return {"variant": variant, "seed": seed, "config_hash": "x", "rounds": rounds, "summary": {
-        "final_mean_accuracy": means[-1], "final_worst_accuracy": means[-1] - 0.1, "bytes_up": up,
-        "bytes_down": down, "final_personal_mean_accuracy": personal}}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "config_hash": "x",
+        "rounds": rounds,
+        "summary": {
+            "final_mean_accuracy": means[-1],
+            "final_worst_accuracy": means[-1] - 0.1,
+            "bytes_up": up,
+            "bytes_down": down,
+            "final_personal_mean_accuracy": personal,
+        },
+    }
 
 
 def test_round_reaching_95_percent_of_final():
@@ -35,10 +47,14 @@ def test_round_reaching_95_percent_of_final():
 def test_table_bolds_best_federated_method_and_reports_differences():
     by_method = {
         "fedit": [_row("p/fedit", 0, [0.5, 0.70], up=2e6, down=4e6), _row("p/fedit", 1, [0.5, 0.72], up=2e6, down=4e6)],
-        "lora_fair": [_row("p/lora_fair", 0, [0.5, 0.78, 0.80], up=2e6, down=6e6),
-                      _row("p/lora_fair", 1, [0.5, 0.70, 0.82], up=2e6, down=6e6)],
-        "fedsa_lora": [_row("p/fedsa_lora", 0, [0.5, 0.4], up=1e6, personal=0.9),
-                       _row("p/fedsa_lora", 1, [0.5, 0.4], up=1e6, personal=0.8)],
+        "lora_fair": [
+            _row("p/lora_fair", 0, [0.5, 0.78, 0.80], up=2e6, down=6e6),
+            _row("p/lora_fair", 1, [0.5, 0.70, 0.82], up=2e6, down=6e6),
+        ],
+        "fedsa_lora": [
+            _row("p/fedsa_lora", 0, [0.5, 0.4], up=1e6, personal=0.9),
+            _row("p/fedsa_lora", 1, [0.5, 0.4], up=1e6, personal=0.8),
+        ],
         "centralised": [_row("p/centralised", 0, [0.5, 0.9]), _row("p/centralised", 1, [0.5, 0.9])],
     }
     lines = study.table(by_method).splitlines()
@@ -59,9 +75,17 @@ def test_table_bolds_best_federated_method_and_reports_differences():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("agg")
-    return [f"output_dir='{root / 'runs'}'", f"model.cache_dir='{root / 'cache'}'", "model.pretrain_epochs=1",
-            "data.samples_per_domain=40", "federation.num_clients=2", "federation.min_train_nodes=2",
-            "federation.rounds=1", "federation.local_steps=2", "federation.device=cpu"]
+    return [
+        f"output_dir='{root / 'runs'}'",
+        f"model.cache_dir='{root / 'cache'}'",
+        "model.pretrain_epochs=1",
+        "data.samples_per_domain=40",
+        "federation.num_clients=2",
+        "federation.min_train_nodes=2",
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "federation.device=cpu",
+    ]
 
 
 def test_centralised_rows_have_run_sweep_shape_and_are_not_rerun(tiny, tmp_path, monkeypatch):

@@ -48,9 +48,13 @@ def _task_identity(monkeypatch):
 
 def _initial(seed: int = 0) -> Adapter:
     g = torch.Generator().manual_seed(seed)
-    return Adapter({"l0": (torch.randn(R, N, generator=g), torch.zeros(M, R)),
-                    "l1": (torch.randn(R, N, generator=g), torch.zeros(M, R))},
-                   {"head.w": torch.randn(3, M, generator=g)})
+    return Adapter(
+        {
+            "l0": (torch.randn(R, N, generator=g), torch.zeros(M, R)),
+            "l1": (torch.randn(R, N, generator=g), torch.zeros(M, R)),
+        },
+        {"head.w": torch.randn(3, M, generator=g)},
+    )
 
 
 def _trained(start: Adapter, trains: str, seed: int) -> list[ClientUpdate]:
@@ -59,8 +63,10 @@ def _trained(start: Adapter, trains: str, seed: int) -> list[ClientUpdate]:
     ups = []
     for k in range(K):
         factors = {
-            layer: (a + torch.randn(a.shape, generator=g) if "A" in trains else a.clone(),
-                    b + torch.randn(b.shape, generator=g) if "B" in trains else b.clone())
+            layer: (
+                a + torch.randn(a.shape, generator=g) if "A" in trains else a.clone(),
+                b + torch.randn(b.shape, generator=g) if "B" in trains else b.clone(),
+            )
             for layer, (a, b) in start.factors.items()
         }
         head = {n: t + torch.randn(t.shape, generator=g) for n, t in start.head.items()}
@@ -71,8 +77,9 @@ def _trained(start: Adapter, trains: str, seed: int) -> list[ClientUpdate]:
 def _ideal(updates: list[ClientUpdate], layer: str) -> torch.Tensor:
     """`ΔW = Σ p_k B_k A_k` (dense: fine at these sizes)."""
     p = client_weights(updates)
-    return sum(float(pk) * (u.adapter.factors[layer][1] @ u.adapter.factors[layer][0]).double()
-               for pk, u in zip(p, updates))
+    return sum(
+        float(pk) * (u.adapter.factors[layer][1] @ u.adapter.factors[layer][0]).double() for pk, u in zip(p, updates)
+    )
 
 
 def _base(adapter: Adapter, layer: str) -> torch.Tensor:
@@ -123,8 +130,9 @@ def test_flora_stacks_the_exact_product_into_the_base_and_restarts_lora():
     newer, _ = agg.aggregate(ups2, new)
     for layer in start.factors:
         _close(_base(newer, layer), S * (_ideal(ups1, layer) + _ideal(ups2, layer)))
-    torch.testing.assert_close(new.head["head.w"], sum(float(p) * u.adapter.head["head.w"]
-                                                       for p, u in zip(client_weights(ups1), ups1)))
+    torch.testing.assert_close(
+        new.head["head.w"], sum(float(p) * u.adapter.head["head.w"] for p, u in zip(client_weights(ups1), ups1))
+    )
 
 
 def test_flora_stack_product_is_the_sum_of_client_products():
@@ -216,8 +224,12 @@ class _Grid:
 
 
 def _reply(request: Message, tensors: dict[str, torch.Tensor], n: int) -> Message:
-    return Message(RecordDict({"arrays": tensors_to_record(tensors),
-                               "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})}), reply_to=request)
+    return Message(
+        RecordDict(
+            {"arrays": tensors_to_record(tensors), "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})}
+        ),
+        reply_to=request,
+    )
 
 
 def _run_round(s: LoraStrategy, server_round: int, seed: int, compressed: bool = False):
@@ -233,10 +245,25 @@ def _run_round(s: LoraStrategy, server_round: int, seed: int, compressed: bool =
     for msg, u in zip(messages, ups):
         tensors = reply_tensors(u.adapter, send)
         if compressed:  # lossless ComPEFT (density 1): the change since what the client started from
-            payload = compress_update(tensors, reply_tensors(start, send), CompressionConfig(enabled=True, density=1.0),
-                                      RecordDict(), server_round=server_round, num_examples=u.num_examples)
-            replies.append(Message(RecordDict({"compressed": ConfigRecord({"payload": payload}), "metrics": MetricRecord(
-                {"num-examples": u.num_examples, "train-loss": 0.5})}), reply_to=msg))
+            payload = compress_update(
+                tensors,
+                reply_tensors(start, send),
+                CompressionConfig(enabled=True, density=1.0),
+                RecordDict(),
+                server_round=server_round,
+                num_examples=u.num_examples,
+            )
+            replies.append(
+                Message(
+                    RecordDict(
+                        {
+                            "compressed": ConfigRecord({"payload": payload}),
+                            "metrics": MetricRecord({"num-examples": u.num_examples, "train-loss": 0.5}),
+                        }
+                    ),
+                    reply_to=msg,
+                )
+            )
         else:
             replies.append(_reply(msg, tensors, u.num_examples))
     arrays, _ = s.aggregate_train(server_round, replies)
@@ -247,14 +274,19 @@ def _run_round(s: LoraStrategy, server_round: int, seed: int, compressed: bool =
 @pytest.mark.parametrize("method", ["ffa_lora", "rolora", "flora", "fedex_lora"])
 @pytest.mark.parametrize("compressed", [False, True])
 def test_exact_methods_through_the_strategy_reach_the_average_of_client_weights(method, compressed):
-    s = LoraStrategy(make_aggregator(method, **({"lora_scale": S} if method in ("flora", "fedex_lora") else {})),
-                     _initial(), min_train_nodes=2)
+    s = LoraStrategy(
+        make_aggregator(method, **({"lora_scale": S} if method in ("flora", "fedex_lora") else {})),
+        _initial(),
+        min_train_nodes=2,
+    )
     for rnd in (1, 2):
         start, ups, arrays, config = _run_round(s, rnd, seed=10 * rnd, compressed=compressed)
         p = client_weights(ups)
         for layer in start.factors:
             want = _base(start, layer) + S * sum(
-                float(pk) * (u.adapter.factors[layer][1] @ u.adapter.factors[layer][0]).double() for pk, u in zip(p, ups))
+                float(pk) * (u.adapter.factors[layer][1] @ u.adapter.factors[layer][0]).double()
+                for pk, u in zip(p, ups)
+            )
             _close(_effective(s.global_adapter, layer), want, atol=1e-4)
         names = set(record_tensors(arrays))
         assert any(k.startswith("base/") for k in names) == (method in ("flora", "fedex_lora"))
@@ -274,7 +306,9 @@ def test_fedsa_through_the_strategy_takes_a_only_and_gathers_personal_accuracy()
     assert config[PERSONAL_B] is True
     p = client_weights(ups)
     for layer, (_, b0) in start.factors.items():
-        _close(s.global_adapter.factors[layer][0], sum(float(pk) * u.adapter.factors[layer][0] for pk, u in zip(p, ups)))
+        _close(
+            s.global_adapter.factors[layer][0], sum(float(pk) * u.adapter.factors[layer][0] for pk, u in zip(p, ups))
+        )
         assert torch.equal(s.global_adapter.factors[layer][1], b0)
     assert s.rounds[-1].fp32_bytes_up == 3 * 4 * (2 * R * N + 3 * M)  # A and the head; B stays home
     # a reply that sends its B along is malformed for this method
@@ -285,8 +319,12 @@ def test_fedsa_through_the_strategy_takes_a_only_and_gathers_personal_accuracy()
     # personalised evaluation: every node, with the round's instructions
     evals = list(s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), _Grid()))
     assert len(evals) == 3 and all(m.content["config"][PERSONAL_B] for m in evals)
-    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "accuracy": acc, "partition-id": pid})}),
-                       reply_to=m) for m, acc, pid in zip(evals, (0.5, 0.7, 0.9), (0, 1, 2))]
+    replies = [
+        Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": 5, "accuracy": acc, "partition-id": pid})}), reply_to=m
+        )
+        for m, acc, pid in zip(evals, (0.5, 0.7, 0.9), (0, 1, 2))
+    ]
     metrics = s.aggregate_evaluate(2, replies)
     assert s.rounds[-1].personal_accuracy == {0: 0.5, 1: 0.7, 2: 0.9}
     assert metrics["personal-mean-accuracy"] == pytest.approx(0.7)
@@ -303,20 +341,41 @@ def test_non_personalised_methods_skip_federated_evaluation():
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
-    return build_config({}, [
-        f"model.cache_dir='{root}'", "model.pretrain_epochs=1", "model.hidden_size=16", "model.num_layers=1",
-        "model.num_heads=2", "model.intermediate_size=16", "data.samples_per_domain=40", "lora.rank=2",
-        "lora.alpha=4", "lora.target_modules=['q_proj','fc1']", "federation.num_clients=2",
-        "federation.local_steps=3", "federation.batch_size=8", "federation.device='cpu'",
-    ])
+    return build_config(
+        {},
+        [
+            f"model.cache_dir='{root}'",
+            "model.pretrain_epochs=1",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=16",
+            "data.samples_per_domain=40",
+            "lora.rank=2",
+            "lora.alpha=4",
+            "lora.target_modules=['q_proj','fc1']",
+            "federation.num_clients=2",
+            "federation.local_steps=3",
+            "federation.batch_size=8",
+            "federation.device='cpu'",
+        ],
+    )
 
 
 @pytest.mark.parametrize("trains", ["A", "B"])
 def test_set_trainable_factors_freezes_the_other_factor(tiny_cfg, trains):
     model = lora_model(tiny_cfg)
     g = torch.Generator().manual_seed(0)
-    set_adapter(model, Adapter({k: (a, 0.1 * torch.randn(b.shape, generator=g))  # B ≠ 0, so A has a gradient
-                                for k, (a, b) in get_lora_factors(model).items()}, {}))
+    set_adapter(
+        model,
+        Adapter(
+            {
+                k: (a, 0.1 * torch.randn(b.shape, generator=g))  # B ≠ 0, so A has a gradient
+                for k, (a, b) in get_lora_factors(model).items()
+            },
+            {},
+        ),
+    )
     before = get_lora_factors(model)
     set_trainable_factors(model, trains)
     train_local(model, client_partition(tiny_cfg, 0), steps=3, batch_size=8)
@@ -328,13 +387,17 @@ def test_set_trainable_factors_freezes_the_other_factor(tiny_cfg, trains):
 
 def _train_msg(adapter: Adapter, cfg, config: dict, server_round: int = 1) -> Message:
     record = ConfigRecord({"fairedge-config": config_json(cfg), "server-round": server_round, **config})
-    return Message(RecordDict({"arrays": adapter_to_record(adapter), "config": record}),
-                   dst_node_id=1, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"arrays": adapter_to_record(adapter), "config": record}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def _context() -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config={}
+    )
 
 
 def test_client_applies_the_base_delta_and_sends_only_what_it_trains(tiny_cfg):
@@ -360,7 +423,7 @@ def test_client_keeps_its_own_b_and_evaluates_with_it(tiny_cfg):
     ctx = _context()
     personal = {TRAIN_FACTORS: "AB", PERSONAL_B: True}
     reply = run_train(_train_msg(glob, tiny_cfg, personal), ctx)
-    assert all(not k.endswith("/B") for k in reply.content["arrays"].keys())  # B never leaves
+    assert all(not k.endswith("/B") for k in reply.content["arrays"])  # B never leaves
     own1 = {k: torch.from_numpy(v.numpy().copy()) for k, v in ctx.state[PERSONAL_B_KEY].items()}
     assert all(b.abs().max() > 1e-3 for b in own1.values())
     # round 2: the global B (here all ones) is ignored; training continues from the client's own B
@@ -369,8 +432,13 @@ def test_client_keeps_its_own_b_and_evaluates_with_it(tiny_cfg):
     own2 = {k: torch.from_numpy(v.numpy().copy()) for k, v in ctx.state[PERSONAL_B_KEY].items()}
     assert all((own2[k] - own1[k]).abs().max() < 0.05 for k in own1)
     # evaluation: global A and head, own B, on the client's own domains
-    ev = Message(RecordDict({"arrays": adapter_to_record(ones), "config": _train_msg(ones, tiny_cfg, personal)
-                             .content["config"]}), dst_node_id=1, message_type=MessageType.EVALUATE)
+    ev = Message(
+        RecordDict(
+            {"arrays": adapter_to_record(ones), "config": _train_msg(ones, tiny_cfg, personal).content["config"]}
+        ),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
     metrics = run_evaluate(ev, ctx).content["metrics"]
     set_adapter(model, Adapter({k: (a, own2[k]) for k, (a, _) in glob.factors.items()}, glob.head))
     task = load_task(tiny_cfg)

@@ -88,6 +88,10 @@ def test_certs_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "a.example" in out and "node-1.pub" in out
     assert sorted(p.name for p in (tmp_path / "c" / "node-keys").iterdir()) == [
-        "node-0", "node-0.pub", "node-1", "node-1.pub"]
+        "node-0",
+        "node-0.pub",
+        "node-1",
+        "node-1.pub",
+    ]
     assert server_cli(["certs", "--out", str(tmp_path / "c")]) == 2  # refuses to overwrite
     assert "already holds" in capsys.readouterr().err

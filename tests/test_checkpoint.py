@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
+from fairedge.client.client_app import app as client_app
 from fairedge.common.aggregation import Adapter, FedIT, RoLoRA
 from fairedge.common.config import ConfigError, build_config, to_toml
 from fairedge.server import checkpoint
@@ -33,9 +34,8 @@ from fairedge.server.checkpoint import (
     set_rng_state,
 )
 from fairedge.server.run_outputs import write_config
-from fairedge.server.strategy import LoraStrategy
-from fairedge.client.client_app import app as client_app
 from fairedge.server.server_app import app as server_app
+from fairedge.server.strategy import LoraStrategy
 from fairedge.simulations import cli
 from fairedge.simulations.simulate import InProcessGrid
 
@@ -43,8 +43,14 @@ ROOT = Path(__file__).parents[1]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def _wait_for(path_glob, root: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Path:
@@ -74,22 +80,44 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
-    cfg = build_config({}, [
-        "name=killed", f"output_dir='{tmp_path / 'runs'}'", f"model.cache_dir='{tmp_path / 'cache'}'",
-        "model.pretrain_epochs=1", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
-        "model.intermediate_size=16", "data.samples_per_domain=40", "lora.rank=2", "lora.alpha=4",
-        "lora.target_modules=['q_proj','fc1']", "federation.num_clients=3", "federation.rounds=5",
-        "federation.local_steps=3", "federation.batch_size=8", "federation.device='cpu'",
-        # FLoRA changes the base weights; compressed-update layouts depend on the adapter's tensor order
-        "aggregation.method='flora'", "compression.enabled=true", "compression.density=0.5",
-        "compression.error_feedback=false",  # stateless clients: resume is exact
-    ])
+    cfg = build_config(
+        {},
+        [
+            "name=killed",
+            f"output_dir='{tmp_path / 'runs'}'",
+            f"model.cache_dir='{tmp_path / 'cache'}'",
+            "model.pretrain_epochs=1",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=16",
+            "data.samples_per_domain=40",
+            "lora.rank=2",
+            "lora.alpha=4",
+            "lora.target_modules=['q_proj','fc1']",
+            "federation.num_clients=3",
+            "federation.rounds=5",
+            "federation.local_steps=3",
+            "federation.batch_size=8",
+            "federation.device='cpu'",
+            # FLoRA changes the base weights; compressed-update layouts depend on the adapter's tensor order
+            "aggregation.method='flora'",
+            "compression.enabled=true",
+            "compression.density=0.5",
+            "compression.error_feedback=false",  # stateless clients: resume is exact
+        ],
+    )
     assert client_state_warning(cfg) is None
     config = tmp_path / "tiny.toml"
     config.write_text(to_toml(cfg))
     proc = subprocess.Popen(
         [sys.executable, "-m", "fairedge.simulations.cli", "run", "--engine", "inprocess", "--config", str(config)],
-        cwd=ROOT, env=_env(tmp_path), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cwd=ROOT,
+        env=_env(tmp_path),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for("*/checkpoint/round-0002", tmp_path / "runs", proc)
     finally:
@@ -98,8 +126,12 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (killed / "adapter").exists(), "the run finished before it was killed"
 
     assert cli.main(["run", "--engine", "inprocess", "--resume", str(killed)]) == 0
-    assert cli.main(["run", "--engine", "inprocess", "--config", str(config),
-                     "--set", f"output_dir='{tmp_path / 'reference'}'"]) == 0
+    assert (
+        cli.main(
+            ["run", "--engine", "inprocess", "--config", str(config), "--set", f"output_dir='{tmp_path / 'reference'}'"]
+        )
+        == 0
+    )
     reference = next((tmp_path / "reference").iterdir())
     for name in ("adapter/adapter_model.safetensors", "base_delta.safetensors"):
         assert _max_diff(load_file(str(killed / name)), load_file(str(reference / name))) <= 1e-6
@@ -119,11 +151,22 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert cli.main(["run", "--resume", str(killed), "--set", "lora.rank=4"]) == 2
     assert cli.main(["run", "--resume", str(killed), "--config", str(config)]) == 2
     # `flwr run`: the ServerApp takes the run folder from the run config's `resume` key
-    server_app(InProcessGrid(client_app, 3), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                                     run_config={"resume": str(killed), "overrides": "federation.rounds=6"}))
+    server_app(
+        InProcessGrid(client_app, 3),
+        Context(
+            run_id=1,
+            node_id=0,
+            node_config={},
+            state=RecordDict(),
+            run_config={"resume": str(killed), "overrides": "federation.rounds=6"},
+        ),
+    )
     extended = json.loads((killed / "metrics.json").read_text())
     assert [r["round"] for r in extended["rounds"]] == list(range(7))
-    assert extended["summary"]["resumed_after_rounds"] == [after, 5] and "rounds = 6" in (killed / "config.toml").read_text()
+    assert (
+        extended["summary"]["resumed_after_rounds"] == [after, 5]
+        and "rounds = 6" in (killed / "config.toml").read_text()
+    )
 
 
 _WRITER = textwrap.dedent("""
@@ -135,8 +178,13 @@ _WRITER = textwrap.dedent("""
 
 
 def test_sigkill_while_writing_checkpoints_leaves_a_complete_one(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], cwd=ROOT, env=_env(tmp_path),
-                            start_new_session=True, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path)],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+    )
     try:
         _wait_for("checkpoint/round-0003", tmp_path, proc, timeout=120)
         time.sleep(random.uniform(0.0, 0.3))  # somewhere inside a later write
@@ -217,7 +265,9 @@ def test_rng_aggregator_and_strategy_state_survive_a_round_trip(monkeypatch):
     a.configure_train(1, ArrayRecord(), ConfigRecord(), Nodes())
     b.load_state_dict(json.loads(json.dumps(a.state_dict())), start)
     assert b.rounds == a.rounds
-    picks = [[m.metadata.dst_node_id for m in s.configure_train(2, ArrayRecord(), ConfigRecord(), Nodes())] for s in (a, b)]
+    picks = [
+        [m.metadata.dst_node_id for m in s.configure_train(2, ArrayRecord(), ConfigRecord(), Nodes())] for s in (a, b)
+    ]
     assert picks[0] == picks[1]
 
 

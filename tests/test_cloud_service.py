@@ -37,16 +37,26 @@ def one_torch_thread():
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
-    return build_vision_classifier(image_size=16, num_channels=1, num_classes=10, hidden_size=16, num_layers=1,
-                                   num_heads=2, intermediate_size=32, patch_size=4, seed=seed)
+    return build_vision_classifier(
+        image_size=16,
+        num_channels=1,
+        num_classes=10,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        seed=seed,
+    )
 
 
 def served() -> ServedModel:
     return ServedModel.from_modules(tiny_model(), inputs=INPUTS, num_classes=10, model_id="tiny", model_version="v1")
 
 
-CFG = CloudConfig(port=0, new_per_step=8, min_new_per_update=8, replay_per_step=8, max_batch_samples=64,
-                  lr=0.05, teacher_lr=0.01)
+CFG = CloudConfig(
+    port=0, new_per_step=8, min_new_per_update=8, replay_per_step=8, max_batch_samples=64, lr=0.05, teacher_lr=0.01
+)
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -63,14 +73,16 @@ class Client:
     """A bare gRPC client of the service (what an edge device does, minus the device)."""
 
     def __init__(self, address: str, token: str | None = TOKEN, credentials: grpc.ChannelCredentials | None = None):
-        self.channel = (grpc.secure_channel(address, credentials) if credentials
-                        else grpc.insecure_channel(address))
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.stub = pb_grpc.EdgeAdaptationStub(self.channel)
         self.md = bearer_metadata(token) if token is not None else None
 
     def register(self, device: str, model_id: str = "tiny", model_version: str = "v1") -> pb.RegisterReply:
-        return self.stub.Register(pb.RegisterRequest(device_id=device, model_id=model_id, model_version=model_version),
-                                  metadata=self.md, timeout=10)
+        return self.stub.Register(
+            pb.RegisterRequest(device_id=device, model_id=model_id, model_version=model_version),
+            metadata=self.md,
+            timeout=10,
+        )
 
     def upload(self, *batches: pb.SampleBatch) -> pb.UploadReply:
         return self.stub.Upload(iter(batches), metadata=self.md, timeout=10)
@@ -108,8 +120,9 @@ def test_register_upload_get_watch_round_trip(cloud):
     version, params = client.get("cam-1")
     assert version == 0 and all(np.array_equal(params[k], defaults[k]) for k in defaults)
 
-    watch = client.stub.WatchNormParams(pb.NormParamsRequest(device_id="cam-1", known_version=0),
-                                        metadata=client.md, timeout=20)
+    watch = client.stub.WatchNormParams(
+        pb.NormParamsRequest(device_id="cam-1", known_version=0), metadata=client.md, timeout=20
+    )
     up = client.upload(batch("cam-1", 1, images(8, 1)), batch("cam-1", 2, images(8, 2)))
     assert (up.accepted, up.total_accepted, up.last_batch_id) == (16, 16, 2)
     first = next(watch)  # published by the learner thread, streamed without asking
@@ -124,8 +137,9 @@ def test_register_upload_get_watch_round_trip(cloud):
     # a later upload reports the version the earlier ones led to
     assert client.upload(batch("cam-1", 3, images(4, 3))).params_version == 2
     # an open Watch learns that the service stops (and can reconnect), it does not just end
-    idle = client.stub.WatchNormParams(pb.NormParamsRequest(device_id="cam-1", known_version=2),
-                                       metadata=client.md, timeout=20)
+    idle = client.stub.WatchNormParams(
+        pb.NormParamsRequest(device_id="cam-1", known_version=2), metadata=client.md, timeout=20
+    )
     threading.Timer(0.3, service.stop).start()
     code, details = code_of(next, idle)
     assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
@@ -148,8 +162,12 @@ def test_missing_or_wrong_token_is_unauthenticated(cloud):
             assert code == grpc.StatusCode.UNAUTHENTICATED
         finally:
             bad.close()
-    code, _ = code_of(client.stub.Register, pb.RegisterRequest(device_id="x"),
-                      metadata=(("authorization", f"Basic {TOKEN}"),), timeout=5)
+    code, _ = code_of(
+        client.stub.Register,
+        pb.RegisterRequest(device_id="x"),
+        metadata=(("authorization", f"Basic {TOKEN}"),),
+        timeout=5,
+    )
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert "cam-2" not in service._devices and client.get("cam-1")[0] == 0
 
@@ -169,8 +187,11 @@ def test_bad_requests_get_clear_codes_and_others_keep_working(cloud):
         (int_pixels, grpc.StatusCode.INVALID_ARGUMENT, "dtype = 'int64'"),
         (batch("cam-a", 1, nan), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
         (short_data, grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
-        (pb.SampleBatch(device_id="cam-a", batch_id=1, inputs=[to_proto("pixels", x)]),
-         grpc.StatusCode.INVALID_ARGUMENT, "['pixels']"),
+        (
+            pb.SampleBatch(device_id="cam-a", batch_id=1, inputs=[to_proto("pixels", x)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "['pixels']",
+        ),
         (batch("cam-zz", 1, x), grpc.StatusCode.NOT_FOUND, "'cam-zz' is not registered"),
         (batch("../etc", 1, x), grpc.StatusCode.INVALID_ARGUMENT, "device_id = '../etc'"),
         (batch("cam-a", 1, images(65)), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_batch_samples = 64"),
@@ -298,8 +319,9 @@ def test_tls_with_a_local_ca(tmp_path):
     tls = (creds.server.cert_path.read_bytes(), creds.server.key_path.read_bytes())
     service = CloudService(served(), tmp_path / "state", CFG, tokens=[TOKEN], tls=tls)
     service.start(host="localhost")
-    secure = Client(f"localhost:{service.port}",
-                    credentials=grpc.ssl_channel_credentials(creds.ca.cert_path.read_bytes()))
+    secure = Client(
+        f"localhost:{service.port}", credentials=grpc.ssl_channel_credentials(creds.ca.cert_path.read_bytes())
+    )
     plain = Client(f"localhost:{service.port}")
     try:
         assert secure.register("cam-1").params_version == 0
@@ -319,15 +341,25 @@ def test_learning_moves_the_student_to_the_teacher_and_the_teacher_to_confidence
     x = {"pixel_values": torch.from_numpy(images(32, 7))}
 
     def gap_and_distance(cfg: CloudConfig, steps: int) -> tuple[list[float], list[float], list[float]]:
-        learner = CemaLearner(student, student, student_norm=norm, teacher_norm=teacher_norm, num_classes=10,
-                              cfg=cfg, forward=forward_with_norm)
+        learner = CemaLearner(
+            student,
+            student,
+            student_norm=norm,
+            teacher_norm=teacher_norm,
+            num_classes=10,
+            cfg=cfg,
+            forward=forward_with_norm,
+        )
         params = learner.new_params()
         gaps, dist, ent = [], [], []
         for _ in range(steps):
             gaps.append(learner.distillation_gap(params, x))
             dist.append(sum(float((params.student[k] - params.teacher[k]).detach().norm()) for k in norm))
-            ent.append(learner.step(params, {k: v[:16] for k, v in x.items()},
-                                    {k: v[16:] for k, v in x.items()}).teacher_entropy)
+            ent.append(
+                learner.step(
+                    params, {k: v[:16] for k, v in x.items()}, {k: v[16:] for k, v in x.items()}
+                ).teacher_entropy
+            )
         return gaps, dist, ent
 
     frozen = CloudConfig(lr=0.05, teacher_lr=0.0, entropy_weight=0.0)
@@ -374,8 +406,19 @@ def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
     helper = threading.Thread(target=device_then_sigterm)
     helper.start()
     try:
-        code = main(["cloud", "--run", str(tmp_path), "--port", str(port), "--set", "cloud.max_batch_samples=7",
-                     "--set", "cloud.threads=1"])
+        code = main(
+            [
+                "cloud",
+                "--run",
+                str(tmp_path),
+                "--port",
+                str(port),
+                "--set",
+                "cloud.max_batch_samples=7",
+                "--set",
+                "cloud.threads=1",
+            ]
+        )
     finally:
         returned.set()
         helper.join()

@@ -12,8 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairedge.common.compression import FORMAT_VERSION, PayloadError, compress, decompress, kept_count, read_header
-from fairedge.common.compression import golomb
+from fairedge.common.compression import (
+    FORMAT_VERSION,
+    PayloadError,
+    compress,
+    decompress,
+    golomb,
+    kept_count,
+    read_header,
+)
 from fairedge.common.compression.codec import _checksum, _kth_largest, layout_fingerprint
 from fairedge.common.wire import adapter_update_pb2 as pb
 
@@ -31,8 +38,14 @@ def vit_adapter(seed: int = 0) -> dict[str, torch.Tensor]:
     """A realistic small ViT adapter, wire names and order as the client sends them: 4 layers x
     6 linears x (A, B) at rank 8, hidden 64, MLP 128, plus a 10-class head (29 322 parameters)."""
     g = torch.Generator().manual_seed(seed)
-    linears = {"attention.q_proj": (64, 64), "attention.k_proj": (64, 64), "attention.v_proj": (64, 64),
-               "attention.output.dense": (64, 64), "intermediate.dense": (64, 128), "output.dense": (128, 64)}
+    linears = {
+        "attention.q_proj": (64, 64),
+        "attention.k_proj": (64, 64),
+        "attention.v_proj": (64, 64),
+        "attention.output.dense": (64, 64),
+        "intermediate.dense": (64, 128),
+        "output.dense": (128, 64),
+    }
     out = {}
     for i in range(4):
         for linear, (n_in, n_out) in linears.items():
@@ -98,8 +111,10 @@ FIXED_HEADER_BYTES = 64
 
 def test_density_one_is_lossless_fp32():
     tensors = {"a": torch.randn(7, 5), "scalar": torch.tensor(3.5), "cube": torch.randn(2, 3, 4)}
-    for payload, kwargs in [(compress(tensors, density=1.0), {"expected": shapes_of(tensors)}),
-                            (compress(tensors, density=1.0, include_names=True), {})]:
+    for payload, kwargs in [
+        (compress(tensors, density=1.0), {"expected": shapes_of(tensors)}),
+        (compress(tensors, density=1.0, include_names=True), {}),
+    ]:
         out = decompress(payload, **kwargs)
         assert list(out) == list(tensors)
         for name, t in tensors.items():
@@ -143,8 +158,11 @@ def test_decoded_tensors_do_not_share_memory():
 
 
 def test_accepts_other_float_dtypes_and_grad_tensors():
-    tensors = {"h": torch.randn(50, dtype=torch.float16), "b": torch.randn(50, dtype=torch.bfloat16),
-               "g": torch.randn(50, requires_grad=True)}
+    tensors = {
+        "h": torch.randn(50, dtype=torch.float16),
+        "b": torch.randn(50, dtype=torch.bfloat16),
+        "g": torch.randn(50, requires_grad=True),
+    }
     out = decompress(compress(tensors, density=1.0), expected=shapes_of(tensors))
     for name, t in tensors.items():
         assert torch.equal(out[name], t.detach().float())
@@ -317,9 +335,13 @@ def test_rice_parameter_is_near_optimal_and_never_worse_than_a_bitmask():
 def test_kth_largest_is_exact_on_awkward_data():
     rng = np.random.default_rng(7)
     n = 300_000  # large enough for the sampled path
-    cases = [np.abs(rng.standard_normal(n)).astype(np.float32), np.zeros(n, np.float32),
-             np.sort(rng.random(n)).astype(np.float32), np.repeat(np.arange(6, dtype=np.float32), n // 6),
-             np.concatenate([np.zeros(n - 500, np.float32), rng.random(500).astype(np.float32)])]
+    cases = [
+        np.abs(rng.standard_normal(n)).astype(np.float32),
+        np.zeros(n, np.float32),
+        np.sort(rng.random(n)).astype(np.float32),
+        np.repeat(np.arange(6, dtype=np.float32), n // 6),
+        np.concatenate([np.zeros(n - 500, np.float32), rng.random(500).astype(np.float32)]),
+    ]
     for values in cases:
         for k in [1, 9, n // 100, n // 2, n]:
             assert _kth_largest(values, k) == np.partition(values, n - k)[n - k]
@@ -328,8 +350,13 @@ def test_kth_largest_is_exact_on_awkward_data():
 @pytest.mark.parametrize("numel", [1, 2, 9, 1000])
 def test_rice_code_round_trips_edge_sets(numel):
     rng = np.random.default_rng(numel)
-    sets = [np.array([], np.int64), np.arange(numel), np.array([0]), np.array([numel - 1]),
-            np.sort(rng.choice(numel, size=max(1, numel // 3), replace=False))]
+    sets = [
+        np.array([], np.int64),
+        np.arange(numel),
+        np.array([0]),
+        np.array([numel - 1]),
+        np.sort(rng.choice(numel, size=max(1, numel // 3), replace=False)),
+    ]
     for positions in sets:
         for k in range(0, numel.bit_length() + 1):
             data = golomb.rice_encode(golomb.gaps_of(positions), k)
@@ -339,28 +366,40 @@ def test_rice_code_round_trips_edge_sets(numel):
 # --------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"density": 0.0}, "density"), ({"density": 1.5}, "density"), ({"density": float("nan")}, "density"),
-    ({"density": True}, "density"), ({"density": 0.1, "alpha": 0.0}, "alpha"),
-    ({"density": 0.1, "alpha": -1.0}, "alpha"), ({"density": 0.1, "alpha": float("inf")}, "alpha"),
-    ({"density": 0.1, "scope": "layer"}, "scope"), ({"density": 1.0, "encoding_dense": "int8"}, "encoding"),
-    ({"density": 0.1, "round": -1}, "round"), ({"density": 0.1, "include_names": "yes"}, "include_names"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"density": 0.0}, "density"),
+        ({"density": 1.5}, "density"),
+        ({"density": float("nan")}, "density"),
+        ({"density": True}, "density"),
+        ({"density": 0.1, "alpha": 0.0}, "alpha"),
+        ({"density": 0.1, "alpha": -1.0}, "alpha"),
+        ({"density": 0.1, "alpha": float("inf")}, "alpha"),
+        ({"density": 0.1, "scope": "layer"}, "scope"),
+        ({"density": 1.0, "encoding_dense": "int8"}, "encoding"),
+        ({"density": 0.1, "round": -1}, "round"),
+        ({"density": 0.1, "include_names": "yes"}, "include_names"),
+    ],
+)
 def test_compress_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compress(SMALL, **kwargs)
 
 
-@pytest.mark.parametrize("tensors,match", [
-    ({}, "non-empty"),
-    ({"a": torch.arange(4)}, "floating-point"),
-    ({"a": np.zeros(3)}, "floating-point"),
-    ({"a": torch.tensor([1.0, float("nan")])}, "non-finite"),
-    ({"a": torch.tensor([1.0, float("inf")])}, "non-finite"),
-    ({"a": torch.zeros(0, 4)}, "elements"),
-    ({"": torch.zeros(2)}, "names"),
-    ({"\udc80": torch.zeros(2)}, "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "tensors,match",
+    [
+        ({}, "non-empty"),
+        ({"a": torch.arange(4)}, "floating-point"),
+        ({"a": np.zeros(3)}, "floating-point"),
+        ({"a": torch.tensor([1.0, float("nan")])}, "non-finite"),
+        ({"a": torch.tensor([1.0, float("inf")])}, "non-finite"),
+        ({"a": torch.zeros(0, 4)}, "elements"),
+        ({"": torch.zeros(2)}, "names"),
+        ({"\udc80": torch.zeros(2)}, "UTF-8"),
+    ],
+)
 def test_compress_rejects_bad_tensors(tensors, match):
     with pytest.raises(ValueError, match=match):
         compress(tensors, density=0.5)
@@ -377,12 +416,14 @@ def test_compress_rejects_scale_overflow():
 def _block(field, value):
     def mutate(m):
         setattr(m.blocks[0], field, value)
+
     return mutate
 
 
 def _spec(field, value):
     def mutate(m):
         setattr(m.tensors[0], field, value)
+
     return mutate
 
 
@@ -390,6 +431,7 @@ def _set_shape(shape):
     def mutate(m):
         del m.tensors[0].shape[:]
         m.tensors[0].shape.extend(shape)
+
     return mutate
 
 
@@ -409,6 +451,7 @@ def _more_gap_codes_than_declared(m):
 def _drop(field):
     def mutate(m):
         del getattr(m, field)[:]
+
     return mutate
 
 
@@ -428,40 +471,47 @@ def _dense_nan(m):
 NAMED = dict(density=0.1, include_names=True)
 
 
-@pytest.mark.parametrize("kwargs,mutate,relayout,match", [
-    (NAMED, lambda m: setattr(m, "format_version", 3), True, "unsupported format_version 3"),
-    (NAMED, lambda m: setattr(m, "format_version", 1), True, "format_version 1 .*obsolete"),
-    (NAMED, _set_shape([-4, 32]), True, "invalid shape"),
-    (NAMED, _set_shape([2**31, 2**31]), True, "more than 1073741824 elements"),
-    (NAMED, _set_shape([2**14, 2**15]), True, "max_elements=268435456"),
-    (NAMED, _set_shape([1] * 9), True, "dimensions"),
-    (NAMED, _set_shape([4, 33]), False, "fingerprint does not match the tensor names and shapes"),
-    (NAMED, _spec("name", "other"), False, "fingerprint does not match"),
-    (NAMED, lambda m: setattr(m, "layout", m.layout ^ 1), False, "fingerprint does not match"),
-    (NAMED, _spec("name", ""), True, "empty name"),
-    (NAMED, _duplicate_name, True, "duplicate"),
-    (NAMED, _drop("tensors"), True, "omits tensor names"),
-    (NAMED, _drop("blocks"), True, "no blocks"),
-    (NAMED, _two_blocks, True, "2 blocks for 4 tensors"),
-    (NAMED, _block("num_kept", 513), True, "num_kept 513 exceeds the 512"),
-    (NAMED, _block("num_kept", 2**63), True, "exceeds"),
-    (NAMED, _out_of_range_positions, True, "position 602 out of range for 512 elements"),
-    (NAMED, _more_gap_codes_than_declared, True, "gap codes, header says"),
-    (NAMED, _block("scale", float("nan")), True, "scale must be finite"),
-    (NAMED, _block("scale", float("inf")), True, "scale must be finite"),
-    (NAMED, _block("scale", -1.0), True, "scale must be finite and >= 0"),
-    (NAMED, _block("signs", b""), True, "sign bits"),
-    (NAMED, _block("payload", b"\xff" * 40), True, "position data|gap codes|trailing"),
-    (NAMED, _block("rice_k", 40), True, "rice_k 40 out of range"),
-    (NAMED, _block("position_code", 2), True, "unknown position_code"),
-    (NAMED, _block("encoding", 9), True, "unknown encoding"),
-    (dict(density=0.1, scope="tensor", include_names=True), _block("num_kept", 129), True,
-     "tensor 'layers.0.lora_A': num_kept 129 exceeds the 128"),
-    (dict(density=1.0, include_names=True), _block("payload", b"\x00" * 12), True, "dense payload is 12 bytes"),
-    (dict(density=1.0, include_names=True), _block("num_kept", 3), True, "dense block declares num_kept"),
-    (dict(density=1.0, include_names=True), _block("scale", 1.0), True, "sparse-encoding fields"),
-    (dict(density=1.0, include_names=True), _dense_nan, True, "NaN or infinity"),
-])
+@pytest.mark.parametrize(
+    "kwargs,mutate,relayout,match",
+    [
+        (NAMED, lambda m: setattr(m, "format_version", 3), True, "unsupported format_version 3"),
+        (NAMED, lambda m: setattr(m, "format_version", 1), True, "format_version 1 .*obsolete"),
+        (NAMED, _set_shape([-4, 32]), True, "invalid shape"),
+        (NAMED, _set_shape([2**31, 2**31]), True, "more than 1073741824 elements"),
+        (NAMED, _set_shape([2**14, 2**15]), True, "max_elements=268435456"),
+        (NAMED, _set_shape([1] * 9), True, "dimensions"),
+        (NAMED, _set_shape([4, 33]), False, "fingerprint does not match the tensor names and shapes"),
+        (NAMED, _spec("name", "other"), False, "fingerprint does not match"),
+        (NAMED, lambda m: setattr(m, "layout", m.layout ^ 1), False, "fingerprint does not match"),
+        (NAMED, _spec("name", ""), True, "empty name"),
+        (NAMED, _duplicate_name, True, "duplicate"),
+        (NAMED, _drop("tensors"), True, "omits tensor names"),
+        (NAMED, _drop("blocks"), True, "no blocks"),
+        (NAMED, _two_blocks, True, "2 blocks for 4 tensors"),
+        (NAMED, _block("num_kept", 513), True, "num_kept 513 exceeds the 512"),
+        (NAMED, _block("num_kept", 2**63), True, "exceeds"),
+        (NAMED, _out_of_range_positions, True, "position 602 out of range for 512 elements"),
+        (NAMED, _more_gap_codes_than_declared, True, "gap codes, header says"),
+        (NAMED, _block("scale", float("nan")), True, "scale must be finite"),
+        (NAMED, _block("scale", float("inf")), True, "scale must be finite"),
+        (NAMED, _block("scale", -1.0), True, "scale must be finite and >= 0"),
+        (NAMED, _block("signs", b""), True, "sign bits"),
+        (NAMED, _block("payload", b"\xff" * 40), True, "position data|gap codes|trailing"),
+        (NAMED, _block("rice_k", 40), True, "rice_k 40 out of range"),
+        (NAMED, _block("position_code", 2), True, "unknown position_code"),
+        (NAMED, _block("encoding", 9), True, "unknown encoding"),
+        (
+            dict(density=0.1, scope="tensor", include_names=True),
+            _block("num_kept", 129),
+            True,
+            "tensor 'layers.0.lora_A': num_kept 129 exceeds the 128",
+        ),
+        (dict(density=1.0, include_names=True), _block("payload", b"\x00" * 12), True, "dense payload is 12 bytes"),
+        (dict(density=1.0, include_names=True), _block("num_kept", 3), True, "dense block declares num_kept"),
+        (dict(density=1.0, include_names=True), _block("scale", 1.0), True, "sparse-encoding fields"),
+        (dict(density=1.0, include_names=True), _dense_nan, True, "NaN or infinity"),
+    ],
+)
 def test_malformed_but_signed_payloads_raise_payload_error(kwargs, mutate, relayout, match):
     message = parsed(compress(SMALL, **kwargs))
     mutate(message)
@@ -469,12 +519,15 @@ def test_malformed_but_signed_payloads_raise_payload_error(kwargs, mutate, relay
         decompress(resign(message, relayout))
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (_block("num_kept", 513), "block over all 512 elements: num_kept 513 exceeds"),
-    (lambda m: m.tensors.add(name="a", shape=[4, 32]), "tensor names differ from expected"),
-    (_two_blocks, "2 blocks for 4 tensors"),
-    (lambda m: setattr(m, "layout", m.layout ^ 1), "layout mismatch"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (_block("num_kept", 513), "block over all 512 elements: num_kept 513 exceeds"),
+        (lambda m: m.tensors.add(name="a", shape=[4, 32]), "tensor names differ from expected"),
+        (_two_blocks, "2 blocks for 4 tensors"),
+        (lambda m: setattr(m, "layout", m.layout ^ 1), "layout mismatch"),
+    ],
+)
 def test_malformed_nameless_payloads_raise_payload_error(mutate, match):
     message = parsed(compress(SMALL, density=0.1))
     mutate(message)
@@ -504,9 +557,14 @@ def test_corrupted_or_foreign_bytes_raise_payload_error():
 
 # Valid payloads of each kind: sparse global (Rice parameter > 0) and per tensor (= 0), named or
 # not, dense fp16 and fp32.
-BASES = [compress(SMALL, density=0.1), compress(SMALL, density=0.5, scope="tensor"),
-         compress(SMALL, density=0.1, include_names=True), compress(SMALL, density=0.5, include_names=True),
-         compress(SMALL, density=1.0, encoding_dense="fp16", include_names=True), compress(SMALL, density=1.0)]
+BASES = [
+    compress(SMALL, density=0.1),
+    compress(SMALL, density=0.5, scope="tensor"),
+    compress(SMALL, density=0.1, include_names=True),
+    compress(SMALL, density=0.5, include_names=True),
+    compress(SMALL, density=1.0, encoding_dense="fp16", include_names=True),
+    compress(SMALL, density=1.0),
+]
 
 
 def _check_outcome(payload: bytes, **kwargs) -> None:
@@ -528,8 +586,7 @@ _edits = st.one_of(
 
 
 @settings(max_examples=200, deadline=None)
-@given(base=st.sampled_from(BASES), edits=st.lists(_edits, min_size=1, max_size=4),
-       use_expected=st.booleans())
+@given(base=st.sampled_from(BASES), edits=st.lists(_edits, min_size=1, max_size=4), use_expected=st.booleans())
 def test_fuzz_mutated_bytes_give_payload_error_or_right_shapes(base, edits, use_expected):
     data = bytearray(base)
     for op, at, arg in edits:
@@ -541,13 +598,13 @@ def test_fuzz_mutated_bytes_give_payload_error_or_right_shapes(base, edits, use_
         elif op == "insert":
             data[at:at] = BASES[arg]
         elif op == "delete":
-            del data[at:at + arg]
+            del data[at : at + arg]
     kwargs = {"expected": SMALL_SHAPES} if use_expected else {"max_elements": 10**5}
     _check_outcome(bytes(data), **kwargs)
 
 
 _field_edits = st.one_of(
-    st.tuples(st.just("shape"), st.lists(st.integers(-2**63, 2**63 - 1), max_size=3)),
+    st.tuples(st.just("shape"), st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)),
     st.tuples(st.just("name"), st.sampled_from(["", "x", *SMALL])),
     st.tuples(st.just("layout"), st.integers(0, 2**64 - 1)),
     st.tuples(st.just("drop_spec"), st.just(0)),
@@ -564,8 +621,13 @@ _field_edits = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(base=st.sampled_from(BASES), index=st.integers(0, 3), edits=st.lists(_field_edits, min_size=1, max_size=3),
-       relayout=st.booleans(), use_expected=st.booleans())
+@given(
+    base=st.sampled_from(BASES),
+    index=st.integers(0, 3),
+    edits=st.lists(_field_edits, min_size=1, max_size=3),
+    relayout=st.booleans(),
+    use_expected=st.booleans(),
+)
 def test_fuzz_signed_field_edits_give_payload_error_or_right_shapes(base, index, edits, relayout, use_expected):
     """Checksum (and optionally the layout) recomputed after the edit: the decoder's own validation is tested."""
     message = parsed(base)

@@ -16,8 +16,16 @@ def test_default_config_file_loads_and_meets_the_demo_bar():
 
 
 def test_overrides_parse_toml_literals():
-    cfg = load_config(DEFAULT, ["federation.rounds=3", "lora.target_modules=['q_proj']", "compression.enabled=true",
-                                "federation.lr=0.01", "name=my-run"])
+    cfg = load_config(
+        DEFAULT,
+        [
+            "federation.rounds=3",
+            "lora.target_modules=['q_proj']",
+            "compression.enabled=true",
+            "federation.lr=0.01",
+            "name=my-run",
+        ],
+    )
     assert cfg.federation.rounds == 3
     assert cfg.lora.target_modules == ["q_proj"]
     assert cfg.compression.enabled is True
@@ -63,7 +71,9 @@ def test_text_task_needs_text_model_and_existing_paths(tmp_path):
     with pytest.raises(ConfigError, match="does not fit"):
         build_config({"data": {"task": "text", "path": str(table)}})
     with pytest.raises(ConfigError, match="data.path='/no/such.csv' does not exist"):
-        build_config({"data": {"task": "text", "path": "/no/such.csv"}, "model": {"kind": "hf-text", "path": str(tmp_path)}})
+        build_config(
+            {"data": {"task": "text", "path": "/no/such.csv"}, "model": {"kind": "hf-text", "path": str(tmp_path)}}
+        )
     with pytest.raises(ConfigError, match="is not a directory"):
         build_config({"data": {"task": "text", "path": str(table)}, "model": {"kind": "hf-text", "path": str(table)}})
 

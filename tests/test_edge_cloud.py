@@ -27,18 +27,46 @@ from fairedge.server.cloud import CloudService, ServedModel
 TOKEN = "edge-cloud-token-1"
 C = 10
 INPUTS = [InputSpec("pixel_values", (1, 16, 16), "float32")]
-CLOUD_CFG = CloudConfig(port=0, new_per_step=8, min_new_per_update=8, replay_per_step=8, max_batch_samples=64,
-                        lr=0.05, teacher_lr=0.01)
-EDGE_CFG = EdgeConfig(select="cema", e_min=0.0, e_max=1.0, dynamic_exclusion=False, batch_size=8, upload_batch_size=8,
-                      backoff_initial_s=0.05, backoff_max_s=0.3, rpc_timeout_s=5, threads=1)
+CLOUD_CFG = CloudConfig(
+    port=0, new_per_step=8, min_new_per_update=8, replay_per_step=8, max_batch_samples=64, lr=0.05, teacher_lr=0.01
+)
+EDGE_CFG = EdgeConfig(
+    select="cema",
+    e_min=0.0,
+    e_max=1.0,
+    dynamic_exclusion=False,
+    batch_size=8,
+    upload_batch_size=8,
+    backoff_initial_s=0.05,
+    backoff_max_s=0.3,
+    rpc_timeout_s=5,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
 def merged_and_onnx(tmp_path_factory):
-    cfg = load_config(None, ["name=edge-cloud-test", "model.hidden_size=16", "model.num_layers=1",
-                             "model.num_heads=2", "model.intermediate_size=32"])
-    model = build_vision_classifier(image_size=16, num_channels=1, num_classes=C, hidden_size=16, num_layers=1,
-                                    num_heads=2, intermediate_size=32, patch_size=4, seed=0)
+    cfg = load_config(
+        None,
+        [
+            "name=edge-cloud-test",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=32",
+        ],
+    )
+    model = build_vision_classifier(
+        image_size=16,
+        num_channels=1,
+        num_classes=C,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        seed=0,
+    )
     merged = MergedModel(model, cfg, INPUTS, [str(i) for i in range(C)], "tiny", "v1")
     return merged, export_onnx(merged, tmp_path_factory.mktemp("edge-cloud") / "tiny.onnx")
 
@@ -63,8 +91,9 @@ def free_port() -> int:
 def assert_parity(rt: EdgeRuntime, merged: MergedModel, params: dict[str, np.ndarray], x: np.ndarray) -> None:
     logits, _ = rt.session.predict({"pixel_values": x})
     with torch.no_grad():
-        ref = forward_with_norm(merged.model, {k: torch.from_numpy(v) for k, v in params.items()},
-                                {"pixel_values": torch.from_numpy(x)}).numpy()
+        ref = forward_with_norm(
+            merged.model, {k: torch.from_numpy(v) for k, v in params.items()}, {"pixel_values": torch.from_numpy(x)}
+        ).numpy()
     assert np.abs(logits - ref).max() <= 1e-4
 
 
@@ -72,8 +101,13 @@ def test_wrong_token_is_refused_and_the_queue_keeps_the_samples(merged_and_onnx,
     merged, onnx_path = merged_and_onnx
     with cloud_service(merged, tmp_path / "state") as service:
         address = service.start()
-        with EdgeRuntime(onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, "not-the-token"), device_id="cam-1",
-                         queue_dir=tmp_path / "q") as rt:
+        with EdgeRuntime(
+            onnx_path,
+            EDGE_CFG,
+            cloud=CloudEndpoint(address, "not-the-token"),
+            device_id="cam-1",
+            queue_dir=tmp_path / "q",
+        ) as rt:
             rt.process(images(8))
             deadline = time.monotonic() + 10
             while "UNAUTHENTICATED" not in rt.sync.status.errors_by_code and time.monotonic() < deadline:
@@ -81,8 +115,9 @@ def test_wrong_token_is_refused_and_the_queue_keeps_the_samples(merged_and_onnx,
             assert "UNAUTHENTICATED" in rt.sync.status.errors_by_code, rt.sync.status
             assert "token" in rt.sync.status.last_error
             assert not rt.sync.status.registered and rt.queue.pending_samples == rt.selector.stats.selected == 8
-        with EdgeRuntime(onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, TOKEN), device_id="cam-1",
-                         queue_dir=tmp_path / "q") as rt:
+        with EdgeRuntime(
+            onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, TOKEN), device_id="cam-1", queue_dir=tmp_path / "q"
+        ) as rt:
             assert rt.drain(timeout=15), rt.sync.status
         assert service.device("cam-1").meta["total_accepted"] == 8
 
@@ -91,8 +126,9 @@ def test_a_batch_the_cloud_refuses_is_set_aside_and_the_others_still_arrive(merg
     merged, onnx_path = merged_and_onnx
     with cloud_service(merged, tmp_path / "state") as service:
         address = service.start()
-        with EdgeRuntime(onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, TOKEN), device_id="cam-5",
-                         queue_dir=tmp_path / "q") as rt:
+        with EdgeRuntime(
+            onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, TOKEN), device_id="cam-5", queue_dir=tmp_path / "q"
+        ) as rt:
             bad = images(3)
             bad[1, 0, 0, 0] = np.nan  # non-finite: INVALID_ARGUMENT
             rt.queue.put({"pixel_values": images(4, seed=1)}, np.ones(4))
@@ -110,8 +146,13 @@ def test_cloud_down_and_back_loses_nothing_and_swaps_match_pytorch(merged_and_on
     merged, onnx_path = merged_and_onnx
     port = free_port()
     x = images(96, seed=1)
-    with EdgeRuntime(onnx_path, EDGE_CFG, cloud=CloudEndpoint(f"127.0.0.1:{port}", TOKEN), device_id="cam-2",
-                     queue_dir=tmp_path / "q") as rt:
+    with EdgeRuntime(
+        onnx_path,
+        EDGE_CFG,
+        cloud=CloudEndpoint(f"127.0.0.1:{port}", TOKEN),
+        device_id="cam-2",
+        queue_dir=tmp_path / "q",
+    ) as rt:
         for start in range(0, 32, 8):  # no cloud yet: predictions go on, samples queue up
             rt.process(x[start : start + 8])
         assert rt.queue.pending_samples == rt.selector.stats.selected > 0
@@ -147,7 +188,7 @@ def test_cloud_down_and_back_loses_nothing_and_swaps_match_pytorch(merged_and_on
             assert service.device("cam-2").meta["total_accepted"] == selected  # each sample once, none lost
             assert report["uploaded"] == selected and report["queue"]["pending_samples"] == 0
             assert report["params_version"] == version >= 2
-            assert [c["version"] for c in report["version_changes"]][0] == 0
+            assert report["version_changes"][0]["version"] == 0
             assert report["bytes_up"] > selected * 16 * 16 * 4 and report["bytes_down"] > 0
         finally:
             service.stop()
@@ -161,13 +202,39 @@ def test_tls_and_the_command_line_end_to_end(merged_and_onnx, tmp_path, capsys):
     np.savez(tmp_path / "stream.npz", x=images(40, seed=2), y=np.arange(40) % C)
     with cloud_service(merged, tmp_path / "state", tls=tls) as service:
         address = service.start(host="localhost")
-        code = edge_main([
-            "run", "--model", str(onnx_path), "--input", str(tmp_path / "stream.npz"), "--cloud", address,
-            "--token-file", str(tmp_path / "token"), "--tls-ca", str(creds.ca.cert_path), "--device-id", "cam-3",
-            "--queue-dir", str(tmp_path / "q"), "--log", str(tmp_path / "log.json"), "--drain-timeout", "20",
-            "--set", "edge.batch_size=8", "--set", "edge.select=all", "--set", "edge.threads=1",
-            "--set", "edge.backoff_max_s=0.5", "--progress-every", "2",
-        ])
+        code = edge_main(
+            [
+                "run",
+                "--model",
+                str(onnx_path),
+                "--input",
+                str(tmp_path / "stream.npz"),
+                "--cloud",
+                address,
+                "--token-file",
+                str(tmp_path / "token"),
+                "--tls-ca",
+                str(creds.ca.cert_path),
+                "--device-id",
+                "cam-3",
+                "--queue-dir",
+                str(tmp_path / "q"),
+                "--log",
+                str(tmp_path / "log.json"),
+                "--drain-timeout",
+                "20",
+                "--set",
+                "edge.batch_size=8",
+                "--set",
+                "edge.select=all",
+                "--set",
+                "edge.threads=1",
+                "--set",
+                "edge.backoff_max_s=0.5",
+                "--progress-every",
+                "2",
+            ]
+        )
         assert code == 0
         assert service.device("cam-3").meta["total_accepted"] == 40
     out = capsys.readouterr().out
@@ -177,11 +244,16 @@ def test_tls_and_the_command_line_end_to_end(merged_and_onnx, tmp_path, capsys):
     assert log["accuracy"] is not None and log["edge_config"]["select"] == "all"
     assert log["config_name"] == "edge-cloud-test" and log["model"]["model_id"] == "tiny"
     # bad arguments fail before anything runs, naming the problem
-    assert edge_main(["run", "--model", str(onnx_path), "--input", str(tmp_path / "stream.npz"),
-                      "--cloud", address]) == 2
+    assert (
+        edge_main(["run", "--model", str(onnx_path), "--input", str(tmp_path / "stream.npz"), "--cloud", address]) == 2
+    )
     assert "--token-file" in capsys.readouterr().err
-    assert edge_main(["run", "--model", str(onnx_path), "--input", str(tmp_path / "nope"),
-                      "--queue-dir", str(tmp_path / "q2")]) == 2
+    assert (
+        edge_main(
+            ["run", "--model", str(onnx_path), "--input", str(tmp_path / "nope"), "--queue-dir", str(tmp_path / "q2")]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -200,8 +272,9 @@ def test_lockstep_runs_in_process_are_reproducible(merged_and_onnx, tmp_path):
                 assert rt.wait_for_params(service.norm_params("cam-4")[0], timeout=10)
 
             cfg = EDGE_CFG.model_copy(update={"select": "all"})
-            with EdgeRuntime(onnx_path, cfg, cloud=CloudEndpoint(address, TOKEN), device_id="cam-4",
-                             queue_dir=folder / "q") as rt:
+            with EdgeRuntime(
+                onnx_path, cfg, cloud=CloudEndpoint(address, TOKEN), device_id="cam-4", queue_dir=folder / "q"
+            ) as rt:
                 return rt.run(((x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)), after_batch=lockstep)
 
     first, second = one_run(tmp_path / "a"), one_run(tmp_path / "b")

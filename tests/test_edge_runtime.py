@@ -19,11 +19,26 @@ import numpy as np
 import pytest
 import torch
 
-from fairedge.client.edge import CemaSelector, CloudEndpoint, EdgeRuntime, EdgeSession, FixedSelector, UploadQueue, batched
+from fairedge.client.edge import (
+    CemaSelector,
+    CloudEndpoint,
+    EdgeRuntime,
+    EdgeSession,
+    FixedSelector,
+    UploadQueue,
+    batched,
+)
 from fairedge.client.edge.cloud_sync import Backoff
 from fairedge.client.edge.inputs import open_stream
 from fairedge.common.config import ConfigError, EdgeConfig, build_config, load_config
-from fairedge.common.edge_model import InputSpec, MergedModel, export_onnx, forward_with_norm, norm_parameters, perturbed_norm
+from fairedge.common.edge_model import (
+    InputSpec,
+    MergedModel,
+    export_onnx,
+    forward_with_norm,
+    norm_parameters,
+    perturbed_norm,
+)
 from fairedge.common.models.vision import build_vision_classifier
 from fairedge.common.tensor_proto import from_proto, to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
@@ -87,8 +102,7 @@ def test_dynamic_exclusion_shrinks_e_max_with_the_running_mean_entropy():
 def test_redundancy_filter_skips_predictions_close_to_the_uploaded_mean():
     a = logits_with_entropy(0.2 * math.log(C))  # confident in class 0
     b = np.roll(a, 5, axis=1)  # the same confidence in class 5
-    sel = CemaSelector(C, e_min=0.0, e_max=0.4, dynamic_exclusion=False, redundancy_filter=True,
-                       redundancy_margin=0.5)
+    sel = CemaSelector(C, e_min=0.0, e_max=0.4, dynamic_exclusion=False, redundancy_filter=True, redundancy_margin=0.5)
     assert sel.select(np.concatenate([a, a])).mask.tolist() == [True, True]  # nothing uploaded yet
     out = sel.select(np.concatenate([a, b, a]))  # class 0 again is redundant, class 5 is new
     assert out.mask.tolist() == [False, True, False]
@@ -145,18 +159,36 @@ def test_queue_splits_batches_numbers_them_and_drops_the_oldest_when_full(tmp_pa
 
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
-    return build_vision_classifier(image_size=16, num_channels=1, num_classes=C, hidden_size=16, num_layers=1,
-                                   num_heads=2, intermediate_size=32, patch_size=4, seed=seed)
+    return build_vision_classifier(
+        image_size=16,
+        num_channels=1,
+        num_classes=C,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        seed=seed,
+    )
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny ViT exported once for the whole module: (onnx path, merged model)."""
-    cfg = load_config(None, ["name=edge-runtime-test", "model.hidden_size=16", "model.num_layers=1",
-                             "model.num_heads=2", "model.intermediate_size=32"])
+    cfg = load_config(
+        None,
+        [
+            "name=edge-runtime-test",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=32",
+        ],
+    )
     model = tiny_vit()
-    merged = MergedModel(model, cfg, [InputSpec("pixel_values", (1, 16, 16), "float32")],
-                         [str(i) for i in range(C)], "tiny", "v1")
+    merged = MergedModel(
+        model, cfg, [InputSpec("pixel_values", (1, 16, 16), "float32")], [str(i) for i in range(C)], "tiny", "v1"
+    )
     path = export_onnx(merged, tmp_path_factory.mktemp("edge") / "tiny.onnx")
     return path, merged
 
@@ -206,8 +238,11 @@ def test_a_batch_never_sees_a_half_swapped_set(exported):
     expected = []
     for s in sets:
         with torch.no_grad():
-            expected.append(forward_with_norm(merged.model, {k: torch.from_numpy(v) for k, v in s.items()},
-                                              {"pixel_values": torch.from_numpy(x)}).numpy())
+            expected.append(
+                forward_with_norm(
+                    merged.model, {k: torch.from_numpy(v) for k, v in s.items()}, {"pixel_values": torch.from_numpy(x)}
+                ).numpy()
+            )
     stop = threading.Event()
 
     def swapper() -> None:
@@ -328,7 +363,7 @@ class RecordingCloud(pb_grpc.EdgeAdaptationServicer):
         known = request.known_version
         while context.is_active():
             with self.cond:
-                self.cond.wait_for(lambda: self.version > known, timeout=0.2)
+                self.cond.wait_for(lambda: self.version > known, timeout=0.2)  # noqa: B023  (the lambda runs inside this iteration)
                 if self.version > known:
                     known = self.version
                     message = self._message()
@@ -364,9 +399,20 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
 def test_cloud_down_then_up_every_selected_sample_arrives_once_and_params_swap_in(exported, tmp_path, watch):
     path, merged = exported
     port = free_port()
-    cfg = EdgeConfig(select="cema", e_min=0.0, e_max=1.0, dynamic_exclusion=False, batch_size=8, upload_batch_size=8,
-                     upload_batches_per_call=3, backoff_initial_s=0.05, backoff_max_s=0.3, rpc_timeout_s=2,
-                     watch_params=watch, threads=1)
+    cfg = EdgeConfig(
+        select="cema",
+        e_min=0.0,
+        e_max=1.0,
+        dynamic_exclusion=False,
+        batch_size=8,
+        upload_batch_size=8,
+        upload_batches_per_call=3,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.3,
+        rpc_timeout_s=2,
+        watch_params=watch,
+        threads=1,
+    )
     endpoint = CloudEndpoint(f"127.0.0.1:{port}", TOKEN)
     x = images(64, seed=2, shift=1.0)
     cloud = RecordingCloud(list(norm_parameters(merged.model)))
@@ -414,15 +460,21 @@ def test_wrong_token_is_recorded_and_nothing_is_lost(exported, tmp_path):
     server = serve(cloud, port)
     cfg = EdgeConfig(select="all", batch_size=8, backoff_initial_s=0.05, backoff_max_s=0.2, threads=1)
     try:
-        with EdgeRuntime(path, cfg, cloud=CloudEndpoint(f"127.0.0.1:{port}", "wrong-token"), device_id="dev-c",
-                         queue_dir=tmp_path / "q") as rt:
+        with EdgeRuntime(
+            path,
+            cfg,
+            cloud=CloudEndpoint(f"127.0.0.1:{port}", "wrong-token"),
+            device_id="dev-c",
+            queue_dir=tmp_path / "q",
+        ) as rt:
             rt.process(images(8))
             assert wait_until(lambda: "UNAUTHENTICATED" in rt.sync.status.errors_by_code)
             assert "invalid access token" in rt.sync.status.last_error
             assert rt.queue.pending_samples == 8 and not cloud.batches
         # the same queue, the right token: the samples go up
-        with EdgeRuntime(path, cfg, cloud=CloudEndpoint(f"127.0.0.1:{port}", TOKEN), device_id="dev-c",
-                         queue_dir=tmp_path / "q") as rt:
+        with EdgeRuntime(
+            path, cfg, cloud=CloudEndpoint(f"127.0.0.1:{port}", TOKEN), device_id="dev-c", queue_dir=tmp_path / "q"
+        ) as rt:
             assert rt.drain(timeout=10)
             assert sum(len(b) for b in cloud.batches.values()) == 8
     finally:

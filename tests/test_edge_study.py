@@ -80,14 +80,30 @@ def test_stream_is_segments_in_order_and_deterministic_per_seed():
 
 
 def _row(mode: str, seed: int, acc: float, uploaded: float) -> dict:
-    return {"mode": mode, "seed": seed, "accuracy": acc, "uploaded_fraction": uploaded, "bytes_up": 1000,
-            "bytes_down": 10, "params_version": 3, "seconds": 1.0, "overrides": [], "setting": "defaults",
-            "segment_accuracy": {"contrast-1": acc}}
+    return {
+        "mode": mode,
+        "seed": seed,
+        "accuracy": acc,
+        "uploaded_fraction": uploaded,
+        "bytes_up": 1000,
+        "bytes_down": 10,
+        "params_version": 3,
+        "seconds": 1.0,
+        "overrides": [],
+        "setting": "defaults",
+        "segment_accuracy": {"contrast-1": acc},
+    }
 
 
 def test_gains_and_tables():
-    rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.59, 0.3), _row("all", 0, 0.60, 1.0),
-            _row("none", 1, 0.40, 0.0), _row("cema", 1, 0.40, 0.4), _row("all", 1, 0.38, 1.0)]
+    rows = [
+        _row("none", 0, 0.50, 0.0),
+        _row("cema", 0, 0.59, 0.3),
+        _row("all", 0, 0.60, 1.0),
+        _row("none", 1, 0.40, 0.0),
+        _row("cema", 1, 0.40, 0.4),
+        _row("all", 1, 0.38, 1.0),
+    ]
     g = gains(rows)
     assert g[0]["gain_cema"] == pytest.approx(0.09) and g[0]["gain_ratio"] == pytest.approx(0.9)
     assert math.isnan(g[1]["gain_ratio"])  # no gain to keep when uploading everything did not help
@@ -107,8 +123,9 @@ def test_windowed_accuracy():
 
 
 def test_latency_summary_keeps_the_intro_and_the_chosen_sections_one_level_down():
-    text = ("# Title\n\nMachine: x.\n\n## Latency (ms)\n\n| a |\n\n## Parity\n\n| b |\n\n"
-            "## Swapping vs rebuild\n\n| c |\n")
+    text = (
+        "# Title\n\nMachine: x.\n\n## Latency (ms)\n\n| a |\n\n## Parity\n\n| b |\n\n## Swapping vs rebuild\n\n| c |\n"
+    )
     out = latency_summary(text)
     assert "Title" not in out and "Machine: x." in out
     assert "### Latency (ms)" in out and "### Swapping vs rebuild" in out and "| c |" in out
@@ -119,13 +136,24 @@ def test_target_line_and_teacher_section():
     from fairedge.simulations.edge_study import _target_line, summary_table, teacher_section
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
-    assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in _target_line(gains(rows))
+    assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in _target_line(
+        gains(rows)
+    )
     worse = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.55, 0.6), _row("all", 0, 0.60, 1.0)]
     assert "**Target not met**" in _target_line(gains(worse)) and "above the 50 % budget" in _target_line(gains(worse))
-    data = {"study": {"teacher": "runs/t", "teacher_model_version": "abc", "config_hash": "h", "run_dir": "runs/s",
-                      "segments": ["contrast-1"]},
-            "rows": rows, "teacher_stream_accuracy": {"0": 0.62}, "overrides": ["cloud.ce_weight=0"],
-            "chosen": "KL only"}
+    data = {
+        "study": {
+            "teacher": "runs/t",
+            "teacher_model_version": "abc",
+            "config_hash": "h",
+            "run_dir": "runs/s",
+            "segments": ["contrast-1"],
+        },
+        "rows": rows,
+        "teacher_stream_accuracy": {"0": 0.62},
+        "overrides": ["cloud.ce_weight=0"],
+        "chosen": "KL only",
+    }
     md = teacher_section("centralised", data, command="cmd", plot_name="p.png")
     assert "## Teacher: centralised" in md and "`runs/t` (model version `abc`" in md
     assert "seed 0: 0.6200 (mean 0.6200)" in md and "**KL only** (`cloud.ce_weight=0`)" in md
@@ -144,8 +172,12 @@ def test_chosen_setting_prefers_the_best_cema_within_the_upload_budget():
 
     none = [_row("none", 0, 0.50, 0.0)]
     assert chosen_setting([]) is None
-    rows = none + _tuned("defaults", 0.52, 0.55, 0.4) + _tuned("KL only", 0.56, 0.57, 0.6) + _tuned("cautious", 0.51,
-                                                                                                     0.58, 0.3)
+    rows = (
+        none
+        + _tuned("defaults", 0.52, 0.55, 0.4)
+        + _tuned("KL only", 0.56, 0.57, 0.6)
+        + _tuned("cautious", 0.51, 0.58, 0.3)
+    )
     assert chosen_setting(rows) == "defaults"  # KL only uploads too much; cautious gains less with CEMA
     over = none + _tuned("defaults", 0.52, 0.49, 0.4) + _tuned("KL only", 0.51, 0.53, 0.6)
     assert chosen_setting(over) == "KL only"  # nothing qualifies: the largest gain of uploading everything
@@ -191,9 +223,14 @@ def test_stream_accuracy_of_student_and_teacher():
     y = np.array([1] * 6 + [0] * 4)
     stream = Stream(x, y, np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64), ["contrast-1"])
     ones = lambda n: torch.tensor([[0.0, 1.0]]).expand(n, 2)  # noqa: E731  always class 1
-    served = SimpleNamespace(inputs=[SimpleNamespace(name="pixels")], student="s", teacher="t", student_norm={},
-                             teacher_norm={},
-                             forward=lambda m, p, f: ones(len(f["pixels"])) if m == "s" else -ones(len(f["pixels"])))
+    served = SimpleNamespace(
+        inputs=[SimpleNamespace(name="pixels")],
+        student="s",
+        teacher="t",
+        student_norm={},
+        teacher_norm={},
+        forward=lambda m, p, f: ones(len(f["pixels"])) if m == "s" else -ones(len(f["pixels"])),
+    )
     assert stream_accuracy(served, stream, batch=3) == pytest.approx(0.6)
     assert stream_accuracy(served, stream, teacher=True, batch=4) == pytest.approx(0.4)
 

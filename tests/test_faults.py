@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fairedge.client.client_app import run_train
-from fairedge.common.adapter_record import adapter_from_record, adapter_to_record, flatten
+from fairedge.common.adapter_record import adapter_to_record, flatten
 from fairedge.common.aggregation import Adapter, FedIT
 from fairedge.common.config import build_config
 from fairedge.server.checkpoint import load_checkpoint
@@ -47,18 +47,29 @@ def _update(seed: int, scale: float = 1.0) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     t = {k: torch.randn(v.shape, generator=g) for k, v in flatten(_start()).items()}
     norm = torch.sqrt(sum(v.square().sum() for v in t.values()))
-    return Adapter({"q": (t["lora/q/A"] * scale / norm, t["lora/q/B"] * scale / norm)},
-                   {"head.w": t["head/head.w"] * scale / norm})
+    return Adapter(
+        {"q": (t["lora/q/A"] * scale / norm, t["lora/q/B"] * scale / norm)}, {"head.w": t["head/head.w"] * scale / norm}
+    )
 
 
 def _round(strategy: LoraStrategy, updates: dict[int, Adapter], server_round: int = 1):
     """Configure a round on nodes 1..3, reply with `updates` (node → adapter), aggregate."""
-    messages = {m.metadata.dst_node_id: m for m in
-                strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), _Nodes(1, 2, 3))}
-    replies = [Message(RecordDict({"arrays": adapter_to_record(a),
-                                   "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0,
-                                                            "partition-id": node - 1})}), reply_to=messages[node])
-               for node, a in updates.items()]
+    messages = {
+        m.metadata.dst_node_id: m
+        for m in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), _Nodes(1, 2, 3))
+    }
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": adapter_to_record(a),
+                    "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": node - 1}),
+                }
+            ),
+            reply_to=messages[node],
+        )
+        for node, a in updates.items()
+    ]
     return strategy.aggregate_train(server_round, replies)
 
 
@@ -73,13 +84,21 @@ def test_error_reply_made_by_the_superlink_is_charged_to_the_node_it_was_sent_to
     from flwr.app import Error
 
     s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
-    messages = {m.metadata.dst_node_id: m for m in
-                s.configure_train(1, ArrayRecord(), ConfigRecord(), _Nodes(7, 8, 9))}
+    messages = {m.metadata.dst_node_id: m for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), _Nodes(7, 8, 9))}
     for node, m in messages.items():  # what the grid does when it pushes them
         m.metadata.__dict__["_message_id"] = f"msg-{node}"
-    ok = [Message(RecordDict({"arrays": adapter_to_record(_update(n)),
-                              "metrics": MetricRecord({"num-examples": 10, "partition-id": n - 7})}),
-                  reply_to=messages[n]) for n in (7, 8)]
+    ok = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": adapter_to_record(_update(n)),
+                    "metrics": MetricRecord({"num-examples": 10, "partition-id": n - 7}),
+                }
+            ),
+            reply_to=messages[n],
+        )
+        for n in (7, 8)
+    ]
     dead = Message(Error(0, "Node Unavailable"), reply_to=messages[9])
     dead.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answered for it
     arrays, _ = s.aggregate_train(1, [*ok, dead])
@@ -92,14 +111,19 @@ def test_error_reply_made_by_the_superlink_is_charged_to_the_node_it_was_sent_to
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_poisoned_update_is_rejected_with_its_node_and_the_global_model_stays_finite(poison):
     s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
-    bad = _update(3, 1e6) if poison == "huge" else Adapter(
-        {"q": (torch.full((2, 4), float("nan")), torch.zeros(4, 2))}, {"head.w": torch.zeros(3, 4)})
+    bad = (
+        _update(3, 1e6)
+        if poison == "huge"
+        else Adapter({"q": (torch.full((2, 4), float("nan")), torch.zeros(4, 2))}, {"head.w": torch.zeros(3, 4)})
+    )
     arrays, _ = _round(s, {1: _update(1), 2: _update(2, 1.5), 3: bad})
     assert arrays is not None
     entry = s.rounds[-1]
     assert set(entry.rejected) == {3} and entry.replied == [1, 2, 3]
     why = entry.rejected[3]
-    assert ("non-finite" in why) if poison == "nan" else ("x the round's median update norm" in why and "limit 10x" in why)
+    assert (
+        ("non-finite" in why) if poison == "nan" else ("x the round's median update norm" in why and "limit 10x" in why)
+    )
     got = flatten(s.global_adapter)
     assert all(torch.isfinite(t).all() for t in got.values())
     for k, want in _mean(_update(1), _update(2, 1.5)).items():
@@ -154,8 +178,12 @@ def test_sampling_is_seeded_and_independent_of_node_order():
     picks = []
     for ids in ([5, 1, 9, 3, 7], [9, 7, 5, 3, 1]):
         s = LoraStrategy(FedIT(), _start(), fraction_train=0.4, min_train_nodes=2, seed=11)
-        picks.append([[m.metadata.dst_node_id for m in s.configure_train(r, ArrayRecord(), ConfigRecord(), _Nodes(*ids))]
-                      for r in (1, 2, 3)])
+        picks.append(
+            [
+                [m.metadata.dst_node_id for m in s.configure_train(r, ArrayRecord(), ConfigRecord(), _Nodes(*ids))]
+                for r in (1, 2, 3)
+            ]
+        )
     assert picks[0] == picks[1] and all(len(p) == 2 for p in picks[0])
 
 
@@ -165,14 +193,30 @@ def test_sampling_is_seeded_and_independent_of_node_order():
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    return build_config({}, [
-        "name=faults", f"output_dir='{root / 'runs'}'", f"model.cache_dir='{root / 'cache'}'",
-        "model.pretrain_epochs=1", "model.hidden_size=16", "model.num_layers=1", "model.num_heads=2",
-        "model.intermediate_size=16", "data.samples_per_domain=40", "lora.rank=2", "lora.alpha=4",
-        "lora.target_modules=['q_proj','fc1']", "federation.num_clients=3", "federation.rounds=3",
-        "federation.min_train_nodes=2", "federation.local_steps=2", "federation.batch_size=8",
-        "federation.device='cpu'", "federation.round_retries=1",
-    ])
+    return build_config(
+        {},
+        [
+            "name=faults",
+            f"output_dir='{root / 'runs'}'",
+            f"model.cache_dir='{root / 'cache'}'",
+            "model.pretrain_epochs=1",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=16",
+            "data.samples_per_domain=40",
+            "lora.rank=2",
+            "lora.alpha=4",
+            "lora.target_modules=['q_proj','fc1']",
+            "federation.num_clients=3",
+            "federation.rounds=3",
+            "federation.min_train_nodes=2",
+            "federation.local_steps=2",
+            "federation.batch_size=8",
+            "federation.device='cpu'",
+            "federation.round_retries=1",
+        ],
+    )
 
 
 def _crashing_app(crash) -> ClientApp:

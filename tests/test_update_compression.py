@@ -15,8 +15,10 @@ from fairedge.server.strategy import LoraStrategy, RoundLog
 
 def _adapter(seed: int) -> Adapter:
     g = torch.Generator().manual_seed(seed)
-    return Adapter({"l0": (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g))},
-                   {"classifier.weight": torch.randn(3, 32, generator=g)})
+    return Adapter(
+        {"l0": (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g))},
+        {"classifier.weight": torch.randn(3, 32, generator=g)},
+    )
 
 
 def test_error_feedback_carries_what_compression_dropped():
@@ -42,8 +44,9 @@ def test_without_error_feedback_nothing_is_stored():
     state = RecordDict()
     start = flatten(_adapter(0))
     trained = {k: v + 1 for k, v in start.items()}
-    compress_update(trained, start, CompressionConfig(enabled=True, error_feedback=False), state,
-                    server_round=1, num_examples=5)
+    compress_update(
+        trained, start, CompressionConfig(enabled=True, error_feedback=False), state, server_round=1, num_examples=5
+    )
     assert RESIDUAL_KEY not in state
 
 
@@ -71,8 +74,15 @@ def _task_identity(monkeypatch):
 
 def _reply(node: int, payload) -> Message:
     req = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
-    return Message(RecordDict({"compressed": ConfigRecord({"payload": payload}),
-                               "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0})}), reply_to=req)
+    return Message(
+        RecordDict(
+            {
+                "compressed": ConfigRecord({"payload": payload}),
+                "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0}),
+            }
+        ),
+        reply_to=req,
+    )
 
 
 @pytest.mark.usefixtures("_task_identity")
@@ -82,8 +92,12 @@ def test_strategy_rebuilds_client_adapters_from_compressed_changes_and_rejects_b
     s.rounds.append(RoundLog(round=1, sampled=[1, 2, 3]))
     deltas = [flatten(_adapter(1)), flatten(_adapter(2))]
     cfg = CompressionConfig(enabled=True, density=1.0)  # lossless: the average is exact
-    payloads = [compress_update({k: flatten(start)[k] + d[k] for k in d}, flatten(start), cfg, RecordDict(),
-                                server_round=1, num_examples=10) for d in deltas]
+    payloads = [
+        compress_update(
+            {k: flatten(start)[k] + d[k] for k in d}, flatten(start), cfg, RecordDict(), server_round=1, num_examples=10
+        )
+        for d in deltas
+    ]
     corrupt = bytearray(payloads[0])
     corrupt[len(corrupt) // 2] ^= 0xFF
     arrays, _ = s.aggregate_train(1, [_reply(1, payloads[0]), _reply(2, payloads[1]), _reply(3, bytes(corrupt))])
@@ -94,4 +108,5 @@ def test_strategy_rebuilds_client_adapters_from_compressed_changes_and_rejects_b
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0)
     assert "bad compressed payload" in s.rounds[-1].rejected[3]
     assert s.rounds[-1].bytes_up > 0 and s.rounds[-1].fp32_bytes_up == 3 * 4 * sum(
-        torch.Size(v).numel() for v in shapes(start).values())
+        torch.Size(v).numel() for v in shapes(start).values()
+    )

@@ -54,21 +54,40 @@ def test_schema_is_stable():
     fields = {f.name: f.number for f in pb.TensorSpec.DESCRIPTOR.fields}
     assert fields == {"name": 1, "shape": 2}
     fields = {f.name: f.number for f in pb.Block.DESCRIPTOR.fields}
-    assert fields == {"encoding": 1, "scale": 2, "num_kept": 3, "position_code": 4, "rice_k": 5,
-                      "payload": 6, "signs": 7}
+    assert fields == {
+        "encoding": 1,
+        "scale": 2,
+        "num_kept": 3,
+        "position_code": 4,
+        "rice_k": 5,
+        "payload": 6,
+        "signs": 7,
+    }
     fields = {f.name: f.number for f in pb.AdapterUpdate.DESCRIPTOR.fields}
-    assert fields == {"format_version": 1, "round": 2, "num_examples": 3, "checksum": 5, "layout": 6,
-                      "tensors": 7, "blocks": 8}
+    assert fields == {
+        "format_version": 1,
+        "round": 2,
+        "num_examples": 3,
+        "checksum": 5,
+        "layout": 6,
+        "tensors": 7,
+        "blocks": 8,
+    }
     reserved = descriptor_pb2.DescriptorProto()
     pb.AdapterUpdate.DESCRIPTOR.CopyToProto(reserved)
     assert [(r.start, r.end) for r in reserved.reserved_range] == [(4, 5)]  # version 1's per-tensor blocks
 
 
 def test_message_round_trip():
-    message = pb.AdapterUpdate(format_version=2, round=3, num_examples=10, checksum=0xFFFFFFFF,
-                               layout=0xFEDCBA9876543210,
-                               tensors=[pb.TensorSpec(name="a", shape=[2, 3])],
-                               blocks=[pb.Block(encoding=pb.DENSE_FP32, num_kept=6, payload=b"\x00" * 24)])
+    message = pb.AdapterUpdate(
+        format_version=2,
+        round=3,
+        num_examples=10,
+        checksum=0xFFFFFFFF,
+        layout=0xFEDCBA9876543210,
+        tensors=[pb.TensorSpec(name="a", shape=[2, 3])],
+        blocks=[pb.Block(encoding=pb.DENSE_FP32, num_kept=6, payload=b"\x00" * 24)],
+    )
     again = pb.AdapterUpdate.FromString(message.SerializeToString())
     assert again == message
     assert list(again.tensors[0].shape) == [2, 3]

@@ -149,8 +149,11 @@ class CloudSync:
             self.status.failures += 1
             self.status.last_error = f"{where}: {code.name}: {details}"
             self.status.errors_by_code[code.name] = self.status.errors_by_code.get(code.name, 0) + 1
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.FAILED_PRECONDITION):
+        if code in (
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ):
             log.error("%s refused by the cloud: %s: %s", where, code.name, details)
         else:
             log.info("%s failed: %s: %s (will retry)", where, code.name, details)
@@ -194,8 +197,11 @@ class CloudSync:
     def _register(self) -> None:
         reply = self.link.register(self.device_id, self.model_id, self.model_version)
         if reply.norm_param_names and list(reply.norm_param_names) != self.norm_param_names:
-            log.warning("the cloud names %d norm params, the model %d; swaps will be refused if they differ",
-                        len(reply.norm_param_names), len(self.norm_param_names))
+            log.warning(
+                "the cloud names %d norm params, the model %d; swaps will be refused if they differ",
+                len(reply.norm_param_names),
+                len(self.norm_param_names),
+            )
         if reply.max_batch_samples:
             self.queue.split_larger_than(int(reply.max_batch_samples))
         self._note_cloud_version(reply.params_version)
@@ -249,8 +255,9 @@ class CloudSync:
                     self._registered.clear()
                 elif batches and code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     if len(batches) == 1:
-                        log.error("batch %d refused by the cloud; moved to %s",
-                                  batches[0].batch_id, self.queue.rejected_dir)
+                        log.error(
+                            "batch %d refused by the cloud; moved to %s", batches[0].batch_id, self.queue.rejected_dir
+                        )
                         self.queue.reject(batches[0].batch_id)
                     one_at_a_time = True  # until a call succeeds
                     continue

@@ -72,19 +72,34 @@ class EdgeRuntime:
         if self.cfg.select != "none":
             if queue_dir is None:
                 raise ValueError("queue_dir is required when edge.select uploads samples ('cema' or 'all')")
-            self.queue = UploadQueue(queue_dir, device_id=device_id, max_samples=self.cfg.queue_max_samples,
-                                     batch_samples=self.cfg.upload_batch_size)
+            self.queue = UploadQueue(
+                queue_dir,
+                device_id=device_id,
+                max_samples=self.cfg.queue_max_samples,
+                batch_samples=self.cfg.upload_batch_size,
+            )
         self.link: CloudLink | None = None
         self.sync: CloudSync | None = None
         if cloud is not None and self.queue is not None:
-            self.link = CloudLink(cloud, max_message_bytes=self.cfg.max_message_mb << 20,
-                                  rpc_timeout_s=self.cfg.rpc_timeout_s, reconnect_backoff_max_s=self.cfg.backoff_max_s)
+            self.link = CloudLink(
+                cloud,
+                max_message_bytes=self.cfg.max_message_mb << 20,
+                rpc_timeout_s=self.cfg.rpc_timeout_s,
+                reconnect_backoff_max_s=self.cfg.backoff_max_s,
+            )
             self.sync = CloudSync(
-                self.link, self.queue, device_id=device_id, model_id=self.info.model_id,
-                model_version=self.info.model_version, norm_param_names=self.info.norm_param_names,
-                params_version=lambda: self.session.params_version, apply_params=self.session.swap,
-                batches_per_call=self.cfg.upload_batches_per_call, backoff_initial_s=self.cfg.backoff_initial_s,
-                backoff_max_s=self.cfg.backoff_max_s, watch=self.cfg.watch_params,
+                self.link,
+                self.queue,
+                device_id=device_id,
+                model_id=self.info.model_id,
+                model_version=self.info.model_version,
+                norm_param_names=self.info.norm_param_names,
+                params_version=lambda: self.session.params_version,
+                apply_params=self.session.swap,
+                batches_per_call=self.cfg.upload_batches_per_call,
+                backoff_initial_s=self.cfg.backoff_initial_s,
+                backoff_max_s=self.cfg.backoff_max_s,
+                watch=self.cfg.watch_params,
             )
         self.records: list[BatchRecord] = []
         self.version_changes: list[dict[str, int]] = []  # {"version", "at_sample"}: when a new set took effect
@@ -143,11 +158,18 @@ class EdgeRuntime:
             correct = int((preds == batch.y).sum())
         if not self.version_changes or self.version_changes[-1]["version"] != version:
             self.version_changes.append({"version": version, "at_sample": self._seen})
-        self.records.append(BatchRecord(
-            start=self._seen, samples=len(preds), correct=correct, selected=int(selection.mask.sum()),
-            params_version=version, e_max=float(selection.e_max), mean_entropy=float(selection.entropy.mean()),
-            latency_ms=latency_ms,
-        ))
+        self.records.append(
+            BatchRecord(
+                start=self._seen,
+                samples=len(preds),
+                correct=correct,
+                selected=int(selection.mask.sum()),
+                params_version=version,
+                e_max=float(selection.e_max),
+                mean_entropy=float(selection.entropy.mean()),
+                latency_ms=latency_ms,
+            )
+        )
         self._seen += len(preds)
         return preds
 
@@ -198,15 +220,23 @@ class EdgeRuntime:
         queue = {}
         if self.queue is not None:
             now = self.queue.counters()
-            queue = {k: now[k] - self._queue_at_start.get(k, 0) if k not in ("pending_samples", "pending_batches",
-                     "next_batch_id") else now[k] for k in now}
+            queue = {
+                k: now[k] - self._queue_at_start.get(k, 0)
+                if k not in ("pending_samples", "pending_batches", "next_batch_id")
+                else now[k]
+                for k in now
+            }
         sync = asdict(self.sync.status) if self.sync is not None else None
         return {
             "config_name": self.config_name,
             "device_id": self.device_id,
-            "model": {"path": str(self.session.path), "model_id": self.info.model_id,
-                      "model_version": self.info.model_version, "task": self.info.task,
-                      "quantized": self.info.quantized},
+            "model": {
+                "path": str(self.session.path),
+                "model_id": self.info.model_id,
+                "model_version": self.info.model_version,
+                "task": self.info.task,
+                "quantized": self.info.quantized,
+            },
             "edge_config": self.cfg.model_dump(mode="json"),
             "predictions": self._seen,
             "labelled": n_labelled,

@@ -71,8 +71,15 @@ class UploadQueue:
     # ---- state -------------------------------------------------------------------------------
     def _load_state(self, device_id: str) -> dict:
         path = self.dir / "state.json"
-        state = {"device_id": device_id, "next_batch_id": 1, "dropped_samples": 0, "dropped_batches": 0,
-                 "rejected_samples": 0, "enqueued_samples": 0, "acked_samples": 0}
+        state = {
+            "device_id": device_id,
+            "next_batch_id": 1,
+            "dropped_samples": 0,
+            "dropped_batches": 0,
+            "rejected_samples": 0,
+            "enqueued_samples": 0,
+            "acked_samples": 0,
+        }
         if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("device_id") != device_id:

@@ -67,9 +67,7 @@ class Aggregator(ABC):
     asks every client to evaluate its own model after each round."""
 
     @abstractmethod
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         """Combine client updates into the next global adapter (plus metrics)."""
 
     def client_config(self, server_round: int) -> ClientConfig:

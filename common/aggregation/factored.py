@@ -41,9 +41,7 @@ def normalise_weights(weights: Weights, num_clients: int) -> torch.Tensor:
     return w / total
 
 
-def check_factors(
-    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *, same_rank: bool = True
-) -> None:
+def check_factors(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *, same_rank: bool = True) -> None:
     """Raise a `ValueError` naming the client, the tensor and its shape when the factors do not fit."""
     if len(A) == 0:
         raise ValueError("need at least one client's factors, got none")
@@ -57,13 +55,10 @@ def check_factors(
             if not t.is_floating_point():
                 raise ValueError(f"client {k}: {label} must be floating point, got {t.dtype}")
         if a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"client {k}: A is {tuple(a.shape)} (r×n) but B is {tuple(b.shape)} (m×r): ranks differ"
-            )
+            raise ValueError(f"client {k}: A is {tuple(a.shape)} (r×n) but B is {tuple(b.shape)} (m×r): ranks differ")
         if a.shape[1] != A[0].shape[1] or b.shape[0] != B[0].shape[0]:
             raise ValueError(
-                f"client {k}: B·A is {b.shape[0]}×{a.shape[1]}, "
-                f"client 0's is {B[0].shape[0]}×{A[0].shape[1]}"
+                f"client {k}: B·A is {b.shape[0]}×{a.shape[1]}, client 0's is {B[0].shape[0]}×{A[0].shape[1]}"
             )
         if same_rank and a.shape[0] != A[0].shape[0]:
             raise ValueError(f"client {k}: A has rank {a.shape[0]}, client 0 has rank {A[0].shape[0]}")

@@ -19,8 +19,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import (Adapter, Aggregator, ClientUpdate, average_heads, base_delta_metrics, client_weights,
-                   extend_base_delta, layer_factors)
+from .base import (
+    Adapter,
+    Aggregator,
+    ClientUpdate,
+    average_heads,
+    base_delta_metrics,
+    client_weights,
+    extend_base_delta,
+    layer_factors,
+)
 from .factored import LowRankSum
 
 
@@ -36,9 +44,7 @@ class FedExLoRA(Aggregator):
     def __init__(self, lora_scale: float) -> None:
         self.lora_scale = float(lora_scale)
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors, base_delta = {}, dict(current.base_delta)
         for layer, (a, b) in current.factors.items():

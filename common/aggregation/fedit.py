@@ -17,9 +17,7 @@ class FedIT(Aggregator):
 
     name = "fedit"
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {
             layer: (

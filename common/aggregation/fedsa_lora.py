@@ -39,9 +39,7 @@ class FedSALoRA(Aggregator):
     def client_config(self, server_round: int) -> ClientConfig:
         return {TRAIN_FACTORS: "AB", PERSONAL_B: True}
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {
             layer: (weighted_mean([u.adapter.factors[layer][0] for u in updates], p), b)

@@ -32,9 +32,7 @@ class FFALoRA(Aggregator):
     def client_config(self, server_round: int) -> ClientConfig:
         return {TRAIN_FACTORS: "B"}
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {
             layer: (a, weighted_mean([u.adapter.factors[layer][1] for u in updates], p))

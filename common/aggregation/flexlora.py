@@ -68,9 +68,7 @@ class FlexLoRA(Aggregator):
             raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
         self.rank = rank
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {}
         for layer, (a_cur, _) in current.factors.items():

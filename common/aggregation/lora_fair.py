@@ -159,9 +159,7 @@ def _frobenius_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, l
     return (Mu + lam * Bu) * inv
 
 
-def _cosine_correction(
-    Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_sq: float, lam: float
-) -> torch.Tensor:
+def _cosine_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_sq: float, lam: float) -> torch.Tensor:
     """`X U` for the minimiser of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or `B̄ U` when nothing beats it.
 
     Candidates are compared by their `O(r)` column formulas; the winner is then
@@ -255,9 +253,7 @@ class _Columns:
             u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
         return np.where((disc >= 0) & (u > 0) & np.isfinite(u), u, np.nan)
 
-    def value(
-        self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def value(self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The objective `f` and `‖XĀ‖` at points given by their column coefficients (rows of `N×r`).
 
         `f = inf` where the cosine is undefined (`XĀ = 0`).
@@ -414,9 +410,7 @@ class LoraFair(Aggregator):
         self.lam = _check_options(lam, objective)
         self.objective: Objective = objective
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {}
         sums = {"cos_fair": 0.0, "cos_fedit": 0.0, "rel_correction": 0.0}

@@ -47,9 +47,7 @@ class RoLoRA(Aggregator):
         self.training = trained_factor(server_round)
         return {TRAIN_FACTORS: self.training}
 
-    def aggregate(
-        self, updates: Sequence[ClientUpdate], current: Adapter
-    ) -> tuple[Adapter, dict[str, float]]:
+    def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {}
         for layer, (a, b) in current.factors.items():

@@ -132,14 +132,19 @@ def compress(
     _check_arguments(density, alpha, scope, encoding_dense, include_names, round, num_examples)
     arrays = _as_float32_arrays(tensors)
     layout = [(name, array.shape) for name, array in arrays.items()]
-    message = pb.AdapterUpdate(format_version=FORMAT_VERSION, round=int(round), num_examples=int(num_examples),
-                               layout=layout_fingerprint(layout))
+    message = pb.AdapterUpdate(
+        format_version=FORMAT_VERSION,
+        round=int(round),
+        num_examples=int(num_examples),
+        layout=layout_fingerprint(layout),
+    )
     if include_names:
         message.tensors.extend(pb.TensorSpec(name=name, shape=shape) for name, shape in layout)
     total = sum(array.size for array in arrays.values())
     if (density == 1.0 or scope == "global") and total > golomb.MAX_NUMEL:
-        raise ValueError(f"the adapter has {total} elements; one block holds at most {golomb.MAX_NUMEL} "
-                         f"(use scope='tensor')")
+        raise ValueError(
+            f"the adapter has {total} elements; one block holds at most {golomb.MAX_NUMEL} (use scope='tensor')"
+        )
     if density == 1.0:
         message.blocks.append(_dense_block(arrays, pb.DENSE_FP32 if encoding_dense == "fp32" else pb.DENSE_FP16))
     elif scope == "global":
@@ -185,8 +190,10 @@ def _as_float32_arrays(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndar
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"tensor {name!r} must be a floating-point torch.Tensor, got {kind}")
         if tensor.numel() == 0 or tensor.dim() > MAX_DIMS or tensor.numel() > golomb.MAX_NUMEL:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}: need 1..{golomb.MAX_NUMEL} "
-                             f"elements and at most {MAX_DIMS} dimensions")
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}: need 1..{golomb.MAX_NUMEL} "
+                f"elements and at most {MAX_DIMS} dimensions"
+            )
         array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
         if not np.isfinite(array).all():
             raise ValueError(f"tensor {name!r} has non-finite values")
@@ -211,9 +218,15 @@ def _ternary_block(flat: np.ndarray, density: float, alpha: float, what: str) ->
         raise ValueError(f"{what}: alpha * sigma = {alpha * sigma:g} overflows float32")
     positions = _top_k_positions(np.abs(flat), kept_count(flat.size, density))
     rice_k, data = golomb.encode(positions)
-    return pb.Block(encoding=pb.TERNARY_SPARSE, scale=float(scale), num_kept=positions.size,
-                    position_code=pb.RICE_GAPS, rice_k=rice_k, payload=data,
-                    signs=golomb.pack_signs(flat[positions] < 0))
+    return pb.Block(
+        encoding=pb.TERNARY_SPARSE,
+        scale=float(scale),
+        num_kept=positions.size,
+        position_code=pb.RICE_GAPS,
+        rice_k=rice_k,
+        payload=data,
+        signs=golomb.pack_signs(flat[positions] < 0),
+    )
 
 
 def _dense_block(arrays: dict[str, np.ndarray], encoding: int) -> pb.Block:
@@ -286,16 +299,25 @@ def _checksum(message: pb.AdapterUpdate) -> int:
 
     Defined on the fields rather than on protobuf's serialisation, which is not canonical.
     """
-    crc = zlib.crc32(struct.pack("<IQQQII", message.format_version, message.round, message.num_examples,
-                                 message.layout, len(message.tensors), len(message.blocks)))
+    crc = zlib.crc32(
+        struct.pack(
+            "<IQQQII",
+            message.format_version,
+            message.round,
+            message.num_examples,
+            message.layout,
+            len(message.tensors),
+            len(message.blocks),
+        )
+    )
     for t in message.tensors:
         name = t.name.encode("utf-8")
-        crc = zlib.crc32(struct.pack(f"<I{len(name)}sI{len(t.shape)}q", len(name), name,
-                                     len(t.shape), *t.shape), crc)
+        crc = zlib.crc32(struct.pack(f"<I{len(name)}sI{len(t.shape)}q", len(name), name, len(t.shape), *t.shape), crc)
     for b in message.blocks:
         payload, signs = b.payload, b.signs
-        crc = zlib.crc32(struct.pack("<ifQiIQ", b.encoding, b.scale, b.num_kept, b.position_code,
-                                     b.rice_k, len(payload)), crc)
+        crc = zlib.crc32(
+            struct.pack("<ifQiIQ", b.encoding, b.scale, b.num_kept, b.position_code, b.rice_k, len(payload)), crc
+        )
         crc = zlib.crc32(payload, crc)
         crc = zlib.crc32(struct.pack("<Q", len(signs)), crc)
         crc = zlib.crc32(signs, crc)
@@ -317,12 +339,21 @@ def read_header(
     tensors = {}
     for i, (name, shape) in enumerate(layout):
         block = message.blocks[0 if len(message.blocks) == 1 else i]
-        kept = None if single and block.encoding == pb.TERNARY_SPARSE else (
-            math.prod(shape) if block.encoding in _DENSE_DTYPES else block.num_kept)
+        kept = (
+            None
+            if single and block.encoding == pb.TERNARY_SPARSE
+            else (math.prod(shape) if block.encoding in _DENSE_DTYPES else block.num_kept)
+        )
         tensors[name] = TensorInfo(shape, pb.Encoding.Name(block.encoding), kept)
-    return Header(round=message.round, num_examples=message.num_examples, tensors=tensors,
-                  layout=message.layout, named=len(message.tensors) > 0, num_blocks=len(message.blocks),
-                  num_kept=sum(b.num_kept for b in message.blocks))
+    return Header(
+        round=message.round,
+        num_examples=message.num_examples,
+        tensors=tensors,
+        layout=message.layout,
+        named=len(message.tensors) > 0,
+        num_blocks=len(message.blocks),
+        num_kept=sum(b.num_kept for b in message.blocks),
+    )
 
 
 def decompress(
@@ -382,8 +413,9 @@ def _decode_block(block: pb.Block, numels: list[int]) -> list[np.ndarray]:
     return [values[offsets[i] : offsets[i + 1]].astype(np.float32) for i in range(len(numels))]
 
 
-def _parse(payload: bytes, expected: Mapping[str, tuple[int, ...]] | None,
-           max_elements: int | None) -> tuple[pb.AdapterUpdate, list[tuple[str, tuple[int, ...]]]]:
+def _parse(
+    payload: bytes, expected: Mapping[str, tuple[int, ...]] | None, max_elements: int | None
+) -> tuple[pb.AdapterUpdate, list[tuple[str, tuple[int, ...]]]]:
     """Protobuf-parse, check version and checksum, then the layout and every block's fields."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
@@ -395,8 +427,10 @@ def _parse(payload: bytes, expected: Mapping[str, tuple[int, ...]] | None,
         raise PayloadError(f"not a valid AdapterUpdate message ({type(error).__name__}: {error})") from None
     if message.format_version != FORMAT_VERSION:
         obsolete = " (version 1, with names and blocks per tensor, is obsolete)" if message.format_version == 1 else ""
-        raise PayloadError(f"unsupported format_version {message.format_version}{obsolete}: "
-                           f"this reader understands {FORMAT_VERSION}; re-encode with the current codec")
+        raise PayloadError(
+            f"unsupported format_version {message.format_version}{obsolete}: "
+            f"this reader understands {FORMAT_VERSION}; re-encode with the current codec"
+        )
     if _checksum(message) != message.checksum:
         raise PayloadError("checksum mismatch: the payload was corrupted or altered")
     if max_elements is None:
@@ -421,17 +455,22 @@ def _normalise_expected(expected: Mapping[str, tuple[int, ...]]) -> list[tuple[s
     return out
 
 
-def _check_layout(message: pb.AdapterUpdate, wanted: list[tuple[str, tuple[int, ...]]] | None,
-                  max_elements: int) -> list[tuple[str, tuple[int, ...]]]:
+def _check_layout(
+    message: pb.AdapterUpdate, wanted: list[tuple[str, tuple[int, ...]]] | None, max_elements: int
+) -> list[tuple[str, tuple[int, ...]]]:
     """The payload's layout (carried, or `expected` for a nameless one), validated and sized."""
     if not message.tensors:
         if wanted is None:
-            raise PayloadError(f"payload omits tensor names (layout fingerprint {message.layout:016x}): "
-                               f"decoding it needs expected=, the ordered names and shapes the sender used")
+            raise PayloadError(
+                f"payload omits tensor names (layout fingerprint {message.layout:016x}): "
+                f"decoding it needs expected=, the ordered names and shapes the sender used"
+            )
         if layout_fingerprint(wanted) != message.layout:
-            raise PayloadError(f"layout mismatch: the payload's fingerprint {message.layout:016x} is not "
-                               f"expected's {layout_fingerprint(wanted):016x}: the sender's tensor names, "
-                               f"shapes or their order differ from expected")
+            raise PayloadError(
+                f"layout mismatch: the payload's fingerprint {message.layout:016x} is not "
+                f"expected's {layout_fingerprint(wanted):016x}: the sender's tensor names, "
+                f"shapes or their order differ from expected"
+            )
         layout = wanted
     else:
         layout = [(t.name, tuple(t.shape)) for t in message.tensors]
@@ -453,8 +492,9 @@ def _check_layout(message: pb.AdapterUpdate, wanted: list[tuple[str, tuple[int, 
             want = dict(wanted)
             if set(names) != set(want):
                 missing, extra = sorted(set(want) - set(names)), sorted(set(names) - set(want))
-                raise PayloadError(f"tensor names differ from expected: missing {missing[:10]}, "
-                                   f"unexpected {extra[:10]}")
+                raise PayloadError(
+                    f"tensor names differ from expected: missing {missing[:10]}, unexpected {extra[:10]}"
+                )
             for name, shape in layout:
                 if shape != want[name]:
                     raise PayloadError(f"tensor {name[:200]!r}: shape {shape} differs from expected {want[name]}")
@@ -478,8 +518,9 @@ def _check_blocks(message: pb.AdapterUpdate, layout: list[tuple[str, tuple[int, 
     elif blocks == n:
         groups = [[item] for item in layout]
     else:
-        raise PayloadError(f"update has {blocks} blocks for {n} tensors: need 1 (one over the whole "
-                           f"adapter) or {n} (one per tensor)")
+        raise PayloadError(
+            f"update has {blocks} blocks for {n} tensors: need 1 (one over the whole adapter) or {n} (one per tensor)"
+        )
     for block, group in zip(message.blocks, groups):
         numel = sum(math.prod(shape) for _, shape in group)
         where = _where(group)
@@ -494,8 +535,9 @@ def _check_block_fields(b: pb.Block, numel: int, where: str) -> None:
         if b.num_kept != numel:
             raise PayloadError(f"{where}: dense block declares num_kept {b.num_kept}, has {numel} elements")
         if len(b.payload) != numel * itemsize:
-            raise PayloadError(f"{where}: dense payload is {len(b.payload)} bytes, "
-                               f"{numel} elements need {numel * itemsize}")
+            raise PayloadError(
+                f"{where}: dense payload is {len(b.payload)} bytes, {numel} elements need {numel * itemsize}"
+            )
         if b.scale != 0 or b.position_code != 0 or b.rice_k != 0 or b.signs:
             raise PayloadError(f"{where}: dense block carries sparse-encoding fields")
     elif b.encoding == pb.TERNARY_SPARSE:

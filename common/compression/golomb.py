@@ -86,8 +86,7 @@ def decode(data: bytes, num_kept: int, numel: int, k: int) -> np.ndarray:
     shortest = (n * k + n + 7) // 8
     longest = (n * k + ((numel - n) >> k) + n + 7) // 8
     if not shortest <= len(data) <= longest:
-        raise ValueError(f"position data is {len(data)} bytes, "
-                         f"valid codes of {n} positions take {shortest}..{longest}")
+        raise ValueError(f"position data is {len(data)} bytes, valid codes of {n} positions take {shortest}..{longest}")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))

@@ -176,6 +176,6 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     g = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
     g = g / g.sum(dim=1, keepdim=True)  # (N, K)
-    kernel = (g.view(n, 1, -1, 1) * g.view(n, 1, 1, -1))  # (N, 1, K, K)
+    kernel = g.view(n, 1, -1, 1) * g.view(n, 1, 1, -1)  # (N, 1, K, K)
     out = F.conv2d(x.view(1, n, h, w), kernel, padding=radius, groups=n)
     return out.view(n, 1, h, w)

@@ -11,6 +11,7 @@ import warnings
 from typing import Literal
 
 import numpy as np
+
 from fairedge.common.data.task_data import LabeledData
 
 PartitionMode = Literal["feature", "feature-label"]
@@ -61,16 +62,12 @@ def partition_clients(
             parts = _dirichlet_parts(idx, labels[idx], max(2, len(members)), dirichlet_alpha, seed * 1000 + int(d))
         for j, client in enumerate(members):
             if len(parts[j]) == 0:
-                raise ValueError(
-                    f"domain {int(d)} has {len(idx)} samples, too few for its {len(members)} clients"
-                )
+                raise ValueError(f"domain {int(d)} has {len(idx)} samples, too few for its {len(members)} clients")
             clients[client] = np.sort(parts[j]).astype(np.int64)
     return clients
 
 
-def _dirichlet_parts(
-    idx: np.ndarray, labels: np.ndarray, num_parts: int, alpha: float, seed: int
-) -> list[np.ndarray]:
+def _dirichlet_parts(idx: np.ndarray, labels: np.ndarray, num_parts: int, alpha: float, seed: int) -> list[np.ndarray]:
     """Cut `idx` into `num_parts` label-skewed pieces with flwr-datasets' DirichletPartitioner.
 
     The partitioner resamples until every piece reaches `min_partition_size` and gives up

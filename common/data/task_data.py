@@ -38,8 +38,7 @@ class LabeledData:
     def __post_init__(self) -> None:
         if not (len(self.x) == len(self.y) == len(self.domain)):
             raise ValueError(
-                f"x, y and domain must have the same length, got {len(self.x)}, "
-                f"{len(self.y)} and {len(self.domain)}"
+                f"x, y and domain must have the same length, got {len(self.x)}, {len(self.y)} and {len(self.domain)}"
             )
 
     def __len__(self) -> int:

@@ -155,7 +155,9 @@ def _check_channels(channels: int) -> None:
 
 def _check_classes(classes: Sequence[str], where: Path) -> None:
     if len(classes) < 2:
-        raise ValueError(f"{where} has {len(classes)} class(es) {list(classes)}; a classification task needs at least 2")
+        raise ValueError(
+            f"{where} has {len(classes)} class(es) {list(classes)}; a classification task needs at least 2"
+        )
 
 
 def _encode(values: Sequence[Any]) -> tuple[list[str], torch.Tensor]:

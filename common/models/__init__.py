@@ -13,4 +13,3 @@ __all__ = [
     "load_text_classifier",
     "pretrained_vision_classifier",
 ]
-

@@ -7,9 +7,7 @@ from torch import nn
 
 
 @torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module, x: torch.Tensor | list[str], y: torch.Tensor, batch_size: int = 256
-) -> float:
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor | list[str], y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy in [0, 1]; runs in eval mode and restores the previous mode after."""
     if len(y) == 0:
         raise ValueError("cannot evaluate accuracy on an empty set")

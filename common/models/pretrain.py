@@ -59,8 +59,14 @@ def pretrained_vision_classifier(
     key = {
         "version": CACHE_VERSION,
         "arch": arch,
-        "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size,
-                  "weight_decay": weight_decay, "label_smoothing": label_smoothing, "seed": seed},
+        "train": {
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "weight_decay": weight_decay,
+            "label_smoothing": label_smoothing,
+            "seed": seed,
+        },
         "data": _fingerprint(x, y),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -70,8 +76,17 @@ def pretrained_vision_classifier(
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
 
-    _train(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size,
-           weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed)
+    _train(
+        model,
+        x,
+        y,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        seed=seed,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -100,8 +115,7 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     h = hashlib.sha256()
     for t in (x, y):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return {"x_shape": list(x.shape), "x_dtype": str(x.dtype), "y_shape": list(y.shape),
-            "sha256": h.hexdigest()}
+    return {"x_shape": list(x.shape), "x_dtype": str(x.dtype), "y_shape": list(y.shape), "sha256": h.hexdigest()}
 
 
 def _train(
@@ -120,9 +134,7 @@ def _train(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = -(-len(y) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1
-    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
@@ -138,7 +150,10 @@ def _train(
             total += loss.item() * len(idx)
         log.info(
             "pre-train epoch %d/%d  loss %.4f  train acc %.3f  %.1fs",
-            epoch + 1, epochs, total / len(y), evaluate_accuracy(model, x, y),
+            epoch + 1,
+            epochs,
+            total / len(y),
+            evaluate_accuracy(model, x, y),
             time.perf_counter() - start,
         )
     model.eval()

@@ -50,9 +50,7 @@ class TextClassifier(nn.Module):
         }
 
 
-def load_text_classifier(
-    path: str | Path, *, num_classes: int, max_length: int = 64, seed: int = 0
-) -> TextClassifier:
+def load_text_classifier(path: str | Path, *, num_classes: int, max_length: int = 64, seed: int = 0) -> TextClassifier:
     """Encoder and tokenizer from a local model directory (never the hub); head from `seed`."""
     path = Path(path)
     if not (path / "config.json").is_file():

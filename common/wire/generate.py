@@ -37,8 +37,13 @@ def generate(out_dir: Path = WIRE_DIR, proto_dir: Path = PROTO_DIR) -> list[Path
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     written: list[Path] = []
     for proto in protos:
-        args = ["grpc_tools.protoc", f"-I{proto_dir}", f"-I{well_known}",
-                f"--python_out={out_dir}", f"--pyi_out={out_dir}"]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{proto_dir}",
+            f"-I{well_known}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+        ]
         outputs = [f"{proto.stem}_pb2.py", f"{proto.stem}_pb2.pyi"]
         if re.search(r"^\s*service\s+\w+", proto.read_text(), re.MULTILINE):
             args.append(f"--grpc_python_out={out_dir}")

@@ -17,13 +17,20 @@ def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", help="device state folder (default: <run>/cloud-state)")
     parser.add_argument("--host", help="address to listen on (default: cloud.host)")
     parser.add_argument("--port", type=int, help="port (default: cloud.port; 0 = any free port)")
-    parser.add_argument("--tokens", help="file of accepted bearer tokens, one per line "
-                        "(also read: $FAIREDGE_CLOUD_TOKENS, comma-separated)")
+    parser.add_argument(
+        "--tokens",
+        help="file of accepted bearer tokens, one per line (also read: $FAIREDGE_CLOUD_TOKENS, comma-separated)",
+    )
     parser.add_argument("--tls-cert", help="server certificate chain (PEM); needs --tls-key")
     parser.add_argument("--tls-key", help="server private key (PEM); needs --tls-cert")
     parser.add_argument("--config", help="TOML whose [cloud] section to use (default: the run's config.toml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set cloud.lr=0.005 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set cloud.lr=0.005 (repeatable)",
+    )
     parser.add_argument("--seed", type=int, help="seed of the replay sampling (default: the run's seed)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every update")
 
@@ -47,8 +54,9 @@ def run_cloud(args: argparse.Namespace) -> int:
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
         model = load_served_model(run, args.teacher)
         state_dir = Path(args.state_dir) if args.state_dir else run / "cloud-state"
-        service = CloudService(model, state_dir, cfg.cloud, tokens=tokens, tls=tls,
-                               seed=cfg.seed if args.seed is None else args.seed)
+        service = CloudService(
+            model, state_dir, cfg.cloud, tokens=tokens, tls=tls, seed=cfg.seed if args.seed is None else args.seed
+        )
     except (ConfigError, ValueError, OSError) as err:
         return fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -60,9 +68,12 @@ def run_cloud(args: argparse.Namespace) -> int:
             address = service.start(host=args.host, port=args.port)
         except OSError as err:
             return fail(str(err))
-        print(f"fairedge cloud: serving model {model.model_id} ({model.model_version}) on {address} "
-              f"({'TLS' if tls else 'plaintext'}), {len(model.student_norm)} norm params, state in {state_dir}; "
-              "Ctrl-C to stop", flush=True)
+        print(
+            f"fairedge cloud: serving model {model.model_id} ({model.model_version}) on {address} "
+            f"({'TLS' if tls else 'plaintext'}), {len(model.student_norm)} norm params, state in {state_dir}; "
+            "Ctrl-C to stop",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         print("fairedge cloud: stopping", flush=True)

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from fairedge.common.atomic_files import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from fairedge.server.cloud.learner import DeviceParams
 from fairedge.server.cloud.samples import SampleLog
-from fairedge.common.atomic_files import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 
 class Device:
@@ -51,12 +51,25 @@ class Device:
         return self.meta["device_id"]
 
     @classmethod
-    def create(cls, folder: Path, device_id: str, model_id: str, model_version: str,
-               params: DeviceParams, input_names: list[str]) -> Device:
+    def create(
+        cls,
+        folder: Path,
+        device_id: str,
+        model_id: str,
+        model_version: str,
+        params: DeviceParams,
+        input_names: list[str],
+    ) -> Device:
         """A new device at version 0; its `device.json` is on disk when this returns."""
-        meta = {"device_id": device_id, "model_id": model_id, "model_version": model_version,
-                "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "total_accepted": 0, "batches_accepted": 0, "last_batch_id": None}
+        meta = {
+            "device_id": device_id,
+            "model_id": model_id,
+            "model_version": model_version,
+            "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "total_accepted": 0,
+            "batches_accepted": 0,
+            "last_batch_id": None,
+        }
         device = cls(folder, meta, params, input_names)
         device.samples.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "device.json", meta)
@@ -95,8 +108,12 @@ class Device:
                 return 0, dict(self.meta)
             n = len(arrays[0])
             self.samples.append(self.meta["total_accepted"], arrays)
-            meta = dict(self.meta, total_accepted=self.meta["total_accepted"] + n,
-                        batches_accepted=self.meta["batches_accepted"] + 1, last_batch_id=batch_id)
+            meta = dict(
+                self.meta,
+                total_accepted=self.meta["total_accepted"] + n,
+                batches_accepted=self.meta["batches_accepted"] + 1,
+                last_batch_id=batch_id,
+            )
             atomic_write_json(self.folder / "device.json", meta)
             self.meta = meta
             return n, dict(meta)

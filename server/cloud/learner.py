@@ -54,14 +54,17 @@ class DeviceParams:
         for role, params, opt in self._roles():
             stored = {k.split("/", 1)[1] for k in tensors if k.startswith(f"{role}/")}
             if stored != set(params):
-                raise ValueError(f"stored {role} norm params {sorted(stored ^ set(params))[:4]} "
-                                 "do not match the model's")
+                raise ValueError(
+                    f"stored {role} norm params {sorted(stored ^ set(params))[:4]} do not match the model's"
+                )
             with torch.no_grad():
                 for name, p in params.items():
                     value = tensors[f"{role}/{name}"]
                     if value.shape != p.shape:
-                        raise ValueError(f"stored {role} param {name!r} has shape {list(value.shape)}, "
-                                         f"the model's has {list(p.shape)}")
+                        raise ValueError(
+                            f"stored {role} param {name!r} has shape {list(value.shape)}, "
+                            f"the model's has {list(p.shape)}"
+                        )
                     p.copy_(value)
                     buf = tensors.get(f"{role}_momentum/{name}")
                     if buf is not None:
@@ -142,21 +145,30 @@ class CemaLearner:
             t_loss.backward()
             params.teacher_opt.step()
         # 2. student: distillation from the updated teacher on new + replayed samples
-        batch = dict(new) if not replay or _count(replay) == 0 else {
-            k: torch.cat([new[k], replay[k]]) for k in new
-        }
+        batch = dict(new) if not replay or _count(replay) == 0 else {k: torch.cat([new[k], replay[k]]) for k in new}
         with torch.no_grad():
             t_logits = self.forward(self.teacher, params.teacher, batch)
         s_logits = self.forward(self.student, params.student, batch)
         loss, parts = distillation_loss(
-            s_logits, t_logits, e_max=self.e_max, temperature=cfg.temperature,
-            entropy_weight=cfg.entropy_weight, kl_weight=cfg.kl_weight, ce_weight=cfg.ce_weight,
+            s_logits,
+            t_logits,
+            e_max=self.e_max,
+            temperature=cfg.temperature,
+            entropy_weight=cfg.entropy_weight,
+            kl_weight=cfg.kl_weight,
+            ce_weight=cfg.ce_weight,
         )
         params.student_opt.zero_grad(set_to_none=True)
         loss.backward()
         params.student_opt.step()
-        return StepStats(new=n_new, replayed=_count(batch) - n_new, teacher_entropy=teacher_entropy,
-                         teacher_kept=kept, student_loss=float(loss.detach()), kl=parts["kl_unweighted"])
+        return StepStats(
+            new=n_new,
+            replayed=_count(batch) - n_new,
+            teacher_entropy=teacher_entropy,
+            teacher_kept=kept,
+            student_loss=float(loss.detach()),
+            kl=parts["kl_unweighted"],
+        )
 
     @torch.no_grad()
     def distillation_gap(self, params: DeviceParams, inputs: Mapping[str, Tensor]) -> float:

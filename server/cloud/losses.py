@@ -54,15 +54,21 @@ def distillation_loss(
     ent = entropy(student_logits)
     ent_term = (confidence_weights(ent, e_max) * ent).mean()
     teacher_w = confidence_weights(entropy(teacher_logits), e_max)
-    kl = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="none", log_target=True,
-    ).sum(dim=-1) * temperature**2
+    kl = (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            reduction="none",
+            log_target=True,
+        ).sum(dim=-1)
+        * temperature**2
+    )
     kl_term = (teacher_w * kl).mean()
     ce = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1), reduction="none")
     ce_term = (teacher_w * ce).mean()
     loss = entropy_weight * ent_term + kl_weight * kl_term + ce_weight * ce_term
-    parts = {name: float(v.detach()) for name, v in
-             (("entropy", ent_term), ("kl", kl_term), ("ce", ce_term), ("kl_unweighted", kl.mean()))}
+    parts = {
+        name: float(v.detach())
+        for name, v in (("entropy", ent_term), ("kl", kl_term), ("ce", ce_term), ("kl_unweighted", kl.mean()))
+    }
     return loss, parts

@@ -32,13 +32,27 @@ class ServedModel:
 
     @classmethod
     def from_modules(
-        cls, student: nn.Module, teacher: nn.Module | None = None, *, inputs: list[InputSpec], num_classes: int,
-        model_id: str, model_version: str,
+        cls,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        inputs: list[InputSpec],
+        num_classes: int,
+        model_id: str,
+        model_version: str,
     ) -> ServedModel:
         """Serve `student`, taught by `teacher` (default: the student itself), with their own norm params."""
         teacher = student if teacher is None else teacher
-        return cls(student, teacher, list(inputs), num_classes, model_id, model_version,
-                   norm_parameters(student), norm_parameters(teacher))
+        return cls(
+            student,
+            teacher,
+            list(inputs),
+            num_classes,
+            model_id,
+            model_version,
+            norm_parameters(student),
+            norm_parameters(teacher),
+        )
 
 
 def load_served_model(run_dir: str | Path, teacher: str | Path | None = None) -> ServedModel:
@@ -48,11 +62,21 @@ def load_served_model(run_dir: str | Path, teacher: str | Path | None = None) ->
     if teacher is not None:
         other = load_merged_model(teacher)
         if other.inputs != merged.inputs:
-            raise ValueError(f"teacher {str(teacher)!r} takes inputs {other.inputs}, the served model {merged.inputs}: "
-                             "a teacher must read the same samples")
+            raise ValueError(
+                f"teacher {str(teacher)!r} takes inputs {other.inputs}, the served model {merged.inputs}: "
+                "a teacher must read the same samples"
+            )
         if other.labels != merged.labels:
-            raise ValueError(f"teacher {str(teacher)!r} predicts labels {other.labels[:5]}..., the served model "
-                             f"{merged.labels[:5]}...: a teacher must predict the same classes")
+            raise ValueError(
+                f"teacher {str(teacher)!r} predicts labels {other.labels[:5]}..., the served model "
+                f"{merged.labels[:5]}...: a teacher must predict the same classes"
+            )
         teacher_model = other.model
-    return ServedModel.from_modules(merged.model, teacher_model, inputs=merged.inputs, num_classes=len(merged.labels),
-                                    model_id=merged.model_id, model_version=merged.model_version)
+    return ServedModel.from_modules(
+        merged.model,
+        teacher_model,
+        inputs=merged.inputs,
+        num_classes=len(merged.labels),
+        model_id=merged.model_id,
+        model_version=merged.model_version,
+    )

@@ -102,4 +102,3 @@ class SampleLog:
         if gone:
             fsync_dir(self.folder)
         return sum(b.end - b.start for b in gone)
-

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import torch
 
+from fairedge.common.atomic_files import atomic_write_json
 from fairedge.common.config import CloudConfig
 from fairedge.common.tensor_proto import to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
@@ -30,7 +31,6 @@ from fairedge.server.cloud.grpc_server import start_grpc_server
 from fairedge.server.cloud.learner import CemaLearner, StepStats
 from fairedge.server.cloud.model import ServedModel
 from fairedge.server.cloud.servicer import EdgeAdaptationServicer
-from fairedge.common.atomic_files import atomic_write_json
 from fairedge.server.cloud.validation import RequestError, check_device_id, decode_batch
 
 log = logging.getLogger("fairedge.cloud")
@@ -73,8 +73,13 @@ class CloudService:
         self.specs = list(model.inputs)
         self.input_names = [s.name for s in self.specs]
         self.learner = CemaLearner(
-            model.student, model.teacher, student_norm=model.student_norm, teacher_norm=model.teacher_norm,
-            num_classes=model.num_classes, cfg=self.cfg, forward=model.forward,
+            model.student,
+            model.teacher,
+            student_norm=model.student_norm,
+            teacher_norm=model.teacher_norm,
+            num_classes=model.num_classes,
+            cfg=self.cfg,
+            forward=model.forward,
         )
         self.norm_names = list(model.student_norm)
         self.log = UpdateLog()
@@ -91,15 +96,21 @@ class CloudService:
 
     def _open_state_dir(self) -> None:
         """Check the state dir belongs to this model, then load every device in it."""
-        info = {"model_id": self.model.model_id, "model_version": self.model.model_version,
-                "inputs": self.input_names, "norm_param_names": self.norm_names}
+        info = {
+            "model_id": self.model.model_id,
+            "model_version": self.model.model_version,
+            "inputs": self.input_names,
+            "norm_param_names": self.norm_names,
+        }
         path = self.state_dir / "service.json"
         if path.is_file():
             stored = json.loads(path.read_text())
             for key in ("model_id", "model_version", "norm_param_names"):
                 if stored.get(key) != info[key]:
-                    raise ValueError(f"state dir {str(self.state_dir)!r} belongs to {key} = {stored.get(key)!r}, "
-                                     f"this service serves {info[key]!r}; use another state dir")
+                    raise ValueError(
+                        f"state dir {str(self.state_dir)!r} belongs to {key} = {stored.get(key)!r}, "
+                        f"this service serves {info[key]!r}; use another state dir"
+                    )
         else:
             atomic_write_json(path, info)
         (self.state_dir / "devices").mkdir(parents=True, exist_ok=True)
@@ -126,8 +137,12 @@ class CloudService:
         host = host if host is not None else self.cfg.host
         try:
             self._server, self.port = start_grpc_server(
-                EdgeAdaptationServicer(self), host=host, port=self.cfg.port if port is None else port,
-                tokens=self.tokens, max_message_mb=self.cfg.max_message_mb, max_workers=self.cfg.max_workers,
+                EdgeAdaptationServicer(self),
+                host=host,
+                port=self.cfg.port if port is None else port,
+                tokens=self.tokens,
+                max_message_mb=self.cfg.max_message_mb,
+                max_workers=self.cfg.max_workers,
                 tls=self.tls,
             )
         except Exception:
@@ -167,8 +182,14 @@ class CloudService:
         with self._cond:
             device = self._devices.get(device_id)
             if device is None:
-                device = Device.create(self.state_dir / "devices" / device_id, device_id, model_id, model_version,
-                                       self.learner.new_params(), self.input_names)
+                device = Device.create(
+                    self.state_dir / "devices" / device_id,
+                    device_id,
+                    model_id,
+                    model_version,
+                    self.learner.new_params(),
+                    self.input_names,
+                )
                 self._devices[device_id] = device
                 log.info("registered device %s", device_id)
         return device
@@ -179,8 +200,9 @@ class CloudService:
         with self._cond:
             device = self._devices.get(device_id)
         if device is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"device_id = {device_id!r} is not registered; call Register first")
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"device_id = {device_id!r} is not registered; call Register first"
+            )
         return device
 
     def upload_batch(self, batch: pb.SampleBatch) -> tuple[int, dict]:
@@ -190,9 +212,11 @@ class CloudService:
         waiting, limit = device.pending(), self.cfg.max_pending_samples
         if not device.is_resend(batch.batch_id) and waiting + len(arrays[0]) > limit:
             # UNAVAILABLE, not RESOURCE_EXHAUSTED: the batch is fine, the device should back off and resend it
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"batch_id {batch.batch_id}: device {device.device_id!r} has {waiting} samples waiting "
-                               f"for the learner, at most max_pending_samples = {limit}; retry later")
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"batch_id {batch.batch_id}: device {device.device_id!r} has {waiting} samples waiting "
+                f"for the learner, at most max_pending_samples = {limit}; retry later",
+            )
         accepted, meta = device.accept(batch.batch_id, arrays)
         if accepted:
             with self._cond:
@@ -201,16 +225,18 @@ class CloudService:
 
     def upload(self, device_id: str, batch_id: int, inputs: Mapping[str, np.ndarray]) -> int:
         """In-process upload (same checks as gRPC); returns the samples accepted."""
-        batch = pb.SampleBatch(device_id=device_id, batch_id=batch_id,
-                               inputs=[to_proto(name, np.asarray(a)) for name, a in inputs.items()])
+        batch = pb.SampleBatch(
+            device_id=device_id, batch_id=batch_id, inputs=[to_proto(name, np.asarray(a)) for name, a in inputs.items()]
+        )
         return self.upload_batch(batch)[0]
 
     def norm_params(self, device_id: str) -> tuple[int, dict[str, np.ndarray]]:
         """The device's latest published version and its norm params (float32)."""
         return self.device(device_id).published
 
-    def watch(self, device_id: str, known_version: int, is_active: Callable[[], bool] = lambda: True,
-              poll_s: float = 0.5) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def watch(
+        self, device_id: str, known_version: int, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.5
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield the device's latest version each time it is newer than the last one yielded.
 
         Ends when `is_active()` turns false; raises UNAVAILABLE when the service stops.
@@ -220,7 +246,7 @@ class CloudService:
         known = known_version
         while is_active():
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or device.published[0] > known, timeout=poll_s)
+                self._cond.wait_for(lambda: self._stopping or device.published[0] > known, timeout=poll_s)  # noqa: B023  (the lambda runs inside this iteration)
                 if self._stopping:
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, "the cloud service is shutting down; reconnect")
             version, arrays = device.published
@@ -243,16 +269,16 @@ class CloudService:
         device = self.device(device_id)
         with self._cond:
             if not self._cond.wait_for(lambda: device.published[0] >= version, timeout=timeout):
-                raise TimeoutError(f"device {device_id!r} is at version {device.published[0]} after "
-                                   f"{timeout} s, not {version}")
+                raise TimeoutError(
+                    f"device {device_id!r} is at version {device.published[0]} after {timeout} s, not {version}"
+                )
             return device.published[0]
 
     # ----- the learner thread -----
 
     def _next_device(self) -> Device | None:
         """A device with enough new samples for an update, the one waiting longest first (round robin)."""
-        ready = [d for d in self._devices.values()
-                 if d.error is None and d.pending() >= self.cfg.min_new_per_update]
+        ready = [d for d in self._devices.values() if d.error is None and d.pending() >= self.cfg.min_new_per_update]
         return min(ready, key=lambda d: d.last_update, default=None)
 
     def _work(self) -> None:
@@ -290,8 +316,9 @@ class CloudService:
             replay = sorted(rng.choice(np.arange(lo, start), size=m, replace=False).tolist()) if m else []
             arrays = device.samples.gather(list(range(start, start + k)) + replay)
             tensors = {name: torch.from_numpy(a) for name, a in zip(self.input_names, arrays)}
-            stats = self.learner.step(device.params, {n: t[:k] for n, t in tensors.items()},
-                                      {n: t[k:] for n, t in tensors.items()})
+            stats = self.learner.step(
+                device.params, {n: t[:k] for n, t in tensors.items()}, {n: t[k:] for n, t in tensors.items()}
+            )
         version = device.publish(start + k)
         device.samples.evict_before(start + k - cfg.buffer_size)
         device.last_update = time.monotonic()

@@ -35,30 +35,41 @@ class EdgeAdaptationServicer(pb_grpc.EdgeAdaptationServicer):
             device = self.service.register(request.device_id, request.model_id, request.model_version)
         except RequestError as err:
             context.abort(err.code, err.message)
-        return pb.RegisterReply(params_version=device.published[0], norm_param_names=self.service.norm_names,
-                                max_batch_samples=self.service.cfg.max_batch_samples)
+        return pb.RegisterReply(
+            params_version=device.published[0],
+            norm_param_names=self.service.norm_names,
+            max_batch_samples=self.service.cfg.max_batch_samples,
+        )
 
     def Upload(self, request_iterator: Iterator[pb.SampleBatch], context: grpc.ServicerContext) -> pb.UploadReply:
         device_id, accepted, stored, meta = None, 0, 0, None
         for batch in request_iterator:
             try:
                 if device_id is not None and batch.device_id != device_id:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"device_id = {batch.device_id!r} in batch_id {batch.batch_id}, but this "
-                                       f"Upload stream is for {device_id!r}: one device per stream")
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"device_id = {batch.device_id!r} in batch_id {batch.batch_id}, but this "
+                        f"Upload stream is for {device_id!r}: one device per stream",
+                    )
                 n, meta = self.service.upload_batch(batch)
             except RequestError as err:
-                note = (f" ({stored} earlier batches of this stream were stored; last_batch_id = "
-                        f"{meta['last_batch_id']})") if stored else ""
+                note = (
+                    (f" ({stored} earlier batches of this stream were stored; last_batch_id = {meta['last_batch_id']})")
+                    if stored
+                    else ""
+                )
                 context.abort(err.code, err.message + note)
             device_id = batch.device_id
             accepted += n
-            stored += 1
+            stored += 1  # noqa: SIM113  (counts only batches that were stored)
         if device_id is None:  # an empty stream: nothing to say about any device
             return pb.UploadReply()
-        return pb.UploadReply(accepted=accepted, total_accepted=meta["total_accepted"],
-                              last_batch_id=meta["last_batch_id"] or 0,
-                              params_version=self.service.device(device_id).published[0])
+        return pb.UploadReply(
+            accepted=accepted,
+            total_accepted=meta["total_accepted"],
+            last_batch_id=meta["last_batch_id"] or 0,
+            params_version=self.service.device(device_id).published[0],
+        )
 
     def GetNormParams(self, request: pb.NormParamsRequest, context: grpc.ServicerContext) -> pb.NormParams:
         try:

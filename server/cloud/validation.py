@@ -31,9 +31,10 @@ class RequestError(Exception):
 def check_device_id(device_id: str) -> str:
     """The device id, if it is 1-128 characters of letters, digits, `.`, `_`, `-` (it names a folder)."""
     if not DEVICE_ID.match(device_id):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"device_id = {device_id!r}: must be 1-128 characters of A-Z a-z 0-9 . _ - "
-                           "starting with a letter or digit")
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"device_id = {device_id!r}: must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit",
+        )
     return device_id
 
 
@@ -51,8 +52,11 @@ def decode_batch(
     got = [t.name for t in batch.inputs]
     if sorted(got) != sorted(expected):
         dup = sorted({n for n in got if got.count(n) > 1})
-        raise RequestError(invalid, f"{where}: inputs are named {got}, the model expects exactly {expected}"
-                           + (f" (duplicated: {dup})" if dup else ""))
+        raise RequestError(
+            invalid,
+            f"{where}: inputs are named {got}, the model expects exactly {expected}"
+            + (f" (duplicated: {dup})" if dup else ""),
+        )
     tensors = {t.name: t for t in batch.inputs}
     counts = {name: (int(t.shape[0]) if len(t.shape) else None) for name, t in tensors.items()}
     if len(set(counts.values())) != 1 or None in counts.values():
@@ -61,8 +65,10 @@ def decode_batch(
     if n < 1:
         raise RequestError(invalid, f"{where}: inputs[{expected[0]!r}].shape[0] = {n}: a batch needs at least 1 sample")
     if n > max_batch_samples:
-        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{where}: {n} samples, at most max_batch_samples = {max_batch_samples} per SampleBatch")
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{where}: {n} samples, at most max_batch_samples = {max_batch_samples} per SampleBatch",
+        )
     arrays = []
     for spec in specs:
         t = tensors[spec.name]
@@ -70,15 +76,20 @@ def decode_batch(
         if t.dtype != spec.dtype:
             raise RequestError(invalid, f"{field}.dtype = {t.dtype!r}, the model expects {spec.dtype!r}")
         if list(t.shape) != [n, *spec.shape]:
-            raise RequestError(invalid, f"{field}.shape = {list(t.shape)}, the model expects "
-                               f"[N, {', '.join(map(str, spec.shape))}] (N = samples)")
+            raise RequestError(
+                invalid,
+                f"{field}.shape = {list(t.shape)}, the model expects "
+                f"[N, {', '.join(map(str, spec.shape))}] (N = samples)",
+            )
         try:
             array = from_proto(t, finite=True)
         except TensorError as err:
             raise RequestError(invalid, f"{where}: inputs: {err}") from None
         if array.dtype.kind in "iu" and array.size and array.min() < 0:
-            raise RequestError(invalid, f"{field} has negative values (min {int(array.min())}); "
-                               "integer inputs (token ids, masks) must be >= 0")
+            raise RequestError(
+                invalid,
+                f"{field} has negative values (min {int(array.min())}); integer inputs (token ids, masks) must be >= 0",
+            )
         arrays.append(array)
     entropies = None
     if len(batch.entropies):
@@ -88,4 +99,3 @@ def decode_batch(
         if not np.isfinite(entropies).all() or (entropies < 0).any():
             raise RequestError(invalid, f"{where}: entropies must be finite and >= 0")
     return arrays, entropies
-
