@@ -9,7 +9,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test proto clean
+.PHONY: install demo test test-fast lint proto clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the inner loop: everything but the real Flower simulations and pre-trained models (< 2 min)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# ruff, import-linter (package arrows), mypy
+lint: $(STAMP)
+	PY=$(PY) bash .ci/lint
 
 proto: $(STAMP)
 	$(PY) -m fairedge.common.wire.generate
