@@ -12,19 +12,24 @@ and at the top of the report.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fairedge.common.adapter_record import flatten
 from fairedge.common.aggregation import Adapter, BaseDelta
-from fairedge.common.atomic_files import atomic_write_bytes
+from fairedge.common.atomic_files import (
+    atomic_folder,
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 from fairedge.common.config import RunConfig, config_hash, to_toml
 from fairedge.common.lora import save_adapter
 
@@ -142,14 +147,10 @@ def _attempt_json(attempt: Any) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
     """The resolved config, `config.toml`: written when a run starts (resume reads it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "config.toml", to_toml(cfg))
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
 
 
 def _node(node: str | int, partitions: dict[str, int]) -> str:
@@ -281,12 +282,12 @@ def plot_accuracy(record: RunRecord, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
 def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, BaseDelta] | None = None) -> None:
-    """Write config, metrics, report, plot and the final adapter into the run folder.
+    """Write config, metrics, report, plot and the final adapter into the run folder, each file atomically.
 
     A base delta (the final change of the base weights, `W = W0 + P @ Q` per layer)
     goes to `base_delta.safetensors` as `base/<layer>/Q` and `base/<layer>/P`: the PEFT
@@ -302,12 +303,11 @@ def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, Bas
         "summary": record.summary(),
         "rounds": record.rounds,
     }
-    _atomic_write(d / "metrics.json", json.dumps(metrics, indent=2))
-    _atomic_write(d / "report.md", report_markdown(record))
+    atomic_write_json(d / "metrics.json", metrics, indent=2, sort_keys=False)
+    atomic_write_text(d / "report.md", report_markdown(record))
     plot_accuracy(record, d / "accuracy.png")
-    save_adapter(model, d / "adapter")
+    with atomic_folder(d / "adapter") as tmp:
+        save_adapter(model, tmp)
     if base_delta:
-        save_file(
-            {k: t.contiguous() for k, t in flatten(Adapter({}, {}, base_delta)).items()},
-            str(d / "base_delta.safetensors"),
-        )
+        tensors = {k: t.contiguous() for k, t in flatten(Adapter({}, {}, base_delta)).items()}
+        atomic_write_bytes(d / "base_delta.safetensors", safetensors_bytes(tensors))

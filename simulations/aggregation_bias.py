@@ -24,7 +24,6 @@ writes `simulations/results/aggregation_bias.json` and `.md`.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -33,11 +32,12 @@ from pathlib import Path
 import torch
 
 from fairedge.common.aggregation import ClientUpdate, lora_fair
+from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import load_config
 from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
 from fairedge.common.training import train_local
-from fairedge.server.federation import make_aggregator
-from fairedge.simulations.aggregation_study import CONFIG, RESULTS, _display
+from fairedge.server.federation import configured_aggregator as make_aggregator
+from fairedge.simulations.paths import CONFIG, RESULTS, display
 
 CANDIDATES = ("fedit", "lora_fair", "best_B", "best_rank_r")
 
@@ -79,7 +79,6 @@ def layer_diagnostics(
 
 def replay(cfg, method: str) -> list[dict[str, float]]:
     """Run the federation in-process with `method`; per round, the layer-mean diagnostics."""
-    torch.set_num_threads(1)
     cfg = cfg.model_copy(update={"aggregation": cfg.aggregation.model_copy(update={"method": method})})
     aggregator = make_aggregator(cfg)
     model = lora_model(cfg)
@@ -128,7 +127,7 @@ def report(rows: list[dict[str, float]], cfg, method: str, command: str) -> str:
     lines = [
         "# How much of each round's update survives aggregation",
         "",
-        f"Config `{_display(CONFIG)}` (+ the overrides in the command), run name `{cfg.name}`, seed {cfg.seed}, "
+        f"Config `{display(CONFIG)}` (+ the overrides in the command), run name `{cfg.name}`, seed {cfg.seed}, "
         f"partition {cfg.data.partition}, rule driving the federation: {method} (λ = {cfg.aggregation.lam}, "
         f"{cfg.aggregation.objective}); {cfg.federation.num_clients} clients × {cfg.federation.local_steps} local "
         f"steps, LoRA rank {cfg.lora.rank}. Mean over the adapted layers; "
@@ -162,18 +161,19 @@ def main() -> None:
     parser.add_argument("--method", default="lora_fair", help="the rule that drives the replayed federation")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
+    torch.set_num_threads(1)
     cfg = load_config(CONFIG, args.overrides)
     rows = replay(cfg, args.method)
     command = shlex.join(["python", "-m", "fairedge.simulations.aggregation_bias", *sys.argv[1:]])
     out = Path(args.results)
     tag = f"{cfg.data.partition}-{args.method}"
-    (out / f"aggregation_bias-{tag}.json").write_text(
-        json.dumps(
-            {"config": cfg.model_dump(mode="json"), "method": args.method, "command": command, "rounds": rows}, indent=1
-        )
+    atomic_write_json(
+        out / f"aggregation_bias-{tag}.json",
+        {"config": cfg.model_dump(mode="json"), "method": args.method, "command": command, "rounds": rows},
+        sort_keys=False,
     )
     md = report(rows, cfg, args.method, command)
-    (out / f"aggregation_bias-{tag}.md").write_text(md)
+    atomic_write_text(out / f"aggregation_bias-{tag}.md", md)
     print(md)
 
 

@@ -17,8 +17,6 @@ writes `<results>/aggregation_accuracy.json` (every run; resumable, seed-major),
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import shlex
 import statistics
 import textwrap
@@ -31,16 +29,17 @@ import torch
 from torch import nn
 
 from fairedge.common.aggregation import AGGREGATORS
+from fairedge.common.atomic_files import atomic_save_figure, atomic_write_text
 from fairedge.common.config import RunConfig, config_hash, load_config
 from fairedge.common.data import LabeledData
 from fairedge.common.lora import set_trainable_factors
 from fairedge.common.task import client_partition, load_task, lora_model
 from fairedge.common.training import evaluate_per_domain, resolve_device, train_local
 from fairedge.server.run_outputs import RunRecord
-from fairedge.simulations.sweep import run_sweep
+from fairedge.simulations.paths import CONFIG, RESULTS, display
+from fairedge.simulations.report import mean_std
+from fairedge.simulations.sweep import load_rows, run_sweep, sweep_config
 
-RESULTS = Path(__file__).parent / "results"
-CONFIG = Path(__file__).parent / "configs" / "default.toml"
 PARTITIONS = ("feature", "feature-label")
 METHODS = ("fedit", "lora_fair", "ffa_lora", "flora", "flexlora", "fedex_lora", "fedsa_lora", "rolora")
 CENTRAL = "centralised"
@@ -61,15 +60,6 @@ FRACTION = 0.95
 def variants(partitions: Sequence[str], methods: Sequence[str]) -> dict[str, list[str]]:
     """`<partition>/<method>` -> its overrides (for `run_sweep`)."""
     return {f"{p}/{m}": [f"data.partition={p}", f"aggregation.method={m}"] for p in partitions for m in methods}
-
-
-def run_config(
-    config: str | Path, label: str, overrides: Sequence[str], seed: int, common: Sequence[str] = ()
-) -> RunConfig:
-    """The config `run_sweep` builds for (label, seed): so hashes match between the two."""
-    return load_config(
-        config, [*common, *overrides, f"seed={seed}", f"name=sweep-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}"]
-    )
 
 
 # --- the reference: centralised LoRA on the pooled client data --------------------------------
@@ -147,35 +137,9 @@ def centralised(
 def run_centralised(
     config: str | Path, partitions: Sequence[str], seeds: Sequence[int], results: Path, common: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    """Append `<partition>/centralised` rows (shaped like `run_sweep`'s) to `results`; skip finished ones."""
-    rows: list[dict[str, Any]] = json.loads(results.read_text()) if results.exists() else []
-    done = {(r["variant"], r["seed"], r["config_hash"]) for r in rows}
-    for seed in seeds:
-        for p in partitions:
-            label, overrides = f"{p}/{CENTRAL}", [f"data.partition={p}"]
-            cfg = run_config(config, label, overrides, seed, common)
-            if (label, seed, config_hash(cfg)) in done:
-                continue
-            record, _ = centralised(cfg)
-            rows.append(
-                {
-                    "variant": label,
-                    "seed": seed,
-                    "config_hash": config_hash(cfg),
-                    "overrides": overrides,
-                    "summary": record.summary(),
-                    "rounds": record.rounds,
-                    "run_dir": None,
-                }
-            )
-            results.parent.mkdir(parents=True, exist_ok=True)
-            results.write_text(json.dumps(rows, indent=1))
-            print(
-                f"{label} seed {seed}: final mean acc {record.summary()['final_mean_accuracy']:.4f} "
-                f"({record.wall_seconds:.0f} s)",
-                flush=True,
-            )
-    return rows
+    """Add `<partition>/centralised` rows to `results` (the sweep runner, runs without Flower); skip finished ones."""
+    variants = {f"{p}/{CENTRAL}": [f"data.partition={p}"] for p in partitions}
+    return run_sweep(config, variants, seeds, results, common, run=lambda cfg: centralised(cfg)[0])
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -187,9 +151,9 @@ def round_reaching(rounds: Sequence[dict[str, Any]], fraction: float = FRACTION,
     return next(r["round"] for r in rounds if r[key] >= target - 1e-12)
 
 
-def _pct(values: Sequence[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
+def percent(values: Sequence[float]) -> str:
+    """Fractions as `mean ± std` in percent, two decimals."""
+    return mean_std([100 * v for v in values], "{:.2f}")
 
 
 def select(
@@ -198,7 +162,7 @@ def select(
     """This study's rows of one partition/method (same config hash as this invocation would run), by seed."""
     label = f"{partition}/{method}"
     overrides = [f"data.partition={partition}"] + ([] if method == CENTRAL else [f"aggregation.method={method}"])
-    want = {s: config_hash(run_config(config, label, overrides, s, common)) for s in seeds}
+    want = {s: config_hash(sweep_config(config, label, overrides, s, common)) for s in seeds}
     return sorted(
         (r for r in rows if r["variant"] == label and want.get(r["seed"]) == r["config_hash"]), key=lambda r: r["seed"]
     )
@@ -244,14 +208,14 @@ def table(by_method: dict[str, list[dict]]) -> str:
         )
         cells = [
             f"{bold}{NAMES.get(m, m)}{bold}",
-            f"{bold}{_pct([x['final_mean_accuracy'] for x in s])}{bold}",
-            _pct([x["final_worst_accuracy"] for x in s]),
+            f"{bold}{percent([x['final_mean_accuracy'] for x in s])}{bold}",
+            percent([x["final_worst_accuracy"] for x in s]),
             f"{statistics.mean(round_reaching(r['rounds']) for r in rs):.1f}",
             *comm,
         ]
         if personal:
             pa = [x["final_personal_mean_accuracy"] for x in s if x.get("final_personal_mean_accuracy") is not None]
-            cells.append(_pct(pa) if pa else "—")
+            cells.append(percent(pa) if pa else "—")
         cells.append(", ".join(str(r["seed"]) for r in rs))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -325,7 +289,7 @@ def plot(tables: dict[str, dict[str, list[dict]]], path: Path, title: str) -> No
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(textwrap.fill(title, 75 * len(tables)), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -351,12 +315,6 @@ def command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _display(path: str | Path) -> str:
-    p = Path(path).resolve()
-    root = Path(__file__).resolve().parents[1]
-    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-
-
 def report(rows: list[dict], args: argparse.Namespace) -> tuple[str, dict[str, dict[str, list[dict]]]]:
     """The markdown report and the rows behind each table."""
     cfg = load_config(args.config, list(args.overrides))
@@ -369,7 +327,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> tuple[str, dict[str, d
     md = [
         "# Aggregation methods vs centralised LoRA: accuracy (digits-domains)",
         "",
-        f"Config `{_display(args.config)}`; overrides per run `data.partition=<partition>`, "
+        f"Config `{display(args.config)}`; overrides per run `data.partition=<partition>`, "
         f"`aggregation.method=<method>`, `seed=<seed>`, `name=sweep-<partition>-<method>`; "
         f"extra overrides for every run: {sets}. Seeds {list(args.seeds)}.",
         f"Task {cfg.data.task}, {f.num_clients} clients, {f.rounds} round{'s' * (f.rounds > 1)}, "
@@ -383,7 +341,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> tuple[str, dict[str, d
         command(args),
         "```",
         "",
-        f"Every run: `{_display(Path(args.results) / 'aggregation_accuracy.json')}`. Accuracy in %, mean ± sample std "
+        f"Every run: `{display(Path(args.results) / 'aggregation_accuracy.json')}`. Accuracy in %, mean ± sample std "
         f"over seeds; worst-domain = lowest per-domain accuracy of the final round; "
         f"'round reaching {FRACTION:.0%}' = first round (0 = pre-trained base) whose mean accuracy is at least "
         f"{FRACTION:.0%} of that run's final mean accuracy, averaged over seeds; MB = 10⁶ bytes, summed over all "
@@ -438,10 +396,10 @@ def main() -> None:
     for seed in args.seeds:  # seed-major, the centralised reference included
         run_sweep(args.config, variants(args.partitions, args.methods), [seed], out, common_overrides=args.overrides)
         run_centralised(args.config, args.partitions, [seed], out, args.overrides)
-    md, tables = report(json.loads(out.read_text()), args)
-    (results / "aggregation.md").write_text(md)
+    md, tables = report(load_rows(out), args)
+    atomic_write_text(results / "aggregation.md", md)
     title = (
-        f"{_display(args.config)} {' '.join(args.overrides)}: mean accuracy per round, "
+        f"{display(args.config)} {' '.join(args.overrides)}: mean accuracy per round, "
         f"mean over seeds {list(args.seeds)}"
     )
     plot(tables, results / "aggregation.png", title)

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -41,6 +40,8 @@ from fairedge.common.aggregation.base import weighted_mean
 from fairedge.common.aggregation.factored import LowRankSum
 from fairedge.common.aggregation.flexlora import flexlora
 from fairedge.common.aggregation.lora_fair import lora_fair, solve_lora_fair
+from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
+from fairedge.simulations.paths import RESULTS
 
 SEED = 0
 LAM = 0.01
@@ -52,7 +53,6 @@ RANKS = (8, 16, 64)
 CLIENTS = (10, 100)
 METHODS = ("fedit", "lora_fair_cosine", "lora_fair_frobenius", "lora_fair_dense_adam", "flexlora")
 HEADLINE = {"m": 4096, "r": 16, "K": 10}
-RESULTS = Path(__file__).parent / "results"
 
 Inputs = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
 
@@ -333,9 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         "headline": headline,
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "aggregation_cost.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "aggregation_cost.md").write_text(_markdown(report))
+    atomic_write_json(RESULTS / "aggregation_cost.json", report, indent=2, sort_keys=False)
+    atomic_write_text(RESULTS / "aggregation_cost.md", _markdown(report))
     print()
     print(_table(rows))
     print(json.dumps(headline, indent=2))

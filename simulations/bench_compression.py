@@ -19,7 +19,6 @@ Writes a Markdown table and a JSON file (same path, `.md` / `.json`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.compression import compress, decompress, read_header
 from fairedge.common.wire import adapter_update_pb2 as pb
 
@@ -264,10 +264,9 @@ def main(argv: list[str] | None = None) -> None:
 
     text = markdown(config, sizes, messages, speeds)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
+    atomic_write_text(args.out.with_suffix(".md"), text)
     results = {"config": config, "sizes": sizes, "small_vit_messages": messages, "throughput": speeds}
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(args.out.with_suffix(".json"), results, indent=2, sort_keys=False)
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 
 

@@ -27,7 +27,6 @@ Writes `simulations/results/edge_latency.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,26 +41,23 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import RunConfig, build_config, config_hash, load_config
+from fairedge.common.edge_format import model_inputs, onnx_logits, session
 from fairedge.common.edge_model import (
     MergedModel,
     export_onnx,
     forward_with_norm,
     input_specs,
     load_merged_model,
-    model_inputs,
     norm_parameters,
-    onnx_logits,
     perturbed_norm,
     quantize_onnx,
-    session,
     weights_version,
 )
 from fairedge.common.task import base_model, load_task
+from fairedge.simulations.paths import CONFIG, RESULTS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "simulations" / "configs" / "default.toml"
-RESULTS = ROOT / "simulations" / "results"
 BATCHES = (1, 32)
 SEED = 0
 
@@ -71,11 +67,11 @@ def _vit(run: str | None) -> tuple[MergedModel, Any, str]:
     if run:
         merged = load_merged_model(run)
         return merged, load_task(merged.cfg).test, f"merged global model of run `{Path(run).name}`"
-    cfg = load_config(DEFAULT_CONFIG)
+    cfg = load_config(CONFIG)
     task = load_task(cfg)
     model = base_model(cfg)
     merged = MergedModel(model, cfg, input_specs(cfg, task), list(task.classes), "vit-base", weights_version(model))
-    return merged, task.test, f"pre-trained base of `{DEFAULT_CONFIG.relative_to(ROOT)}` (config `{cfg.name}`)"
+    return merged, task.test, f"pre-trained base of `{CONFIG.relative_to(ROOT)}` (config `{cfg.name}`)"
 
 
 _POSITIVE = ("great", "lovely", "wonderful", "best", "enjoyable")
@@ -130,9 +126,8 @@ def _minilm() -> tuple[MergedModel, Any, str]:
     from sklearn.linear_model import LogisticRegression
 
     table = ROOT / ".cache" / "fairedge" / "bench_edge_reviews.csv"  # fixed path: the config hash stays put
-    table.parent.mkdir(parents=True, exist_ok=True)
     rows = _review_texts(512, np.random.default_rng(SEED))
-    table.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
+    atomic_write_text(table, "text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     cfg: RunConfig = build_config(
         {
             "name": "bench-minilm",
@@ -428,9 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         "models": models,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "edge_latency.json").write_text(json.dumps(res, indent=2))
-    (out / "edge_latency.md").write_text(_markdown(res))
+    atomic_write_json(out / "edge_latency.json", res, indent=2, sort_keys=False)
+    atomic_write_text(out / "edge_latency.md", _markdown(res))
     print(_markdown(res))
 
 

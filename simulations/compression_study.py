@@ -13,14 +13,12 @@ the codec benchmark's size and speed tables from `compression_codec.md`).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-from pathlib import Path
 
-from fairedge.simulations.sweep import mean_std, run_sweep
-
-RESULTS = Path(__file__).parent / "results"
-CONFIG = Path(__file__).parent / "configs" / "default.toml"
+from fairedge.common.atomic_files import atomic_write_text
+from fairedge.simulations.paths import CONFIG, RESULTS, display
+from fairedge.simulations.report import mean_std
+from fairedge.simulations.sweep import run_sweep
 
 
 def variants() -> dict[str, list[str]]:
@@ -58,7 +56,7 @@ def table(rows: list[dict], seeds: list[int]) -> str:
         diffs = [100 * (r["summary"]["final_mean_accuracy"] - base[r["seed"]]) for r in sel if r["seed"] in base]
         lines.append(
             f"| {label} | {mean_std([x['final_mean_accuracy'] for x in s])} "
-            f"| {mean_std(diffs, digits=2) if diffs else '-'} "
+            f"| {mean_std(diffs, '{:.2f}')} "
             f"| {mean_std([x['final_worst_accuracy'] for x in s])} "
             f"| {statistics.mean(x['bytes_up'] for x in s):,.0f} "
             f"| {statistics.mean(ratio):.1f}x | {len(sel)} |"
@@ -74,26 +72,27 @@ def main() -> None:
     args = parser.parse_args()
     out = RESULTS / "compression_accuracy.json"
     rows = run_sweep(args.config, variants(), args.seeds, out, common_overrides=[f"aggregation.method={args.method}"])
-    md = RESULTS / "compression_accuracy.md"
-    md.write_text(
+    accuracy = (
         "# ComPEFT in federated rounds: accuracy vs uplink bytes\n\n"
-        f"Config `{os.path.relpath(args.config, Path(__file__).parents[1])}` "
+        f"Config `{display(args.config)}` "
         f"with aggregation `{args.method}`, seeds {args.seeds}; "
         "digits-domains, 6 clients (one domain each), 10 rounds.\n"
         "Regenerate: `python -m fairedge.simulations.compression_study "
         f"--seeds {' '.join(map(str, args.seeds))} --method {args.method}`\n\n" + table(rows, args.seeds) + "\n"
     )
+    atomic_write_text(RESULTS / "compression_accuracy.md", accuracy)
     codec = RESULTS / "compression_codec.md"
-    (RESULTS / "compression.md").write_text(
+    atomic_write_text(
+        RESULTS / "compression.md",
         "# ComPEFT compression: results\n\n"
         "Regenerate: `python -m fairedge.simulations.real_deltas && python -m fairedge.simulations.bench_compression "
         "--deltas simulations/results/real_deltas.pt` (size and speed, below) and "
         f"`python -m fairedge.simulations.compression_study --seeds {' '.join(map(str, args.seeds))} --method {args.method}` "
         "(accuracy).\n\n"
-        + md.read_text().replace("# ", "## ", 1)
-        + ("\n" + codec.read_text().replace("## ", "### ").replace("# ", "## ", 1) if codec.exists() else "")
+        + accuracy.replace("# ", "## ", 1)
+        + ("\n" + codec.read_text().replace("## ", "### ").replace("# ", "## ", 1) if codec.exists() else ""),
     )
-    print(md.read_text())
+    print(accuracy)
 
 
 if __name__ == "__main__":

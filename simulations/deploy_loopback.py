@@ -39,10 +39,12 @@ from typing import IO, Any
 import psutil
 import tomli_w
 
+from fairedge.common.atomic_files import atomic_write_text
 from fairedge.common.certificates import Credentials, make_credentials
+from fairedge.simulations.paths import CONFIG, ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = PROJECT_ROOT / "simulations" / "configs" / "default.toml"
+PROJECT_ROOT = ROOT
+DEFAULT_CONFIG = CONFIG
 CONNECTION = "fairedge-loopback"
 Log = Callable[[str], None]
 
@@ -197,7 +199,8 @@ class LoopbackDeployment:
         self.log(f"certificates and {self.num_nodes} node keys in {self.folder / 'certs'}")
         self.port = free_port()
         self.flwr_home.mkdir(exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
+        atomic_write_text(
+            self.flwr_home / "config.toml",
             tomli_w.dumps(
                 {
                     "superlink": {
@@ -208,7 +211,7 @@ class LoopbackDeployment:
                         },
                     }
                 }
-            )
+            ),
         )
         for i, key in enumerate(self.creds.nodes):
             config = f"partition-id={i} num-partitions={self.num_nodes}"
@@ -421,8 +424,9 @@ class LoopbackDeployment:
         overrides = [o for o in overrides if o.partition("=")[0].strip() != "output_dir"]
         overrides.append(f"output_dir='{output_dir}'")  # absolute: the ServerApp runs in another process
         run_config = self.folder / f"{name}-config.toml"
-        run_config.write_text(
-            tomli_w.dumps({"config-file": str(Path(config_file).resolve()), "overrides": "; ".join(overrides)})
+        atomic_write_text(
+            run_config,
+            tomli_w.dumps({"config-file": str(Path(config_file).resolve()), "overrides": "; ".join(overrides)}),
         )
         self.log(f"flwr run . {CONNECTION} --stream --run-config {run_config} (log {self.logs / name}.log)")
         return self._spawn(

@@ -13,24 +13,15 @@ writes `simulations/results/lora_fair_ablation.json` (every run; resumable) and
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 from pathlib import Path
 
-from fairedge.common.config import config_hash
-from fairedge.simulations.aggregation_study import (
-    CENTRAL,
-    CONFIG,
-    PARTITIONS,
-    RESULTS,
-    _display,
-    _pct,
-    centralised,
-    run_config,
-    select,
-)
-from fairedge.simulations.sweep import run_sweep
+from fairedge.common.atomic_files import atomic_write_text
+from fairedge.simulations.aggregation_study import CENTRAL, PARTITIONS, centralised, percent, select
+from fairedge.simulations.paths import CONFIG, RESULTS, display
+from fairedge.simulations.report import mean_std
+from fairedge.simulations.sweep import load_rows, run_sweep
 
 VARIANTS: dict[str, list[str]] = {
     "lora_fair λ=0.0001": ["aggregation.method=lora_fair", "aggregation.lam=0.0001"],
@@ -45,27 +36,9 @@ LARGE_BATCH = "centralised, large batch"
 
 
 def run_large_batch(partition: str, seeds: list[int], out: Path) -> None:
-    """Append the `LARGE_BATCH` reference runs (no Flower) to `out`; skip finished ones."""
-    rows = json.loads(out.read_text()) if out.exists() else []
-    label = f"{partition}/{LARGE_BATCH}"
-    for seed in seeds:
-        cfg = run_config(CONFIG, label, [f"data.partition={partition}"], seed)
-        if any(r["variant"] == label and r["seed"] == seed and r["config_hash"] == config_hash(cfg) for r in rows):
-            continue
-        record, _ = centralised(cfg, large_batch=True)
-        rows.append(
-            {
-                "variant": label,
-                "seed": seed,
-                "config_hash": config_hash(cfg),
-                "overrides": [],
-                "summary": record.summary(),
-                "rounds": record.rounds,
-                "run_dir": None,
-            }
-        )
-        out.write_text(json.dumps(rows, indent=1))
-        print(f"{label} seed {seed}: final mean acc {record.summary()['final_mean_accuracy']:.4f}", flush=True)
+    """Add the `LARGE_BATCH` reference runs (no Flower) to `out`; skip finished ones."""
+    variants = {f"{partition}/{LARGE_BATCH}": [f"data.partition={partition}"]}
+    run_sweep(CONFIG, variants, seeds, out, run=lambda cfg: centralised(cfg, large_batch=True)[0])
 
 
 def _final(rows: list[dict]) -> dict[int, float]:
@@ -85,7 +58,7 @@ def report(rows: list[dict], partition: str, seeds: list[int], study: list[dict]
     lines = [
         f"# LoRA-FAIR ablation ({partition} non-IID, digits-domains)",
         "",
-        f"Config `{_display(CONFIG)}` with `data.partition={partition}`, seeds {seeds}; each variant changes the "
+        f"Config `{display(CONFIG)}` with `data.partition={partition}`, seeds {seeds}; each variant changes the "
         "overrides shown. Δ = paired per-seed difference in points (mean ± std) against the aggregation "
         "study's FedIT and default LoRA-FAIR (λ = 0.01, cosine) runs of the same seeds. Round-1 columns: the "
         "server's `lora_fair/*` metrics in round 1, mean over seeds. Centralised (study): pooled data, "
@@ -124,7 +97,7 @@ def report(rows: list[dict], partition: str, seeds: list[int], study: list[dict]
         d_fair = [100 * (acc[s] - fair[s]) for s in acc if s in fair]
         overrides = ", ".join(f"`{o}`" for o in VARIANTS.get(name, [])) or "–"
         lines.append(
-            f"| {name} | {overrides} | {_pct(list(acc.values()))} | {_pts(d_fedit)} | {_pts(d_fair)} | "
+            f"| {name} | {overrides} | {percent(list(acc.values()))} | {_pts(d_fedit)} | {_pts(d_fair)} | "
             f"{_round1(label_rows, 'lora_fair/cos_fedit')} | {_round1(label_rows, 'lora_fair/cos_fair')} | "
             f"{_round1(label_rows, 'lora_fair/rel_correction')} |"
         )
@@ -132,10 +105,7 @@ def report(rows: list[dict], partition: str, seeds: list[int], study: list[dict]
 
 
 def _pts(values: list[float]) -> str:
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.2f} ± {sd:.2f}"
+    return mean_std(values, "{:+.2f}", empty="–")
 
 
 def main() -> None:
@@ -150,7 +120,7 @@ def main() -> None:
     for seed in args.seeds:
         run_sweep(CONFIG, variants, [seed], out)
     run_large_batch(args.partition, args.seeds, out)
-    study = json.loads((Path(args.results) / "aggregation_accuracy.json").read_text())
+    study = load_rows(Path(args.results) / "aggregation_accuracy.json")
     command = shlex.join(
         [
             "python",
@@ -162,8 +132,8 @@ def main() -> None:
             args.partition,
         ]
     )
-    md = report(json.loads(out.read_text()), args.partition, args.seeds, study, command)
-    (Path(args.results) / "lora_fair_ablation.md").write_text(md)
+    md = report(load_rows(out), args.partition, args.seeds, study, command)
+    atomic_write_text(Path(args.results) / "lora_fair_ablation.md", md)
     print(md)
 
 

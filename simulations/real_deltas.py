@@ -10,16 +10,17 @@ exactly as in round 1 of a run; the file maps `client<k>/<wire name>` to its del
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 import torch
 
 from fairedge.common.adapter_record import flatten
+from fairedge.common.atomic_files import atomic_write_bytes
 from fairedge.common.config import load_config
 from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
 from fairedge.common.training import train_local
-
-CONFIG = Path(__file__).parent / "configs" / "default.toml"
+from fairedge.simulations.paths import CONFIG
 
 
 def main() -> None:
@@ -48,8 +49,9 @@ def main() -> None:
         after = flatten(get_adapter(model))
         deltas.update({f"client{k}/{name}": after[name] - t for name, t in flatten(start).items()})
         print(f"client {k}: {sum(t.numel() for t in after.values()):,} parameters")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(deltas, args.out)
+    buffer = io.BytesIO()
+    torch.save(deltas, buffer)
+    atomic_write_bytes(args.out, buffer.getvalue())
     print(f"wrote {len(deltas)} tensors ({sum(t.numel() for t in deltas.values()):,} values) to {args.out}")
 
 

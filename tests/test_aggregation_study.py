@@ -7,6 +7,7 @@ import pytest
 
 from fairedge.common.task import client_partition
 from fairedge.simulations import aggregation_study as study
+from fairedge.simulations.sweep import sweep_config
 
 DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 
@@ -111,7 +112,7 @@ def test_centralised_rows_have_run_sweep_shape_and_are_not_rerun(tiny, tmp_path,
 
 
 def test_pooled_data_is_the_union_of_the_client_partitions(tiny):
-    cfg = study.run_config(DEFAULT, "feature/centralised", ["data.partition=feature"], 0, tiny)
+    cfg = sweep_config(DEFAULT, "feature/centralised", ["data.partition=feature"], 0, tiny)
     parts = [client_partition(cfg, k) for k in range(2)]
     pooled = study._pool(parts)
     assert len(pooled) == sum(len(p) for p in parts)

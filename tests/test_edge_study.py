@@ -9,21 +9,10 @@ import pytest
 import torch
 
 from fairedge.common.data.task_data import LabeledData, normalize_pixels
-from fairedge.simulations.edge_study import (
-    CORRUPTIONS,
-    MODES,
-    SEGMENTS,
-    build_stream,
-    corrupt,
-    corruption_generator,
-    gain_table,
-    gains,
-    latency_summary,
-    mode_table,
-    segment_table,
-    tuning_table,
-    windowed_accuracy,
-)
+from fairedge.simulations.edge_lockstep import MODES
+from fairedge.simulations.edge_plot import windowed_accuracy
+from fairedge.simulations.edge_stream import CORRUPTIONS, SEGMENTS, build_stream, corrupt, corruption_generator
+from fairedge.simulations.edge_tables import gain_table, gains, latency_summary, mode_table, segment_table, tuning_table
 
 
 def digits_like(n: int = 24, seed: int = 0) -> torch.Tensor:
@@ -133,14 +122,15 @@ def test_latency_summary_keeps_the_intro_and_the_chosen_sections_one_level_down(
 
 
 def test_target_line_and_teacher_section():
-    from fairedge.simulations.edge_study import _target_line, summary_table, teacher_section
+    from fairedge.simulations.edge_report import target_line, teacher_section
+    from fairedge.simulations.edge_tables import summary_table
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
-    assert _target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in _target_line(
+    assert target_line(gains(rows)).startswith("**Target met**: CEMA uploads 30.0%") and "keeps 0.95" in target_line(
         gains(rows)
     )
     worse = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.55, 0.6), _row("all", 0, 0.60, 1.0)]
-    assert "**Target not met**" in _target_line(gains(worse)) and "above the 50 % budget" in _target_line(gains(worse))
+    assert "**Target not met**" in target_line(gains(worse)) and "above the 50 % budget" in target_line(gains(worse))
     data = {
         "study": {
             "teacher": "runs/t",
@@ -168,7 +158,7 @@ def _tuned(setting: str, cema: float, all_: float, uploaded: float) -> list[dict
 
 
 def test_chosen_setting_prefers_the_best_cema_within_the_upload_budget():
-    from fairedge.simulations.edge_study import chosen_setting
+    from fairedge.simulations.edge_settings import chosen_setting
 
     none = [_row("none", 0, 0.50, 0.0)]
     assert chosen_setting([]) is None
@@ -186,7 +176,7 @@ def test_chosen_setting_prefers_the_best_cema_within_the_upload_budget():
 
 def test_photometric_jitter_adds_labelled_copies_deterministically():
     from fairedge.common.data import LabeledData
-    from fairedge.simulations.edge_study import photometric_jitter
+    from fairedge.simulations.edge_teachers import photometric_jitter
 
     x = torch.randn(6, 1, 4, 4)
     data = LabeledData(x, torch.arange(6), torch.zeros(6, dtype=torch.int64))
@@ -198,14 +188,14 @@ def test_photometric_jitter_adds_labelled_copies_deterministically():
 
 
 def test_headroom_table():
-    from fairedge.simulations.edge_study import headroom_table
+    from fairedge.simulations.edge_tables import headroom_table
 
     rows = [{"corruption": "contrast", "severity": 2, "in_stream": True, "served": 0.2, "fitted": 0.41}]
     assert "| contrast-2 | yes | 0.200 | 0.410 | +21.0 |" in headroom_table(rows)
 
 
 def test_teacher_choice_is_checked():
-    from fairedge.simulations.edge_study import study_config, teacher_run
+    from fairedge.simulations.edge_teachers import study_config, teacher_run
 
     cfg = study_config()
     assert teacher_run("self", cfg) is None
@@ -216,7 +206,8 @@ def test_teacher_choice_is_checked():
 def test_stream_accuracy_of_student_and_teacher():
     from types import SimpleNamespace
 
-    from fairedge.simulations.edge_study import Stream, stream_accuracy
+    from fairedge.simulations.edge_stream import Stream
+    from fairedge.simulations.edge_yardsticks import stream_accuracy
 
     x = np.zeros((10, 1, 2, 2), dtype=np.float32)
     x[:, 0, 0, 0] = np.arange(10)
@@ -236,8 +227,8 @@ def test_stream_accuracy_of_student_and_teacher():
 
 
 def test_target_line_names_seeds_where_uploading_everything_lost():
-    from fairedge.simulations.edge_study import _target_line
+    from fairedge.simulations.edge_report import target_line
 
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.51, 0.3), _row("all", 0, 0.49, 1.0)]
-    line = _target_line(gains(rows))
+    line = target_line(gains(rows))
     assert line.startswith("**Target not met**") and "gained nothing on seed(s) 0 (-1.00 points)" in line

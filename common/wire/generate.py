@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from fairedge.common.atomic_files import atomic_write_text
+
 PROTO_DIR = Path(__file__).resolve().parents[2] / "proto"
 WIRE_DIR = Path(__file__).resolve().parent
 PACKAGE = "fairedge.common.wire"
@@ -52,7 +54,7 @@ def generate(out_dir: Path = WIRE_DIR, proto_dir: Path = PROTO_DIR) -> list[Path
             raise RuntimeError(f"protoc failed on {proto}")
         for name in outputs:
             path = out_dir / name
-            path.write_text(_LOCAL_IMPORT.sub(rf"from {PACKAGE} import \1 as \2", path.read_text()))
+            atomic_write_text(path, _LOCAL_IMPORT.sub(rf"from {PACKAGE} import \1 as \2", path.read_text()))
             written.append(path)
     return written
 
