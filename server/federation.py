@@ -3,7 +3,8 @@
 Reads top to bottom: data and model, the initial global adapter, the strategy,
 then the round loop, then the outputs (see `fairedge.server.run_outputs`). The loop is
 ours rather than Flower's `Strategy.start` (which always runs rounds 1..N)
-because a run must be able to resume and to retry a round:
+because a run must be able to resume and to retry a round. Like `Strategy.start`, the loop
+holds the global adapter and hands it to the strategy (as an ArrayRecord) every round:
 
     for each round:   configure_train -> grid.send_and_receive -> aggregate_train
                       (retried up to `federation.round_retries` times while too few
@@ -19,17 +20,17 @@ checkpoint; its outputs then cover all rounds of all sessions.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from fairedge.common.aggregation import AGGREGATORS, Aggregator
+from fairedge.common.adapter_record import adapter_from_record, adapter_to_record
+from fairedge.common.aggregation import Adapter, Aggregator, make_aggregator
 from fairedge.common.config import RunConfig
 from fairedge.common.lora import get_base_weights
 from fairedge.common.task import config_json, get_adapter, load_task, lora_model, set_adapter
@@ -46,16 +47,11 @@ class RoundFailed(RuntimeError):
     """A round got too few valid updates in every attempt; the run stopped (its checkpoint is intact)."""
 
 
-def make_aggregator(cfg: RunConfig) -> Aggregator:
-    """The configured aggregation rule, given the config values its constructor takes.
-
-    Besides the `aggregation` section it may take `lora_scale` (`alpha / rank`, for
-    rules that fold `s·B·A` into the base weights).
-    """
-    cls = AGGREGATORS[cfg.aggregation.method]
-    accepted = inspect.signature(cls).parameters
-    values = {**cfg.aggregation.model_dump(), "lora_scale": cfg.lora.alpha / cfg.lora.rank}
-    return cls(**{k: v for k, v in values.items() if k in accepted})
+def configured_aggregator(cfg: RunConfig) -> Aggregator:
+    """The configured aggregation rule (`make_aggregator` with the config's options and the LoRA scale
+    `alpha / rank`, which rules that fold `s·B·A` into the base weights take)."""
+    options = cfg.aggregation.model_dump(exclude={"method"})
+    return make_aggregator(cfg.aggregation.method, lora_scale=cfg.lora.alpha / cfg.lora.rank, **options)
 
 
 def run_federation(
@@ -74,9 +70,9 @@ def run_federation(
     base_weights = get_base_weights(model)  # W0 of every LoRA layer, for rules that change base weights
     shifted = [d for d in task.domains if d != task.source_domain]
     record = RunRecord(cfg=cfg, run_dir=run_dir, domains=task.domains, shifted_domains=shifted)
+    global_adapter = initial
     strategy = LoraStrategy(
-        make_aggregator(cfg),
-        initial,
+        configured_aggregator(cfg),
         fraction_train=f.fraction_train,
         min_train_nodes=f.min_train_nodes,
         downlink=cfg.compression.downlink,
@@ -90,7 +86,7 @@ def run_federation(
 
     def evaluate(server_round: int, round_started: float) -> None:
         """Server-side accuracy of the global adapter; record the round; report it."""
-        set_adapter(model, strategy.global_adapter, base_weights)
+        set_adapter(model, global_adapter, base_weights)
         acc = evaluate_per_domain(model, task.test, task.domains, device=device)
         attempts = [r for r in strategy.rounds if r.round == server_round] or None
         row = record.add_round(server_round, acc, attempts, seconds=time.time() - round_started)
@@ -98,14 +94,14 @@ def run_federation(
             on_round(row)
 
     def checkpoint(server_round: int) -> None:
-        save_run_state(run_dir, server_round, strategy, record, earlier_seconds + time.time() - started)
+        save_run_state(run_dir, server_round, strategy, global_adapter, record, earlier_seconds + time.time() - started)
 
     if resume:
-        done = restore_run_state(run_dir, cfg, strategy, record)
+        done, global_adapter = restore_run_state(run_dir, cfg, strategy, record, like=initial)
         write_config(run_dir, cfg)  # federation.rounds may have been extended
         earlier_seconds = record.wall_seconds
         log.warning("resuming %s after round %d of %d", run_dir, done, f.rounds)
-        if (why := client_state_warning(cfg)) is not None:
+        if (why := client_state_warning(cfg)) is not None:  # the one place every entry point passes
             log.warning("resume: %s", why)
     else:
         done = 0
@@ -116,10 +112,12 @@ def run_federation(
     for server_round in range(done + 1, f.rounds + 1):
         round_started = time.time()
         for attempt in range(f.round_retries + 1):
-            messages = strategy.configure_train(server_round, ArrayRecord(), config, grid)
+            arrays = adapter_to_record(global_adapter)
+            messages = strategy.configure_train(server_round, arrays, config, grid)
             replies = grid.send_and_receive(messages, timeout=f.round_timeout) if messages else []
-            arrays, _ = strategy.aggregate_train(server_round, replies)
-            if arrays is not None:
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:
+                global_adapter = adapter_from_record(aggregated)
                 break
             if attempt < f.round_retries:
                 log.warning("round %d: retrying (%d of %d retries)", server_round, attempt + 1, f.round_retries)
@@ -131,24 +129,24 @@ def run_federation(
                 f"round {server_round} failed {f.round_retries + 1} attempts ({failures}); "
                 f"the global adapter is the one after round {server_round - 1}"
             )
-            _finish(record, model, strategy, base_weights, earlier_seconds + time.time() - started)
+            _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
             raise RoundFailed(
                 f"{record.status}. The checkpoint of round {server_round - 1} is in "
                 f"{run_dir}/checkpoint; resume with: fairedge-sim run --resume {run_dir} "
                 f'(flwr run: run config resume="{run_dir}")'
             )
         if strategy.aggregator.personalized:
-            evaluations = strategy.configure_evaluate(server_round, ArrayRecord(), config, grid)
+            evaluations = strategy.configure_evaluate(server_round, adapter_to_record(global_adapter), config, grid)
             strategy.aggregate_evaluate(server_round, grid.send_and_receive(evaluations, timeout=f.round_timeout))
         evaluate(server_round, round_started)
         checkpoint(server_round)
 
-    _finish(record, model, strategy, base_weights, earlier_seconds + time.time() - started)
+    _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
     return record
 
 
-def _finish(record: RunRecord, model: Any, strategy: LoraStrategy, base_weights: dict, wall_seconds: float) -> None:
-    """Write the outputs for the global adapter the strategy holds now."""
-    set_adapter(model, strategy.global_adapter, base_weights)
+def _finish(record: RunRecord, model: Any, global_adapter: Adapter, base_weights: dict, wall_seconds: float) -> None:
+    """Write the outputs for the global adapter."""
+    set_adapter(model, global_adapter, base_weights)
     record.wall_seconds = wall_seconds
-    write_outputs(record, model.cpu(), strategy.global_adapter.base_delta)
+    write_outputs(record, model.cpu(), global_adapter.base_delta)

@@ -11,19 +11,17 @@ Then runs `fairedge.server.federation.run_federation`.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fairedge.common.config import load_config
-from fairedge.server.checkpoint import client_state_warning, resume_config
+from fairedge.server.checkpoint import resume_config
 from fairedge.server.federation import run_federation
 from fairedge.server.run_outputs import new_run_dir
 
 app = ServerApp()
-log = logging.getLogger("fairedge.server")
 
 
 @app.main()
@@ -32,9 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     overrides = [o.strip() for o in str(context.run_config.get("overrides", "")).split(";") if o.strip()]
     resume = str(context.run_config.get("resume", "")).strip()
     if resume:
-        cfg = resume_config(resume, overrides)
-        if (why := client_state_warning(cfg)) is not None:
-            log.warning("resume: %s", why)
+        cfg = resume_config(resume, overrides)  # run_federation warns about client state it cannot restore
         run_federation(grid, cfg, Path(resume), resume=True)
         return
     path = str(context.run_config.get("config-file", "")) or None

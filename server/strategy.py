@@ -1,15 +1,23 @@
-"""The Flower strategy: FedAvg's messaging, seeded node sampling, update screening, a pluggable LoRA rule.
+"""The Flower strategy: seeded node sampling, update screening, a pluggable LoRA rule.
 
-The strategy keeps the global `Adapter` (the factors clients restart from each
-round: Avg-Initial, plus any base-weight change the rule makes). Each round it
-samples nodes with its own seeded RNG (from the sorted node ids, so the draw is
-reproducible and its state can be checkpointed) and merges the rule's
+It implements Flower's `Strategy` contract (`flwr.serverapp.strategy`): the caller
+holds the global adapter as an `ArrayRecord` (Avg-Initial factors, the head and any
+base-weight change the rule makes), hands it to `configure_train` /
+`configure_evaluate`, and takes the next one from `aggregate_train`. Each round the
+strategy samples nodes with its own seeded RNG (from the sorted node ids, so the
+draw is reproducible and its state can be checkpointed) and merges the rule's
 `client_config` into the train config. A reply must carry exactly the tensors
 that config asks for (`reply_factors`: a factor that is frozen or personal stays
 out) with the sent shapes and finite values; an error reply or a malformed one is
 logged with its node id and left out, and a sampled node that does not reply in
 time is logged as such. Factors a client did not send are taken as the ones it
 was sent.
+
+Flower hands `aggregate_train` only the replies, but a compressed reply is a change
+relative to exactly what was sent (fp16-rounded if so sent) and the rule needs the
+adapter the round started from; like Flower's FedOpt (`current_arrays`), the
+strategy keeps these from `configure_train`, in one place (`SentRound`), until the
+round's `aggregate_train`.
 
 Update norms: a client's update is its change from the adapter it was sent. Its
 norm is compared with the round's reference norm, the median of the valid
@@ -22,10 +30,10 @@ gives no scale and disables the check for the round.
 Valid updates are aggregated in the order of the partition ids the clients
 report (then node ids), so the result does not depend on reply arrival order.
 A round attempt with fewer than `min_train_nodes` valid replies is not
-aggregated: the global adapter stays as it was and the caller may retry the
-round (each attempt gets its own `RoundLog`). For a personalised rule
-(FedSA-LoRA) every client also evaluates its own model after each round; the
-accuracies are kept per round.
+aggregated (`aggregate_train` returns no arrays, so the global adapter stays as
+it was) and the caller may retry the round (each attempt gets its own
+`RoundLog`). For a personalised rule (FedSA-LoRA) every client also evaluates its
+own model after each round; the accuracies are kept per round.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from typing import Any, Literal
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fairedge.common.adapter_record import (
     MalformedAdapter,
@@ -98,12 +106,36 @@ class RoundLog:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoundLog:
-        return cls(
-            **{k: ({int(n): v for n, v in val.items()} if k in cls._INT_KEYED else val) for k, val in data.items()}
-        )
+        fields: dict[str, Any] = {
+            k: ({int(n): v for n, v in val.items()} if k in cls._INT_KEYED else val) for k, val in data.items()
+        }
+        return cls(**fields)
 
 
-class LoraStrategy(FedAvg):
+@dataclass
+class SentRound:
+    """What `configure_train` sent in a round attempt, for that attempt's `aggregate_train`."""
+
+    entry: RoundLog
+    current: Adapter
+    """the global adapter the round started from (what the rule aggregates onto)."""
+    sent: Adapter
+    """what the clients received and start from (`current`, fp16-rounded if the downlink is fp16)."""
+    client_config: ClientConfig
+    messages: list[Message]
+    """the train messages; the grid gives each its message id when it pushes it."""
+
+    def sender(self, reply: Message) -> int:
+        """The node a reply stands for: the one its message was sent to.
+
+        An error reply made by the SuperLink for a node that died carries the
+        SuperLink's own id as sender; the message ids still say whom it was meant for.
+        """
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.messages if m.metadata.message_id}
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+class LoraStrategy(Strategy):
     """Federated LoRA with a server-side `Aggregator`.
 
     Parameters
@@ -112,13 +144,10 @@ class LoraStrategy(FedAvg):
         The rule that turns client adapters into the next global adapter; its
         `client_config` goes to the clients each round, and `personalized` turns
         on federated evaluation of the clients' own models.
-    initial : Adapter
-        The global adapter of round 1 (fresh LoRA factors and the pre-trained head).
     fraction_train : float
         Fraction of connected nodes sampled for training each round.
     min_train_nodes : int
-        Fewest valid replies a round may aggregate (also the minimum sample size,
-        and for personalised evaluation the minimum number of evaluating nodes).
+        Fewest valid replies a round may aggregate (also the minimum sample size).
     downlink : "fp32" | "fp16"
         Precision of the global adapter sent to clients. Compressed replies are
         changes relative to exactly what was sent.
@@ -137,7 +166,6 @@ class LoraStrategy(FedAvg):
     def __init__(
         self,
         aggregator: Aggregator,
-        initial: Adapter,
         *,
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
@@ -147,30 +175,41 @@ class LoraStrategy(FedAvg):
         update_norm_factor: float = 10.0,
         node_wait: float = 0.0,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=1.0 if aggregator.personalized else 0.0,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_train_nodes,
-            min_available_nodes=min_train_nodes,
-        )
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
+        if min_train_nodes < 1:
+            raise ValueError(f"min_train_nodes must be >= 1, got {min_train_nodes!r}")
+        if downlink not in ("fp32", "fp16"):
+            raise ValueError(f"downlink must be 'fp32' or 'fp16', got {downlink!r}")
         if update_norm_rule not in ("reject", "clip", "off"):
             raise ValueError(f"update_norm_rule must be 'reject', 'clip' or 'off', got {update_norm_rule!r}")
         if not update_norm_factor > 1:
             raise ValueError(f"update_norm_factor must be > 1, got {update_norm_factor!r}")
         self.aggregator = aggregator
-        self.global_adapter = initial
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
         self.downlink = downlink
-        self.sent = initial
-        self.round_config: ClientConfig = {}
         self.rounds: list[RoundLog] = []
-        self._outgoing: list[Message] = []
         self.partitions: dict[int, int] = {}
         """node id → the partition id it last reported (also names nodes whose later replies are errors)."""
         self.sampler = random.Random(seed)
         self.update_norm_rule = update_norm_rule
         self.update_norm_factor = float(update_norm_factor)
         self.node_wait = node_wait
+        self._sent: SentRound | None = None
+
+    def summary(self) -> None:
+        """Log the strategy's settings (Flower's `Strategy.start` calls this)."""
+        log.info(
+            "LoraStrategy: aggregation %s, fraction_train %g, min_train_nodes %d, downlink %s, "
+            "update norms %s (factor %g)",
+            self.aggregator.name,
+            self.fraction_train,
+            self.min_train_nodes,
+            self.downlink,
+            self.update_norm_rule,
+            self.update_norm_factor,
+        )
 
     def _connected_nodes(self, grid: Grid) -> list[int]:
         """The connected node ids, sorted; waits up to `node_wait` s for `min_train_nodes` of them."""
@@ -180,82 +219,85 @@ class LoraStrategy(FedAvg):
             time.sleep(1.0)
         return nodes
 
+    def _content(
+        self, arrays: ArrayRecord, server_round: int, config: ConfigRecord, client_config: ClientConfig
+    ) -> tuple[Adapter, ArrayRecord, RecordDict]:
+        """The global adapter in `arrays`, its downlink record, and a round's message content (that and the config)."""
+        if not arrays:
+            raise ValueError(f"round {server_round}: `arrays` must hold the global adapter, got an empty ArrayRecord")
+        current = adapter_from_record(arrays)
+        downlink = adapter_to_record(current, self.downlink)
+        merged = ConfigRecord({**config, **client_config, "server-round": server_round})
+        return current, downlink, RecordDict({"arrays": downlink, "config": merged})
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes and send each the global adapter and the round's instructions; log who and how many bytes.
-
-        `arrays` is ignored: the strategy sends its own global adapter. With fewer than
-        `min_train_nodes` connected nodes nobody is sampled (the attempt fails).
+        """Sample nodes and send each `arrays` (the global adapter) with the round's instructions; log who
+        and how many bytes. With fewer than `min_train_nodes` connected nodes nobody is sampled (the attempt fails).
         """
-        self.round_config = self.aggregator.client_config(server_round)
-        arrays = adapter_to_record(self.global_adapter, self.downlink)
-        self.sent = adapter_from_record(arrays)  # what clients start from (fp16-rounded if so sent)
+        client_config = self.aggregator.client_config(server_round)
+        current, downlink, content = self._content(arrays, server_round, config, client_config)
         nodes = self._connected_nodes(grid)
         size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
         sampled = self.sampler.sample(nodes, size) if len(nodes) >= size else []
-        config = ConfigRecord({**config, **self.round_config, "server-round": server_round})
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         entry = RoundLog(
             round=server_round,
             attempt=sum(1 for r in self.rounds if r.round == server_round),
             sampled=sampled,
-            bytes_down=record_bytes(arrays) * len(sampled),
-            client_config=dict(self.round_config),
+            bytes_down=record_bytes(downlink) * len(sampled),
+            client_config=dict(client_config),
         )
         if not sampled:
             entry.failure = f"{len(nodes)} nodes connected, fewer than min_train_nodes={self.min_train_nodes}"
             log.warning("round %d: %s", server_round, entry.failure)
         self.rounds.append(entry)
-        self._outgoing = list(self._construct_messages(record, sampled, MessageType.TRAIN))
-        return self._outgoing
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled]
+        sent = adapter_from_record(downlink)  # what clients start from (fp16-rounded if so sent)
+        self._sent = SentRound(entry, current, sent, client_config, messages)
+        return messages
 
-    def _sender(self, reply: Message) -> int:
-        """The node a reply stands for: the one its message was sent to.
-
-        An error reply made by the SuperLink for a node that died carries the
-        SuperLink's own id as sender; the message ids (set when the grid pushed our
-        messages) still say whom it was meant for.
-        """
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
-        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
-    def _client_adapter(self, content: RecordDict, entry: RoundLog) -> Adapter:
+    def _client_adapter(self, content: RecordDict, round_: SentRound) -> Adapter:
         """The adapter a reply stands for: the tensors it sent (as arrays, or as a compressed
-        change since `self.sent`), with the factors it was not asked to send taken from `self.sent`."""
-        factors = reply_factors(self.round_config)
-        expected = shapes(self.sent, factors)
+        change since what was sent), with the factors it was not asked to send taken from what was sent."""
+        sent, entry = round_.sent, round_.entry
+        factors = reply_factors(round_.client_config)
+        expected = shapes(sent, factors)
         if "compressed" in content:
             payload = content["compressed"]["payload"]
             if not isinstance(payload, bytes):
                 raise MalformedAdapter("compressed payload is not bytes")
             entry.bytes_up += len(payload)
-            entry.fp32_bytes_up += fp32_bytes(self.sent, factors)
+            entry.fp32_bytes_up += fp32_bytes(sent, factors)
             delta = decompress(payload, expected=expected)
-            start = reply_tensors(self.sent, factors)
+            start = reply_tensors(sent, factors)
             tensors = {k: start[k] + delta[k] for k in start}
         elif "arrays" in content:
-            entry.bytes_up += record_bytes(content["arrays"])
-            entry.fp32_bytes_up += fp32_bytes(self.sent, factors)
-            tensors = record_tensors(content["arrays"])
+            entry.bytes_up += record_bytes(content.array_records["arrays"])
+            entry.fp32_bytes_up += fp32_bytes(sent, factors)
+            tensors = record_tensors(content.array_records["arrays"])
         else:
             raise MalformedAdapter("reply lacks 'arrays' (or 'compressed')")
         check_tensors(tensors, expected)
-        return unflatten({**reply_tensors(self.sent), **tensors})
+        return unflatten({**reply_tensors(sent), **tensors})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, screen update norms, aggregate the valid ones, keep the result as the global adapter.
+        """Validate replies, screen update norms, aggregate the valid ones; return the next global adapter.
 
         Returns `(None, None)` when fewer than `min_train_nodes` updates are left; the
         reason is in the round log's `failure`.
         """
-        entry = self.rounds[-1]
+        round_ = self._sent
+        if round_ is None or round_.entry.round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train({server_round}) before it")
+        self._sent = None
+        entry = round_.entry
         updates: list[ClientUpdate] = []
         losses: dict[int, float] = {}
         for msg in replies:
-            node = self._sender(msg)
+            node = round_.sender(msg)
             if msg.has_error():
                 reason = (msg.error.reason or f"error code {msg.error.code}").strip().splitlines()[-1]
                 if msg.metadata.src_node_id != node:  # the SuperLink answered for a node that is gone
@@ -269,13 +311,13 @@ class LoraStrategy(FedAvg):
                 content = msg.content
                 if "metrics" not in content:
                     raise MalformedAdapter("reply lacks 'metrics'")
-                metrics = content["metrics"]
+                metrics = content.metric_records["metrics"]
                 if "partition-id" in metrics:
-                    self.partitions[node] = int(metrics["partition-id"])
-                num_examples = int(metrics.get("num-examples", -1))
+                    self.partitions[node] = int(_number(metrics, "partition-id"))
+                num_examples = int(_number(metrics, "num-examples", -1))
                 if num_examples <= 0:
                     raise MalformedAdapter(f"num-examples must be positive, got {num_examples}")
-                adapter = self._client_adapter(content, entry)
+                adapter = self._client_adapter(content, round_)
             except PayloadError as err:
                 self._reject(entry, node, f"bad compressed payload: {err}")
                 continue
@@ -283,14 +325,14 @@ class LoraStrategy(FedAvg):
                 self._reject(entry, node, f"malformed reply: {err}")
                 continue
             updates.append(ClientUpdate(adapter, num_examples, node))
-            losses[node] = float(metrics.get("train-loss", float("nan")))
+            losses[node] = _number(metrics, "train-loss", float("nan"))
         answered = set(entry.replied) | set(entry.rejected)
         entry.no_reply = [n for n in entry.sampled if n not in answered]
         entry.partitions = {n: self.partitions[n] for n in entry.sampled + entry.replied if n in self.partitions}
         for node in entry.no_reply:
             log.warning("round %d: left out node %d: no reply within the round timeout", server_round, node)
 
-        updates = self._screen_update_norms(updates, entry)
+        updates = self._screen_update_norms(updates, round_)
         updates.sort(key=lambda u: (entry.partitions.get(u.node_id, math.inf), u.node_id))
         if len(updates) < self.min_train_nodes:
             entry.failure = entry.failure or (
@@ -304,16 +346,17 @@ class LoraStrategy(FedAvg):
                 entry.failure,
             )
             return None, None
-        self.global_adapter, agg_metrics = self.aggregator.aggregate(updates, self.global_adapter)
+        new, agg_metrics = self.aggregator.aggregate(updates, round_.current)
         total = sum(u.num_examples for u in updates)
         train_loss = sum(losses[u.node_id] * u.num_examples for u in updates) / total
         entry.metrics = {"train-loss": train_loss, **agg_metrics}
         entry.aggregated = True
-        return adapter_to_record(self.global_adapter), MetricRecord(entry.metrics)
+        return adapter_to_record(new), MetricRecord({**entry.metrics})
 
-    def _screen_update_norms(self, updates: list[ClientUpdate], entry: RoundLog) -> list[ClientUpdate]:
+    def _screen_update_norms(self, updates: list[ClientUpdate], round_: SentRound) -> list[ClientUpdate]:
         """Log every update's norm; reject or clip those beyond `update_norm_factor` × the reference norm."""
-        start = reply_tensors(self.sent, reply_factors(self.round_config))
+        entry = round_.entry
+        start = reply_tensors(round_.sent, reply_factors(round_.client_config))
         norms = [update_norm(reply_tensors(u.adapter), start) for u in updates]
         entry.update_norms.update({u.node_id: n for u, n in zip(updates, norms, strict=True)})
         if self.update_norm_rule == "off" or len(updates) < 2:
@@ -346,29 +389,29 @@ class LoraStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """For a personalised rule, ask every connected node to evaluate its own model on its own domains.
-
-        `arrays` is ignored: the nodes get the strategy's global adapter.
-        """
+        """For a personalised rule, ask every connected node to evaluate its own model on its own domains,
+        sending it `arrays` (the global adapter) and the round's instructions."""
         if not self.aggregator.personalized:
             return []
-        config = ConfigRecord({**config, **self.round_config, "server-round": server_round})
-        record = RecordDict(
-            {self.arrayrecord_key: adapter_to_record(self.global_adapter, self.downlink), self.configrecord_key: config}
-        )
-        return self._construct_messages(record, sorted(grid.get_node_ids()), MessageType.EVALUATE)
+        _, _, content = self._content(arrays, server_round, config, self.aggregator.client_config(server_round))
+        return [
+            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+            for node in sorted(grid.get_node_ids())
+        ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Keep each client's personalised accuracy in the round log; return their mean."""
-        entry = self.rounds[-1]
+        """Keep each client's personalised accuracy in the round's log; return their mean."""
+        entry = next((r for r in reversed(self.rounds) if r.round == server_round), None)
+        if entry is None:
+            raise RuntimeError(f"aggregate_evaluate({server_round}) for a round that was never configured")
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning("round %d: node %d failed to evaluate: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                metrics = msg.content["metrics"]
-                entry.personal_accuracy[int(metrics["partition-id"])] = float(metrics["accuracy"])
+                metrics = msg.content.metric_records["metrics"]
+                entry.personal_accuracy[int(_number(metrics, "partition-id"))] = _number(metrics, "accuracy")
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("round %d: node %d sent a malformed evaluation: %s", server_round, node, err)
         if not entry.personal_accuracy:
@@ -377,23 +420,32 @@ class LoraStrategy(FedAvg):
         return MetricRecord({"personal-mean-accuracy": sum(accs) / len(accs)})
 
     def state_dict(self) -> dict[str, Any]:
-        """What the strategy keeps across rounds besides the global adapter, as JSON-able data
-        (the aggregator's own state is checkpointed separately)."""
+        """What the strategy keeps across rounds, as JSON-able data: the sampler's state and the round logs
+        (the global adapter is the caller's, the aggregator's state is its own `state_dict`)."""
         version, internal, gauss = self.sampler.getstate()
         return {"sampler": [version, list(internal), gauss], "rounds": [r.to_json() for r in self.rounds]}
 
-    def load_state_dict(self, state: dict[str, Any], global_adapter: Adapter) -> None:
-        """Restore `state_dict()` and the global adapter (resume)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` (resume)."""
         version, internal, gauss = state["sampler"]
+        rounds = [RoundLog.from_json(r) for r in state["rounds"]]
         self.sampler.setstate((version, tuple(internal), gauss))
-        self.rounds = [RoundLog.from_json(r) for r in state["rounds"]]
+        self.rounds = rounds
         self.partitions = {n: p for r in self.rounds for n, p in r.partitions.items()}
-        self.global_adapter = self.sent = global_adapter
+        self._sent = None
 
     @staticmethod
     def _reject(entry: RoundLog, node: int, reason: str) -> None:
         entry.rejected[node] = reason
         log.warning("round %d: left out node %d: %s", entry.round, node, reason)
+
+
+def _number(metrics: MetricRecord, key: str, default: float | None = None) -> float:
+    """A reply's metric as a float; KeyError if it is missing (and has no default), ValueError if not a number."""
+    value = metrics[key] if default is None else metrics.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"metric {key!r} must be a number, got {value!r}")
+    return float(value)
 
 
 def update_norm(tensors: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:

@@ -18,8 +18,13 @@ import traceback
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+# `Run`, `TaskIdentity`, `ErrorCode` and `SUPERLINK_NODE_ID` are not Flower's public API; InProcessGrid
+# stands in for Flower's runtime and needs them: `Run` is the type of the abstract `Grid.run`,
+# `TaskIdentity` holds the run and node ids `Message(...)` reads (Flower's runtime sets them in a running
+# app), and the constants are the numbers Flower uses for a ClientApp's exception (the public `Error`
+# takes a bare code) and for the server's node id.
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -28,6 +33,10 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fairedge.common.config import RunConfig
+
+if TYPE_CHECKING:
+    from fairedge.server.federation import RoundCallback
+    from fairedge.server.run_outputs import RunRecord
 
 
 def flower_environment() -> None:
@@ -47,6 +56,12 @@ class InProcessGrid(Grid):
     ClientApp exception becomes an error reply, as in Flower. Messages are
     handled when their replies are pulled, one after another, so the round
     timeout never cuts a client off here.
+
+    It plays the part of Flower's runtime, so it does three things only the runtime
+    does, through non-public parts of Flower: it sets the process's `TaskIdentity`
+    (the server's run and node ids, which `Message(...)` reads), gives pushed
+    messages their ids (`Metadata.message_id` has no public setter; Flower's own
+    grids set it the same way), and answers a crashing ClientApp with Flower's error code.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
@@ -75,6 +90,7 @@ class InProcessGrid(Grid):
     def create_message(
         self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
     ) -> Message:
+        """Deprecated in Flower (build a `Message` instead) but still abstract in `Grid`."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -85,7 +101,7 @@ class InProcessGrid(Grid):
         for msg in messages:
             if msg.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"no node with id {msg.metadata.dst_node_id}")
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids do (no public setter)
             self._pending[msg.metadata.message_id] = msg
             ids.append(msg.metadata.message_id)
         return ids
@@ -109,12 +125,12 @@ def simulate(
     cfg: RunConfig,
     run_dir: Path,
     *,
-    on_round=None,
+    on_round: RoundCallback | None = None,
     client_app: ClientApp | None = None,
     verbose: bool = False,
     resume: bool = False,
     engine: Literal["ray", "inprocess"] = "ray",
-):
+) -> RunRecord:
     """Run the federation described by `cfg`; return its `RunRecord` (outputs in `run_dir`).
 
     `resume=True` continues the run in `run_dir` from its checkpoint. Errors of the
@@ -134,7 +150,8 @@ def simulate(
     if engine != "ray":
         raise ValueError(f"engine must be 'ray' or 'inprocess', got {engine!r}")
 
-    records, errors = [], []
+    records: list[RunRecord] = []
+    errors: list[Exception] = []
     server_app = ServerApp()
 
     @server_app.main()

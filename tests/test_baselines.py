@@ -8,9 +8,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fairedge.client.client_app import PERSONAL_B_KEY, _models, run_evaluate, run_train
+from fairedge.client.client_app import PERSONAL_B_KEY, _load_message, run_evaluate, run_train
 from fairedge.client.update_compression import compress_update
-from fairedge.common.adapter_record import adapter_to_record, record_tensors, reply_tensors, shapes, tensors_to_record
+from fairedge.common.adapter_record import (
+    adapter_from_record,
+    adapter_to_record,
+    record_tensors,
+    reply_tensors,
+    shapes,
+    tensors_to_record,
+)
 from fairedge.common.aggregation import (
     PERSONAL_B,
     TRAIN_FACTORS,
@@ -31,7 +38,7 @@ from fairedge.common.config import CompressionConfig, build_config
 from fairedge.common.lora import get_base_weights, get_lora_factors, set_trainable_factors
 from fairedge.common.task import client_partition, config_json, get_adapter, load_task, lora_model, set_adapter
 from fairedge.common.training import evaluate, train_local
-from fairedge.server.federation import make_aggregator as make_configured_aggregator
+from fairedge.server.federation import configured_aggregator
 from fairedge.server.strategy import LoraStrategy
 
 S = 2.0  # LoRA scale alpha / r
@@ -206,11 +213,19 @@ def test_fedsa_averages_a_and_leaves_b_to_the_clients():
 
 def test_registry_and_config_pass_the_lora_scale():
     cfg = build_config({}, ["aggregation.method='flora'", "lora.rank=4", "lora.alpha=12"])
-    agg = make_configured_aggregator(cfg)
+    agg = configured_aggregator(cfg)
     assert isinstance(agg, FLoRA) and agg.lora_scale == 3.0
     assert isinstance(make_aggregator("fedex_lora", lora_scale=1.0), FedExLoRA)
     for name in ("ffa_lora", "fedsa_lora", "rolora"):
         assert make_aggregator(name).name == name
+    # one factory: a run config's options for other rules are passed over, a typo is not
+    fair = configured_aggregator(build_config({}, ["aggregation.method='lora_fair'", "aggregation.lam=0.3"]))
+    assert fair.name == "lora_fair" and fair.lam == 0.3
+    assert make_aggregator("ffa_lora", lam=0.3, lora_scale=2.0).name == "ffa_lora"
+    with pytest.raises(ValueError, match=r"no aggregation method takes the option\(s\) \['lamda'\]"):
+        make_aggregator("lora_fair", lamda=0.3)
+    with pytest.raises(TypeError, match="lora_scale"):
+        make_aggregator("flora")  # a value the rule needs
 
 
 # --- through the strategy ------------------------------------------------------------------------
@@ -232,12 +247,13 @@ def _reply(request: Message, tensors: dict[str, torch.Tensor], n: int) -> Messag
     )
 
 
-def _run_round(s: LoraStrategy, server_round: int, seed: int, compressed: bool = False):
-    """Configure a round, let the sampled nodes train what they were told and reply; aggregate."""
-    messages = list(s.configure_train(server_round, ArrayRecord(), ConfigRecord({"fairedge-config": "{}"}), _Grid()))
+def _run_round(s: LoraStrategy, arrays: ArrayRecord, server_round: int, seed: int, compressed: bool = False):
+    """Configure a round on the global adapter `arrays`, let the sampled nodes train what they were told
+    and reply; aggregate."""
+    messages = list(s.configure_train(server_round, arrays, ConfigRecord({"fairedge-config": "{}"}), _Grid()))
     config = messages[0].content["config"]
-    start = s.sent  # what every client received
-    assert start.base_delta.keys() == s.global_adapter.base_delta.keys()
+    start = adapter_from_record(messages[0].content["arrays"])  # what every client received
+    assert start.base_delta.keys() == adapter_from_record(arrays).base_delta.keys()
     trains = str(config.get(TRAIN_FACTORS, "AB"))
     ups = _trained(start, trains, seed)
     send = reply_factors(config)
@@ -276,18 +292,18 @@ def _run_round(s: LoraStrategy, server_round: int, seed: int, compressed: bool =
 def test_exact_methods_through_the_strategy_reach_the_average_of_client_weights(method, compressed):
     s = LoraStrategy(
         make_aggregator(method, **({"lora_scale": S} if method in ("flora", "fedex_lora") else {})),
-        _initial(),
         min_train_nodes=2,
     )
+    arrays = adapter_to_record(_initial())
     for rnd in (1, 2):
-        start, ups, arrays, config = _run_round(s, rnd, seed=10 * rnd, compressed=compressed)
+        start, ups, arrays, config = _run_round(s, arrays, rnd, seed=10 * rnd, compressed=compressed)
         p = client_weights(ups)
         for layer in start.factors:
             want = _base(start, layer) + S * sum(
                 float(pk) * (u.adapter.factors[layer][1] @ u.adapter.factors[layer][0]).double()
                 for pk, u in zip(p, ups)
             )
-            _close(_effective(s.global_adapter, layer), want, atol=1e-4)
+            _close(_effective(adapter_from_record(arrays), layer), want, atol=1e-4)
         names = set(record_tensors(arrays))
         assert any(k.startswith("base/") for k in names) == (method in ("flora", "fedex_lora"))
         entry = s.rounds[-1]
@@ -300,25 +316,25 @@ def test_exact_methods_through_the_strategy_reach_the_average_of_client_weights(
 
 
 def test_fedsa_through_the_strategy_takes_a_only_and_gathers_personal_accuracy():
-    s = LoraStrategy(FedSALoRA(), _initial(), min_train_nodes=2)
-    assert s.fraction_evaluate == 1.0
-    start, ups, _, config = _run_round(s, 1, seed=5)
+    s = LoraStrategy(FedSALoRA(), min_train_nodes=2)
+    start, ups, arrays, config = _run_round(s, adapter_to_record(_initial()), 1, seed=5)
     assert config[PERSONAL_B] is True
     p = client_weights(ups)
+    new = adapter_from_record(arrays)
     for layer, (_, b0) in start.factors.items():
-        _close(
-            s.global_adapter.factors[layer][0], sum(float(pk) * u.adapter.factors[layer][0] for pk, u in zip(p, ups))
-        )
-        assert torch.equal(s.global_adapter.factors[layer][1], b0)
+        _close(new.factors[layer][0], sum(float(pk) * u.adapter.factors[layer][0] for pk, u in zip(p, ups)))
+        assert torch.equal(new.factors[layer][1], b0)
     assert s.rounds[-1].fp32_bytes_up == 3 * 4 * (2 * R * N + 3 * M)  # A and the head; B stays home
     # a reply that sends its B along is malformed for this method
-    messages = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), _Grid()))
+    messages = list(s.configure_train(2, arrays, ConfigRecord(), _Grid()))
     full = [_reply(m, reply_tensors(u.adapter), 10) for m, u in zip(messages, ups)]
     s.aggregate_train(2, full)
     assert all("unexpected ['lora/l0/B'" in why for why in s.rounds[-1].rejected.values())
     # personalised evaluation: every node, with the round's instructions
-    evals = list(s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), _Grid()))
+    evals = list(s.configure_evaluate(2, arrays, ConfigRecord(), _Grid()))
     assert len(evals) == 3 and all(m.content["config"][PERSONAL_B] for m in evals)
+    handed, got = record_tensors(arrays), record_tensors(evals[0].content["arrays"])
+    assert handed.keys() == got.keys() and all(torch.equal(handed[k], got[k]) for k in handed)
     replies = [
         Message(
             RecordDict({"metrics": MetricRecord({"num-examples": 5, "accuracy": acc, "partition-id": pid})}), reply_to=m
@@ -331,8 +347,8 @@ def test_fedsa_through_the_strategy_takes_a_only_and_gathers_personal_accuracy()
 
 
 def test_non_personalised_methods_skip_federated_evaluation():
-    s = LoraStrategy(FFALoRA(), _initial(), min_train_nodes=2)
-    assert list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _Grid())) == []
+    s = LoraStrategy(FFALoRA(), min_train_nodes=2)
+    assert list(s.configure_evaluate(1, adapter_to_record(_initial()), ConfigRecord(), _Grid())) == []
 
 
 # --- on a real PEFT model and the real client -------------------------------------------------------
@@ -408,11 +424,11 @@ def test_client_applies_the_base_delta_and_sends_only_what_it_trains(tiny_cfg):
     m, n = w0[layer].shape
     delta = (torch.randn(3, n, generator=g), torch.randn(m, 3, generator=g))
     glob = Adapter(get_adapter(model).factors, get_adapter(model).head, {layer: delta})
-    reply = run_train(_train_msg(glob, tiny_cfg, {TRAIN_FACTORS: "B"}), _context())
+    msg = _train_msg(glob, tiny_cfg, {TRAIN_FACTORS: "B"})
+    reply = run_train(msg, _context())
     names = set(reply.content["arrays"].keys())
     assert names == {f"lora/{k}/B" for k in w0} | {f"head/{h}" for h in glob.head}
-    client_model, _ = next(iter(_models.values()))
-    base_now = get_base_weights(client_model)
+    base_now = get_base_weights(_load_message(msg, _context()).model)  # the model the client trains
     _close(base_now[layer], w0[layer] + delta[1] @ delta[0])
     assert all(torch.equal(base_now[k], w0[k]) for k in w0 if k != layer)
 

@@ -1,6 +1,6 @@
 """Checkpoints: a server killed with SIGKILL mid-run resumes to the uninterrupted result; checkpoint
-writes are atomic; every piece of state (RNGs, aggregator, strategy) survives a round trip; resume
-refuses config changes."""
+writes are atomic; every piece of state (RNGs, aggregators, strategy) survives a round trip; a damaged
+checkpoint (flipped bit, incomplete state.json) is passed over, never resumed; resume refuses config changes."""
 
 import json
 import os
@@ -15,25 +15,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fairedge.client.client_app import app as client_app
-from fairedge.common.aggregation import Adapter, FedIT, RoLoRA
+from fairedge.common.adapter_record import adapter_to_record, flatten
+from fairedge.common.aggregation import AGGREGATORS, Adapter, FedIT, RoLoRA, make_aggregator
 from fairedge.common.config import ConfigError, build_config, to_toml
 from fairedge.server import checkpoint
 from fairedge.server.checkpoint import (
     aggregator_state,
     client_state_warning,
     load_checkpoint,
+    restore_run_state,
     resume_config,
     rng_state,
     save_checkpoint,
+    save_run_state,
     set_aggregator_state,
     set_rng_state,
 )
-from fairedge.server.run_outputs import write_config
+from fairedge.server.run_outputs import RunRecord, write_config
 from fairedge.server.server_app import app as server_app
 from fairedge.server.strategy import LoraStrategy
 from fairedge.simulations import cli
@@ -243,32 +246,125 @@ def test_rng_aggregator_and_strategy_state_survive_a_round_trip(monkeypatch):
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
-    rolora = RoLoRA()
-    rolora.client_config(2)  # an A round
-    fresh = RoLoRA()
-    set_aggregator_state(fresh, *aggregator_state(rolora))
-    assert fresh.training == "A"
-
     class Memo(FedIT):
-        def __init__(self) -> None:
-            self.seen = {1, 2}
+        def state_dict(self):
+            return {"seen": {1, 2}}
 
-    with pytest.raises(TypeError, match=r"Memo.seen of type set"):
+    with pytest.raises(TypeError, match=r"Memo.state_dict\(\)\['seen'\] of type set"):
         aggregator_state(Memo())
 
     class Nodes:
         def get_node_ids(self):
             return list(range(10))
 
-    start = Adapter({"q": (torch.zeros(2, 4), torch.zeros(4, 2))})
-    a, b = (LoraStrategy(FedIT(), start, fraction_train=0.3, seed=5) for _ in range(2))
-    a.configure_train(1, ArrayRecord(), ConfigRecord(), Nodes())
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())), start)
+    start = adapter_to_record(Adapter({"q": (torch.zeros(2, 4), torch.zeros(4, 2))}))
+    a, b = (LoraStrategy(FedIT(), fraction_train=0.3, seed=5) for _ in range(2))
+    a.configure_train(1, start, ConfigRecord(), Nodes())
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.rounds == a.rounds
-    picks = [
-        [m.metadata.dst_node_id for m in s.configure_train(2, ArrayRecord(), ConfigRecord(), Nodes())] for s in (a, b)
-    ]
+    picks = [[m.metadata.dst_node_id for m in s.configure_train(2, start, ConfigRecord(), Nodes())] for s in (a, b)]
     assert picks[0] == picks[1]
+
+
+@pytest.mark.parametrize("method", sorted(AGGREGATORS))
+def test_every_aggregators_state_survives_a_round_trip_through_the_checkpoint(method, tmp_path):
+    """`state_dict` / `load_state_dict` through the checkpoint's files; RoLoRA, the one rule with state,
+    in both of its phases."""
+    for server_round in (1, 2):
+        agg = make_aggregator(method, lora_scale=2.0)
+        agg.client_config(server_round)
+        values, tensors = aggregator_state(agg)
+        save_checkpoint(tmp_path, server_round, tensors, {"values": values})
+        tensors, state = load_checkpoint(tmp_path)
+        fresh = make_aggregator(method, lora_scale=2.0)
+        set_aggregator_state(fresh, state["values"], tensors)
+        assert fresh.state_dict() == agg.state_dict()
+    if method == "rolora":
+        assert fresh.state_dict() == {"training": "A"}
+        with pytest.raises(ValueError, match="RoLoRA state must be"):
+            fresh.load_state_dict({"training": "C"})
+    else:
+        assert agg.state_dict() == {}
+        with pytest.raises(ValueError, match=f"aggregation '{method}' keeps no state, got keys \\['training'\\]"):
+            fresh.load_state_dict({"training": "A"})
+
+
+# --- damaged checkpoints --------------------------------------------------------------------------
+
+
+def _adapter(fill: float) -> Adapter:
+    return Adapter({"q": (torch.full((2, 4), fill), torch.full((4, 2), fill))}, {"head.w": torch.full((3, 4), fill)})
+
+
+def _save_run(run_dir: Path, cfg, server_round: int) -> None:
+    """A run's checkpoint of round `server_round`, its global adapter all `server_round`."""
+    strategy = LoraStrategy(RoLoRA())
+    strategy.aggregator.client_config(server_round)
+    record = RunRecord(cfg=cfg, run_dir=run_dir, domains=["a"], shifted_domains=[], rounds=[{"round": server_round}])
+    save_run_state(run_dir, server_round, strategy, _adapter(float(server_round)), record, 1.0)
+
+
+def _restore(run_dir: Path, cfg) -> tuple[int, Adapter, LoraStrategy]:
+    strategy = LoraStrategy(RoLoRA())
+    record = RunRecord(cfg=cfg, run_dir=run_dir, domains=["a"], shifted_domains=[])
+    server_round, adapter = restore_run_state(run_dir, cfg, strategy, record, like=_adapter(0.0))
+    assert record.rounds == [{"round": server_round}]
+    return server_round, adapter, strategy
+
+
+def test_a_flipped_bit_in_the_tensors_falls_back_to_the_previous_checkpoint_or_stops(tmp_path, caplog):
+    cfg = build_config({}, [])
+    for r in (1, 2):
+        _save_run(tmp_path, cfg, r)
+    for r in (2, 1):  # one flipped bit in the middle of the newest round's tensors file, then the other's
+        path = tmp_path / "checkpoint" / f"round-{r:04d}" / "tensors.safetensors"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+        if r == 1:
+            break
+        with caplog.at_level("WARNING", logger="fairedge.server"):
+            server_round, adapter, strategy = _restore(tmp_path, cfg)
+        assert server_round == 1 and strategy.aggregator.state_dict() == {"training": "B"}
+        assert all(torch.equal(t, torch.full_like(t, 1.0)) for t in flatten(adapter).values())
+        assert "round-0002 is unreadable (ValueError: tensors.safetensors has sha256" in caplog.text
+        assert "resuming from round-0001" in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint.*round-0002: .*round-0001: .*sha256"):
+        _restore(tmp_path, cfg)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s["record"].pop("wall_seconds"),
+        lambda s: s["strategy"].pop("sampler"),
+        lambda s: s["strategy"]["rounds"][0].update(no_such_field=1),
+        lambda s: s.pop("adapter_keys"),
+        lambda s: s.update(schema=0),
+    ],
+    ids=["record", "strategy-sampler", "round-log", "adapter-keys", "schema"],
+)
+def test_an_incomplete_state_json_falls_back_to_the_previous_checkpoint(tmp_path, caplog, damage):
+    cfg = build_config({}, [])
+    for r in (1, 2):
+        _save_run(tmp_path, cfg, r)
+    path = tmp_path / "checkpoint" / "round-0002" / "state.json"
+    state = json.loads(path.read_text())
+    state["strategy"]["rounds"] = [{"round": 2}]
+    damage(state)
+    path.write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="fairedge.server"):
+        server_round, adapter, _ = _restore(tmp_path, cfg)
+    assert server_round == 1 and "round-0002 is unreadable" in caplog.text
+    assert float(flatten(adapter)["lora/q/A"][0, 0]) == 1.0
+    write_config(tmp_path, cfg)
+    assert resume_config(tmp_path, []).federation.rounds == cfg.federation.rounds  # reads round 1 quietly
+
+
+def test_a_checkpoint_of_another_config_is_refused_not_passed_over(tmp_path):
+    _save_run(tmp_path, build_config({}, []), 1)
+    with pytest.raises(checkpoint.CheckpointError, match="written under another config"):
+        _restore(tmp_path, build_config({}, ["federation.lr=0.1"]))
 
 
 def test_resume_config_needs_a_run_folder_and_warns_about_client_state(tmp_path):
@@ -279,6 +375,9 @@ def test_resume_config_needs_a_run_folder_and_warns_about_client_state(tmp_path)
     with pytest.raises(ConfigError, match="no checkpoint"):
         resume_config(tmp_path)
     save_checkpoint(tmp_path, 3, {}, {})
+    with pytest.raises(ConfigError, match="no readable checkpoint.*round-0003: ValidationError"):
+        resume_config(tmp_path)
+    _save_run(tmp_path, cfg, 3)
     with pytest.raises(ConfigError, match="federation.rounds=2 is below the checkpoint's round 3"):
         resume_config(tmp_path, ["federation.rounds=2"])
     assert resume_config(tmp_path, ["federation.round_retries=5"]).federation.round_retries == 5

@@ -21,7 +21,8 @@ from fairedge.common.tensor_proto import from_proto, to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 from fairedge.server.cloud import CemaLearner, CloudService, ServedModel, bearer_metadata
-from fairedge.server.cloud.validation import RequestError
+from fairedge.server.cloud.errors import CloudError, Overloaded
+from fairedge.server.cloud.servicer import STATUS, status_of
 
 TOKEN = "test-token-0123"
 INPUTS = [InputSpec("pixel_values", (1, 16, 16), "float32")]
@@ -292,9 +293,8 @@ def test_a_failing_update_pauses_only_its_device_and_backpressure_is_explicit(tm
         assert service.device("cam-a").error == "RuntimeError: poisoned sample" and service.log.failures == 1
         assert service.norm_params("cam-a")[0] == 0 and service.norm_params("cam-b")[0] == 1
         assert service.upload("cam-a", 2, {"pixel_values": images(8)}) == 8  # still stored, nothing lost
-        with pytest.raises(RequestError) as info:  # 16 waiting + 8 > 20
+        with pytest.raises(Overloaded, match="max_pending_samples = 20"):  # 16 waiting + 8 > 20
             service.upload("cam-a", 3, {"pixel_values": images(8)})
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "max_pending_samples = 20" in info.value.message
         assert service.upload("cam-a", 2, {"pixel_values": images(8)}) == 0  # a re-send is still acknowledged
         # a second service on a port in use fails loudly (no silent SO_REUSEPORT sharing)
         first = CloudService(served(), tmp_path / "s1", CFG, tokens=[TOKEN])
@@ -416,12 +416,15 @@ def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
                 "--set",
                 "cloud.max_batch_samples=7",
                 "--set",
-                "cloud.threads=1",
+                "cloud.threads=2",
             ]
         )
+        threads = torch.get_num_threads()
     finally:
+        torch.set_num_threads(1)
         returned.set()
         helper.join()
+    assert threads == 2  # the entry point sets the process's torch threads (the service never does)
     out = capsys.readouterr().out
     assert code == 0 and f"serving model tiny (v1) on 127.0.0.1:{port} (plaintext)" in out and "stopped" in out
     assert seen["max_batch_samples"] == 7
@@ -440,3 +443,18 @@ def test_cli_refuses_to_run_without_tokens(tmp_path, monkeypatch, capsys):
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
     assert main(["cloud", "--run", str(tmp_path), "--set", "cloud.lr=-1"]) == 2
     assert "cloud.lr = -1" in capsys.readouterr().err
+
+
+def test_every_refusal_has_one_grpc_status_and_the_service_leaves_torch_threads_alone(tmp_path):
+    from fairedge.server.cloud import errors
+
+    refusals = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, CloudError)}
+    assert refusals - {CloudError} == set(STATUS)
+
+    class Stale(errors.UnknownDevice):
+        pass
+
+    assert status_of(Stale("x")) == grpc.StatusCode.NOT_FOUND and status_of(CloudError("x")) == grpc.StatusCode.INTERNAL
+    with CloudService(served(), tmp_path, CloudConfig(threads=3)) as service:
+        service.start(serve_grpc=False)
+        assert torch.get_num_threads() == 1

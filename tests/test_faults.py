@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from fairedge.client.client_app import run_train
-from fairedge.common.adapter_record import adapter_to_record, flatten
+from fairedge.common.adapter_record import adapter_to_record, flatten, record_tensors
 from fairedge.common.aggregation import Adapter, FedIT
 from fairedge.common.config import build_config
 from fairedge.server.checkpoint import load_checkpoint
@@ -56,7 +56,7 @@ def _round(strategy: LoraStrategy, updates: dict[int, Adapter], server_round: in
     """Configure a round on nodes 1..3, reply with `updates` (node → adapter), aggregate."""
     messages = {
         m.metadata.dst_node_id: m
-        for m in strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), _Nodes(1, 2, 3))
+        for m in strategy.configure_train(server_round, adapter_to_record(_start()), ConfigRecord(), _Nodes(1, 2, 3))
     }
     replies = [
         Message(
@@ -83,8 +83,11 @@ def test_error_reply_made_by_the_superlink_is_charged_to_the_node_it_was_sent_to
     """A dead SuperNode's error reply comes from the SuperLink (sender id 1); the report names the dead node."""
     from flwr.app import Error
 
-    s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
-    messages = {m.metadata.dst_node_id: m for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), _Nodes(7, 8, 9))}
+    s = LoraStrategy(FedIT(), min_train_nodes=2)
+    messages = {
+        m.metadata.dst_node_id: m
+        for m in s.configure_train(1, adapter_to_record(_start()), ConfigRecord(), _Nodes(7, 8, 9))
+    }
     for node, m in messages.items():  # what the grid does when it pushes them
         m.metadata.__dict__["_message_id"] = f"msg-{node}"
     ok = [
@@ -110,7 +113,7 @@ def test_error_reply_made_by_the_superlink_is_charged_to_the_node_it_was_sent_to
 @pytest.mark.usefixtures("_task_identity")
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_poisoned_update_is_rejected_with_its_node_and_the_global_model_stays_finite(poison):
-    s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
+    s = LoraStrategy(FedIT(), min_train_nodes=2)
     bad = (
         _update(3, 1e6)
         if poison == "huge"
@@ -124,7 +127,7 @@ def test_poisoned_update_is_rejected_with_its_node_and_the_global_model_stays_fi
     assert (
         ("non-finite" in why) if poison == "nan" else ("x the round's median update norm" in why and "limit 10x" in why)
     )
-    got = flatten(s.global_adapter)
+    got = record_tensors(arrays)
     assert all(torch.isfinite(t).all() for t in got.values())
     for k, want in _mean(_update(1), _update(2, 1.5)).items():
         torch.testing.assert_close(got[k], want)
@@ -132,7 +135,7 @@ def test_poisoned_update_is_rejected_with_its_node_and_the_global_model_stays_fi
 
 @pytest.mark.usefixtures("_task_identity")
 def test_clip_mode_scales_the_outlier_to_the_limit_and_keeps_its_direction():
-    s = LoraStrategy(FedIT(), _start(), min_train_nodes=2, update_norm_rule="clip", update_norm_factor=4.0)
+    s = LoraStrategy(FedIT(), min_train_nodes=2, update_norm_rule="clip", update_norm_factor=4.0)
     arrays, _ = _round(s, {1: _update(1, 1.0), 2: _update(2, 2.0), 3: _update(3, 1e6)})
     entry = s.rounds[-1]
     assert arrays is not None and not entry.rejected and set(entry.clipped) == {3}
@@ -140,36 +143,35 @@ def test_clip_mode_scales_the_outlier_to_the_limit_and_keeps_its_direction():
     assert "scaled by" in entry.clipped[3] and "to norm 8" in entry.clipped[3]  # 4 × median 2
     clipped = _update(3, 8.0)  # same direction, norm 4 × the median
     for k, want in _mean(_update(1, 1.0), _update(2, 2.0), clipped).items():
-        torch.testing.assert_close(flatten(s.global_adapter)[k], want)
+        torch.testing.assert_close(record_tensors(arrays)[k], want)
 
 
 @pytest.mark.usefixtures("_task_identity")
 def test_two_updates_are_judged_against_the_smaller_and_off_mode_only_logs():
-    s = LoraStrategy(FedIT(), _start(), min_train_nodes=1)
+    s = LoraStrategy(FedIT(), min_train_nodes=1)
     _round(s, {1: _update(1, 1.0), 2: _update(2, 50.0)})
     assert set(s.rounds[-1].rejected) == {2} and "smaller update norm" in s.rounds[-1].rejected[2]
-    off = LoraStrategy(FedIT(), _start(), min_train_nodes=2, update_norm_rule="off")
+    off = LoraStrategy(FedIT(), min_train_nodes=2, update_norm_rule="off")
     arrays, _ = _round(off, {1: _update(1), 2: _update(2), 3: _update(3, 1e6)})
     assert arrays is not None and not off.rounds[-1].rejected and off.rounds[-1].update_norms[3] == pytest.approx(1e6)
     with pytest.raises(ValueError, match="update_norm_rule"):
-        LoraStrategy(FedIT(), _start(), update_norm_rule="drop")  # type: ignore[arg-type]
+        LoraStrategy(FedIT(), update_norm_rule="drop")  # type: ignore[arg-type]
 
 
 @pytest.mark.usefixtures("_task_identity")
 def test_too_few_replies_are_not_aggregated_and_the_silent_node_is_named():
-    s = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
-    before = s.global_adapter
+    s = LoraStrategy(FedIT(), min_train_nodes=2)
     arrays, metrics = _round(s, {1: _update(1)})  # nodes 2 and 3 never answered
     entry = s.rounds[-1]
-    assert arrays is None and metrics is None and s.global_adapter is before
+    assert arrays is None and metrics is None
     assert sorted(entry.no_reply) == [2, 3] and not entry.aggregated
     assert "1 valid updates from 3 sampled nodes, fewer than min_train_nodes=2" in entry.failure
     # the retry is a new attempt of the same round
     _round(s, {1: _update(1), 2: _update(2)})
     assert [(r.round, r.attempt, r.aggregated) for r in s.rounds] == [(1, 0, False), (1, 1, True)]
     # fewer connected nodes than min_train_nodes: nobody is sampled, the attempt fails at once
-    lonely = LoraStrategy(FedIT(), _start(), min_train_nodes=2)
-    assert list(lonely.configure_train(1, ArrayRecord(), ConfigRecord(), _Nodes(7))) == []
+    lonely = LoraStrategy(FedIT(), min_train_nodes=2)
+    assert list(lonely.configure_train(1, adapter_to_record(_start()), ConfigRecord(), _Nodes(7))) == []
     assert "1 nodes connected, fewer than min_train_nodes=2" in lonely.rounds[-1].failure
 
 
@@ -177,10 +179,13 @@ def test_too_few_replies_are_not_aggregated_and_the_silent_node_is_named():
 def test_sampling_is_seeded_and_independent_of_node_order():
     picks = []
     for ids in ([5, 1, 9, 3, 7], [9, 7, 5, 3, 1]):
-        s = LoraStrategy(FedIT(), _start(), fraction_train=0.4, min_train_nodes=2, seed=11)
+        s = LoraStrategy(FedIT(), fraction_train=0.4, min_train_nodes=2, seed=11)
         picks.append(
             [
-                [m.metadata.dst_node_id for m in s.configure_train(r, ArrayRecord(), ConfigRecord(), _Nodes(*ids))]
+                [
+                    m.metadata.dst_node_id
+                    for m in s.configure_train(r, adapter_to_record(_start()), ConfigRecord(), _Nodes(*ids))
+                ]
                 for r in (1, 2, 3)
             ]
         )

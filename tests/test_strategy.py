@@ -1,13 +1,14 @@
-"""The strategy leaves out error and malformed replies and keeps aggregating the rest."""
+"""The strategy follows Flower's Strategy contract (the global adapter is the `arrays` it is handed), leaves
+out error and malformed replies and keeps aggregating the rest."""
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fairedge.common.adapter_record import adapter_from_record, adapter_to_record
-from fairedge.common.aggregation import Adapter, FedIT
-from fairedge.server.strategy import LoraStrategy, RoundLog
+from fairedge.common.aggregation import TRAIN_FACTORS, Adapter, FedIT, RoLoRA
+from fairedge.server.strategy import LoraStrategy
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +34,14 @@ def _reply(node: int, adapter: Adapter | None, n: int = 10) -> Message:
     return Message(content, reply_to=_request(node))
 
 
+class _Nodes:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3, 4, 5]
+
+
 def _strategy(min_nodes=2):
-    s = LoraStrategy(FedIT(), _adapter(0.0), min_train_nodes=min_nodes)
-    s.rounds.append(RoundLog(round=1, sampled=[1, 2, 3, 4, 5]))
+    s = LoraStrategy(FedIT(), min_train_nodes=min_nodes)
+    s.configure_train(1, adapter_to_record(_adapter(0.0)), ConfigRecord(), _Nodes())
     return s
 
 
@@ -63,9 +69,43 @@ def test_error_and_malformed_replies_are_left_out_and_logged():
     assert metrics["train-loss"] == pytest.approx(0.5)
 
 
-def test_too_few_valid_replies_keep_the_global_adapter():
+def test_too_few_valid_replies_give_no_new_global_adapter():
     s = _strategy(min_nodes=2)
-    before = s.global_adapter
     arrays, metrics = s.aggregate_train(1, [_reply(1, _adapter(1.0)), _reply(2, _adapter(float("inf")))])
-    assert arrays is None and metrics is None
-    assert s.global_adapter is before and not s.rounds[-1].aggregated
+    assert arrays is None and metrics is None and not s.rounds[-1].aggregated
+
+
+def test_the_handed_arrays_are_sent_and_aggregated_onto():
+    """RoLoRA's round 1 trains B only: A of the next global adapter is A of the `arrays` handed in."""
+    s = LoraStrategy(RoLoRA(), min_train_nodes=2, downlink="fp16")
+    handed = Adapter({"q": (torch.full((2, 4), 1 / 3), torch.zeros(4, 2))}, {"head.w": torch.zeros(3, 4)})
+    messages = list(s.configure_train(1, adapter_to_record(handed), ConfigRecord({"x": 1}), _Nodes()))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3, 4, 5]
+    sent = adapter_from_record(messages[0].content["arrays"])
+    assert sent.factors["q"][0][0, 0].item() == float(torch.tensor(1 / 3).half())  # fp16 downlink
+    config = messages[0].content["config"]
+    assert config[TRAIN_FACTORS] == "B" and config["x"] == 1 and config["server-round"] == 1
+    replies = []
+    for m in messages[:2]:
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: v for k, v in adapter_to_record(_adapter(2.0)).items() if "/A" not in k}),
+                "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5}),
+            }
+        )
+        replies.append(Message(content, reply_to=m))
+    arrays, _ = s.aggregate_train(1, replies)
+    new = adapter_from_record(arrays)
+    torch.testing.assert_close(new.factors["q"][0], handed.factors["q"][0])  # kept at full precision
+    torch.testing.assert_close(new.factors["q"][1], torch.full((4, 2), 2.0))
+
+
+def test_the_contract_is_enforced():
+    s = LoraStrategy(FedIT(), min_train_nodes=2)
+    with pytest.raises(ValueError, match="must hold the global adapter"):
+        s.configure_train(1, ArrayRecord(), ConfigRecord(), _Nodes())
+    with pytest.raises(RuntimeError, match=r"aggregate_train\(1\) without configure_train\(1\)"):
+        s.aggregate_train(1, [])
+    s.configure_train(1, adapter_to_record(_adapter(0.0)), ConfigRecord(), _Nodes())
+    with pytest.raises(RuntimeError, match=r"aggregate_train\(2\)"):
+        s.aggregate_train(2, [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .base import (
     PERSONAL_B,
     TRAIN_FACTORS,
@@ -30,11 +32,21 @@ AGGREGATORS: dict[str, type[Aggregator]] = {
 }
 
 
-def make_aggregator(name: str, **params: object) -> Aggregator:
-    """The aggregation rule registered under `name`, built with `params`."""
+def make_aggregator(name: str, **options: object) -> Aggregator:
+    """The aggregation rule registered under `name`, built from the `options` its constructor takes.
+
+    A run config holds the options of every rule (e.g. LoRA-FAIR's `lam`, the model's
+    `lora_scale`), so options another rule takes are passed over; an option no rule
+    takes is an error (a typo), and so is a missing or bad value for this rule.
+    """
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation method {name!r}; allowed: {sorted(AGGREGATORS)}")
-    return AGGREGATORS[name](**params)
+    known = {p for cls in AGGREGATORS.values() for p in inspect.signature(cls).parameters}
+    if unknown := sorted(set(options) - known):
+        raise ValueError(f"no aggregation method takes the option(s) {unknown}; known options: {sorted(known)}")
+    cls = AGGREGATORS[name]
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
 __all__ = [

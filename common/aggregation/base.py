@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -76,6 +76,19 @@ class Aggregator(ABC):
         The strategy calls this when it starts a round, before that round's `aggregate`.
         """
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the rule carries from one round to the next, for a checkpoint: JSON values or tensors.
+
+        Constructor arguments are not state (a resumed run rebuilds the rule from its config).
+        Most rules keep nothing.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`; a key the rule does not keep is an error, not silently ignored."""
+        if state:
+            raise ValueError(f"aggregation {self.name!r} keeps no state, got keys {sorted(state)}")
 
 
 def reply_factors(config: Mapping[str, object]) -> str:

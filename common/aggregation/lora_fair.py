@@ -333,7 +333,7 @@ def _stationary(cols: _Columns) -> list[_Point]:
             else:  # the curve folds back on itself here; a minimum can sit on the fold
                 out.append(_polish(cols, piece, float(u[j]), float(s[j])))
         flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
-        for j in flips:
+        for j in flips.tolist():
             out.append(_bisect(cols, piece, float(s[j]), float(s[j + 1]), float(np.sign(phi[j]))))
     return out
 

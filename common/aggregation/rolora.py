@@ -11,8 +11,8 @@ Clients send only the factor they trained (plus the head): uplink `r·m` or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from .base import (
     TRAIN_FACTORS,
@@ -46,6 +46,14 @@ class RoLoRA(Aggregator):
     def client_config(self, server_round: int) -> ClientConfig:
         self.training = trained_factor(server_round)
         return {TRAIN_FACTORS: self.training}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"training": self.training}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state) != {"training"} or state["training"] not in ("A", "B"):
+            raise ValueError(f"RoLoRA state must be {{'training': 'A' | 'B'}}, got {dict(state)!r}")
+        self.training = state["training"]
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)

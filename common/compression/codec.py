@@ -47,7 +47,7 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ FORMAT_VERSION = 2
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of decoded float32
 MAX_DIMS = 8
 
-_DENSE_DTYPES = {pb.DENSE_FP32: np.dtype("<f4"), pb.DENSE_FP16: np.dtype("<f2")}
+_DENSE_DTYPES: dict[pb.Encoding, np.dtype[Any]] = {pb.DENSE_FP32: np.dtype("<f4"), pb.DENSE_FP16: np.dtype("<f2")}
 
 Layout = Sequence[tuple[str, tuple[int, ...]]]
 
@@ -170,7 +170,7 @@ def _check_arguments(density, alpha, scope, encoding_dense, include_names, round
     if not isinstance(include_names, bool):
         raise ValueError(f"include_names must be a bool, got {include_names!r}")
     for field, value in (("round", round), ("num_examples", num_examples)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**64:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**64:
             raise ValueError(f"{field} must be an int in [0, 2**64), got {value!r}")
 
 
@@ -229,7 +229,7 @@ def _ternary_block(flat: np.ndarray, density: float, alpha: float, what: str) ->
     )
 
 
-def _dense_block(arrays: dict[str, np.ndarray], encoding: int) -> pb.Block:
+def _dense_block(arrays: dict[str, np.ndarray], encoding: pb.Encoding) -> pb.Block:
     """All values, in layout order, as float32 or float16."""
     pieces = []
     for name, array in arrays.items():

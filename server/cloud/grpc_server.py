@@ -8,10 +8,13 @@ import grpc
 
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 from fairedge.server.cloud.auth import TokenAuthInterceptor
+from fairedge.server.cloud.servicer import DeviceService, EdgeAdaptationServicer
+
+GrpcServer = grpc.Server
 
 
 def start_grpc_server(
-    servicer: pb_grpc.EdgeAdaptationServicer,
+    service: DeviceService,
     *,
     host: str,
     port: int,
@@ -20,7 +23,7 @@ def start_grpc_server(
     max_workers: int,
     tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A started server and the port it listens on (`port=0` picks a free one).
+    """A started server for `service` and the port it listens on (`port=0` picks a free one).
 
     `tls` is `(certificate chain PEM, private key PEM)`; without it the port is plaintext
     (fine on loopback, not across a network: tokens travel in the clear).
@@ -35,7 +38,7 @@ def start_grpc_server(
             ("grpc.so_reuseport", 0),  # a second service on the same port must fail, not share it
         ],
     )
-    pb_grpc.add_EdgeAdaptationServicer_to_server(servicer, server)
+    pb_grpc.add_EdgeAdaptationServicer_to_server(EdgeAdaptationServicer(service), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if tls is None:

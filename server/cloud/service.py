@@ -4,7 +4,9 @@ RPC threads only validate, store and read; all learning happens on one worker th
 an Upload returns as soon as its samples are on disk. The same object is the Python API
 for studies and benchmarks: `start()`, `stop()`, `flush()` (wait until every possible
 update has run) and `wait_for_version()`, plus in-process `register` / `upload` /
-`norm_params` that go through exactly the checks a gRPC call does.
+`norm_params` that go through exactly the checks a gRPC call does. A refused request
+raises a `fairedge.server.cloud.errors.CloudError`; which gRPC status that is, is the
+servicer's business. The torch thread count is the process's (its entry point sets it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
@@ -27,11 +28,11 @@ from fairedge.common.config import CloudConfig
 from fairedge.common.tensor_proto import to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.server.cloud.device import Device
-from fairedge.server.cloud.grpc_server import start_grpc_server
+from fairedge.server.cloud.errors import Overloaded, ShuttingDown, UnknownDevice, WrongModel
+from fairedge.server.cloud.grpc_server import GrpcServer, start_grpc_server
 from fairedge.server.cloud.learner import CemaLearner, StepStats
 from fairedge.server.cloud.model import ServedModel
-from fairedge.server.cloud.servicer import EdgeAdaptationServicer
-from fairedge.server.cloud.validation import RequestError, check_device_id, decode_batch
+from fairedge.server.cloud.validation import check_device_id, decode_batch
 
 log = logging.getLogger("fairedge.cloud")
 
@@ -88,7 +89,7 @@ class CloudService:
         self._busy = False
         self._stopping = False
         self._worker: threading.Thread | None = None
-        self._server: grpc.Server | None = None
+        self._server: GrpcServer | None = None
         self.port: int | None = None
         self._open_state_dir()
 
@@ -128,8 +129,6 @@ class CloudService:
         if self._worker is not None:
             raise RuntimeError("the cloud service is already started")
         self._stopping = False
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)  # process-wide: oversubscribed cores make steps 10-40x slower
         self._worker = threading.Thread(target=self._work, name="cloud-learner", daemon=True)
         self._worker.start()
         if not serve_grpc:
@@ -137,7 +136,7 @@ class CloudService:
         host = host if host is not None else self.cfg.host
         try:
             self._server, self.port = start_grpc_server(
-                EdgeAdaptationServicer(self),
+                self,
                 host=host,
                 port=self.cfg.port if port is None else port,
                 tokens=self.tokens,
@@ -171,11 +170,10 @@ class CloudService:
     # ----- device operations (the gRPC servicer calls these) -----
 
     def register(self, device_id: str, model_id: str, model_version: str) -> Device:
-        """The device (created on first registration); FAILED_PRECONDITION for a model this cloud does not serve."""
+        """The device (created on first registration); WrongModel for a model this cloud does not serve."""
         check_device_id(device_id)
         if (model_id, model_version) != (self.model.model_id, self.model.model_version):
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise WrongModel(
                 f"model_id = {model_id!r}, model_version = {model_version!r}: this cloud serves model_id "
                 f"{self.model.model_id!r}, model_version {self.model.model_version!r}; deploy that model",
             )
@@ -195,14 +193,12 @@ class CloudService:
         return device
 
     def device(self, device_id: str) -> Device:
-        """A registered device; INVALID_ARGUMENT for a malformed id, NOT_FOUND for an unknown one."""
+        """A registered device; InvalidRequest for a malformed id, UnknownDevice for an unknown one."""
         check_device_id(device_id)
         with self._cond:
             device = self._devices.get(device_id)
         if device is None:
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND, f"device_id = {device_id!r} is not registered; call Register first"
-            )
+            raise UnknownDevice(f"device_id = {device_id!r} is not registered; call Register first")
         return device
 
     def upload_batch(self, batch: pb.SampleBatch) -> tuple[int, dict]:
@@ -211,9 +207,8 @@ class CloudService:
         arrays, _entropies = decode_batch(batch, self.specs, self.cfg.max_batch_samples)
         waiting, limit = device.pending(), self.cfg.max_pending_samples
         if not device.is_resend(batch.batch_id) and waiting + len(arrays[0]) > limit:
-            # UNAVAILABLE, not RESOURCE_EXHAUSTED: the batch is fine, the device should back off and resend it
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE,
+            # the batch is fine: the device should back off and send it again
+            raise Overloaded(
                 f"batch_id {batch.batch_id}: device {device.device_id!r} has {waiting} samples waiting "
                 f"for the learner, at most max_pending_samples = {limit}; retry later",
             )
@@ -239,7 +234,7 @@ class CloudService:
     ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield the device's latest version each time it is newer than the last one yielded.
 
-        Ends when `is_active()` turns false; raises UNAVAILABLE when the service stops.
+        Ends when `is_active()` turns false; raises ShuttingDown when the service stops.
         A slow reader skips intermediate versions: only the newest matters to a device.
         """
         device = self.device(device_id)
@@ -248,7 +243,7 @@ class CloudService:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopping or device.published[0] > known, timeout=poll_s)  # noqa: B023  (the lambda runs inside this iteration)
                 if self._stopping:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "the cloud service is shutting down; reconnect")
+                    raise ShuttingDown("the cloud service is shutting down; reconnect")
             version, arrays = device.published
             if version > known:
                 known = version
@@ -288,6 +283,7 @@ class CloudService:
                 if self._stopping:
                     return
                 device = self._next_device()
+                assert device is not None  # the wait above ends only when there is one, or on stop
                 self._busy = True
             try:
                 self.update(device)
