@@ -122,10 +122,16 @@ def progress_line(report: dict) -> str:
     return line
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `fairedge-edge` command line (sub-command `run`)."""
     parser = argparse.ArgumentParser(prog="fairedge-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     add_run_arguments(sub.add_parser("run", help="serve predictions on a stream and adapt with CEMA"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -4,20 +4,32 @@ A run is described by one `RunConfig`; a TOML file in `simulations/configs/`
 gives its values and `--set section.field=value` overrides them. Any bad value
 fails here, before anything starts, naming the field, the value and what is
 allowed. The resolved config is written next to every output.
+
+Validation is pure: it never looks at the file system, because a config is validated where it
+is written (the server, a laptop) and its paths are read elsewhere (each client's own
+`data.path`, its `model.path`). Each path is checked where it is read, by the loader, with an
+error naming the field. The module imports only pydantic, so every role (the edge included)
+can read configs; `AGGREGATION_METHODS` names the server's aggregation rules without importing
+them (a test keeps it equal to the registry).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
+from platformdirs import user_cache_dir
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fairedge.common.aggregation import AGGREGATORS
+AGGREGATION_METHODS = ("fedit", "lora_fair", "flexlora", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "rolora")
+"""The names of `fairedge.common.aggregation.AGGREGATORS` (kept equal by a test)."""
+
+CACHE_ENV = "FAIREDGE_CACHE_DIR"
+"""Environment variable that moves the default model cache (`model.cache_dir` unset)."""
 
 
 class Section(BaseModel):
@@ -30,7 +42,11 @@ class DataConfig(Section):
     """Which task and data, and how it is split over clients."""
 
     task: Literal["digits-domains", "image-folder", "hf-dataset", "text"] = "digits-domains"
-    path: str | None = Field(None, description="data location for image-folder, hf-dataset and text tasks")
+    path: str | None = Field(
+        None,
+        description="data location for image-folder, hf-dataset and text tasks, on the machine that loads the data "
+        "(checked there, not here)",
+    )
     image_size: int = Field(16, ge=8, le=512)
     channels: Literal[1, 3] = Field(3, description="image channels for user image data (digits are 1)")
     samples_per_domain: int = Field(1200, ge=20, description="digits-domains: train+test samples per domain")
@@ -44,8 +60,6 @@ class DataConfig(Section):
     def _path_needed(self) -> DataConfig:
         if self.task != "digits-domains" and not self.path:
             raise ValueError(f"data.path is required for task {self.task!r}")
-        if self.path and not Path(self.path).exists():
-            raise ValueError(f"data.path={self.path!r} does not exist")
         return self
 
 
@@ -53,7 +67,9 @@ class ModelConfig(Section):
     """The foundation model that LoRA adapts."""
 
     kind: Literal["builtin-vit", "hf-text"] = "builtin-vit"
-    path: str | None = Field(None, description="hf-text: local Hugging Face model directory")
+    path: str | None = Field(
+        None, description="hf-text: local Hugging Face model directory on the machine that loads it (checked there)"
+    )
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -62,19 +78,25 @@ class ModelConfig(Section):
     max_length: int = Field(64, ge=4, description="hf-text: tokens per example")
     pretrain_epochs: int = Field(20, ge=1, description="builtin-vit: epochs on the clean source domain")
     pretrain_lr: float = Field(2e-3, gt=0)
-    cache_dir: str = Field(".cache/fairedge", description="pre-trained weights, keyed by a hash of their config")
+    cache_dir: str | None = Field(
+        None,
+        description="pre-trained weights, keyed by a hash of their config; unset: $FAIREDGE_CACHE_DIR, else the "
+        "user's cache folder (platformdirs). Unset is not resolved into the config, so it stays machine-independent",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.kind == "hf-text" and not self.path:
             raise ValueError("model.path is required for model.kind 'hf-text'")
-        if self.path and not Path(self.path).is_dir():
-            raise ValueError(f"model.path={self.path!r} is not a directory (a local Hugging Face model)")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}"
             )
         return self
+
+    def cache_path(self) -> Path:
+        """Where pre-trained weights are cached: `cache_dir`, else $FAIREDGE_CACHE_DIR, else the user's cache folder."""
+        return Path(self.cache_dir or os.environ.get(CACHE_ENV) or user_cache_dir("fairedge"))
 
 
 class LoraSettings(Section):
@@ -137,8 +159,8 @@ class AggregationConfig(Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in AGGREGATORS:
-            raise ValueError(f"unknown method; allowed: {', '.join(sorted(AGGREGATORS))}")
+        if v not in AGGREGATION_METHODS:
+            raise ValueError(f"unknown method; allowed: {', '.join(sorted(AGGREGATION_METHODS))}")
         return v
 
 
@@ -331,6 +353,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_toml(cfg: RunConfig) -> str:
     """The fully resolved config as TOML (None values are left out)."""
+    import tomli_w  # writing only: reading configs (every role, the edge too) needs no TOML writer
+
     return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))
 
 

@@ -1,4 +1,4 @@
-"""The merged global model as an edge device runs it: ONNX with swappable normalisation parameters.
+"""Exporting the merged global model for the edge: ONNX with swappable normalisation parameters.
 
 CEMA adapts a deployed model by replacing the affine parameters (weight/bias) of its
 normalisation layers, and nothing else. The export therefore makes each of them a *named
@@ -7,11 +7,8 @@ the default and a value in the feed overrides it, per run, with no session rebui
 names are the PyTorch parameter paths (`vit.layers.0.layernorm_before.weight`), so the
 cloud (PyTorch, `forward_with_norm`) and the edge (ONNX Runtime feeds) speak of the same
 tensors. Everything the edge needs to prepare inputs and read outputs travels in the
-model's `metadata_props` (JSON values), see `read_edge_metadata`.
-
-In ONNX Runtime such inputs are listed by `session.get_overridable_initializers()`, not by
-`session.get_inputs()` (which lists only the required ones: `pixel_values`, or `input_ids`
-and `attention_mask`); `session()` below makes a quiet session for them.
+model's `metadata_props` (JSON values). Reading and running an exported model is
+`fairedge.common.edge_format` (no torch, no onnx): the edge imports only that.
 
 Traps this module guards against (DESIGN.md): a converter that folds a normalisation into
 a neighbour (Conv+BatchNorm) or de-duplicates identical-valued initializers makes a swap
@@ -22,6 +19,7 @@ swap through ONNX Runtime at its default optimisation level; any such problem ra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +27,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -39,10 +37,21 @@ from torch import nn
 
 from fairedge.common.config import RunConfig, config_hash, load_config
 from fairedge.common.data.task_data import TaskData
+from fairedge.common.edge_format import (
+    FORMAT_VERSION,
+    METADATA_PREFIX,
+    OUTPUT_NAME,
+    TOKENIZER_FILE,
+    InputSpec,
+    onnx_logits,
+    read_edge_metadata,
+    session,
+    tokenizer_dir,
+)
 
-METADATA_PREFIX = "fairedge."
-FORMAT_VERSION = 1
-OUTPUT_NAME = "logits"
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 PARITY_TOLERANCE = 1e-4
 """Max abs logit difference allowed between ONNX Runtime fp32 and PyTorch."""
 
@@ -62,28 +71,6 @@ class NormExportError(RuntimeError):
 # ---------------------------------------------------------------- model side (PyTorch)
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: its ONNX graph name, per-sample shape (no batch dim) and dtype.
-
-    Text inputs (`input_ids`, `attention_mask`) have shape `(max_length,)`: `model_inputs`
-    pads every text to it, so uploads have a fixed shape (the graph accepts any length).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # "float32" | "int64"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> InputSpec:
-        if d.get("dtype") not in ("float32", "int64"):
-            raise ValueError(f"input {d.get('name')!r}: dtype {d.get('dtype')!r}, allowed 'float32' or 'int64'")
-        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
-
-
 @dataclass
 class MergedModel:
     """The global model with its LoRA merged into the base weights, ready to export or to teach."""
@@ -99,6 +86,33 @@ class MergedModel:
     def task(self) -> str:
         """Either "text" (the model takes token ids) or "image"."""
         return "text" if self.cfg.data.task == "text" else "image"
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """A text model's tokenizer as the edge gets it (`edge_tokenizer`); None for an image model."""
+        if self.task != "text":
+            return None
+        return edge_tokenizer(self.model.tokenizer, self.inputs[0].shape[0])
+
+
+def edge_tokenizer(hf_tokenizer: Any, max_length: int) -> Tokenizer:
+    """A copy of a transformers fast tokenizer's `tokenizers.Tokenizer`, set to truncate and pad to `max_length`.
+
+    Its `encode_batch` gives the ids and masks of `hf_tokenizer(texts, padding="max_length",
+    truncation=True, max_length=max_length)`; the edge loads it from `tokenizer.json` without transformers.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    tok.enable_truncation(max_length=max_length, direction=hf_tokenizer.truncation_side)
+    tok.enable_padding(
+        length=max_length,
+        direction=hf_tokenizer.padding_side,
+        pad_id=hf_tokenizer.pad_token_id,
+        pad_type_id=hf_tokenizer.pad_token_type_id,
+        pad_token=hf_tokenizer.pad_token,
+    )
+    return tok
 
 
 def load_merged_model(run_dir: str | Path) -> MergedModel:
@@ -128,7 +142,7 @@ def load_merged_model(run_dir: str | Path) -> MergedModel:
         with torch.no_grad():
             for layer, (q, p) in delta.items():
                 try:
-                    weight = base.get_submodule(layer).weight
+                    weight = base.get_submodule(layer).get_parameter("weight")
                 except AttributeError:
                     raise ValueError(f"{delta_file}: delta for {layer!r}, which the base model does not have") from None
                 if tuple(weight.shape) != (p.shape[0], q.shape[1]):
@@ -240,35 +254,6 @@ def example_inputs(specs: Sequence[InputSpec], batch: int = 2, seed: int = 0) ->
     return out
 
 
-def model_inputs(model: MergedModel | EdgeModelInfo, x: Any, *, tokenizer: Any = None) -> dict[str, np.ndarray]:
-    """Raw task data -> ONNX feeds (also valid `**kwargs` for the PyTorch model after `torch.from_numpy`).
-
-    Images: a float batch `(N, C, H, W)` already on the task's pixel scale (what `load_task`
-    gives; see `fairedge.common.data.task_data.normalize_pixels`). Texts: a list of strings, tokenized
-    and padded to `max_length`; the tokenizer is the merged model's own, or for an
-    `EdgeModelInfo` the one saved next to the ONNX file (`load_tokenizer`).
-    """
-    specs = model.inputs
-    if [s.dtype for s in specs] == ["float32"]:
-        arr = np.ascontiguousarray(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, np.float32))
-        if arr.ndim != len(specs[0].shape) + 1 or tuple(arr.shape[1:]) != specs[0].shape:
-            raise ValueError(
-                f"{specs[0].name}: got an array of shape {tuple(arr.shape)}, "
-                f"expected (batch, {', '.join(map(str, specs[0].shape))})"
-            )
-        return {specs[0].name: arr}
-    texts = [x] if isinstance(x, str) else list(x)
-    if not all(isinstance(t, str) for t in texts):
-        raise TypeError("a text model takes a list of strings")
-    if tokenizer is None:
-        tokenizer = getattr(model.model, "tokenizer", None) if isinstance(model, MergedModel) else None
-    if tokenizer is None:
-        raise ValueError("a text model needs its tokenizer: pass tokenizer=load_tokenizer(onnx_path)")
-    length = specs[0].shape[0]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
-    return {s.name: np.ascontiguousarray(enc[s.name], dtype=np.int64) for s in specs}
-
-
 # ---------------------------------------------------------------- export
 
 
@@ -277,7 +262,7 @@ def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False
 
     The batch axis (and for text the sequence axis) is dynamic. With `quantize`, see
     `quantize_onnx`. For a text model the tokenizer is saved next to the file
-    (`<stem>.tokenizer/`). Raises `NormExportError` if any norm parameter is not an
+    (`<stem>.tokenizer/tokenizer.json`, see `edge_tokenizer`). Raises `NormExportError` if any norm parameter is not an
     independent graph input with its own default, or if swapping them through ONNX Runtime
     (default optimisation level) does not reproduce PyTorch (fp32: within `PARITY_TOLERANCE`);
     then nothing is written.
@@ -304,6 +289,8 @@ def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False
         dynamic_shapes=dynamic,
         verbose=False,
     )
+    if program is None:  # only without dynamo=True
+        raise NormExportError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     _add_defaults(proto, _as_arrays(norm))
     return _finish(proto, merged, Path(path), quantize=quantize)
@@ -350,8 +337,9 @@ def _finish(proto: onnx.ModelProto, merged: MergedModel, path: Path, *, quantize
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    if merged.task == "text":
-        merged.model.tokenizer.save_pretrained(str(tokenizer_dir(path)))
+    if merged.tokenizer is not None:
+        tokenizer_dir(path).mkdir(exist_ok=True)
+        merged.tokenizer.save(str(tokenizer_dir(path) / TOKENIZER_FILE))
     return path
 
 
@@ -467,27 +455,6 @@ def perturbed_norm(norm: Mapping[str, torch.Tensor], *, scale: float = 0.1, seed
     }
 
 
-def session(path: str | Path, *, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session at the default (full) optimisation level, quiet about overridable inputs."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # every norm input triggers a "not treated as constant" warning
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(sess: Any, feeds: Mapping[str, np.ndarray], norm: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Run a session; `norm` (tensors or arrays) overrides the default norm parameters for this run."""
-    extra = {
-        k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, np.float32)
-        for k, v in (norm or {}).items()
-    }
-    return sess.run([OUTPUT_NAME], {**feeds, **extra})[0]
-
-
 def onnx_parity(
     merged: MergedModel, sess: Any, feeds: Mapping[str, np.ndarray], norm: Mapping[str, torch.Tensor] | None = None
 ) -> float:
@@ -528,96 +495,3 @@ def _check_swap(
                 f"a norm parameter swap changes the quantised model unlike PyTorch "
                 f"(correlation of the logit changes {corr:.3f}, expected > 0.9)"
             )
-
-
-# ---------------------------------------------------------------- edge side (metadata only)
-
-
-@dataclass(frozen=True)
-class EdgeModelInfo:
-    """What an edge device knows about an exported model, from its ONNX metadata alone."""
-
-    inputs: list[InputSpec]
-    labels: list[str]
-    norm_param_names: list[str]
-    norm_param_shapes: dict[str, tuple[int, ...]]
-    model_id: str
-    model_version: str
-    config_name: str
-    task: str  # "image" | "text"
-    quantized: bool
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-
-def read_edge_metadata(metadata: Mapping[str, str] | Sequence[Any]) -> EdgeModelInfo:
-    """Parse fairedge metadata: an ORT `custom_metadata_map` dict or `ModelProto.metadata_props`."""
-    if not isinstance(metadata, Mapping):
-        metadata = {p.key: p.value for p in metadata}
-    values: dict[str, Any] = {}
-    for key in (
-        "format_version",
-        "task",
-        "inputs",
-        "labels",
-        "norm_params",
-        "model_id",
-        "model_version",
-        "config_name",
-        "quantized",
-    ):
-        raw = metadata.get(METADATA_PREFIX + key)
-        if raw is None:
-            raise ValueError(
-                f"not a fairedge edge model: metadata key {METADATA_PREFIX + key!r} is missing "
-                "(export it with `fairedge-server export`)"
-            )
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"metadata {METADATA_PREFIX + key!r} is not JSON: {e}") from None
-    if values["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"edge model format version {values['format_version']}, this code reads {FORMAT_VERSION}")
-    norm = values["norm_params"]
-    return EdgeModelInfo(
-        inputs=[InputSpec.from_json(d) for d in values["inputs"]],
-        labels=[str(x) for x in values["labels"]],
-        norm_param_names=[d["name"] for d in norm],
-        norm_param_shapes={d["name"]: tuple(int(s) for s in d["shape"]) for d in norm},
-        model_id=str(values["model_id"]),
-        model_version=str(values["model_version"]),
-        config_name=str(values["config_name"]),
-        task=str(values["task"]),
-        quantized=bool(values["quantized"]),
-    )
-
-
-def load_edge_info(path: str | Path) -> EdgeModelInfo:
-    """`read_edge_metadata` of an ONNX file (weights are not loaded)."""
-    return read_edge_metadata(onnx.load(str(path), load_external_data=False).metadata_props)
-
-
-def default_norm_values(path: str | Path) -> dict[str, np.ndarray]:
-    """The default (trained) value of every norm parameter stored in an ONNX file."""
-    proto = onnx.load(str(path))
-    info = read_edge_metadata(proto.metadata_props)
-    inits = {i.name: i for i in proto.graph.initializer}
-    return {name: numpy_helper.to_array(inits[name]) for name in info.norm_param_names}
-
-
-def tokenizer_dir(onnx_path: str | Path) -> Path:
-    """Where `export_onnx` puts a text model's tokenizer: `<stem>.tokenizer/` next to the file."""
-    p = Path(onnx_path)
-    return p.with_name(p.stem + ".tokenizer")
-
-
-def load_tokenizer(onnx_path: str | Path) -> Any:
-    """The tokenizer saved next to an exported text model (never the hub)."""
-    from transformers import AutoTokenizer
-
-    d = tokenizer_dir(onnx_path)
-    if not d.is_dir():
-        raise FileNotFoundError(f"no tokenizer at {d}: export the text model with `fairedge-server export`")
-    return AutoTokenizer.from_pretrained(str(d), local_files_only=True)

@@ -1,10 +1,22 @@
 """Config loading, overrides and the error messages a user sees."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from platformdirs import user_cache_dir
 
-from fairedge.common.config import ConfigError, RunConfig, build_config, config_hash, load_config, to_toml
+from fairedge.common.config import (
+    AGGREGATION_METHODS,
+    CACHE_ENV,
+    ConfigError,
+    RunConfig,
+    build_config,
+    config_hash,
+    load_config,
+    to_toml,
+)
 
 DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
 
@@ -65,17 +77,53 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(bad)
 
 
-def test_text_task_needs_text_model_and_existing_paths(tmp_path):
+def test_text_task_needs_text_model_and_client_paths_are_checked_where_read(tmp_path):
     table = tmp_path / "x.csv"
     table.write_text("text,label\na,0\nb,1\n")
     with pytest.raises(ConfigError, match="does not fit"):
         build_config({"data": {"task": "text", "path": str(table)}})
-    with pytest.raises(ConfigError, match="data.path='/no/such.csv' does not exist"):
-        build_config(
-            {"data": {"task": "text", "path": "/no/such.csv"}, "model": {"kind": "hf-text", "path": str(tmp_path)}}
-        )
-    with pytest.raises(ConfigError, match="is not a directory"):
-        build_config({"data": {"task": "text", "path": str(table)}, "model": {"kind": "hf-text", "path": str(table)}})
+    with pytest.raises(ConfigError, match="model.path is required"):
+        build_config({"data": {"task": "text", "path": str(table)}, "model": {"kind": "hf-text"}})
+    # a server validates configs whose data and model live on the clients: no file-system checks here
+    remote = {"data": {"task": "text", "path": "/on/the/client.csv"}, "model": {"kind": "hf-text", "path": "/m"}}
+    assert build_config(remote).data.path == "/on/the/client.csv"
+    # the loader, on the machine that reads the file, names the field
+    from fairedge.common.data.user_data import load_text_table
+
+    with pytest.raises(FileNotFoundError, match="data.path '/on/the/client.csv' does not exist"):
+        load_text_table("/on/the/client.csv")
+
+
+def test_aggregation_methods_are_the_registry_without_importing_it():
+    from fairedge.common.aggregation import AGGREGATORS
+
+    assert set(AGGREGATION_METHODS) == set(AGGREGATORS) and len(AGGREGATION_METHODS) == len(AGGREGATORS)
+
+
+def test_config_imports_neither_torch_nor_the_aggregation_rules():
+    code = (
+        "import sys, fairedge.common.config as c; c.load_config(None, ['aggregation.method=lora_fair']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'flwr') "
+        "or m.startswith('fairedge.common.aggregation')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_model_cache_defaults_to_the_user_cache_folder_env_and_field_override(tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    default = RunConfig().model.cache_path()
+    assert default == Path(user_cache_dir("fairedge")) and default.is_absolute()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    assert RunConfig().model.cache_path() == tmp_path / "env"
+    field = load_config(None, [f"model.cache_dir='{tmp_path / 'field'}'"])
+    assert field.model.cache_path() == tmp_path / "field"  # the config field wins over the environment
+    # the default is resolved at use, never stored: the TOML and the hash are the same on every machine
+    assert "cache_dir" not in to_toml(RunConfig())
+    hashed = config_hash(RunConfig())
+    monkeypatch.delenv(CACHE_ENV)
+    assert config_hash(RunConfig()) == hashed == config_hash({})
+    assert config_hash(field) != hashed
 
 
 def test_resolved_toml_round_trips_and_hash_is_stable(tmp_path):

@@ -20,7 +20,8 @@ from fairedge.client.edge import CloudEndpoint, EdgeRuntime
 from fairedge.client.edge_cli import main as edge_main
 from fairedge.common.certificates import make_credentials
 from fairedge.common.config import CloudConfig, EdgeConfig, load_config
-from fairedge.common.edge_model import InputSpec, MergedModel, export_onnx, forward_with_norm
+from fairedge.common.edge_format import InputSpec
+from fairedge.common.edge_model import MergedModel, export_onnx, forward_with_norm
 from fairedge.common.models.vision import build_vision_classifier
 from fairedge.server.cloud import CloudService, ServedModel
 

@@ -8,7 +8,9 @@ runs the runtime against the real cloud service.
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import socket
 import threading
 import time
@@ -28,11 +30,12 @@ from fairedge.client.edge import (
     UploadQueue,
     batched,
 )
+from fairedge.client.edge.cloud_link import SERVICE, retry_service_config
 from fairedge.client.edge.cloud_sync import Backoff
 from fairedge.client.edge.inputs import open_stream
 from fairedge.common.config import ConfigError, EdgeConfig, build_config, load_config
+from fairedge.common.edge_format import InputSpec
 from fairedge.common.edge_model import (
-    InputSpec,
     MergedModel,
     export_onnx,
     forward_with_norm,
@@ -129,11 +132,32 @@ def test_fixed_selectors_and_bad_arguments():
         load_config(None, ["edge.queue_max_samples=4"])
 
 
-def test_backoff_doubles_up_to_its_cap_and_resets():
-    b = Backoff(0.5, 3.0)
-    assert [b.next() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    b.reset()
-    assert b.next() == 0.5
+def test_backoff_is_jittered_below_a_doubling_cap_and_resets():
+    caps = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    runs = []
+    for seed in range(50):
+        b = Backoff(0.5, 3.0, random.Random(seed))
+        delays = [b.next() for _ in caps]
+        assert all(0.0 <= d <= cap for d, cap in zip(delays, caps)), delays
+        b.reset()
+        assert b.next() <= 0.5
+        runs.append(delays)
+    spread = np.array(runs)
+    assert len({tuple(r) for r in runs}) == len(runs)  # jittered: no two devices wait alike
+    assert (spread[:, 3:].max(axis=0) > 2.5).all() and (spread[:, 3:].min(axis=0) < 0.5).all()  # full jitter
+    same_seed = Backoff(0.5, 3.0, random.Random(7)), Backoff(0.5, 3.0, random.Random(7))
+    assert [same_seed[0].next() for _ in caps] == [same_seed[1].next() for _ in caps]  # reproducible when seeded
+    with pytest.raises(ValueError, match="initial"):
+        Backoff(2.0, 1.0)
+
+
+def test_unary_calls_carry_grpc_retry_policy_with_our_backoff():
+    config = json.loads(retry_service_config(0.25, 4.0))
+    (method,) = config["methodConfig"]
+    assert {n["method"] for n in method["name"]} == {"Register", "GetNormParams"}
+    assert method["retryPolicy"]["initialBackoff"] == "0.250s" and method["retryPolicy"]["maxBackoff"] == "4.000s"
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert pb.DESCRIPTOR.services_by_name["EdgeAdaptation"].full_name == SERVICE
 
 
 # ---------------------------------------------------------------------------------------- queue
@@ -254,12 +278,14 @@ def test_a_batch_never_sees_a_half_swapped_set(exported):
     t = threading.Thread(target=swapper)
     t.start()
     try:
-        versions = set()
-        for _ in range(150):
+        versions: set[int] = set()
+        checked, deadline = 0, time.monotonic() + 20
+        while checked < 150 or (versions != {0, 1} and time.monotonic() < deadline):  # thread timing varies
             logits, version = sess.predict({"pixel_values": x})
             if version:
                 assert np.abs(logits - expected[version % 2]).max() <= 1e-4, version
                 versions.add(version % 2)
+            checked += 1
     finally:
         stop.set()
         t.join()

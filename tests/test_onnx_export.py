@@ -16,27 +16,29 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fairedge.common.config import build_config, to_toml
+from fairedge.common.edge_format import (
+    InputSpec,
+    default_norm_values,
+    load_edge_info,
+    load_tokenizer,
+    model_inputs,
+    onnx_logits,
+    read_edge_metadata,
+    session,
+)
 from fairedge.common.edge_model import (
     PARITY_TOLERANCE,
-    InputSpec,
     MergedModel,
     NormExportError,
     check_norm_inputs,
-    default_norm_values,
     example_inputs,
     export_onnx,
     forward_with_norm,
-    load_edge_info,
     load_merged_model,
-    load_tokenizer,
-    model_inputs,
     norm_parameters,
-    onnx_logits,
     onnx_parity,
     perturbed_norm,
     quantize_onnx,
-    read_edge_metadata,
-    session,
     weights_version,
 )
 from fairedge.common.lora import get_base_weights, get_lora_factors, save_adapter, set_lora_factors
@@ -395,10 +397,15 @@ def test_minilm_export_parity_tokenizer_and_int8(tmp_path):
     path = export_onnx(merged, tmp_path / "minilm.onnx")
     info = load_edge_info(path)
     assert info.task == "text" and len(info.norm_param_names) == 26  # embeddings + 6 layers x 2 LayerNorms
-    texts = ["a lovely day", "this was awful and far too long " * 6, "ok"]
-    feeds = model_inputs(info, texts, tokenizer=load_tokenizer(path))
-    assert {k: v.shape for k, v in feeds.items()} == {"input_ids": (3, 24), "attention_mask": (3, 24)}
+    texts = ["a lovely day", "this was awful and far too long " * 6, "ok", "", "Ünïcödé — 🙂\ttabs\nand newlines"]
+    edge_tokenizer = load_tokenizer(path)  # tokenizer.json through `tokenizers`, no transformers
+    assert type(edge_tokenizer).__module__.startswith("tokenizers")
+    feeds = model_inputs(info, texts, tokenizer=edge_tokenizer)
+    assert {k: v.shape for k, v in feeds.items()} == {"input_ids": (5, 24), "attention_mask": (5, 24)}
+    hf = merged.model.tokenizer(texts, padding="max_length", truncation=True, max_length=24, return_tensors="np")
+    assert all(np.array_equal(feeds[k], hf[k]) for k in feeds)  # the edge encodes exactly as transformers
     assert all(np.array_equal(feeds[k], v) for k, v in model_inputs(merged, texts).items())
+    feeds = {k: v[:3] for k, v in feeds.items()}  # the parity checks below were calibrated on these three
     sess = session(path)
     norm = norm_parameters(merged.model)
     assert onnx_parity(merged, sess, feeds) <= PARITY_TOLERANCE

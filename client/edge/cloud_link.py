@@ -3,11 +3,15 @@
 One channel, reused: every call carries `authorization: Bearer <token>`, has a deadline, and the
 channel's message-size limits are set explicitly (gRPC's default receive limit is 4 MiB). The
 channel's own reconnect backoff is capped at ours, or after an outage gRPC itself could wait up to
-two minutes before trying the cloud again. Bytes up and down are the serialized message sizes.
+two minutes before trying the cloud again. The unary calls (Register, GetNormParams) carry gRPC's
+own retry policy (service config `retryPolicy`: jittered exponential backoff, UNAVAILABLE only, within
+the call's deadline), so a brief outage costs no failed call; the streams are retried by `CloudSync`.
+Bytes up and down are the serialized message sizes.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +21,24 @@ import grpc
 
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
+
+SERVICE = "fairedge.v1.EdgeAdaptation"
+RETRIED_METHODS = ("Register", "GetNormParams")
+RETRY_ATTEMPTS = 3
+"""Tries per unary call (the first one included) while the cloud answers UNAVAILABLE."""
+
+
+def retry_service_config(initial_backoff_s: float, max_backoff_s: float) -> str:
+    """The channel's service config: gRPC's per-call retry policy for the unary, idempotent methods."""
+    policy = {
+        "maxAttempts": RETRY_ATTEMPTS,
+        "initialBackoff": f"{initial_backoff_s:.3f}s",
+        "maxBackoff": f"{max(initial_backoff_s, max_backoff_s):.3f}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": SERVICE, "method": m} for m in RETRIED_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ class CloudLink:
         max_message_bytes: int = 64 << 20,
         rpc_timeout_s: float = 10.0,
         reconnect_backoff_max_s: float = 30.0,
+        retry_backoff_s: float = 0.5,
     ) -> None:
         if ":" not in endpoint.address:
             raise ValueError(f"cloud address {endpoint.address!r} must look like host:port")
@@ -68,6 +91,8 @@ class CloudLink:
             ("grpc.initial_reconnect_backoff_ms", min(500, backoff_ms)),
             ("grpc.min_reconnect_backoff_ms", min(500, backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry_service_config(max(0.001, retry_backoff_s), reconnect_backoff_max_s)),
         ]
         if endpoint.tls_ca is not None:
             if endpoint.server_name:

@@ -3,8 +3,9 @@
 Two daemon threads. The uploader registers the device, then streams the oldest queued batches
 (`Upload`, client streaming, in batch-id order) and deletes them from disk only once the reply
 acknowledges them. The watcher holds a `WatchNormParams` stream and hands each new parameter set
-to the session. Both retry every failure with capped exponential backoff, so an unreachable cloud
-costs nothing but waiting: samples stay queued and the device keeps predicting.
+to the session. Both retry every failure with capped exponential backoff and full jitter (`Backoff`),
+so an unreachable cloud costs nothing but waiting: samples stay queued and the device keeps
+predicting, and a fleet that lost the cloud together does not come back in lockstep.
 
 Error handling by status code: UNAVAILABLE / DEADLINE_EXCEEDED / anything transient -> back off and
 retry; UNAUTHENTICATED and FAILED_PRECONDITION -> recorded in `last_error`, retried at backoff
@@ -20,6 +21,7 @@ newer than its own.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -40,19 +42,26 @@ ParamsSink = Callable[[int, dict[str, np.ndarray]], bool]
 
 
 class Backoff:
-    """Exponential backoff: initial, 2x, 4x, ... capped at `maximum`; `reset` after a success."""
+    """Capped exponential backoff with full jitter; `reset` after a success.
 
-    def __init__(self, initial: float, maximum: float) -> None:
+    The n-th delay after a success is uniform in [0, min(maximum, initial·2ⁿ)] ("full jitter"), so
+    devices that failed together spread their retries out. `rng` makes the delays reproducible.
+    """
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        if not 0 < initial <= maximum:
+            raise ValueError(f"backoff: need 0 < initial <= maximum, got initial={initial}, maximum={maximum}")
         self.initial, self.maximum = initial, maximum
-        self._next = initial
+        self._rng = rng if rng is not None else random.Random()
+        self._cap = initial
 
     def next(self) -> float:
-        delay = self._next
-        self._next = min(self.maximum, self._next * 2)
+        delay = self._rng.uniform(0.0, self._cap)
+        self._cap = min(self.maximum, self._cap * 2)
         return delay
 
     def reset(self) -> None:
-        self._next = self.initial
+        self._cap = self.initial
 
 
 @dataclass
@@ -90,6 +99,7 @@ class CloudSync:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         watch: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         self.link = link
         self.queue = queue
@@ -99,7 +109,10 @@ class CloudSync:
         self.params_version = params_version
         self.apply_params = apply_params
         self.batches_per_call = batches_per_call
-        self.backoff = (backoff_initial_s, backoff_max_s)
+        # one Backoff and generator per thread; a seeded `rng` seeds both
+        rng = rng if rng is not None else random.Random()
+        self._upload_backoff = Backoff(backoff_initial_s, backoff_max_s, random.Random(rng.getrandbits(64)))
+        self._watch_backoff = Backoff(backoff_initial_s, backoff_max_s, random.Random(rng.getrandbits(64)))
         self.watch = watch
         self.status = SyncStatus()
         self._lock = threading.Lock()
@@ -222,7 +235,7 @@ class CloudSync:
         ]
 
     def _upload_loop(self) -> None:
-        backoff = Backoff(*self.backoff)
+        backoff = self._upload_backoff
         one_at_a_time = False  # after a refused multi-batch call: find the bad batch
         while not self._stop.is_set():
             batches: list[QueuedBatch] = []
@@ -271,7 +284,7 @@ class CloudSync:
 
     # ---- parameter watcher -------------------------------------------------------------------
     def _watch_loop(self) -> None:
-        backoff = Backoff(*self.backoff)
+        backoff = self._watch_backoff
         while not self._stop.is_set():
             if not self._registered.wait(timeout=0.5):
                 continue

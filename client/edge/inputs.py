@@ -2,7 +2,7 @@
 
 Every source yields `StreamBatch`es of raw samples (images as float arrays `(n, C, H, W)` on the
 tasks' pixel scale, or texts) with optional integer labels, for accuracy bookkeeping only: labels
-never leave the device. `fairedge.common.edge_model.model_inputs` turns raw samples into model feeds
+never leave the device. `fairedge.common.edge_format.model_inputs` turns raw samples into model feeds
 (tokenizing texts), so the edge prepares inputs exactly as the export and the cloud do.
 
 Formats:
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from fairedge.common.data.task_data import normalize_pixels
-from fairedge.common.data.user_data import IMAGE_SUFFIXES, image_pixels
-from fairedge.common.edge_model import EdgeModelInfo
+from fairedge.common.edge_format import EdgeModelInfo
+from fairedge.common.pixels import IMAGE_SUFFIXES, image_pixels, normalize_pixels
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,9 @@ def _folder_samples(root: Path, info: EdgeModelInfo) -> Iterator[tuple[np.ndarra
 
 def read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """An image file -> float32 (C, H, W) on the tasks' pixel scale, read exactly as training reads images."""
-    from PIL import Image
-
     channels, height, width = shape
     with Image.open(path) as img:
-        return normalize_pixels(image_pixels(img, height, width, channels)).numpy()
+        return normalize_pixels(image_pixels(img, height, width, channels))
 
 
 def _table_samples(path: Path, info: EdgeModelInfo) -> Iterator[tuple[str, int | None]]:

@@ -31,7 +31,7 @@ from fairedge.client.edge.selection import make_selector
 from fairedge.client.edge.session import EdgeSession
 from fairedge.client.edge.upload_queue import UploadQueue
 from fairedge.common.config import EdgeConfig
-from fairedge.common.edge_model import load_tokenizer, model_inputs
+from fairedge.common.edge_format import load_tokenizer, model_inputs
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class EdgeRuntime:
                 max_message_bytes=self.cfg.max_message_mb << 20,
                 rpc_timeout_s=self.cfg.rpc_timeout_s,
                 reconnect_backoff_max_s=self.cfg.backoff_max_s,
+                retry_backoff_s=self.cfg.backoff_initial_s,
             )
             self.sync = CloudSync(
                 self.link,
@@ -240,7 +241,7 @@ class EdgeRuntime:
             "edge_config": self.cfg.model_dump(mode="json"),
             "predictions": self._seen,
             "labelled": n_labelled,
-            "accuracy": (sum(r.correct for r in labelled) / n_labelled) if n_labelled else None,
+            "accuracy": (sum(r.correct or 0 for r in labelled) / n_labelled) if n_labelled else None,
             "selected": stats.selected,
             "selected_fraction": stats.selected / stats.seen if stats.seen else 0.0,
             "uploaded": sync["samples_acked"] if sync else 0,

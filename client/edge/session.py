@@ -1,6 +1,6 @@
 """The device's model: an ONNX Runtime session whose normalisation parameters can be swapped live.
 
-The exported model (common/edge_model.py) declares every normalisation affine parameter as a graph
+The exported model (common/edge_format.py) declares every normalisation affine parameter as a graph
 input with its trained value as the default, so feeding a new set changes the model with no
 session rebuild. The current set is one immutable `NormParamSet`; a swap validates the new set
 completely (names, shapes, finite float32) and then replaces that one reference under a lock.
@@ -18,8 +18,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from fairedge.common import edge_model
-from fairedge.common.edge_model import EdgeModelInfo
+from fairedge.common import edge_format
+from fairedge.common.edge_format import EdgeModelInfo
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class EdgeSession:
         if not path.is_file():
             raise FileNotFoundError(f"no ONNX model at {path}")
         self.path = path
-        self.session = edge_model.session(path, threads=threads or None)
-        self.info: EdgeModelInfo = edge_model.read_edge_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.session = edge_format.session(path, threads=threads or None)
+        self.info: EdgeModelInfo = edge_format.read_edge_metadata(self.session.get_modelmeta().custom_metadata_map)
         overridable = {i.name for i in self.session.get_overridable_initializers()}
         required = {i.name for i in self.session.get_inputs()}
         missing = [n for n in self.info.norm_param_names if n not in overridable]
@@ -73,7 +73,7 @@ class EdgeSession:
         feed = {name: np.asarray(a, dtype=self.input_dtypes[name]) for name, a in inputs.items()}
         if params.arrays is not None:
             feed.update(params.arrays)
-        return self.session.run([edge_model.OUTPUT_NAME], feed)[0], params.version
+        return self.session.run([edge_format.OUTPUT_NAME], feed)[0], params.version
 
     def check_params(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A read-only float32 copy of a complete, well-formed parameter set, or ValueError saying what is wrong."""
@@ -106,4 +106,4 @@ class EdgeSession:
 
     def default_params(self) -> dict[str, np.ndarray]:
         """The exported (trained) values of the normalisation parameters, read from the model file."""
-        return {k: np.asarray(v, np.float32) for k, v in edge_model.default_norm_values(self.path).items()}
+        return {k: np.asarray(v, np.float32) for k, v in edge_format.default_norm_values(self.path).items()}

@@ -24,6 +24,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,8 @@ class UploadQueue:
         if _ENTROPY in inputs:
             raise ValueError(f"an input may not be named {_ENTROPY!r}")
         buf = io.BytesIO()
-        np.savez(buf, **inputs, **{_ENTROPY: entropy})
+        arrays: dict[str, Any] = {**inputs, _ENTROPY: entropy}  # Any: numpy's stub types **kwds like its flags
+        np.savez(buf, **arrays)
         atomic_write_bytes(self.batch_dir / f"{batch_id:012d}-{len(entropy)}.npz", buf.getvalue())
         self._pending[batch_id] = len(entropy)
 

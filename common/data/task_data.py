@@ -15,16 +15,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.5
-"""Every image task maps pixels in [0, 1] to `(p - PIXEL_MEAN) / PIXEL_STD`, i.e. [-1, 1]."""
+from fairedge.common import pixels
+from fairedge.common.pixels import PIXEL_MEAN, PIXEL_STD
+
+__all__ = ["PIXEL_MEAN", "PIXEL_STD", "LabeledData", "TaskData", "normalize_pixels", "stratified_split"]
 
 Indices = Sequence[int] | np.ndarray | torch.Tensor
 
 
 def normalize_pixels(x: torch.Tensor) -> torch.Tensor:
-    """Pixels in [0, 1] -> the float32 scale all image tasks share (the edge uses it too)."""
-    return ((x - PIXEL_MEAN) / PIXEL_STD).to(torch.float32)
+    """`fairedge.common.pixels.normalize_pixels` for a CPU tensor (the edge uses the NumPy one)."""
+    return torch.from_numpy(pixels.normalize_pixels(x.detach().cpu().numpy()))
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fairedge.common.data.task_data import LabeledData, TaskData, normalize_pixels, stratified_split
+from fairedge.common.data.task_data import LabeledData, TaskData, stratified_split
+from fairedge.common.pixels import IMAGE_SUFFIXES, image_pixels, normalize_pixels
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_PIL_MODE = {1: "L", 3: "RGB"}
+__all__ = ["IMAGE_SUFFIXES", "load_hf_image_dataset", "load_image_folder", "load_text_table"]
 
 
 def load_image_folder(
@@ -40,7 +40,9 @@ def load_image_folder(
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
-    images, labels, classes = [], [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    classes: list[str] = []
     for class_dir in class_dirs:
         files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -54,7 +56,7 @@ def load_image_folder(
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in the class sub-folders of {root}")
     _check_classes(classes, root)
     data = LabeledData(
-        x=normalize_pixels(torch.stack(images)),
+        x=torch.from_numpy(normalize_pixels(np.stack(images))),
         y=torch.tensor(labels, dtype=torch.int64),
         domain=torch.zeros(len(labels), dtype=torch.int64),
     )
@@ -104,7 +106,7 @@ def load_hf_image_dataset(
     else:
         domains, domain = ["all"], torch.zeros(len(y), dtype=torch.int64)
     pixels = [image_pixels(_as_image(v), image_size, image_size, channels) for v in whole[image_column]]
-    data = LabeledData(x=normalize_pixels(torch.stack(pixels)), y=y, domain=domain)
+    data = LabeledData(x=torch.from_numpy(normalize_pixels(np.stack(pixels))), y=y, domain=domain)
 
     if len(parts) == 2:
         n_train = len(parts[0])
@@ -143,13 +145,13 @@ def _existing(path: str | Path, test_fraction: float) -> Path:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"data path does not exist: {root}")
+    if not root.exists():  # checked here, where the data is read, not when a config is validated
+        raise FileNotFoundError(f"data.path {str(root)!r} does not exist on this machine")
     return root
 
 
 def _check_channels(channels: int) -> None:
-    if channels not in _PIL_MODE:
+    if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
 
 
@@ -194,15 +196,6 @@ def _as_image(value: Any) -> Image.Image:
     if array.dtype != np.uint8:
         array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
     return Image.fromarray(array)
-
-
-def image_pixels(img: Image.Image, height: int, width: int, channels: int) -> torch.Tensor:
-    """PIL image -> float (C, H, W) in [0, 1], bilinear resize: how training (and the edge) read images."""
-    if channels not in _PIL_MODE:
-        raise ValueError(f"channels = {channels}: image files give 1 or 3")
-    img = img.convert(_PIL_MODE[channels]).resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.reshape(height, width, channels)).permute(2, 0, 1)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
