@@ -17,6 +17,12 @@ The node's data comes from the node config: `partition-id` of
 points at the node's own files (same `data.task` as the run, used whole; only
 with `model.kind = "hf-text"`, whose base model every node loads from disk: the
 built-in ViT is pre-trained on the run's data, so its nodes must share that data).
+
+Every call loads what it needs (the data, the base model from its cache file or folder) and
+keeps nothing in the process between calls: a node's memory is its Flower context state. Nor
+does it change process-wide settings: the thread count belongs to the process's entry point
+(`fairedge-sim run --threads`; in Ray's client processes Ray sets `OMP_NUM_THREADS` from
+`federation.client_cpus`), which with `--engine inprocess` is shared with the server.
 """
 
 from __future__ import annotations
@@ -24,18 +30,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from peft import PeftModel
 
 from fairedge.client.update_compression import compress_update
 from fairedge.common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
 from fairedge.common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
 from fairedge.common.config import RunConfig
-from fairedge.common.data import LabeledData
+from fairedge.common.data import LabeledData, TaskData
 from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
 from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
 from fairedge.common.training import evaluate as evaluate_model
@@ -47,19 +55,6 @@ PERSONAL_B_KEY = "fairedge.personal-b"
 """Context-state key of this node's own B per layer (FedSA-LoRA)."""
 
 app = ClientApp()
-_models: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
-
-
-def _model_for(cfg: RunConfig, key: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """One LoRA model per process and config, with its pristine base weights `W0` per LoRA layer.
-
-    Every round overwrites all its trainables and resets its base weights from `W0`.
-    """
-    if key not in _models:
-        _models.clear()
-        model = lora_model(cfg)
-        _models[key] = (model, get_base_weights(model))
-    return _models[key]
 
 
 def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:
@@ -80,30 +75,65 @@ def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:
 
 
 def node_partition(
-    cfg: RunConfig, node_config: Mapping[str, Any], partition_id: int, num_partitions: int
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    partition_id: int,
+    num_partitions: int,
+    *,
+    task: TaskData | None = None,
 ) -> LabeledData:
-    """This node's training data: its own files whole (`data-path`), or its share of the run's data."""
-    return load_task(cfg).train if node_config.get("data-path") else client_partition(cfg, partition_id, num_partitions)
+    """This node's training data: its own files whole (`data-path`), or its share of the run's data.
+
+    `task` is `load_task(cfg)`, loaded here unless given.
+    """
+    task = task or load_task(cfg)
+    if node_config.get("data-path"):
+        return task.train
+    return client_partition(cfg, partition_id, num_partitions, task=task)
 
 
-def _load_message(msg: Message, context: Context) -> tuple[RunConfig, torch.nn.Module, int, int]:
-    """Config, model (holding the received global adapter), partition id and count of a message."""
-    raw = str(msg.content["config"][CONFIG_KEY])
-    cfg = node_run_config(raw, context.node_config)
-    raw = cfg.model_dump_json()  # the model cache key: includes a node's own data path
-    partition_id = int(context.node_config.get("partition-id", 0))
-    num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
-    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    model, base_weights = _model_for(cfg, raw)
-    set_adapter(model, adapter_from_record(msg.content["arrays"]), base_weights)
-    return cfg, model, partition_id, num_partitions
+@dataclass(frozen=True)
+class _Job:
+    """What one message gives a client: its config, data, partition and a model holding the global adapter."""
+
+    cfg: RunConfig
+    task: TaskData
+    model: PeftModel
+    partition_id: int
+    num_partitions: int
+
+    def train_data(self, node_config: Mapping[str, Any]) -> LabeledData:
+        return node_partition(self.cfg, node_config, self.partition_id, self.num_partitions, task=self.task)
 
 
-def use_personal_b(model: torch.nn.Module, state: RecordDict) -> bool:
+def _load_message(msg: Message, context: Context) -> _Job:
+    """Load the message's config, this node's data and a fresh model, and put the received adapter in it."""
+    cfg = node_run_config(str(msg.content.config_records["config"][CONFIG_KEY]), context.node_config)
+    task = load_task(cfg)
+    model = lora_model(cfg, task=task)
+    set_adapter(model, adapter_from_record(msg.content.array_records["arrays"]), get_base_weights(model))
+    return _Job(
+        cfg=cfg,
+        task=task,
+        model=model,
+        partition_id=_int_setting(context.node_config, "partition-id", 0),
+        num_partitions=_int_setting(context.node_config, "num-partitions", cfg.federation.num_clients),
+    )
+
+
+def _int_setting(config: Mapping[str, Any], key: str, default: int, where: str = "node config") -> int:
+    value = config.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} {key}={value!r} is not an integer") from None
+
+
+def use_personal_b(model: PeftModel, state: RecordDict) -> bool:
     """Load this node's own B (if it has one that fits) in place of the global B; say whether it did."""
-    if PERSONAL_B_KEY not in state:
+    if PERSONAL_B_KEY not in state.array_records:
         return False
-    own = {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in state[PERSONAL_B_KEY].items()}
+    own = {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in state.array_records[PERSONAL_B_KEY].items()}
     factors = get_lora_factors(model)
     if set(own) != set(factors) or any(own[k].shape != factors[k][1].shape for k in factors):
         return False  # kept by another run
@@ -113,12 +143,13 @@ def use_personal_b(model: torch.nn.Module, state: RecordDict) -> bool:
 
 def run_train(msg: Message, context: Context) -> Message:
     """Train on this node's data starting from the global adapter; reply with the result."""
-    cfg, model, partition_id, num_partitions = _load_message(msg, context)
-    round_config = msg.content["config"]
-    server_round = int(round_config.get("server-round", 0))
+    job = _load_message(msg, context)
+    cfg, model, partition_id = job.cfg, job.model, job.partition_id
+    round_config = msg.content.config_records["config"]
+    server_round = _int_setting(round_config, "server-round", 0, "round config")
     personal_b = bool(round_config.get(PERSONAL_B, False))
     send = reply_factors(round_config)
-    data = node_partition(cfg, context.node_config, partition_id, num_partitions)
+    data = job.train_data(context.node_config)
     if personal_b:
         use_personal_b(model, context.state)
     set_trainable_factors(model, str(round_config.get(TRAIN_FACTORS, "AB")))
@@ -136,7 +167,6 @@ def run_train(msg: Message, context: Context) -> Message:
         device=resolve_device(f.device),
         seed=cfg.seed * 100_003 + server_round * 1_009 + partition_id,
     )
-    model.cpu()
     trained = get_adapter(model)
     if personal_b:
         context.state[PERSONAL_B_KEY] = ArrayRecord({k: Array(b.numpy()) for k, (_, b) in trained.factors.items()})
@@ -154,15 +184,24 @@ def run_train(msg: Message, context: Context) -> Message:
 
 def run_evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of this node's model (global adapter, own B under `personal-b`) on its own domains' test data."""
-    cfg, model, partition_id, num_partitions = _load_message(msg, context)
-    own_b = bool(msg.content["config"].get(PERSONAL_B, False)) and use_personal_b(model, context.state)
-    task = load_task(cfg)
-    domains = node_partition(cfg, context.node_config, partition_id, num_partitions).domain.unique()
-    test = task.test.subset(torch.nonzero(torch.isin(task.test.domain, domains)).flatten())
-    acc, loss = evaluate_model(model, test, device=resolve_device(cfg.federation.device))
-    model.cpu()
+    job = _load_message(msg, context)
+    own_b = bool(msg.content.config_records["config"].get(PERSONAL_B, False)) and use_personal_b(
+        job.model, context.state
+    )
+    domains = job.train_data(context.node_config).domain.unique()
+    test = job.task.test.subset(torch.nonzero(torch.isin(job.task.test.domain, domains)).flatten())
+    if len(test) == 0:
+        names = [job.task.domains[int(d)] for d in domains]
+        raise ValueError(f"the test split has no samples of this node's domains {names}: nothing to evaluate")
+    acc, loss = evaluate_model(job.model, test, device=resolve_device(job.cfg.federation.device))
     metrics = MetricRecord(
-        {"num-examples": len(test), "accuracy": acc, "loss": loss, "partition-id": partition_id, "own-b": int(own_b)}
+        {
+            "num-examples": len(test),
+            "accuracy": acc,
+            "loss": loss,
+            "partition-id": job.partition_id,
+            "own-b": int(own_b),
+        }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -23,9 +23,9 @@ RESIDUAL_KEY = "fairedge.ef-residual"
 
 
 def _stored_residual(state: RecordDict) -> dict[str, torch.Tensor]:
-    if RESIDUAL_KEY not in state:
+    if RESIDUAL_KEY not in state.array_records:
         return {}
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in state[RESIDUAL_KEY].items()}
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in state.array_records[RESIDUAL_KEY].items()}
 
 
 def compress_update(

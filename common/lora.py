@@ -8,14 +8,18 @@ so names read the same on every client and on the server.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
+
+from fairedge.common.models.seeding import seeded
 
 ADAPTER = "default"
 """The one adapter `add_lora` creates; PEFT's default name."""
@@ -31,21 +35,25 @@ def add_lora(
     dropout: float,
     target_modules: Sequence[str],
     head_modules: Sequence[str] = ("classifier",),
+    seed: int = 0,
 ) -> PeftModel:
     """Wrap `model` (modified in place) so only LoRA factors and the head train.
 
     `target_modules` are module-name suffixes (`["q_proj", "v_proj"]` for the ViT,
     `["query", "value"]` for BERT-like encoders); `head_modules` get a trainable copy.
+    PEFT's init (`A` Kaiming-uniform, `B = 0`) draws from `seed`, so the same seed gives the
+    same adapter and the caller's RNG is left alone.
     """
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int by PEFT; a float scale alpha / r works
         lora_dropout=dropout,
         target_modules=list(target_modules),
         modules_to_save=list(head_modules),
         init_lora_weights=True,
     )
-    peft_model = get_peft_model(model, config)
+    with seeded(seed):
+        peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         expected = ".lora_" in name or ".modules_to_save." in name
         if param.requires_grad != expected:
@@ -55,8 +63,13 @@ def add_lora(
 
 def lora_scale(model: PeftModel) -> float:
     """`s = alpha / r`, the factor on `B @ A` in the effective weight."""
-    config = model.peft_config[ADAPTER]
+    config = cast(LoraConfig, model.peft_config[ADAPTER])
     return config.lora_alpha / config.r
+
+
+def _weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of a LoRA factor or base layer (all `nn.Linear` here)."""
+    return cast(nn.Linear, linear).weight
 
 
 def _lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
@@ -79,8 +92,8 @@ def get_lora_factors(model: PeftModel) -> Factors:
     """`{layer: (A (r x n), B (m x r))}` as detached float32 CPU copies, in model order."""
     return {
         name: (
-            layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
-            layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32).clone(),
+            _weight(layer.lora_A[ADAPTER]).detach().to("cpu", torch.float32).clone(),
+            _weight(layer.lora_B[ADAPTER]).detach().to("cpu", torch.float32).clone(),
         )
         for name, layer in _lora_layers(model).items()
     }
@@ -93,22 +106,22 @@ def set_lora_factors(model: PeftModel, factors: Factors) -> None:
     for name, (a, b) in factors.items():
         if name not in layers:
             raise KeyError(f"no LoRA layer named {name!r}")
-        want_a = layers[name].lora_A[ADAPTER].weight.shape
-        want_b = layers[name].lora_B[ADAPTER].weight.shape
+        want_a = _weight(layers[name].lora_A[ADAPTER]).shape
+        want_b = _weight(layers[name].lora_B[ADAPTER]).shape
         if a.shape != want_a or b.shape != want_b:
             raise ValueError(
                 f"{name}: factors of shape A {tuple(a.shape)}, B {tuple(b.shape)}; "
                 f"expected A {tuple(want_a)}, B {tuple(want_b)}"
             )
     for name, (a, b) in factors.items():
-        layers[name].lora_A[ADAPTER].weight.copy_(a)
-        layers[name].lora_B[ADAPTER].weight.copy_(b)
+        _weight(layers[name].lora_A[ADAPTER]).copy_(a)
+        _weight(layers[name].lora_B[ADAPTER]).copy_(b)
 
 
 def get_base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     """`{layer: W0 (m x n)}`: each LoRA layer's frozen base weight, as detached float32 CPU copies."""
     return {
-        name: layer.get_base_layer().weight.detach().to("cpu", torch.float32).clone()
+        name: _weight(layer.get_base_layer()).detach().to("cpu", torch.float32).clone()
         for name, layer in _lora_layers(model).items()
     }
 
@@ -120,11 +133,11 @@ def set_base_weights(model: PeftModel, weights: dict[str, torch.Tensor]) -> None
     for name, w in weights.items():
         if name not in layers:
             raise KeyError(f"no LoRA layer named {name!r}")
-        want = layers[name].get_base_layer().weight.shape
+        want = _weight(layers[name].get_base_layer()).shape
         if w.shape != want:
             raise ValueError(f"{name}: base weight of shape {tuple(w.shape)}, expected {tuple(want)}")
     for name, w in weights.items():
-        layers[name].get_base_layer().weight.copy_(w)
+        _weight(layers[name].get_base_layer()).copy_(w)
 
 
 def set_trainable_factors(model: PeftModel, factors: str) -> None:
@@ -132,8 +145,8 @@ def set_trainable_factors(model: PeftModel, factors: str) -> None:
     if factors not in ("AB", "A", "B"):
         raise ValueError(f"factors must be 'AB', 'A' or 'B', got {factors!r}")
     for layer in _lora_layers(model).values():
-        layer.lora_A[ADAPTER].weight.requires_grad_("A" in factors)
-        layer.lora_B[ADAPTER].weight.requires_grad_("B" in factors)
+        _weight(layer.lora_A[ADAPTER]).requires_grad_("A" in factors)
+        _weight(layer.lora_B[ADAPTER]).requires_grad_("B" in factors)
 
 
 def get_head_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -163,5 +176,14 @@ def set_head_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_adapter(model: PeftModel, directory: str | Path) -> None:
-    """PEFT's own format; reload with `PeftModel.from_pretrained(identically_built_base, directory)`."""
+    """PEFT's own format; reload with `PeftModel.from_pretrained(identically_built_base, directory)`.
+
+    The files are byte-identical for the same adapter in any process: PEFT writes set-valued
+    config fields (`target_modules`) in the set's iteration order, which depends on the
+    process's string hash seed, so they are rewritten sorted.
+    """
     model.save_pretrained(str(directory))
+    path = Path(directory) / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    sets = {k: sorted(v) for k, v in model.peft_config[ADAPTER].to_dict().items() if isinstance(v, set)}
+    path.write_text(json.dumps({**saved, **sets}, indent=2, sort_keys=True))  # PEFT's own layout

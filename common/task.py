@@ -1,22 +1,22 @@
 """From a RunConfig to data and models: the one place that reads those config sections.
 
-Loading is memoised per process (keyed by the relevant config), because a Flower
-simulation calls the ClientApp many times in the same worker process.
+Nothing is memoised here: every call loads what it needs (the pre-trained ViT from its file in
+the model cache, a Hugging Face model from its folder), so a process holds no hidden state
+between calls. A caller that needs the data and the model together loads the task once and
+passes it on (`task=`).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from fairedge.common.aggregation import Adapter
-from fairedge.common.config import DataConfig, LoraSettings, ModelConfig, RunConfig
+from fairedge.common.config import RunConfig
 from fairedge.common.data import LabeledData, TaskData, make_digits_domains, partition_clients
 from fairedge.common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
 from fairedge.common.lora import (
@@ -30,39 +30,36 @@ from fairedge.common.lora import (
 from fairedge.common.models import load_text_classifier, pretrained_vision_classifier
 
 
-@functools.lru_cache(maxsize=4)
-def _load_task(data_json: str, seed: int) -> TaskData:
-    cfg = DataConfig.model_validate_json(data_json)
-    if cfg.task == "digits-domains":
-        return make_digits_domains(
-            image_size=cfg.image_size,
-            samples_per_domain=cfg.samples_per_domain,
-            test_fraction=cfg.test_fraction,
-            seed=seed,
-        )
-    assert cfg.path is not None  # guaranteed by DataConfig
-    if cfg.task == "image-folder":
-        return load_image_folder(
-            cfg.path, image_size=cfg.image_size, channels=cfg.channels, test_fraction=cfg.test_fraction, seed=seed
-        )
-    if cfg.task == "hf-dataset":
-        return load_hf_image_dataset(
-            cfg.path, image_size=cfg.image_size, channels=cfg.channels, test_fraction=cfg.test_fraction, seed=seed
-        )
-    return load_text_table(cfg.path, test_fraction=cfg.test_fraction, seed=seed)
-
-
 def load_task(cfg: RunConfig) -> TaskData:
-    """The run's train/test data (all domains)."""
-    return _load_task(cfg.data.model_dump_json(), cfg.seed)
+    """The run's train/test data (all domains), split with `cfg.seed`."""
+    d, seed = cfg.data, cfg.seed
+    if d.task == "digits-domains":
+        return make_digits_domains(
+            image_size=d.image_size, samples_per_domain=d.samples_per_domain, test_fraction=d.test_fraction, seed=seed
+        )
+    assert d.path is not None  # guaranteed by DataConfig
+    if d.task == "image-folder":
+        return load_image_folder(
+            d.path, image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction, seed=seed
+        )
+    if d.task == "hf-dataset":
+        return load_hf_image_dataset(
+            d.path, image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction, seed=seed
+        )
+    return load_text_table(d.path, test_fraction=d.test_fraction, seed=seed)
 
 
-def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int | None = None) -> LabeledData:
-    """The training data of one simulated client (of `num_partitions`, default the configured clients)."""
+def client_partition(
+    cfg: RunConfig, partition_id: int, num_partitions: int | None = None, *, task: TaskData | None = None
+) -> LabeledData:
+    """The training data of one simulated client (of `num_partitions`, default the configured clients).
+
+    `task` is `load_task(cfg)`, loaded here unless given.
+    """
     num_partitions = num_partitions or cfg.federation.num_clients
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    train = load_task(cfg).train
+    train = (task or load_task(cfg)).train
     parts = partition_clients(
         train,
         num_partitions,
@@ -73,16 +70,21 @@ def client_partition(cfg: RunConfig, partition_id: int, num_partitions: int | No
     return train.subset(parts[partition_id])
 
 
-@functools.lru_cache(maxsize=2)
-def _base_model(model_json: str, data_json: str, seed: int) -> nn.Module:
-    m = ModelConfig.model_validate_json(model_json)
-    data = _load_task(data_json, seed)
+def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:
+    """A fresh foundation model: the pre-trained ViT (trained once, then read from `model.cache_path()`) or
+    the Hugging Face encoder in `model.path` with a head drawn from `cfg.seed`.
+
+    `task` is `load_task(cfg)`, loaded here unless given (the ViT is pre-trained on it; the head's size
+    is its number of classes).
+    """
+    m, seed = cfg.model, cfg.seed
+    task = task or load_task(cfg)
     if m.kind == "hf-text":
-        assert m.path is not None
-        return load_text_classifier(m.path, num_classes=data.num_classes, max_length=m.max_length, seed=seed)
+        assert m.path is not None  # guaranteed by ModelConfig
+        return load_text_classifier(m.path, num_classes=task.num_classes, max_length=m.max_length, seed=seed)
     return pretrained_vision_classifier(
-        data,
-        cache_dir=Path(m.cache_dir),
+        task,
+        cache_dir=m.cache_path(),
         epochs=m.pretrain_epochs,
         lr=m.pretrain_lr,
         seed=seed,
@@ -94,16 +96,12 @@ def _base_model(model_json: str, data_json: str, seed: int) -> nn.Module:
     )
 
 
-def base_model(cfg: RunConfig) -> nn.Module:
-    """A fresh copy of the foundation model (pre-trained once, then cached)."""
-    return copy.deepcopy(_base_model(cfg.model.model_dump_json(), cfg.data.model_dump_json(), cfg.seed))
-
-
-def lora_model(cfg: RunConfig) -> nn.Module:
-    """The foundation model wrapped with PEFT LoRA; initial factors seeded by `cfg.seed`."""
-    lora: LoraSettings = cfg.lora
-    base = base_model(cfg)
-    targets = list(lora.target_modules or base.lora_targets)
+def lora_model(cfg: RunConfig, *, task: TaskData | None = None) -> PeftModel:
+    """The foundation model wrapped with PEFT LoRA; initial factors drawn from `cfg.seed`."""
+    lora = cfg.lora
+    base = base_model(cfg, task=task)
+    default_targets: tuple[str, ...] = getattr(base, "lora_targets", ())  # the model's attention query/value
+    targets = list(lora.target_modules or default_targets)
     linears = sorted(
         {
             name.rsplit(".", 1)[-1]
@@ -116,16 +114,15 @@ def lora_model(cfg: RunConfig) -> nn.Module:
             f"lora.target_modules={targets} match no layer of model.kind={cfg.model.kind!r}; "
             f"its linear layers are named {linears}"
         )
-    torch.manual_seed(cfg.seed)
-    return add_lora(base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
+    return add_lora(base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets, seed=cfg.seed)
 
 
-def get_adapter(model: nn.Module) -> Adapter:
+def get_adapter(model: PeftModel) -> Adapter:
     """The model's trainable state as an aggregation `Adapter`."""
     return Adapter(get_lora_factors(model), get_head_state(model))
 
 
-def set_adapter(model: nn.Module, adapter: Adapter, base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+def set_adapter(model: PeftModel, adapter: Adapter, base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Load an `Adapter` into a LoRA model, in place.
 
     `base_weights` are the pristine `W0` of the LoRA layers (`fairedge.common.lora.get_base_weights`

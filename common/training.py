@@ -1,4 +1,4 @@
-"""Local training and evaluation loops shared by clients, the server and baselines.
+"""Local training and the one evaluation loop, shared by clients, the server, pre-training and baselines.
 
 Every model here exposes `prepare(x_batch) -> dict of tensors` and
 `forward(**inputs) -> logits`, so one loop serves images and text.
@@ -7,7 +7,8 @@ Every model here exposes `prepare(x_batch) -> dict of tensors` and
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,10 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
 
 
 def _batch(model: nn.Module, data: LabeledData, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward kwargs for the samples `idx`: the model's own `prepare` (PEFT forwards it to the wrapped model)."""
     x = [data.x[i] for i in idx.tolist()] if isinstance(data.x, list) else data.x[idx]
-    return {k: v.to(device) for k, v in model.prepare(x).items()}
+    prepare = cast(Callable[[Any], dict[str, torch.Tensor]], model.prepare)
+    return {k: v.to(device) for k, v in prepare(x).items()}
 
 
 def train_local(
@@ -82,7 +85,13 @@ def train_local(
 def evaluate(
     model: nn.Module, data: LabeledData, *, batch_size: int = 256, device: torch.device = torch.device("cpu")
 ) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy over `data`."""
+    """Accuracy and mean cross-entropy over `data`; leaves the model in eval mode on `device`.
+
+    The one evaluation loop: per-domain accuracy, the ClientApp's evaluate and pre-training's
+    progress log all call it.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
     model.to(device).eval()
     correct, loss = 0, 0.0
     for start in range(0, len(data), batch_size):
@@ -91,7 +100,7 @@ def evaluate(
         y = data.y[idx].to(device)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
-    return correct / max(len(data), 1), loss / max(len(data), 1)
+    return correct / len(data), loss / len(data)
 
 
 def evaluate_per_domain(

@@ -29,10 +29,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's merged model to ONNX and print where it went and its parity with PyTorch."""
+    import torch
+
     from fairedge.common.config import ConfigError
     from fairedge.common.edge_model import NormExportError
     from fairedge.server.export import describe, export_run
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # this process's one setting, made here at its entry point
     try:
         report = export_run(args.run_dir, args.out, int8=args.int8)
     except (FileNotFoundError, ConfigError, NormExportError, ValueError) as err:
@@ -40,6 +44,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     print(describe(report))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="ONNX file to write (default: <run_dir>/model.onnx, or model-int8.onnx with --int8)"
     )
     export.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of the weights")
+    export.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch threads for the parity check (default: torch's)"
+    )
     add_cloud_arguments(sub.add_parser("cloud", help="run the CEMA cloud gRPC service for a run's merged model"))
     args = parser.parse_args(argv)
     if args.command is None:

@@ -17,16 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fairedge.common.data import TaskData
+from fairedge.common.edge_format import model_inputs, onnx_logits, session
 from fairedge.common.edge_model import (
     MergedModel,
     export_onnx,
     forward_with_norm,
     load_merged_model,
-    model_inputs,
     norm_parameters,
-    onnx_logits,
     perturbed_norm,
-    session,
 )
 from fairedge.common.task import load_task
 from fairedge.common.training import evaluate_per_domain
@@ -67,7 +66,7 @@ def export_run(
     start = time.perf_counter()
     merged = load_merged_model(run_dir)
     task = load_task(merged.cfg)
-    check_reproduces_run(merged, run_dir)
+    check_reproduces_run(merged, run_dir, task=task)
     export_onnx(merged, out, quantize=int8)
     seconds = time.perf_counter() - start
 
@@ -107,19 +106,22 @@ def export_run(
     )
 
 
-def check_reproduces_run(merged: MergedModel, run_dir: Path, tolerance: float = 0.01) -> None:
+def check_reproduces_run(
+    merged: MergedModel, run_dir: Path, tolerance: float = 0.01, *, task: TaskData | None = None
+) -> None:
     """Raise unless the merged model scores the run's final per-domain test accuracy (`metrics.json`).
 
     The base model is rebuilt from the config by today's code; if that code or the data changed
     since the run, the adapter lands on a different base and the export would silently be a
-    different model. A run without metrics.json is not checked.
+    different model. A run without metrics.json is not checked. `task` is `load_task(merged.cfg)`,
+    loaded here unless given.
     """
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
         return
     rounds = json.loads(metrics_file.read_text()).get("rounds") or []
     want = rounds[-1].get("accuracy", {}) if rounds else {}
-    task = load_task(merged.cfg)
+    task = task or load_task(merged.cfg)
     got = evaluate_per_domain(merged.model, task.test, task.domains)
     off = {
         d: (got.get(d, float("nan")), acc) for d, acc in want.items() if not abs(got.get(d, -1.0) - acc) <= tolerance

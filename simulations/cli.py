@@ -35,12 +35,28 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op thread count for this whole process, once, at the entry point (None: torch's default).
+
+    Library code (the ClientApp included) never changes it: with `--engine inprocess` the
+    clients share this process, and so this setting, with the server.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate the config, run the simulation with a live display, print where outputs went.
 
     With `--resume DIR` the config is the one in DIR (plus `--set` overrides that
     only extend it: see `fairedge.server.checkpoint.RESUMABLE_CHANGES`) and the run continues there.
     """
+    set_threads(args.threads)
     from fairedge.server.checkpoint import client_state_warning, resume_config
     from fairedge.server.federation import RoundFailed
     from fairedge.server.run_outputs import new_run_dir
@@ -92,6 +108,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairedge-sim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="ray",
         help="ray: Flower's simulation engine (default); inprocess: clients called one after "
         "another in this process, no Ray (same results, quicker start)",
+    )
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads of this process: the server, and with --engine inprocess the clients too "
+        "(default: torch's, one per core). With --engine ray each client process gets "
+        "floor(federation.client_cpus) threads from Ray",
     )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     run.set_defaults(func=cmd_run)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,3 +132,46 @@ def test_saved_adapter_reloads_with_identical_logits(model, tmp_path) -> None:
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(**loaded.prepare(x)), model(**model.prepare(x)))
+
+
+def test_lora_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    state = torch.random.get_rng_state()
+    a = get_lora_factors(add_lora(_base(), rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=["q_proj"], seed=5))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(123)  # the caller's own RNG use does not leak into the adapter
+    b = get_lora_factors(add_lora(_base(), rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=["q_proj"], seed=5))
+    c = get_lora_factors(add_lora(_base(), rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=["q_proj"], seed=6))
+    assert all(torch.equal(a[k][0], b[k][0]) for k in a)
+    assert not any(torch.equal(a[k][0], c[k][0]) for k in a)
+    assert all(a[k][0].abs().sum() > 0 for k in a)  # A is drawn, not zero
+
+
+SAVE_SCRIPT = """
+import sys
+from fairedge.common.lora import add_lora, save_adapter
+from fairedge.common.models import build_vision_classifier
+
+base = build_vision_classifier(image_size=16, num_channels=1, num_classes=10, seed=0)
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+save_adapter(add_lora(base, rank=2, alpha=4.0, dropout=0.0, target_modules=targets, seed=1), sys.argv[1])
+"""
+
+
+def test_saved_adapter_files_are_byte_identical_across_processes(tmp_path) -> None:
+    """PEFT keeps target_modules as a set, whose order follows the string hash seed of the process."""
+    outs = [tmp_path / f"hashseed-{seed}" for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAVE_SCRIPT, str(out)],
+            env={**os.environ, "PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": "1"},
+        )
+        for seed, out in zip((1, 2), outs)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    files = sorted(f.name for f in outs[0].iterdir())
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert sorted(f.name for f in outs[1].iterdir()) == files
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    config = json.loads((outs[0] / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]

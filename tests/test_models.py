@@ -13,13 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fairedge.common.data.task_data import LabeledData, TaskData
 from fairedge.common.lora import add_lora, save_adapter
-from fairedge.common.models import (
-    build_vision_classifier,
-    evaluate_accuracy,
-    load_text_classifier,
-    pretrained_vision_classifier,
-)
+from fairedge.common.models import build_vision_classifier, load_text_classifier, pretrained_vision_classifier
 from fairedge.common.models import pretrain as pretrain_module
+from fairedge.common.training import evaluate
 
 
 def _digits_task() -> TaskData:
@@ -83,7 +79,7 @@ def one_thread():
 def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkeypatch, one_thread) -> None:
     task = _digits_task()
     model = pretrained_vision_classifier(task, cache_dir=tmp_path)
-    acc = evaluate_accuracy(model, task.test.x, task.test.y)
+    acc, _ = evaluate(model, task.test)
     assert acc >= 0.90, acc
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith("vit-") and files[0].suffix == ".pt"
@@ -98,6 +94,78 @@ def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkey
     # A different hyper-parameter is a different cache entry (and would train).
     with pytest.raises(AssertionError, match="cache"):
         pretrained_vision_classifier(task, cache_dir=tmp_path, lr=5e-3)
+
+
+TINY_VIT = [
+    "data.samples_per_domain=40",
+    "model.hidden_size=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=16",
+    "model.pretrain_epochs=1",
+]
+
+
+def test_pretrain_cache_key_changes_with_everything_that_changes_the_weights(tmp_path, monkeypatch) -> None:
+    """One input changed at a time: each that feeds pre-training gives a new file, the others reuse one."""
+    from fairedge.common.config import build_config
+    from fairedge.common.data import make_digits_domains
+    from fairedge.common.task import base_model
+
+    monkeypatch.setattr(pretrain_module, "_train", lambda *args, **kwargs: None)  # the key, not the training
+
+    def new_file(build) -> str:
+        before = set(tmp_path.iterdir())
+        build()
+        new = set(tmp_path.iterdir()) - before
+        assert len(new) <= 1
+        return new.pop().name if new else "reused"
+
+    def from_config(*overrides: str) -> str:
+        return new_file(lambda: base_model(build_config({}, [f"model.cache_dir='{tmp_path}'", *TINY_VIT, *overrides])))
+
+    files = [from_config()]
+    assert files[0].startswith("vit-")
+    for change in [
+        "seed=1",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.intermediate_size=32",
+        "model.patch_size=8",
+        "model.pretrain_epochs=2",
+        "model.pretrain_lr=0.001",
+        "data.image_size=24",
+        "data.samples_per_domain=60",
+        "data.test_fraction=0.5",
+    ]:
+        files.append(from_config(change))
+        assert files[-1] != "reused", change
+    # What does not feed pre-training reuses the first file.
+    for same in ["lora.rank=4", "federation.rounds=3", "data.partition='feature-label'", "model.max_length=32"]:
+        assert from_config(same) == "reused", same
+
+    # Recipe fields without a config field, a ViT default behind the fields set, and the format version.
+    task = make_digits_domains(samples_per_domain=40)
+    arch = dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16)
+
+    def direct(**recipe) -> str:
+        return new_file(lambda: pretrained_vision_classifier(task, cache_dir=tmp_path, epochs=1, **arch, **recipe))
+
+    assert direct() == "reused"  # the same inputs as the first config
+    files += [direct(batch_size=8), direct(weight_decay=0.0), direct(label_smoothing=0.0)]
+
+    def vit_with_other_eps(**kwargs):
+        model = build_vision_classifier(**kwargs)
+        model.vit.config.layer_norm_eps = 1e-6  # as if a transformers release changed the default
+        return model
+
+    with monkeypatch.context() as m:
+        m.setattr(pretrain_module, "build_vision_classifier", vit_with_other_eps)
+        files.append(direct())
+    monkeypatch.setattr(pretrain_module, "CACHE_VERSION", pretrain_module.CACHE_VERSION + 1)
+    files.append(direct())
+    assert "reused" not in files and len(set(files)) == len(files)
 
 
 # ---------------------------------------------------------------- text

@@ -2,7 +2,8 @@
 
 Federated LoRA needs a frozen base that already knows the task on clean data; clients then
 adapt it to their own (shifted) domains. Pre-training is deterministic, so its result is
-keyed by a hash of everything that determines it and computed at most once per machine.
+keyed by a hash of everything that determines it and computed at most once per cache folder;
+every later load, in any process, reads that file.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fairedge.common.data.task_data import TaskData
-from fairedge.common.models.evaluate import evaluate_accuracy
+from fairedge.common.data.task_data import LabeledData, TaskData
 from fairedge.common.models.vision import VisionClassifier, build_vision_classifier
+from fairedge.common.training import evaluate
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
-"""Part of the cache key; bump it when the training recipe changes so old files are not reused."""
+CACHE_VERSION = 3
+"""Part of the cache key; bump it when the training recipe or the model code changes so old files are not reused."""
 
 
 def pretrained_vision_classifier(
@@ -44,33 +45,24 @@ def pretrained_vision_classifier(
     """A ViT fully fine-tuned (AdamW, one-cycle LR) on `data.source_domain` of `data.train`.
 
     `arch` goes to `build_vision_classifier` (hidden_size, num_layers, ...). The state dict
-    is cached as `cache_dir / "vit-<hash>.pt"`; a second call with the same inputs loads it.
-    Defaults reach 0.91-0.92 on the clean test split of the built-in digits-domains task
-    (900 train images, 16x16) in ~10 s on one CPU core; label smoothing adds ~1-2 points.
+    is cached as `cache_dir / "vit-<key>.pt"` (see `cache_key`); a later call with the same
+    inputs, in any process, loads it. Defaults reach 0.91-0.92 on the clean test split of the
+    built-in digits-domains task (900 train images, 16x16) in ~10 s on one CPU core; label
+    smoothing adds ~1-2 points.
     """
-    x, y = _source_split(data)
-    arch = {
-        "image_size": data.image_size,
-        "num_channels": data.num_channels,
-        "num_classes": data.num_classes,
-        **arch,
+    source = _source_split(data)
+    model = build_vision_classifier(
+        image_size=data.image_size, num_channels=data.num_channels, num_classes=data.num_classes, seed=seed, **arch
+    )
+    recipe = {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "label_smoothing": label_smoothing,
+        "seed": seed,
     }
-    model = build_vision_classifier(seed=seed, **arch)
-    key = {
-        "version": CACHE_VERSION,
-        "arch": arch,
-        "train": {
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "weight_decay": weight_decay,
-            "label_smoothing": label_smoothing,
-            "seed": seed,
-        },
-        "data": _fingerprint(x, y),
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"vit-{digest}.pt"
+    path = Path(cache_dir) / f"vit-{cache_key(model, recipe, source)}.pt"
     if path.exists():
         log.info("pre-trained ViT loaded from %s", path)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -78,8 +70,7 @@ def pretrained_vision_classifier(
 
     _train(
         model,
-        x,
-        y,
+        source,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -100,28 +91,56 @@ def pretrained_vision_classifier(
     return model.eval()
 
 
-def _source_split(data: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
+def cache_key(model: VisionClassifier, recipe: dict[str, Any], source: LabeledData) -> str:
+    """16 hex digits of a hash over everything the pre-trained weights depend on.
+
+    That is the format version, the whole ViT configuration (every architecture field, including
+    the transformers defaults behind the ones we set) and the head size, the training recipe
+    (epochs, lr, batch size, weight decay, label smoothing, seed: the seed also draws the initial
+    weights) and the source-domain training data itself (shape, dtype and a content hash, so every
+    data setting that changes those samples changes the key). Library versions are left out: a
+    cached base stays the one that earlier runs' adapters were trained on.
+    """
+    config = model.vit.config.to_dict()
+    config.pop("transformers_version", None)
+    key = {
+        "version": CACHE_VERSION,
+        "arch": {"vit": config, "num_classes": model.classifier.out_features},
+        "train": recipe,
+        "data": _fingerprint(source),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _source_split(data: TaskData) -> LabeledData:
     """The source-domain images and labels of the train split."""
+    if data.kind != "image" or not isinstance(data.train.x, torch.Tensor):
+        raise ValueError(f"the built-in ViT pre-trains on images; this task is of kind {data.kind!r}")
     if data.source_domain not in data.domains:
         raise ValueError(f"source domain {data.source_domain!r} not in {data.domains}")
     mask = data.train.domain == data.domains.index(data.source_domain)
     if not bool(mask.any()):
         raise ValueError(f"no train samples in source domain {data.source_domain!r}")
-    return data.train.x[mask], data.train.y[mask]
+    return data.train.subset(torch.nonzero(mask).flatten())
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def _fingerprint(source: LabeledData) -> dict[str, Any]:
     """Shape, dtype and a content hash of the training set (part of the cache key)."""
+    assert isinstance(source.x, torch.Tensor)  # checked by _source_split
     h = hashlib.sha256()
-    for t in (x, y):
+    for t in (source.x, source.y):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return {"x_shape": list(x.shape), "x_dtype": str(x.dtype), "y_shape": list(y.shape), "sha256": h.hexdigest()}
+    return {
+        "x_shape": list(source.x.shape),
+        "x_dtype": str(source.x.dtype),
+        "y_shape": list(source.y.shape),
+        "sha256": h.hexdigest(),
+    }
 
 
 def _train(
     model: VisionClassifier,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    source: LabeledData,
     *,
     epochs: int,
     lr: float,
@@ -131,6 +150,8 @@ def _train(
     seed: int,
 ) -> None:
     """Full fine-tune; shuffling uses its own generator so results do not depend on global RNG."""
+    x, y = source.x, source.y
+    assert isinstance(x, torch.Tensor)  # checked by _source_split
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = -(-len(y) // batch_size)
@@ -153,7 +174,7 @@ def _train(
             epoch + 1,
             epochs,
             total / len(y),
-            evaluate_accuracy(model, x, y),
+            evaluate(model, source)[0],
             time.perf_counter() - start,
         )
     model.eval()

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fairedge.common.models.seeding import seeded
 
 
 class TextClassifier(nn.Module):
@@ -17,7 +19,7 @@ class TextClassifier(nn.Module):
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         num_classes: int,
         max_length: int = 64,
@@ -60,7 +62,6 @@ def load_text_classifier(path: str | Path, *, num_classes: int, max_length: int 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a text model from {path}: {e}") from e
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = TextClassifier(encoder, tokenizer, num_classes, max_length=max_length)
     return model.eval()

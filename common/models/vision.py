@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
+from fairedge.common.models.seeding import seeded
+
 
 class VisionClassifier(nn.Module):
     """ViT encoder + linear head on the mean of the token states (CLS included)."""
@@ -62,7 +64,6 @@ def build_vision_classifier(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = VisionClassifier(config, num_classes)
     return model.eval()  # like `from_pretrained`: callers switch to train() themselves
