@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fairedge.client.update_compression import RESIDUAL_KEY, compress_update
-from fairedge.common.adapter_record import flatten, shapes
+from fairedge.common.adapter_record import adapter_from_record, adapter_to_record, flatten, shapes
 from fairedge.common.aggregation import Adapter, FedIT
 from fairedge.common.compression import decompress
 from fairedge.common.config import CompressionConfig
-from fairedge.server.strategy import LoraStrategy, RoundLog
+from fairedge.server.strategy import LoraStrategy
 
 
 def _adapter(seed: int) -> Adapter:
@@ -72,8 +72,14 @@ def _task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
-def _reply(node: int, payload) -> Message:
-    req = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=MessageType.TRAIN)
+class _Grid:
+    """The one Grid call the strategy's sampling makes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+def _reply(req: Message, payload) -> Message:
     return Message(
         RecordDict(
             {
@@ -88,8 +94,9 @@ def _reply(node: int, payload) -> Message:
 @pytest.mark.usefixtures("_task_identity")
 def test_strategy_rebuilds_client_adapters_from_compressed_changes_and_rejects_bad_payloads():
     start = _adapter(0)
-    s = LoraStrategy(FedIT(), start, min_train_nodes=2)
-    s.rounds.append(RoundLog(round=1, sampled=[1, 2, 3]))
+    s = LoraStrategy(FedIT(), min_train_nodes=2)
+    requests = list(s.configure_train(1, adapter_to_record(start), ConfigRecord({}), _Grid()))
+    assert sorted(m.metadata.dst_node_id for m in requests) == [1, 2, 3]
     deltas = [flatten(_adapter(1)), flatten(_adapter(2))]
     cfg = CompressionConfig(enabled=True, density=1.0)  # lossless: the average is exact
     payloads = [
@@ -100,13 +107,13 @@ def test_strategy_rebuilds_client_adapters_from_compressed_changes_and_rejects_b
     ]
     corrupt = bytearray(payloads[0])
     corrupt[len(corrupt) // 2] ^= 0xFF
-    arrays, _ = s.aggregate_train(1, [_reply(1, payloads[0]), _reply(2, payloads[1]), _reply(3, bytes(corrupt))])
+    arrays, _ = s.aggregate_train(1, [_reply(m, p) for m, p in zip(requests, [*payloads, bytes(corrupt)])])
     assert arrays is not None
     expected = {k: flatten(start)[k] + (deltas[0][k] + deltas[1][k]) / 2 for k in deltas[0]}
-    got = flatten(s.global_adapter)
+    got = flatten(adapter_from_record(arrays))
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0)
-    assert "bad compressed payload" in s.rounds[-1].rejected[3]
+    assert "bad compressed payload" in s.rounds[-1].rejected[requests[2].metadata.dst_node_id]
     assert s.rounds[-1].bytes_up > 0 and s.rounds[-1].fp32_bytes_up == 3 * 4 * sum(
         torch.Size(v).numel() for v in shapes(start).values()
     )
