@@ -4,11 +4,13 @@ out error and malformed replies and keeps aggregating the rest."""
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fairedge.common.adapter_record import adapter_from_record, adapter_to_record
+from fairedge.common.adapter_record import adapter_from_record, adapter_to_record, record_tensors, tensors_to_record
 from fairedge.common.aggregation import TRAIN_FACTORS, Adapter, FedIT, RoLoRA
 from fairedge.server.strategy import LoraStrategy
+from fairedge.simulations.simulate import InProcessGrid
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +111,20 @@ def test_the_contract_is_enforced():
     s.configure_train(1, adapter_to_record(_adapter(0.0)), ConfigRecord(), _Nodes())
     with pytest.raises(RuntimeError, match=r"aggregate_train\(2\)"):
         s.aggregate_train(2, [])
+
+
+def test_runs_under_flowers_own_strategy_start():
+    """The contract in action: Flower's `Strategy.start` holds the global arrays and hands them round to round."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context) -> Message:  # every client adds 1 to what it received
+        arrays = tensors_to_record({k: t + 1.0 for k, t in record_tensors(msg.content["arrays"]).items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)
+
+    result = LoraStrategy(FedIT(), min_train_nodes=2).start(
+        InProcessGrid(app, 3), adapter_to_record(_adapter(0.0)), num_rounds=3, timeout=10
+    )
+    final = record_tensors(result.arrays)
+    assert all(torch.equal(t, torch.full_like(t, 3.0)) for t in final.values())
+    assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
