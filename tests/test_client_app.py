@@ -78,3 +78,19 @@ def test_client_calls_carry_nothing_over(cfg):
     assert all(torch.equal(replies[0][k], replies[1][k]) for k in replies[0])
     start = record_tensors(adapter_to_record(get_adapter(lora_model(cfg))))
     assert any(not torch.equal(replies[0][k], start[k]) for k in replies[0])  # it did train
+
+
+def test_the_simulation_entry_point_sets_the_thread_count_once():
+    from fairedge.simulations.cli import build_parser, set_threads
+
+    assert build_parser().parse_args(["run", "--threads", "3"]).threads == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--threads", "0"])
+    before = torch.get_num_threads()
+    try:
+        set_threads(3)
+        assert torch.get_num_threads() == 3
+        set_threads(None)  # unset: torch's default stays as it is
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
