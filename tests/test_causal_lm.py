@@ -263,9 +263,9 @@ def test_real_smollm2_answers_sensibly_and_knows_shakespeare():
     reply = generate_greedy(model, tok, [{"role": "user", "content": "What is the capital of France?"}], 16)
     assert "Paris" in reply
     roles = load_shakespeare(min_lines=200)
-    lines = [line for key in sorted(roles)[:4] for line in roles[key].test[:40]]
+    lines = [line for key in sorted(roles)[:4] for line in roles[key].test[:20]]
     eos, pad = special_ids(tok)
     examples = build_examples(tokenize_plain(tok, ["\n".join(lines)]), seq_len=128, pack=True, eos_id=eos, pad_id=pad)
     metrics = lm_metrics(model, iterate_batches(examples, batch_size=4))
-    assert metrics["tokens"] > 1000
+    assert metrics["tokens"] > 500
     assert 1.0 < metrics["perplexity"] < 200.0

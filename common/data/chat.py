@@ -29,9 +29,9 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from fairedge.common.atomic_files import atomic_write_bytes
+from fairedge.common.data.lm_batches import IGNORE_INDEX
 
 CHAT_ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
 CHITCHAT_PACKAGE = "chitchat_dataset"
 
 

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+"""Label value that takes no part in the loss (PyTorch's and Hugging Face's convention)."""
 
 TokenizedText = tuple[list[int], list[int]]
 """(token ids, labels) of one text; labels are the ids, or -100 where the loss must not look."""

