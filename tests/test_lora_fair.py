@@ -1,7 +1,10 @@
-"""LoRA-FAIR against a plain dense reference: form ΔW, optimise B' with L-BFGS."""
+"""LoRA-FAIR against a plain dense reference: form ΔW, optimise B' with L-BFGS.
+
+Both of the solver's ways to `ΔW` (factored, dense) are checked against the reference and each other."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,9 +20,15 @@ from fairedge.common.aggregation import (
     make_aggregator,
     solve_lora_fair,
 )
-from fairedge.common.aggregation.factored import LowRankSum
+from fairedge.common.aggregation.factored import LowRankSum, gram_flops
+from fairedge.common.aggregation.lora_fair import delta_form_flops
+
+lora_fair_module = importlib.import_module(
+    "fairedge.common.aggregation.lora_fair"
+)  # the package re-exports a function of that name
 
 F64 = torch.float64
+FORMS = ("factored", "dense")
 Case = tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]
 
 
@@ -150,10 +159,11 @@ def test_cosine_never_worse_than_dense_lbfgs(case: str, lam: float) -> None:
     A, B, w = CASES[case]()
     dW, Ab, Bb = dense(A, B, w)
     f = cosine_objective(dW, Ab, Bb, lam)
-    ours = float(f(lora_fair(A, B, w, lam=lam)[1]))
     reference = float(f(lbfgs(f, Bb)))
-    assert ours <= reference + 1e-4 * abs(reference), (ours, reference)
-    assert ours <= float(f(Bb)) + 1e-15  # never worse than FedIT
+    for form in FORMS:
+        ours = float(f(lora_fair(A, B, w, lam=lam, delta_form=form)[1]))
+        assert ours <= reference + 1e-4 * abs(reference), (form, ours, reference)
+        assert ours <= float(f(Bb)) + 1e-15  # never worse than FedIT
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -163,9 +173,10 @@ def test_float32_clients_are_solved_as_well_as_dense_float64(case: str) -> None:
     A32, B32 = [a.float() for a in A], [b.float() for b in B]
     dW, Ab, Bb = dense([a.double() for a in A32], [b.double() for b in B32], w)
     f = cosine_objective(dW, Ab, Bb, 0.01)
-    ours = float(f(lora_fair(A32, B32, w.float(), lam=0.01)[1].double()))
     reference = float(f(lbfgs(f, Bb)))
-    assert ours <= reference + 1e-4 * abs(reference), (ours, reference)
+    for form in FORMS:
+        ours = float(f(lora_fair(A32, B32, w.float(), lam=0.01, delta_form=form)[1].double()))
+        assert ours <= reference + 1e-4 * abs(reference), (form, ours, reference)
 
 
 @pytest.mark.parametrize("case", ["random0", "lora_scale", "ill0", "cancel"])
@@ -216,16 +227,18 @@ def test_cosine_approaches_the_infimum_when_no_minimiser_exists() -> None:
 def test_frobenius_matches_dense_least_squares(case: str, lam: float) -> None:
     A, B, w = CASES[case]()
     dW, Ab, Bb = dense(A, B, w)
-    X = lora_fair(A, B, w, lam=lam, objective="frobenius")[1]
     # min ‖[ΔW, √λB̄] − X[Ā, √λI]‖²  as an ordinary least-squares problem
     r = Ab.shape[0]
     lhs = torch.cat([Ab, lam**0.5 * torch.eye(r, dtype=F64)], dim=1)
     rhs = torch.cat([dW, lam**0.5 * Bb], dim=1)
     expected = torch.linalg.lstsq(lhs.T, rhs.T).solution.T if lam > 0 else dW @ torch.linalg.pinv(Ab)
-    assert torch.allclose(X, expected, rtol=0, atol=1e-8 * float(expected.abs().max()))
-    if lam > 0:
-        f = frobenius_objective(dW, Ab, Bb, lam)
-        assert float(f(X)) <= float(f(lbfgs(f, Bb))) * (1 + 1e-10)
+    f = frobenius_objective(dW, Ab, Bb, lam)
+    reference = float(f(lbfgs(f, Bb))) if lam > 0 else 0.0
+    for form in FORMS:
+        X = lora_fair(A, B, w, lam=lam, objective="frobenius", delta_form=form)[1]
+        assert torch.allclose(X, expected, rtol=0, atol=1e-8 * float(expected.abs().max())), form
+        if lam > 0:
+            assert float(f(X)) <= reference * (1 + 1e-10), form
 
 
 def test_cosine_is_invariant_to_scaling_a() -> None:
@@ -234,6 +247,65 @@ def test_cosine_is_invariant_to_scaling_a() -> None:
     X1 = lora_fair(A, B, w)[1]
     X2 = lora_fair([7.5 * a for a in A], B, w)[1]
     assert torch.allclose(X1, X2, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["cosine", "frobenius"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_factored_and_dense_forms_agree(case: str, objective: str) -> None:
+    A, B, w = CASES[case]()
+    lam = 0.01
+    factored_res = solve_lora_fair(A, B, w, lam=lam, objective=objective, delta_form="factored")
+    dense_res = solve_lora_fair(A, B, w, lam=lam, objective=objective, delta_form="dense")
+    assert (factored_res.delta_form, dense_res.delta_form) == FORMS
+    X, Y = factored_res.B_prime, dense_res.B_prime
+    assert float((X - Y).norm()) <= 1e-9 * float(X.norm()), float((X - Y).norm() / X.norm())
+    assert torch.equal(factored_res.A_bar, dense_res.A_bar)
+    for key in ("cos_fair", "cos_fedit", "rel_correction"):
+        assert getattr(factored_res, key) == pytest.approx(getattr(dense_res, key), rel=1e-9, abs=1e-12), key
+
+
+def test_auto_takes_the_form_with_fewer_flops() -> None:
+    """768×768, r = 64: two clients stay factored; with 100 the dense ΔW is far cheaper than the Grams."""
+    few = delta_form_flops(768, 768, [64] * 2, needs_norm=True, single=True)
+    many = delta_form_flops(768, 768, [64] * 100, needs_norm=True, single=True)
+    assert few["factored"] < few["dense"] and many["dense"] < many["factored"] / 4
+    assert delta_form_flops(768, 768, [64] * 100, needs_norm=False, single=True)["factored"] < many["dense"]
+    # the switch sits near K·r = mn/(m+n) (the Grams cost ~1.25 (Kr)²(m+n), ΔW 2mn·Kr)
+    for m, n in ((768, 768), (576, 192), (4096, 4096)):
+        kr = next(
+            k
+            for k in range(1, 10_000)
+            if delta_form_flops(m, n, [k], needs_norm=True, single=False)["dense"]
+            < delta_form_flops(m, n, [k], needs_norm=True, single=False)["factored"]
+        )
+        assert 1.0 < kr / (m * n / (m + n)) < 2.0, (m, n, kr)
+    assert gram_flops(160, 8192) == sum(2 * 40 * (160 - s) * 8192 for s in range(0, 160, 40))
+    g = torch.Generator().manual_seed(8)
+    for K, expected in ((2, "factored"), (40, "dense")):
+        A = [torch.randn(8, 48, generator=g) for _ in range(K)]
+        B = [torch.randn(40, 8, generator=g) for _ in range(K)]
+        assert solve_lora_fair(A, B, torch.ones(K)).delta_form == expected
+
+
+def test_dense_float32_redoes_cancelling_updates_in_float64(monkeypatch) -> None:
+    """Nearly cancelling float32 clients: a float32 ΔW misses ΔW Āᵀ by ~1e-4; the float64 redo is exact."""
+    A, B, w = CASES["cancel_hard"]()
+    A32, B32 = [a.float() for a in A], [b.float() for b in B]
+    dW, Ab, _ = dense([a.double() for a in A32], [b.double() for b in B32], w)
+    delta = LowRankSum.stack(A32, B32, w, dtype=torch.float32)
+
+    def errors() -> tuple[float, float]:
+        M, dw_sq = lora_fair_module._dense_products(delta, Ab)
+        return abs(dw_sq / float((dW**2).sum()) - 1), float((M - dW @ Ab.T).norm() / (dW @ Ab.T).norm())
+
+    assert max(errors()) < 1e-12
+    monkeypatch.setattr(lora_fair_module, "_CANCELLATION", 0.0)  # never redo: the float32 ΔW's error shows
+    assert max(errors()) > 3e-5
+    # and the whole solve in float32 still matches float64 on the same values, to what the float32 means allow
+    exact = solve_lora_fair([a.double() for a in A32], [b.double() for b in B32], w, delta_form="dense").B_prime
+    monkeypatch.undo()
+    X = solve_lora_fair(A32, B32, w, delta_form="dense").B_prime.double()
+    assert float((X - exact).norm() / exact.norm()) < 1e-4
 
 
 # --- exact special cases --------------------------------------------------------------------
@@ -320,6 +392,7 @@ def test_bad_inputs_raise_clear_errors(mutate, match: str) -> None:
         ({"lam": -0.1}, "lam must be a finite number >= 0"),
         ({"lam": float("inf")}, "lam must be a finite number >= 0"),
         ({"lam": 0.0}, "lam must be > 0 for the cosine objective"),
+        ({"delta_form": "sparse"}, r"unknown delta_form 'sparse'; allowed: \['auto', 'factored', 'dense'\]"),
     ],
 )
 def test_bad_options_raise(kwargs: dict, match: str) -> None:
@@ -423,3 +496,7 @@ def test_aggregator_on_two_layer_adapter(objective: str) -> None:
         assert torch.allclose(Ab, sum(pk * a for pk, a in zip(p, A, strict=True)), atol=1e-6)
         assert torch.allclose(Bp, lora_fair(A, B, p, objective=objective)[1], rtol=1e-5, atol=1e-7)
     assert torch.allclose(new.head["weight"], torch.full((3, 2), 0.3 * 1 + 0.6 * 2))
+    for form in ("factored", "dense"):
+        forced, _ = make_aggregator("lora_fair", objective=objective, delta_form=form).aggregate(updates, current)
+        for name in current.factors:
+            assert torch.allclose(forced.factors[name][1], new.factors[name][1], rtol=1e-4, atol=1e-6), (form, name)

@@ -6,7 +6,8 @@ its factors are only `K·r·(m+n)`. Every aggregation rule that needs `ΔW`
 
     ΔW = B_s W A_s,   B_s = [B_1 … B_K]  (m×Kr),   W = diag(p_k, each r_k times),   A_s = [A_1; …; A_K]  (Kr×n),
 
-so nothing here allocates `m×n`. The stacks are float64 by default; a caller
+so nothing here allocates `m×n` except `dense()`, which forms it on request (the
+cheaper way once `K·r` is large: see `lora_fair`). The stacks are float64 by default; a caller
 may keep float32 clients' factors in float32 (`stack(..., dtype=torch.float32)`),
 which halves the cost of the large products. Every result leaves in float64, the
 products' sums are taken in float64, and `sq_norm` redoes its Grams in float64
@@ -126,6 +127,27 @@ class LowRankSum:
         """`B_s diag(w)`, `m×(Σr_k)`: the clients' `p_k B_k` side by side (formed on each call)."""
         return self.Bs * self.w.to(self.Bs.dtype)
 
+    def to(self, dtype: torch.dtype) -> LowRankSum:
+        """The same sum with its stacks in `dtype`."""
+        return LowRankSum(self.A.to(dtype), self.Bs.to(dtype), self.p, self.w, self.ranks)
+
+    def dense(self) -> torch.Tensor:
+        """`ΔW` itself, `m×n`, in the stacks' dtype: one `m×Kr×n` product."""
+        return self.Bw @ self.A
+
+    def client_sq_norm(self) -> torch.Tensor:
+        """`Σ_k p_k² ‖B_k A_k‖²`: the size of `‖ΔW‖²` if the clients' updates neither added up nor cancelled.
+
+        `K` Grams of `r×r` (`O(K·r²·(m+n))`), float64; the dense path compares
+        `‖ΔW‖²` with it to tell when float32 rounding could matter.
+        """
+        k, r = len(self.ranks), self._rank()
+        blocks_a = self.A.view(k, r, self.A.shape[1])
+        blocks_b = self.Bs.view(self.Bs.shape[0], k, r)
+        ga = torch.bmm(blocks_a, blocks_a.transpose(1, 2)).double()
+        gb = torch.einsum("mkr,mks->krs", blocks_b, blocks_b).double()
+        return ((ga * gb).sum((1, 2)) * self.p**2).sum()
+
     def _rank(self) -> int:
         """The clients' common rank; factor means need one."""
         if len(set(self.ranks)) != 1:
@@ -166,14 +188,22 @@ class LowRankSum:
         return total
 
 
+def _slabs(k: int) -> list[tuple[int, int]]:
+    """Row ranges `[s, e)` of the upper block triangle of a `k×k` Gram, each formed against columns `s:`."""
+    block = max(1, min(-(-k // 4), _GRAM_BLOCK_ELEMS // k))
+    return [(s, min(s + block, k)) for s in range(0, k, block)]
+
+
+def gram_flops(k: int, length: int) -> int:
+    """Flops of `sq_norm`'s Gram slabs for `k = Σr_k` stacked rows and `length = m + n`."""
+    return sum(2 * (e - s) * (k - s) * length for s, e in _slabs(k))
+
+
 def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
-    k = A.shape[0]
-    block = max(1, min(-(-k // 4), _GRAM_BLOCK_ELEMS // k))
     total = torch.zeros((), dtype=torch.float64, device=A.device)
     magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
-    for s in range(0, k, block):
-        e = min(s + block, k)
+    for s, e in _slabs(A.shape[0]):
         prod = ((A[s:e] @ A[s:].T) * (Bs[:, s:e].T @ Bs[:, s:])).double() * (w[s:e, None] * w[None, s:])
         total += 2 * prod.sum() - prod[:, : e - s].sum()
         magnitude += 2 * prod.abs().sum() - prod[:, : e - s].abs().sum()

@@ -8,7 +8,12 @@ Per layer, with `Ā = Σ p_k A_k`, `B̄ = Σ p_k B_k` and `ΔW = Σ p_k B_k A_k`
     frobenius                B' = argmin_X  ‖ΔW − XĀ‖²      + λ‖X − B̄‖²  = (M + λB̄)(G + λI)⁻¹
 
 Both depend on `ΔW` only through `M = ΔW Āᵀ` (`m×r`) and `‖ΔW‖²`, and on
-`Ā` only through `G = ĀĀᵀ` (`r×r`), so the `m×n` matrix is never formed.
+`Ā` only through `G = ĀĀᵀ` (`r×r`). Two exact ways give those two: the
+factored one (`LowRankSum`: two `Kr×Kr` Grams for `‖ΔW‖²`, about
+`(Kr)²(m+n)` flops) never forms the `m×n` matrix; the dense one forms
+`ΔW = B_s diag(w) A_s` once (`2mn·Kr` flops) and reads both off it. Per layer
+we take the one with fewer flops (`delta_form_flops`): factored while
+`K·r ≲ 1.6·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared.
 
 How the cosine problem is solved. Setting the gradient to zero gives
 `X (I + vG) = uM + B̄` with `u = 1/(2λ‖ΔW‖‖XĀ‖) > 0` and `v = u⟨M,X⟩/‖XĀ‖²`,
@@ -33,6 +38,7 @@ with dense L-BFGS from several starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -41,10 +47,15 @@ import numpy as np
 import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
-from .factored import LowRankSum, Weights
+from .factored import LowRankSum, Weights, gram_flops
 
 Objective = Literal["cosine", "frobenius"]
 OBJECTIVES: tuple[str, ...] = ("cosine", "frobenius")
+DeltaForm = Literal["auto", "factored", "dense"]
+DELTA_FORMS: tuple[str, ...] = ("auto", "factored", "dense")
+
+_CANCELLATION = 1e-2
+"""The dense path redoes a float32 `ΔW` in float64 when `‖ΔW‖²` is below this share of `Σ p_k² ‖B_k A_k‖²`."""
 
 _GRID_DECADES = 20.0
 _GRID_PER_DECADE = 16
@@ -66,6 +77,8 @@ class LoraFairResult:
     """`cos(ΔW, B̄Ā)`: the same for plain FedIT."""
     rel_correction: float
     """`‖B' − B̄‖ / ‖B̄‖`."""
+    delta_form: str
+    """How `ΔW` entered the solve: "factored" or "dense"."""
 
 
 def lora_fair(
@@ -75,9 +88,13 @@ def lora_fair(
     *,
     lam: float = 0.01,
     objective: Objective = "cosine",
+    delta_form: DeltaForm = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(Ā, B')` for one layer from the clients' `A_k` (`r×n`) and `B_k` (`m×r`)."""
-    Ab, X, _ = _solve(A, B, weights, lam=lam, objective=objective, with_stats=False)
+    """`(Ā, B')` for one layer from the clients' `A_k` (`r×n`) and `B_k` (`m×r`).
+
+    `delta_form` forces the factored or the dense way to `ΔW` (same result); "auto" takes the cheaper.
+    """
+    Ab, X, _, _ = _solve(A, B, weights, lam=lam, objective=objective, delta_form=delta_form, with_stats=False)
     return Ab, X
 
 
@@ -88,16 +105,34 @@ def solve_lora_fair(
     *,
     lam: float = 0.01,
     objective: Objective = "cosine",
+    delta_form: DeltaForm = "auto",
 ) -> LoraFairResult:
-    """`lora_fair` plus its cosines and relative correction, at the cost of two `Kr×Kr` Grams."""
-    Ab, X, stats = _solve(A, B, weights, lam=lam, objective=objective, with_stats=True)
+    """`lora_fair` plus its cosines and relative correction (these need `‖ΔW‖²` for either objective)."""
+    Ab, X, stats, form = _solve(A, B, weights, lam=lam, objective=objective, delta_form=delta_form, with_stats=True)
     assert stats is not None
-    return LoraFairResult(Ab, X, *stats)
+    return LoraFairResult(Ab, X, *stats, delta_form=form)
 
 
-def _check_options(lam: float, objective: str) -> float:
+def delta_form_flops(m: int, n: int, ranks: Sequence[int], *, needs_norm: bool, single: bool) -> dict[str, int]:
+    """Floating-point operations of the large products each way takes to `M = ΔW Āᵀ` (and `‖ΔW‖²`).
+
+    factored: `A_s Āᵀ` and `B_s (·)` (`2Kr·r(m+n)`), plus, when `‖ΔW‖²` is needed, the
+    Gram slabs `LowRankSum.sq_norm` actually multiplies (`gram_flops`, about `1.25(Kr)²(m+n)`).
+    dense: `ΔW` (`2mn·Kr`), `ΔW Āᵀ` (`2mn·r`), `‖ΔW‖²` (`2mn`), and for float32 stacks the
+    per-client Grams of the cancellation check (`2Kr·r(m+n)`). Both run as large matrix
+    products at about the same rate on a CPU, so flops rank them.
+    """
+    kr, r = sum(ranks), max(ranks)
+    factored = 2 * kr * r * (m + n) + (gram_flops(kr, m + n) if needs_norm else 0)
+    dense = 2 * m * n * (kr + r + 1) + (2 * kr * r * (m + n) if single else 0)
+    return {"factored": factored, "dense": dense}
+
+
+def _check_options(lam: float, objective: str, delta_form: str = "auto") -> float:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; allowed: {list(OBJECTIVES)}")
+    if delta_form not in DELTA_FORMS:
+        raise ValueError(f"unknown delta_form {delta_form!r}; allowed: {list(DELTA_FORMS)}")
     lam = float(lam)
     if not np.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
@@ -113,12 +148,13 @@ def _solve(
     *,
     lam: float,
     objective: str,
+    delta_form: str,
     with_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float] | None]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float] | None, str]:
     """Everything happens in the eigenbasis of `G = ĀĀᵀ = U diag(g) Uᵀ`: there
     `‖XĀ‖² = Σ g_i ‖X u_i‖²` holds without the cancellation of `⟨XG, X⟩`, which
     matters for points with `XĀ` near zero."""
-    lam = _check_options(lam, objective)
+    lam = _check_options(lam, objective, delta_form)
     # float32 clients keep their large products in float32 (half the time); all small algebra is float64
     single = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (*A, *B))
     delta = LowRankSum.stack(A, B, weights, dtype=torch.float32 if single else torch.float64)
@@ -126,8 +162,16 @@ def _solve(
     g, U = torch.linalg.eigh(Ab @ Ab.T)
     reach = g > g.max() * g.numel() * torch.finfo(g.dtype).eps  # directions `XĀ` can move in
     g = torch.where(reach, g, 0.0)
-    Mu, Bu = delta.times_t(U.T @ Ab) * reach, Bb @ U  # M U = ΔW (UᵀĀ)ᵀ: exactly 0 off `reach`
-    dw_sq = float(delta.sq_norm()) if (with_stats or objective == "cosine") else 0.0
+    needs_norm = with_stats or objective == "cosine"
+    if delta_form == "auto":
+        flops = delta_form_flops(*delta.shape, delta.ranks, needs_norm=needs_norm, single=single)
+        delta_form = "dense" if flops["dense"] < flops["factored"] else "factored"
+    if delta_form == "dense":
+        M, dw_sq = _dense_products(delta, U.T @ Ab)
+    else:
+        M = delta.times_t(U.T @ Ab)
+        dw_sq = float(delta.sq_norm()) if needs_norm else 0.0
+    Mu, Bu = M * reach, Bb @ U  # M U = ΔW (UᵀĀ)ᵀ: exactly 0 off `reach`
     if int((delta.p > 0).sum()) == 1:
         X, Xu = Bb, Bu  # one contributing client: ΔW = B̄Ā already, nothing to correct
     else:
@@ -141,7 +185,25 @@ def _solve(
         nb = float(Bu.norm())
         rel = float((Xu - Bu).norm()) / nb if nb > 0 else 0.0
         stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel)
-    return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats
+    return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
+
+
+def _dense_products(delta: LowRankSum, Y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`ΔW Yᵀ` (float64) and `‖ΔW‖²` from the dense `ΔW`, formed once in the stacks' dtype.
+
+    A float32 `ΔW` carries rounding errors of about 1e-7 of the terms it sums; when
+    the clients' updates cancel (`‖ΔW‖²` under `_CANCELLATION · Σ p_k²‖B_k A_k‖²`)
+    those could show in the result, and `ΔW` is formed again in float64.
+    """
+    dW = delta.dense()
+    dw_sq = float(torch.linalg.vector_norm(dW)) ** 2
+    if dW.dtype != torch.float64 and not (
+        math.isfinite(dw_sq) and dw_sq >= _CANCELLATION * float(delta.client_sq_norm())
+    ):
+        del dW
+        dW = delta.to(torch.float64).dense()
+        dw_sq = float(torch.linalg.vector_norm(dW)) ** 2
+    return (dW @ Y.to(dW.dtype).T).double(), dw_sq
 
 
 def _cosine(Mu: torch.Tensor, Xu: torch.Tensor, g: torch.Tensor, dw_sq: float) -> float:
@@ -402,20 +464,25 @@ class LoraFair(Aggregator):
     Args:
         lam: weight λ of `‖B' − B̄‖²`; the paper uses 0.01.
         objective: "cosine" (the paper's `1 − cos(ΔW, B'Ā)`) or "frobenius" (`‖ΔW − B'Ā‖²`).
+        delta_form: "auto" (per layer, whichever of the two exact ways costs fewer flops),
+            or "factored" / "dense" to force one (for tests and benchmarks).
     """
 
     name = "lora_fair"
 
-    def __init__(self, lam: float = 0.01, objective: Objective = "cosine") -> None:
-        self.lam = _check_options(lam, objective)
+    def __init__(self, lam: float = 0.01, objective: Objective = "cosine", delta_form: DeltaForm = "auto") -> None:
+        self.lam = _check_options(lam, objective, delta_form)
         self.objective: Objective = objective
+        self.delta_form: DeltaForm = delta_form
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
         factors = {}
         sums = {"cos_fair": 0.0, "cos_fedit": 0.0, "rel_correction": 0.0}
         for layer in current.factors:
-            res = solve_lora_fair(*layer_factors(updates, layer), p, lam=self.lam, objective=self.objective)
+            res = solve_lora_fair(
+                *layer_factors(updates, layer), p, lam=self.lam, objective=self.objective, delta_form=self.delta_form
+            )
             factors[layer] = (res.A_bar, res.B_prime)
             for key in sums:
                 sums[key] += getattr(res, key)
