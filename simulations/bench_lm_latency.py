@@ -1,0 +1,317 @@
+"""Causal-LM generation on the edge: ONNX Runtime (fp32, int8) vs PyTorch eager, per generated token.
+
+    python -m fairedge.simulations.bench_lm_latency [--new-tokens 32] [--threads 1 2] [--repeats 3]
+        [--model-dir HF_FOLDER [--adapter PEFT_ADAPTER]] [--export-dir DIR]
+
+The model is the built-in SmolLM2-135M-Instruct (converted once from its GGUF into the cache folder:
+`$FAIREDGE_CACHE_DIR`, else the user's cache) or `--model-dir` with an optional LoRA adapter merged in. It is
+exported once with `fairedge.common.lm_onnx.export_causal_lm` (decoder with past key values, fp32 and int8)
+into `<cache>/onnx/<model>` (or `--export-dir`); later runs reuse that folder.
+
+Checks, on fixed chat prompts: max |logit difference| to PyTorch for the prompt and 5 decoding steps (each side
+with its own KV cache), and whether the greedy replies (up to `--new-tokens` tokens, stopping at EOS) are the
+same token ids as `model.generate(do_sample=False)`.
+
+Latency: batch 1, exactly `--new-tokens` new tokens per prompt (EOS ignored, so every backend does the same
+work), PyTorch `generate` with its `DynamicCache` vs the torch-free loop of `fairedge.common.lm_generate_ort`.
+Per generated token = the median time between consecutive tokens (decoding steps); the prompt's time (time to
+first token) is reported apart. Backends run alternately, one generation each per round, so load from other
+processes hits them alike. Writes `simulations/results/lm_latency.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+import torch
+import transformers
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
+from fairedge.common.config import CACHE_ENV
+from fairedge.common.lm_generate_ort import FP32_FILE, INT8_FILE, OrtCausalLM
+from fairedge.common.lm_onnx import (
+    PARITY_TOLERANCE,
+    export_causal_lm,
+    load_merged_causal_lm,
+    logits_parity,
+    quantize_causal_lm,
+)
+from fairedge.common.models.causal_lm import builtin_model_dir
+from fairedge.simulations.paths import RESULTS, display
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for learning to cook.",
+    "Explain what a neural network is in one sentence.",
+)
+BACKENDS = ("torch_eager", "ort_fp32", "ort_int8")
+PARITY_STEPS = 5
+
+
+class _Stamps(StoppingCriteria):
+    """Records the time after each generation step (transformers calls stopping criteria once per token)."""
+
+    def __init__(self, stamps: list[float]) -> None:
+        self.stamps = stamps
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def _torch_generate(model: Any, ids: list[int], n: int, pad: int, *, fixed: bool, stamps: list[float]) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            min_new_tokens=n if fixed else None,
+            do_sample=False,
+            pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([_Stamps(stamps)]),
+        )
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def _timed(run: Callable[[list[float]], Any]) -> tuple[float, list[float]]:
+    """(time to first token, [time of each later token]) in ms."""
+    stamps: list[float] = []
+    start = time.perf_counter()
+    run(stamps)
+    points = [start, *stamps]
+    gaps = [1000 * (b - a) for a, b in itertools.pairwise(points)]
+    return gaps[0], gaps[1:]
+
+
+def _prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Path, Path, dict[str, Any]]:
+    cache = Path(os.environ.get(CACHE_ENV) or _user_cache())
+    model_dir = Path(args.model_dir) if args.model_dir else builtin_model_dir(cache, log=log)
+    name = model_dir.name + (f"+{Path(args.adapter).name}" if args.adapter else "")
+    export_dir = Path(args.export_dir) if args.export_dir else cache / "onnx" / name
+    made: dict[str, Any] = {}
+    if not (export_dir / FP32_FILE).is_file():
+        log(f"exporting {name} to {export_dir} (once; may take many minutes)...")
+        model, tokenizer = load_merged_causal_lm(model_dir, args.adapter)
+        start = time.perf_counter()
+        export_causal_lm(model, tokenizer, export_dir, quantize=False, log=log)
+        made["export_fp32_seconds"] = time.perf_counter() - start
+    if not (export_dir / INT8_FILE).is_file():
+        start = time.perf_counter()
+        quantize_causal_lm(export_dir)
+        made["quantize_int8_seconds"] = time.perf_counter() - start
+    return model_dir, export_dir, made
+
+
+def _user_cache() -> str:
+    from platformdirs import user_cache_dir
+
+    return user_cache_dir("fairedge")
+
+
+def _quality(model: Any, ort: dict[str, OrtCausalLM], prompts: list[list[int]], n: int, pad: int) -> dict[str, Any]:
+    per_prompt = []
+    for text, ids in zip(PROMPTS, prompts, strict=True):
+        want = _torch_generate(model, ids, n, pad, fixed=False, stamps=[])
+        row: dict[str, Any] = {"prompt": text, "prompt_tokens": len(ids), "torch_reply": _decode(ort, want)}
+        for name, lm in ort.items():
+            got = lm.generate_ids([ids], n)[0]
+            same = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+            )
+            row[name] = {
+                "logit_max_abs_diff": max(logits_parity(model, lm, ids, steps=PARITY_STEPS)),
+                "same_greedy_ids": got == want,
+                "same_prefix_tokens": same,
+                "reply": _decode(ort, got),
+            }
+        per_prompt.append(row)
+    return {
+        "prompts": per_prompt,
+        **{
+            name: {
+                "logit_max_abs_diff": max(r[name]["logit_max_abs_diff"] for r in per_prompt),
+                "same_greedy_ids_all": all(r[name]["same_greedy_ids"] for r in per_prompt),
+            }
+            for name in ort
+        },
+    }
+
+
+def _decode(ort: dict[str, OrtCausalLM], ids: list[int]) -> str:
+    return str(next(iter(ort.values())).tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _latency(
+    model: Any, export_dir: Path, prompts: list[list[int]], n: int, pad: int, threads: int, repeats: int
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    ort = {
+        "ort_fp32": OrtCausalLM(export_dir, threads=threads),
+        "ort_int8": OrtCausalLM(export_dir, quantized=True, threads=threads),
+    }
+    runs: dict[str, Callable[[list[int], list[float]], Any]] = {
+        "torch_eager": lambda ids, s: _torch_generate(model, ids, n, pad, fixed=True, stamps=s),
+        **{
+            name: (lambda ids, s, lm=lm: lm.generate_ids([ids], n, stop_at_eos=False, stamps=s))
+            for name, lm in ort.items()
+        },
+    }
+    for run in runs.values():  # warm-up
+        _timed(lambda s, run=run: run(prompts[0], s))
+    first: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    per_token: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    for _ in range(repeats):
+        for ids in prompts:
+            for name, run in runs.items():
+                ttft, steps = _timed(lambda s, run=run, ids=ids: run(ids, s))
+                first[name].append(ttft)
+                per_token[name].extend(steps)
+    med = {b: statistics.median(per_token[b]) for b in BACKENDS}
+    return {
+        "threads": threads,
+        "decode_steps_timed": {b: len(per_token[b]) for b in BACKENDS},
+        "ms_per_token_median": med,
+        "ms_first_token_median": {b: statistics.median(first[b]) for b in BACKENDS},
+        "tokens_per_second": {b: 1000 / med[b] for b in BACKENDS},
+        "speedup_vs_torch": {b: med["torch_eager"] / med[b] for b in BACKENDS},
+    }
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    q = res["quality"]
+    lines = [
+        "# Causal-LM generation latency: ONNX Runtime vs PyTorch eager",
+        "",
+        f"Generated by `{res['command']}` in {res['wall_seconds'] / 60:.1f} min.",
+        f"Model: {res['model']} ({res['model_dir']}), exported to `{res['export_dir']}` "
+        f"({res['size_mb']['fp32']:.0f} MB fp32, {res['size_mb']['int8']:.0f} MB int8). {res['export_note']}",
+        f"Machine: {res['machine']}, {os.cpu_count()} cores; torch {res['torch']}, transformers "
+        f"{res['transformers']}, onnxruntime {res['onnxruntime']} (CPU provider, default optimisation level). "
+        f"Load average {res['load_start']:.1f} at start, {res['load_end']:.1f} at end: the machine was shared with "
+        "other engineers' jobs, so absolute times are noisy; the backends ran alternately (one generation each per "
+        f"round, {res['repeats']} rounds over {len(PROMPTS)} prompts) so the ratios are fairer than the times.",
+        "",
+        f"## Per generated token (batch 1, {res['new_tokens']} new tokens, median ms between tokens)",
+        "",
+        "| threads | PyTorch eager | ORT fp32 | ORT int8 | fp32 speed-up | int8 speed-up "
+        "| first token: torch / fp32 / int8 (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for lat in res["latency"]:
+        med, sp, ft = lat["ms_per_token_median"], lat["speedup_vs_torch"], lat["ms_first_token_median"]
+        lines.append(
+            f"| {lat['threads']} | {med['torch_eager']:.1f} | {med['ort_fp32']:.1f} | {med['ort_int8']:.1f} "
+            f"| {sp['ort_fp32']:.2f}× | {sp['ort_int8']:.2f}× "
+            f"| {ft['torch_eager']:.0f} / {ft['ort_fp32']:.0f} / {ft['ort_int8']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Parity and greedy replies",
+        "",
+        f"Max |logit difference| to PyTorch over the prompt and {PARITY_STEPS} decoding steps (allowed for fp32: "
+        f"{PARITY_TOLERANCE:.0e}); *same ids*: the greedy reply (up to {res['new_tokens']} tokens, stopping at EOS) "
+        "is token for token `model.generate(do_sample=False)`'s; otherwise the tokens agree up to *prefix*.",
+        "",
+        "| prompt | fp32 diff | fp32 same ids | int8 diff | int8 same ids (prefix) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in q["prompts"]:
+        f, i = r["ort_fp32"], r["ort_int8"]
+        lines.append(
+            f"| {r['prompt']} | {f['logit_max_abs_diff']:.1e} | {'yes' if f['same_greedy_ids'] else 'NO'} "
+            f"| {i['logit_max_abs_diff']:.1e} | {'yes' if i['same_greedy_ids'] else 'no'} ({i['same_prefix_tokens']}) |"
+        )
+    lines += ["", "### Replies", ""]
+    for r in q["prompts"]:
+        lines += [f"**{r['prompt']}**", ""]
+        for label, text in (
+            ("PyTorch", r["torch_reply"]),
+            ("ORT fp32", r["ort_fp32"]["reply"]),
+            ("ORT int8", r["ort_int8"]["reply"]),
+        ):
+            lines.append(f"- {label}: {' '.join(text.split())}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the prompts per thread count")
+    parser.add_argument("--model-dir", help="a local Hugging Face causal-LM folder (default: the built-in SmolLM2)")
+    parser.add_argument("--adapter", help="a PEFT adapter folder to merge into the model before export")
+    parser.add_argument("--export-dir", help="where the ONNX export lives (default: <cache>/onnx/<model>)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for lm_latency.{json,md}")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.repeats < 1 or min(args.threads) < 1:
+        parser.error("--new-tokens must be >= 2, --repeats and every --threads >= 1")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    model_dir, export_dir, made = _prepare(args, log)
+    model, _ = load_merged_causal_lm(model_dir, args.adapter)
+    ort = {"ort_fp32": OrtCausalLM(export_dir), "ort_int8": OrtCausalLM(export_dir, quantized=True)}
+    prompts = [ort["ort_fp32"].prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
+    pad = ort["ort_fp32"].info.pad_token_id
+    log("checking parity and greedy replies...")
+    quality = _quality(model, ort, prompts, args.new_tokens, pad)
+    latency = []
+    for threads in args.threads:
+        log(f"timing with {threads} thread(s)...")
+        latency.append(_latency(model, export_dir, prompts, args.new_tokens, pad, threads, args.repeats))
+        log(f"  ms/token: {latency[-1]['ms_per_token_median']}")
+    export_note = (
+        f"Exported in this run: {made.get('export_fp32_seconds', 0) / 60:.1f} min fp32 export (with its parity "
+        f"check), {made.get('quantize_int8_seconds', 0):.0f} s int8 quantisation."
+        if made
+        else "The export was reused from an earlier run."
+    )
+    res = {
+        "command": "python -m fairedge.simulations.bench_lm_latency "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": model_dir.name + (f" + adapter {args.adapter}" if args.adapter else ""),
+        "model_dir": display(model_dir),
+        "export_dir": display(export_dir),
+        "export_note": export_note,
+        **made,
+        "size_mb": {
+            "fp32": (export_dir / FP32_FILE).stat().st_size / 1e6,
+            "int8": (export_dir / INT8_FILE).stat().st_size / 1e6,
+        },
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "quality": quality,
+        "latency": latency,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "wall_seconds": time.perf_counter() - start,
+    }
+    out = Path(args.out)
+    atomic_write_json(out / "lm_latency.json", res)
+    atomic_write_text(out / "lm_latency.md", _markdown(res) + "\n")
+    log(f"wrote {out / 'lm_latency.md'}")
+
+
+if __name__ == "__main__":
+    main()
