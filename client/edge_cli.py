@@ -17,12 +17,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--input", required=True, help="a folder of images/.npy files, a .npz (x[, y]) or a .csv/.jsonl (text[, label])"
     )
     parser.add_argument("--cloud", help="cloud service host:port (without it samples only queue up on disk)")
-    parser.add_argument("--token-file", help="file holding this device's bearer token (needed with --cloud)")
+    parser.add_argument(
+        "--token-file",
+        help="file holding this device's credential, '<device-id>:<secret>' (fairedge-server credentials issue "
+        "--out); needed with --cloud",
+    )
     parser.add_argument(
         "--tls-ca",
         help="CA certificate (PEM) to verify the cloud's TLS certificate; without it the connection is plaintext",
     )
-    parser.add_argument("--device-id", default="edge-0", help="stable id of this device (default: %(default)s)")
+    parser.add_argument(
+        "--device-id",
+        help="stable id of this device (default: the one its credential is bound to; without --cloud: edge-0)",
+    )
     parser.add_argument("--queue-dir", help="upload queue folder (default: edge-queue/<device-id>)")
     parser.add_argument("--config", help="TOML whose [edge] section to use (default: built-in defaults)")
     parser.add_argument(
@@ -56,12 +63,13 @@ def run_edge(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.set)
         cloud = CloudEndpoint.from_files(args.cloud, args.token_file, args.tls_ca) if args.cloud else None
-        queue_dir = Path(args.queue_dir) if args.queue_dir else Path("edge-queue") / args.device_id
+        device_id = args.device_id or (cloud.device_id if cloud else "edge-0")
+        queue_dir = Path(args.queue_dir) if args.queue_dir else Path("edge-queue") / device_id
         runtime = EdgeRuntime(
             args.model,
             cfg.edge,
             cloud=cloud,
-            device_id=args.device_id,
+            device_id=device_id,
             queue_dir=queue_dir,
             config_name=cfg.name if args.config else None,
         )
@@ -69,10 +77,10 @@ def run_edge(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as err:
         return fail(str(err))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_path = Path(args.log) if args.log else Path("runs") / f"edge-{stamp}-{args.device_id}.json"
+    log_path = Path(args.log) if args.log else Path("runs") / f"edge-{stamp}-{device_id}.json"
     print(
-        f"fairedge edge: model {runtime.info.model_id} ({runtime.info.model_version}, {runtime.info.task}, "
-        f"{runtime.session.num_classes} classes), select={cfg.edge.select}, "
+        f"fairedge edge: device {device_id}, model {runtime.info.model_id} ({runtime.info.model_version}, "
+        f"{runtime.info.task}, {runtime.session.num_classes} classes), select={cfg.edge.select}, "
         f"cloud={args.cloud or 'none'}{' (TLS)' if args.tls_ca else ''}, queue {queue_dir}",
         flush=True,
     )
@@ -117,6 +125,8 @@ def progress_line(report: dict) -> str:
         f"up {report['bytes_up'] / 1e6:.2f} MB, down {report['bytes_down'] / 1e6:.2f} MB, "
         f"params v{report['params_version']}"
     )
+    if report["queue"].get("unsaved_samples"):
+        line += f", NOT SAVED {report['queue']['unsaved_samples']} (disk: {report['queue_error']})"
     if cloud.get("last_error"):
         line += f", last cloud error: {cloud['last_error']}"
     return line

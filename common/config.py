@@ -193,7 +193,9 @@ class EdgeConfig(Section):
     batch_size: int = Field(32, ge=1, description="samples per prediction batch")
     upload_batch_size: int = Field(32, ge=1, description="most samples per uploaded SampleBatch")
     upload_batches_per_call: int = Field(8, ge=1, description="most SampleBatches streamed in one Upload call")
-    queue_max_samples: int = Field(10_000, ge=1, description="disk queue bound; the oldest batches are dropped")
+    queue_max_bytes: int = Field(
+        256 << 20, ge=1, description="disk queue bound in bytes of batch files; the oldest batches are dropped"
+    )
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
     rpc_timeout_s: float = Field(10.0, gt=0)
@@ -209,11 +211,6 @@ class EdgeConfig(Section):
         if self.backoff_initial_s > self.backoff_max_s:
             raise ValueError(
                 f"edge.backoff_initial_s={self.backoff_initial_s} must not exceed edge.backoff_max_s={self.backoff_max_s}"
-            )
-        if self.queue_max_samples < self.upload_batch_size:
-            raise ValueError(
-                f"edge.queue_max_samples={self.queue_max_samples} must be at least "
-                f"edge.upload_batch_size={self.upload_batch_size}"
             )
         if self.e_min >= self.e_max:
             raise ValueError(f"edge.e_min={self.e_min} must be below edge.e_max={self.e_max}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fairedge.server.cloud.cli import add_cloud_arguments, run_cloud
+from fairedge.server.cloud.cli import add_cloud_arguments, add_credentials_arguments, run_cloud, run_credentials
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=_positive_int, default=None, help="torch threads for the parity check (default: torch's)"
     )
     add_cloud_arguments(sub.add_parser("cloud", help="run the CEMA cloud gRPC service for a run's merged model"))
+    add_credentials_arguments(
+        sub.add_parser("credentials", help="issue, rotate, revoke or list the edge devices' credentials for the cloud")
+    )
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_export(args)
     if args.command == "cloud":
         return run_cloud(args)
+    if args.command == "credentials":
+        return run_credentials(args)
     print(f"fairedge-server {args.command}: not implemented yet in this version", file=sys.stderr)
     return 2
 

@@ -1,6 +1,6 @@
 """One run of the edge study: the real edge runtime against a real CEMA cloud service, in lockstep.
 
-Each run has its own `CloudService` on loopback gRPC (token auth, fresh state folder) and its own
+Each run has its own `CloudService` on loopback gRPC (a device credential, fresh state folder) and its own
 `EdgeRuntime` (fresh disk queue). After every batch the run waits until the uploads are acknowledged,
 the cloud has run every update they allow and the device runs the newest parameters, so a run is
 deterministic per seed and independent of thread timing.
@@ -21,7 +21,6 @@ from fairedge.simulations.edge_stream import Stream
 
 MODES = ("none", "cema", "all")
 """What the device uploads: nothing (no adaptation), CEMA's selection, every sample."""
-TOKEN = "edge-study-token"
 
 
 def export_model(run_dir: Path) -> Path:
@@ -55,13 +54,14 @@ def run_stream(
     device_id = f"study-{mode}-{seed}"
     edge_cfg = cfg.edge.model_copy(update={"select": mode})
     with tempfile.TemporaryDirectory(dir=workdir, prefix=f"{mode}-{seed}-") as tmp:
-        service = CloudService(served, Path(tmp) / "state", cfg.cloud, tokens=[TOKEN], seed=seed)
+        service = CloudService(served, Path(tmp) / "state", cfg.cloud, seed=seed)
+        token = service.credentials.issue(device_id)
         address = service.start(port=0)
         try:
             with EdgeRuntime(
                 onnx_path,
                 edge_cfg,
-                cloud=CloudEndpoint(address, TOKEN),
+                cloud=CloudEndpoint(address, token),
                 device_id=device_id,
                 queue_dir=Path(tmp) / "queue",
             ) as rt:

@@ -1,11 +1,14 @@
-"""The CEMA cloud service over real gRPC on loopback, with a tiny ViT: round trips, auth, bad
-requests, dedup of re-sent batches, restarts, TLS, and that learning moves the student."""
+"""The CEMA cloud service over real gRPC on loopback, with a tiny ViT: round trips, per-device
+credentials (another device's id, revoked, rotated, unknown), bad requests, dedup of re-sent
+batches, resynchronisation of a device that lost its queue (epochs), restarts, TLS, the
+`fairedge-server cloud` and `credentials` commands, and that learning moves the student."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -20,11 +23,10 @@ from fairedge.common.models.vision import build_vision_classifier
 from fairedge.common.tensor_proto import from_proto, to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
-from fairedge.server.cloud import CemaLearner, CloudService, ServedModel, bearer_metadata
+from fairedge.server.cloud import CemaLearner, CloudService, CredentialStore, ServedModel, bearer_metadata
 from fairedge.server.cloud.errors import CloudError, Overloaded
 from fairedge.server.cloud.servicer import STATUS, status_of
 
-TOKEN = "test-token-0123"
 INPUTS = [InputSpec("pixel_values", (1, 16, 16), "float32")]
 
 
@@ -66,21 +68,23 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return (1.5 + 2.0 * rng.standard_normal((n, 1, 16, 16))).astype(np.float32)
 
 
-def batch(device: str, batch_id: int, x: np.ndarray) -> pb.SampleBatch:
-    return pb.SampleBatch(device_id=device, batch_id=batch_id, inputs=[to_proto("pixel_values", x)])
+def batch(device: str, batch_id: int, x: np.ndarray, epoch: str = "") -> pb.SampleBatch:
+    return pb.SampleBatch(device_id=device, batch_id=batch_id, epoch=epoch, inputs=[to_proto("pixel_values", x)])
 
 
 class Client:
     """A bare gRPC client of the service (what an edge device does, minus the device)."""
 
-    def __init__(self, address: str, token: str | None = TOKEN, credentials: grpc.ChannelCredentials | None = None):
+    def __init__(self, address: str, token: str | None, credentials: grpc.ChannelCredentials | None = None):
         self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.stub = pb_grpc.EdgeAdaptationStub(self.channel)
         self.md = bearer_metadata(token) if token is not None else None
 
-    def register(self, device: str, model_id: str = "tiny", model_version: str = "v1") -> pb.RegisterReply:
+    def register(
+        self, device: str, model_id: str = "tiny", model_version: str = "v1", epoch: str = ""
+    ) -> pb.RegisterReply:
         return self.stub.Register(
-            pb.RegisterRequest(device_id=device, model_id=model_id, model_version=model_version),
+            pb.RegisterRequest(device_id=device, model_id=model_id, model_version=model_version, epoch=epoch),
             metadata=self.md,
             timeout=10,
         )
@@ -92,17 +96,40 @@ class Client:
         reply = self.stub.GetNormParams(pb.NormParamsRequest(device_id=device), metadata=self.md, timeout=10)
         return reply.version, {t.name: from_proto(t) for t in reply.params}
 
+    def watch(self, device: str, known_version: int = 0, timeout: float = 20):
+        request = pb.NormParamsRequest(device_id=device, known_version=known_version)
+        return self.stub.WatchNormParams(request, metadata=self.md, timeout=timeout)
+
     def close(self) -> None:
         self.channel.close()
 
 
+class Fleet:
+    """Clients of one service, each device with its own credential (issued at its first use)."""
+
+    def __init__(self, service: CloudService, address: str) -> None:
+        self.service, self.address = service, address
+        self.tokens: dict[str, str] = {}
+        self._clients: dict[str, Client] = {}
+
+    def __getitem__(self, device: str) -> Client:
+        if device not in self._clients:
+            self.tokens[device] = self.service.credentials.issue(device)
+            self._clients[device] = Client(self.address, self.tokens[device])
+        return self._clients[device]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+
 @pytest.fixture
 def cloud(tmp_path):
-    service = CloudService(served(), tmp_path / "state", CFG, tokens=[TOKEN])
-    address = service.start()
-    client = Client(address)
-    yield service, client
-    client.close()
+    service = CloudService(served(), tmp_path / "state", CFG)
+    service.credentials.issue("operator-test")  # a credentials file exists: the service may start
+    fleet = Fleet(service, service.start())
+    yield service, fleet
+    fleet.close()
     service.stop()
 
 
@@ -113,19 +140,19 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
 
 
 def test_register_upload_get_watch_round_trip(cloud):
-    service, client = cloud
+    service, fleet = cloud
+    client = fleet["cam-1"]
     reply = client.register("cam-1")
     defaults = {k: v.numpy() for k, v in service.model.student_norm.items()}
     assert reply.params_version == 0 and list(reply.norm_param_names) == list(defaults)
     assert reply.max_batch_samples == 64 and any("layernorm" in n for n in reply.norm_param_names)
+    assert reply.last_batch_id == 0
     version, params = client.get("cam-1")
     assert version == 0 and all(np.array_equal(params[k], defaults[k]) for k in defaults)
 
-    watch = client.stub.WatchNormParams(
-        pb.NormParamsRequest(device_id="cam-1", known_version=0), metadata=client.md, timeout=20
-    )
+    watch = client.watch("cam-1")
     up = client.upload(batch("cam-1", 1, images(8, 1)), batch("cam-1", 2, images(8, 2)))
-    assert (up.accepted, up.total_accepted, up.last_batch_id) == (16, 16, 2)
+    assert (up.accepted, up.resent, up.total_accepted, up.last_batch_id) == (16, 0, 16, 2)
     first = next(watch)  # published by the learner thread, streamed without asking
     assert first.version >= 1
     service.flush(timeout=20)
@@ -138,45 +165,130 @@ def test_register_upload_get_watch_round_trip(cloud):
     # a later upload reports the version the earlier ones led to
     assert client.upload(batch("cam-1", 3, images(4, 3))).params_version == 2
     # an open Watch learns that the service stops (and can reconnect), it does not just end
-    idle = client.stub.WatchNormParams(
-        pb.NormParamsRequest(device_id="cam-1", known_version=2), metadata=client.md, timeout=20
-    )
+    idle = client.watch("cam-1", known_version=2)
     threading.Timer(0.3, service.stop).start()
     code, details = code_of(next, idle)
     assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
 
 
-def test_missing_or_wrong_token_is_unauthenticated(cloud):
-    service, client = cloud
-    client.register("cam-1")
-    for token in (None, "not-the-token", ""):
-        bad = Client(f"127.0.0.1:{service.port}", token=token)
+def every_call_refused(client: Client, device: str) -> set[tuple[grpc.StatusCode, str]]:
+    """The (status, details) of Register, Upload, GetNormParams and WatchNormParams for `device`."""
+    stream = client.watch(device, timeout=5)
+    return {
+        code_of(client.register, device),
+        code_of(client.upload, batch(device, 1, images(2))),  # client streaming
+        code_of(client.get, device),
+        code_of(next, stream),  # server streaming
+    }
+
+
+def test_missing_malformed_or_unknown_credentials_are_unauthenticated(cloud):
+    service, fleet = cloud
+    fleet["cam-1"].register("cam-1")
+    secret = fleet.tokens["cam-1"].partition(":")[2]
+    flipped = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+    for token in (None, "", "not-a-credential", "cam-1:not-the-secret", f"cam-1:{flipped}", f"cam-2:{secret}"):
+        bad = Client(fleet.address, token=token)
         try:
-            code, details = code_of(bad.register, "cam-2")
-            assert code == grpc.StatusCode.UNAUTHENTICATED and ("token" in details or "authorization" in details)
-            code, _ = code_of(bad.upload, batch("cam-1", 1, images(2)))  # client streaming
-            assert code == grpc.StatusCode.UNAUTHENTICATED
-            code, _ = code_of(bad.get, "cam-1")
-            assert code == grpc.StatusCode.UNAUTHENTICATED
-            stream = bad.stub.WatchNormParams(pb.NormParamsRequest(device_id="cam-1"), metadata=bad.md, timeout=5)
-            code, _ = code_of(next, stream)  # server streaming
-            assert code == grpc.StatusCode.UNAUTHENTICATED
+            for code, details in every_call_refused(bad, "cam-1"):
+                assert code == grpc.StatusCode.UNAUTHENTICATED, (token, code, details)
+                assert "token" in details or "authorization" in details
+                assert secret not in details
         finally:
             bad.close()
     code, _ = code_of(
-        client.stub.Register,
-        pb.RegisterRequest(device_id="x"),
-        metadata=(("authorization", f"Basic {TOKEN}"),),
+        fleet["cam-1"].stub.Register,
+        pb.RegisterRequest(device_id="cam-1"),
+        metadata=(("authorization", f"Basic {fleet.tokens['cam-1']}"),),
         timeout=5,
     )
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    assert "cam-2" not in service._devices and client.get("cam-1")[0] == 0
+    assert set(service._devices) == {"cam-1"} and fleet["cam-1"].get("cam-1")[0] == 0
+    # at rest: only salted hashes, no secret, file readable by its owner only
+    text = service.credentials.path.read_text()
+    assert secret not in text and "hmac_sha256" in text
+    assert service.credentials.path.stat().st_mode & 0o077 == 0
+
+
+def test_a_credential_acts_only_for_its_own_device(cloud):
+    service, fleet = cloud
+    mine, theirs = fleet["cam-1"], fleet["cam-2"]
+    theirs.register("cam-2")
+    theirs.upload(batch("cam-2", 1, images(8)))
+    for code, details in every_call_refused(mine, "cam-2"):  # cam-1's credential, cam-2's id
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (code, details)
+        assert "credential is for device 'cam-1'" in details and "'cam-2'" in details
+    # a batch for another device in the middle of an own stream: refused, the own batch before it stored
+    mine.register("cam-1")
+    code, details = code_of(mine.upload, batch("cam-1", 1, images(2)), batch("cam-2", 99, images(2)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "last_batch_id = 1" in details
+    # nobody can mute cam-2: its counters are untouched and it carries on
+    assert service.device("cam-2").meta["total_accepted"] == 8 and service.device("cam-2").last_batch_id() == 1
+    assert theirs.upload(batch("cam-2", 2, images(3))).accepted == 3
+    assert mine.upload(batch("cam-1", 2, images(3))).total_accepted == 5
+
+
+def test_revoked_or_rotated_credentials_are_refused_without_a_restart(cloud):
+    service, fleet = cloud
+    client = fleet["cam-3"]
+    client.register("cam-3")
+    watch = client.watch("cam-3", timeout=20)
+    other = CredentialStore(service.credentials.path)  # the operator's command, another process
+    other.revoke("cam-3")
+    t0 = time.monotonic()
+    code, details = code_of(next, watch)  # the open stream is closed too, within a poll
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details and time.monotonic() - t0 < 5
+    for code, _ in every_call_refused(client, "cam-3"):
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(KeyError, match="has no credential"):
+        other.revoke("cam-3")
+    # issued again: the new credential works, the old one stays dead; a rotation kills the one before it
+    new = Client(fleet.address, other.issue("cam-3"))
+    try:
+        assert new.register("cam-3").params_version == 0
+        with pytest.raises(ValueError, match="already has a credential"):
+            other.issue("cam-3")
+        newest = Client(fleet.address, other.issue("cam-3", replace=True))
+        try:
+            assert code_of(new.get, "cam-3")[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert newest.get("cam-3")[0] == 0
+        finally:
+            newest.close()
+    finally:
+        new.close()
+    # a malformed file (a hand edit gone wrong) is reported and the last good one stays in force
+    one = fleet["cam-1"]
+    assert one.register("cam-1").params_version == 0  # the service has read the file with cam-1 in it
+    good = service.credentials.path.read_text()
+    service.credentials.path.write_text("{not json")
+    assert one.register("cam-1").params_version == 0
+    service.credentials.path.unlink()  # no file: no credentials, every call refused
+    assert code_of(one.get, "cam-1")[0] == grpc.StatusCode.UNAUTHENTICATED
+    service.credentials.path.write_text(good)
+
+
+def test_credential_checks_are_constant_time_for_known_and_unknown_ids(tmp_path, monkeypatch):
+    from fairedge.server.cloud import credentials
+
+    store = CredentialStore(tmp_path / "credentials.json")
+    token = store.issue("cam-1")
+    compared: list[tuple[int, int]] = []
+    real = credentials.hmac.compare_digest
+    monkeypatch.setattr(
+        credentials.hmac, "compare_digest", lambda a, b: compared.append((len(a), len(b))) or real(a, b)
+    )
+    assert store.verify(token) == "cam-1"
+    assert store.verify(token.replace("cam-1", "cam-9")) is None  # unknown id: compared against a dummy
+    assert store.verify(token[:-2]) is None
+    assert compared == [(32, 32)] * 3  # every check is one full-length digest comparison
+    assert store.verify("no-separator") is None
 
 
 def test_bad_requests_get_clear_codes_and_others_keep_working(cloud):
-    service, client = cloud
+    service, fleet = cloud
+    client, b = fleet["cam-a"], fleet["cam-b"]
     client.register("cam-a")
-    client.register("cam-b")
+    b.register("cam-b")
     x = images(4)
     int_pixels = pb.SampleBatch(device_id="cam-a", batch_id=1, inputs=[to_proto("pixel_values", x.astype(np.int64))])
     nan = x.copy()
@@ -184,50 +296,84 @@ def test_bad_requests_get_clear_codes_and_others_keep_working(cloud):
     short_data = batch("cam-a", 1, x)
     short_data.inputs[0].data = short_data.inputs[0].data[:-4]
     cases = [
-        (batch("cam-a", 1, images(4)[:, :, :8]), grpc.StatusCode.INVALID_ARGUMENT, "shape = [4, 1, 8, 16]"),
-        (int_pixels, grpc.StatusCode.INVALID_ARGUMENT, "dtype = 'int64'"),
-        (batch("cam-a", 1, nan), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
-        (short_data, grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        (client, batch("cam-a", 1, images(4)[:, :, :8]), grpc.StatusCode.INVALID_ARGUMENT, "shape = [4, 1, 8, 16]"),
+        (client, int_pixels, grpc.StatusCode.INVALID_ARGUMENT, "dtype = 'int64'"),
+        (client, batch("cam-a", 1, nan), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        (client, short_data, grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
         (
+            client,
             pb.SampleBatch(device_id="cam-a", batch_id=1, inputs=[to_proto("pixels", x)]),
             grpc.StatusCode.INVALID_ARGUMENT,
             "['pixels']",
         ),
-        (batch("cam-zz", 1, x), grpc.StatusCode.NOT_FOUND, "'cam-zz' is not registered"),
-        (batch("../etc", 1, x), grpc.StatusCode.INVALID_ARGUMENT, "device_id = '../etc'"),
-        (batch("cam-a", 1, images(65)), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_batch_samples = 64"),
+        (fleet["cam-zz"], batch("cam-zz", 1, x), grpc.StatusCode.NOT_FOUND, "'cam-zz' is not registered"),
+        (client, batch("../etc", 1, x), grpc.StatusCode.PERMISSION_DENIED, "device_id = '../etc'"),
+        (client, batch("cam-a", 1, x, epoch="a/b"), grpc.StatusCode.INVALID_ARGUMENT, "epoch = 'a/b'"),
+        (client, batch("cam-a", 1, images(65)), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_batch_samples = 64"),
     ]
-    for i, (bad, code, words) in enumerate(cases):
-        got, details = code_of(client.upload, bad)
+    for i, (sender, bad, code, words) in enumerate(cases):
+        got, details = code_of(sender.upload, bad)
         assert got == code and words in details, (i, got, details)
         # everyone else is still served
-        reply = client.upload(batch("cam-b", i + 1, images(2, i)))
+        reply = b.upload(batch("cam-b", i + 1, images(2, i)))
         assert reply.accepted == 2 and reply.last_batch_id == i + 1
     assert service.device("cam-a").meta["total_accepted"] == 0  # nothing of the bad batches was stored
     # a bad batch in the middle of a stream: the earlier one is stored and said so
     code, details = code_of(client.upload, batch("cam-a", 1, x), batch("cam-a", 2, nan))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "last_batch_id = 1" in details
-    code, details = code_of(client.upload, batch("cam-a", 3, x), batch("cam-b", 99, x))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "one device per stream" in details
-    code, details = code_of(client.register, "cam-c", model_id="other")
+    c = fleet["cam-c"]
+    code, details = code_of(c.register, "cam-c", model_id="other")
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "model_id = 'other'" in details and "'tiny'" in details
-    code, _ = code_of(client.register, "cam-c", model_version="v0")
+    code, _ = code_of(c.register, "cam-c", model_version="v0")
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    code, _ = code_of(client.get, "cam-c")
+    code, _ = code_of(c.get, "cam-c")
     assert code == grpc.StatusCode.NOT_FOUND
-    assert client.upload(batch("cam-b", 100, x)).total_accepted == 2 * len(cases) + 4
+    code, details = code_of(c.register, "cam-c", epoch="x" * 65)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "epoch" in details
+    assert b.upload(batch("cam-b", 100, x)).total_accepted == 2 * len(cases) + 4
 
 
 def test_resent_batch_is_acknowledged_but_not_counted_twice(cloud):
-    service, client = cloud
+    service, fleet = cloud
+    client = fleet["cam-1"]
     client.register("cam-1")
     assert client.upload(batch("cam-1", 1, images(3))).accepted == 3
     again = client.upload(batch("cam-1", 1, images(3)))  # the reply was lost; the device sends it again
-    assert (again.accepted, again.total_accepted, again.last_batch_id) == (0, 3, 1)
+    assert (again.accepted, again.resent, again.total_accepted, again.last_batch_id) == (0, 3, 3, 1)
     both = client.upload(batch("cam-1", 1, images(3)), batch("cam-1", 2, images(5)))
-    assert (both.accepted, both.total_accepted, both.last_batch_id) == (5, 8, 2)
+    assert (both.accepted, both.resent, both.total_accepted, both.last_batch_id) == (5, 3, 8, 2)
     device = service.device("cam-1")
     assert device.meta["batches_accepted"] == 2 and device.samples.end == 8
+    assert client.register("cam-1").last_batch_id == 2  # a restarted device learns what is held already
+
+
+def test_a_device_that_lost_its_queue_starts_a_new_epoch_and_is_never_muted(cloud, tmp_path):
+    service, fleet = cloud
+    client = fleet["cam-1"]
+    assert client.register("cam-1", epoch="first").last_batch_id == 0
+    client.upload(*(batch("cam-1", i, images(2, i), epoch="first") for i in (1, 2, 3)))
+    huge = client.upload(batch("cam-1", 2**64 - 1, images(2), epoch="first"))  # the largest id there is
+    assert huge.accepted == 2 and huge.last_batch_id == 2**64 - 1
+    # the queue folder is lost: a new epoch, numbering from 1 again; nothing is taken for a re-send
+    assert client.register("cam-1", epoch="second").last_batch_id == 0
+    up = client.upload(batch("cam-1", 1, images(4, 7), epoch="second"), batch("cam-1", 2, images(4, 8), "second"))
+    assert (up.accepted, up.resent, up.total_accepted, up.last_batch_id) == (8, 0, 16, 2)
+    # a batch of the epoch left behind (another process with the same id): ABORTED, register again
+    code, details = code_of(client.upload, batch("cam-1", 4, images(2), epoch="first"))
+    assert code == grpc.StatusCode.ABORTED and "call Register again" in details
+    # that process registers again: its epoch's last batch id is remembered, so its re-send is still one
+    assert client.register("cam-1", epoch="first").last_batch_id == 2**64 - 1
+    again = client.upload(batch("cam-1", 3, images(2, 3), epoch="first"))
+    assert (again.accepted, again.resent) == (0, 2)
+    # epochs survive a restart of the cloud
+    service.stop()
+    restarted = CloudService(served(), service.state_dir, CFG)
+    device = restarted.device("cam-1")
+    assert (
+        device.meta["epoch"] == "first" and device.meta["epochs_started"] == 3 and device.last_batch_id() == 2**64 - 1
+    )
+    assert restarted.register("cam-1", "tiny", "v1", epoch="second").last_batch_id() == 2
+    assert restarted.device("cam-1").meta["total_accepted"] == 16
 
 
 def run_in_process(state_dir: Path, plan: list[list[int]]) -> tuple[int, dict[str, np.ndarray], dict]:
@@ -257,8 +403,9 @@ def test_restart_on_the_same_state_dir_loses_nothing(tmp_path):
     assert restarted[2]["total_accepted"] == 36 and restarted[2]["last_batch_id"] == 5
 
     # and over gRPC: versions, params and counters survive a stop/start
-    service = CloudService(served(), tmp_path / "b", CFG, tokens=[TOKEN])
-    client = Client(service.start())
+    service = CloudService(served(), tmp_path / "b", CFG)
+    token = service.credentials.issue("cam-1")
+    client = Client(service.start(), token)
     try:
         version, params = client.get("cam-1")
         assert version == 4 and all(np.array_equal(params[k], restarted[1][k]) for k in params)
@@ -297,9 +444,12 @@ def test_a_failing_update_pauses_only_its_device_and_backpressure_is_explicit(tm
             service.upload("cam-a", 3, {"pixel_values": images(8)})
         assert service.upload("cam-a", 2, {"pixel_values": images(8)}) == 0  # a re-send is still acknowledged
         # a second service on a port in use fails loudly (no silent SO_REUSEPORT sharing)
-        first = CloudService(served(), tmp_path / "s1", CFG, tokens=[TOKEN])
+        first = CloudService(served(), tmp_path / "s1", CFG)
+        with pytest.raises(ValueError, match="no credentials file .* `fairedge-server credentials issue"):
+            first.start()  # no credentials: no unauthenticated service
+        first.credentials.issue("cam-1")
         first.start()
-        second = CloudService(served(), tmp_path / "s2", CFG, tokens=[TOKEN])
+        second = CloudService(served(), tmp_path / "s2", CFG, credentials=first.credentials.path)
         try:
             with pytest.raises(OSError, match=f"127.0.0.1:{first.port}"):
                 second.start(port=first.port)
@@ -317,16 +467,17 @@ def test_state_dir_of_another_model_is_refused(tmp_path):
 def test_tls_with_a_local_ca(tmp_path):
     creds = make_credentials(tmp_path / "certs")
     tls = (creds.server.cert_path.read_bytes(), creds.server.key_path.read_bytes())
-    service = CloudService(served(), tmp_path / "state", CFG, tokens=[TOKEN], tls=tls)
+    service = CloudService(served(), tmp_path / "state", CFG, tls=tls)
+    token = service.credentials.issue("cam-1")
     service.start(host="localhost")
     secure = Client(
-        f"localhost:{service.port}", credentials=grpc.ssl_channel_credentials(creds.ca.cert_path.read_bytes())
+        f"localhost:{service.port}", token, credentials=grpc.ssl_channel_credentials(creds.ca.cert_path.read_bytes())
     )
-    plain = Client(f"localhost:{service.port}")
+    plain = Client(f"localhost:{service.port}", token)
     try:
         assert secure.register("cam-1").params_version == 0
         assert secure.upload(batch("cam-1", 1, images(2))).accepted == 2
-        code, _ = code_of(plain.register, "cam-2")  # no TLS handshake, no service
+        code, _ = code_of(plain.register, "cam-1")  # no TLS handshake, no service
         assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         secure.close()
@@ -385,8 +536,13 @@ def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
     from fairedge.server.cli import main
 
     monkeypatch.setattr(cloud, "load_served_model", lambda run, teacher=None: served())
-    monkeypatch.setenv("FAIREDGE_CLOUD_TOKENS", TOKEN)
     (tmp_path / "config.toml").write_text('name = "tiny"\n')
+    assert (
+        main(["credentials", "issue", "cam-1", "--credentials", str(tmp_path / "cloud-state" / "credentials.json")])
+        == 0
+    )
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("cam-1:")
     with socket.socket() as s:  # a free port (the CLI prints it too, but we are in the same process)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -394,7 +550,7 @@ def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
     returned = threading.Event()
 
     def device_then_sigterm() -> None:
-        client = Client(f"127.0.0.1:{port}")
+        client = Client(f"127.0.0.1:{port}", token)
         try:
             grpc.channel_ready_future(client.channel).result(timeout=30)
             seen["max_batch_samples"] = client.register("cam-1").max_batch_samples
@@ -432,13 +588,13 @@ def test_cli_serves_until_sigterm(tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
 
-def test_cli_refuses_to_run_without_tokens(tmp_path, monkeypatch, capsys):
+def test_cli_refuses_to_run_without_credentials(tmp_path, capsys):
     from fairedge.server.cli import main
 
-    monkeypatch.delenv("FAIREDGE_CLOUD_TOKENS", raising=False)
     (tmp_path / "config.toml").write_text('name = "tiny"\n')
     assert main(["cloud", "--run", str(tmp_path)]) == 2
-    assert "no access tokens" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no credentials file" in err and "cloud-state/credentials.json" in err and "credentials issue" in err
     assert main(["cloud", "--run", str(tmp_path), "--tls-cert", "x.pem"]) == 2
     assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
     assert main(["cloud", "--run", str(tmp_path), "--set", "cloud.lr=-1"]) == 2
@@ -458,3 +614,33 @@ def test_every_refusal_has_one_grpc_status_and_the_service_leaves_torch_threads_
     with CloudService(served(), tmp_path, CloudConfig(threads=3)) as service:
         service.start(serve_grpc=False)
         assert torch.get_num_threads() == 1
+
+
+def test_credentials_command_issues_lists_and_revokes_while_the_service_runs(tmp_path, capsys):
+    from fairedge.server.cli import main
+
+    service = CloudService(served(), tmp_path / "state", CFG)
+    file = str(service.credentials.path)
+    assert main(["credentials", "issue", "cam-1", "--credentials", file, "--out", str(tmp_path / "cam-1.token")]) == 0
+    assert "written to" in capsys.readouterr().out
+    token = (tmp_path / "cam-1.token").read_text().strip()
+    assert (tmp_path / "cam-1.token").stat().st_mode & 0o077 == 0  # the device's secret: owner only
+    client = Client(service.start(), token)
+    try:
+        assert client.register("cam-1").params_version == 0
+        assert main(["credentials", "issue", "cam-2", "--credentials", file]) == 0
+        assert capsys.readouterr().out.startswith("cam-2:")
+        assert main(["credentials", "issue", "cam-2", "--credentials", file]) == 2
+        assert "already has a credential" in capsys.readouterr().err
+        assert main(["credentials", "list", "--credentials", file]) == 0
+        listed = capsys.readouterr().out
+        assert "cam-1\tissued" in listed and "cam-2\tissued" in listed and token not in listed
+        assert main(["credentials", "revoke", "cam-1", "--credentials", file]) == 0
+        assert code_of(client.get, "cam-1")[0] == grpc.StatusCode.UNAUTHENTICATED  # no restart needed
+        assert main(["credentials", "revoke", "cam-1", "--credentials", file]) == 2
+        assert "has no credential" in capsys.readouterr().err
+        assert main(["credentials", "issue", "../x", "--credentials", file]) == 2
+        assert "device_id = '../x'" in capsys.readouterr().err
+    finally:
+        client.close()
+        service.stop()

@@ -1,9 +1,11 @@
 """Export + edge runtime + the real CEMA cloud service over real gRPC on loopback.
 
-A tiny ViT is exported once; the cloud serves the same merged model. Checked: a wrong token is
-refused and loses nothing, the cloud going down (and restarting from its state folder) loses no
-sample and counts none twice, the device's ONNX output after each swap equals PyTorch with the
-cloud's published parameters, TLS, and the `fairedge-edge run` command end to end.
+A tiny ViT is exported once; the cloud serves the same merged model. Checked: a wrong or revoked
+credential is refused and loses nothing, a device that restarts with an empty queue folder is
+resynchronised (its new samples are stored, not taken for re-sends), the cloud going down (and
+restarting from its state folder) loses no sample and counts none twice, the device's ONNX output
+after each swap equals PyTorch with the cloud's published parameters, TLS, and the `fairedge-edge run`
+command end to end.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from fairedge.common.config import CloudConfig, EdgeConfig, load_config
 from fairedge.common.edge_format import InputSpec
 from fairedge.common.edge_model import MergedModel, export_onnx, forward_with_norm
 from fairedge.common.models.vision import build_vision_classifier
-from fairedge.server.cloud import CloudService, ServedModel
+from fairedge.server.cloud import CloudService, CredentialStore, ServedModel
 
-TOKEN = "edge-cloud-token-1"
 C = 10
 INPUTS = [InputSpec("pixel_values", (1, 16, 16), "float32")]
 CLOUD_CFG = CloudConfig(
@@ -74,7 +75,13 @@ def merged_and_onnx(tmp_path_factory):
 
 def cloud_service(merged: MergedModel, state_dir, **kwargs) -> CloudService:
     served = ServedModel.from_modules(merged.model, inputs=INPUTS, num_classes=C, model_id="tiny", model_version="v1")
-    return CloudService(served, state_dir, CLOUD_CFG, tokens=[TOKEN], **kwargs)
+    return CloudService(served, state_dir, CLOUD_CFG, **kwargs)
+
+
+def start_for(service: CloudService, device: str) -> CloudEndpoint:
+    """Issue `device` its credential, start the service, and return the device's endpoint."""
+    token = service.credentials.issue(device)
+    return CloudEndpoint(service.start(), token)
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -98,37 +105,69 @@ def assert_parity(rt: EdgeRuntime, merged: MergedModel, params: dict[str, np.nda
     assert np.abs(logits - ref).max() <= 1e-4
 
 
-def test_wrong_token_is_refused_and_the_queue_keeps_the_samples(merged_and_onnx, tmp_path):
+def wait_for_code(rt: EdgeRuntime, code: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while code not in rt.sync.status.errors_by_code and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert code in rt.sync.status.errors_by_code, rt.sync.status
+
+
+def test_wrong_or_revoked_credentials_are_refused_and_the_queue_keeps_the_samples(merged_and_onnx, tmp_path):
     merged, onnx_path = merged_and_onnx
     with cloud_service(merged, tmp_path / "state") as service:
-        address = service.start()
+        good = start_for(service, "cam-1")
+        address = good.address
         with EdgeRuntime(
             onnx_path,
             EDGE_CFG,
-            cloud=CloudEndpoint(address, "not-the-token"),
+            cloud=CloudEndpoint(address, "cam-1:not-the-secret"),
             device_id="cam-1",
             queue_dir=tmp_path / "q",
         ) as rt:
             rt.process(images(8))
-            deadline = time.monotonic() + 10
-            while "UNAUTHENTICATED" not in rt.sync.status.errors_by_code and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert "UNAUTHENTICATED" in rt.sync.status.errors_by_code, rt.sync.status
+            wait_for_code(rt, "UNAUTHENTICATED")
             assert "token" in rt.sync.status.last_error
             assert not rt.sync.status.registered and rt.queue.pending_samples == rt.selector.stats.selected == 8
-        with EdgeRuntime(
-            onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, TOKEN), device_id="cam-1", queue_dir=tmp_path / "q"
-        ) as rt:
+        with pytest.raises(ValueError, match="credential is for device 'cam-1'"):  # bound to one id
+            EdgeRuntime(onnx_path, EDGE_CFG, cloud=good, device_id="cam-2", queue_dir=tmp_path / "q2")
+        with EdgeRuntime(onnx_path, EDGE_CFG, cloud=good, device_id="cam-1", queue_dir=tmp_path / "q") as rt:
             assert rt.drain(timeout=15), rt.sync.status
+            service.credentials.revoke("cam-1")  # the operator revokes it while the device runs
+            rt.process(images(8, seed=1))
+            wait_for_code(rt, "UNAUTHENTICATED")
+            assert rt.queue.pending_samples == 8  # kept for when the device has a credential again
         assert service.device("cam-1").meta["total_accepted"] == 8
+
+
+def test_a_device_restarting_with_an_empty_queue_folder_is_resynchronised_not_muted(merged_and_onnx, tmp_path):
+    merged, onnx_path = merged_and_onnx
+    cfg = EDGE_CFG.model_copy(update={"select": "all"})
+    with cloud_service(merged, tmp_path / "state") as service:
+        cam = start_for(service, "cam-6")
+        with EdgeRuntime(onnx_path, cfg, cloud=cam, device_id="cam-6", queue_dir=tmp_path / "q") as rt:
+            for seed in range(5):
+                rt.process(images(8, seed=seed))
+            assert rt.drain(timeout=15), rt.sync.status
+            first_epoch = rt.queue.epoch
+        assert service.device("cam-6").last_batch_id() == 5
+        # the device is re-imaged: same id and credential, an empty queue folder, batch ids from 1 again
+        with EdgeRuntime(onnx_path, cfg, cloud=cam, device_id="cam-6", queue_dir=tmp_path / "q-new") as rt:
+            assert rt.queue.epoch != first_epoch
+            for seed in range(10, 13):
+                rt.process(images(8, seed=seed))
+            assert rt.drain(timeout=15), rt.sync.status
+            report = rt.report()
+        device = service.device("cam-6")
+        assert device.meta["total_accepted"] == 40 + 24 and device.meta["epochs_started"] == 2
+        assert report["uploaded"] == 24 and report["cloud"]["samples_new"] == 24
+        assert report["cloud"]["samples_resent"] == 0 and report["queue"]["pending_samples"] == 0
 
 
 def test_a_batch_the_cloud_refuses_is_set_aside_and_the_others_still_arrive(merged_and_onnx, tmp_path):
     merged, onnx_path = merged_and_onnx
     with cloud_service(merged, tmp_path / "state") as service:
-        address = service.start()
         with EdgeRuntime(
-            onnx_path, EDGE_CFG, cloud=CloudEndpoint(address, TOKEN), device_id="cam-5", queue_dir=tmp_path / "q"
+            onnx_path, EDGE_CFG, cloud=start_for(service, "cam-5"), device_id="cam-5", queue_dir=tmp_path / "q"
         ) as rt:
             bad = images(3)
             bad[1, 0, 0, 0] = np.nan  # non-finite: INVALID_ARGUMENT
@@ -147,10 +186,11 @@ def test_cloud_down_and_back_loses_nothing_and_swaps_match_pytorch(merged_and_on
     merged, onnx_path = merged_and_onnx
     port = free_port()
     x = images(96, seed=1)
+    token = CredentialStore(tmp_path / "state" / "credentials.json").issue("cam-2")
     with EdgeRuntime(
         onnx_path,
         EDGE_CFG,
-        cloud=CloudEndpoint(f"127.0.0.1:{port}", TOKEN),
+        cloud=CloudEndpoint(f"127.0.0.1:{port}", token),
         device_id="cam-2",
         queue_dir=tmp_path / "q",
     ) as rt:
@@ -199,7 +239,7 @@ def test_tls_and_the_command_line_end_to_end(merged_and_onnx, tmp_path, capsys):
     merged, onnx_path = merged_and_onnx
     creds = make_credentials(tmp_path / "creds")
     tls = (creds.server.cert_path.read_bytes(), creds.server.key_path.read_bytes())
-    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").write_text(CredentialStore(tmp_path / "state" / "credentials.json").issue("cam-3") + "\n")
     np.savez(tmp_path / "stream.npz", x=images(40, seed=2), y=np.arange(40) % C)
     with cloud_service(merged, tmp_path / "state", tls=tls) as service:
         address = service.start(host="localhost")
@@ -216,8 +256,6 @@ def test_tls_and_the_command_line_end_to_end(merged_and_onnx, tmp_path, capsys):
                 str(tmp_path / "token"),
                 "--tls-ca",
                 str(creds.ca.cert_path),
-                "--device-id",
-                "cam-3",
                 "--queue-dir",
                 str(tmp_path / "q"),
                 "--log",
@@ -239,6 +277,7 @@ def test_tls_and_the_command_line_end_to_end(merged_and_onnx, tmp_path, capsys):
         assert code == 0
         assert service.device("cam-3").meta["total_accepted"] == 40
     out = capsys.readouterr().out
+    assert "device cam-3," in out  # the id its credential is bound to
     assert "(TLS)" in out and "40 samples" in out and "log written" in out
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["predictions"] == 40 and log["uploaded"] == 40 and log["uploaded_fraction"] == 1.0
@@ -249,6 +288,9 @@ def test_tls_and_the_command_line_end_to_end(merged_and_onnx, tmp_path, capsys):
         edge_main(["run", "--model", str(onnx_path), "--input", str(tmp_path / "stream.npz"), "--cloud", address]) == 2
     )
     assert "--token-file" in capsys.readouterr().err
+    mismatch = ["--cloud", address, "--token-file", str(tmp_path / "token"), "--device-id", "cam-9"]
+    assert edge_main(["run", "--model", str(onnx_path), "--input", str(tmp_path / "stream.npz"), *mismatch]) == 2
+    assert "credential is for device 'cam-3'" in capsys.readouterr().err
     assert (
         edge_main(
             ["run", "--model", str(onnx_path), "--input", str(tmp_path / "nope"), "--queue-dir", str(tmp_path / "q2")]
@@ -265,7 +307,7 @@ def test_lockstep_runs_in_process_are_reproducible(merged_and_onnx, tmp_path):
 
     def one_run(folder) -> dict:
         with cloud_service(merged, folder / "state") as service:
-            address = service.start()
+            cam = start_for(service, "cam-4")
 
             def lockstep(rt: EdgeRuntime) -> None:
                 assert rt.drain(timeout=20)
@@ -273,9 +315,7 @@ def test_lockstep_runs_in_process_are_reproducible(merged_and_onnx, tmp_path):
                 assert rt.wait_for_params(service.norm_params("cam-4")[0], timeout=10)
 
             cfg = EDGE_CFG.model_copy(update={"select": "all"})
-            with EdgeRuntime(
-                onnx_path, cfg, cloud=CloudEndpoint(address, TOKEN), device_id="cam-4", queue_dir=folder / "q"
-            ) as rt:
+            with EdgeRuntime(onnx_path, cfg, cloud=cam, device_id="cam-4", queue_dir=folder / "q") as rt:
                 return rt.run(((x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)), after_batch=lockstep)
 
     first, second = one_run(tmp_path / "a"), one_run(tmp_path / "b")

@@ -1,5 +1,6 @@
-"""The edge runtime: CEMA selection on synthetic logits, the disk upload queue (restart, bound),
-atomic norm-param swaps with PyTorch parity, and a cloud that is down at first and comes back.
+"""The edge runtime: CEMA selection on synthetic logits, the disk upload queue (restart, byte bound,
+epochs, a full disk and an unwritable folder), atomic norm-param swaps with PyTorch parity, and a
+cloud that is down at first and comes back.
 
 The cloud here is a minimal in-test gRPC servicer that records every batch it gets, so
 "each selected sample arrives exactly once" can be checked directly; tests/test_edge_cloud.py
@@ -8,10 +9,15 @@ runs the runtime against the real cloud service.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 import socket
+import stat
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -47,8 +53,13 @@ from fairedge.common.tensor_proto import from_proto, to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 
-TOKEN = "edge-test-token"
+SECRET = "edge-test-secret"
 C = 10
+
+
+def token(device: str) -> str:
+    """The credential the recording cloud below accepts for `device`."""
+    return f"{device}:{SECRET}"
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -128,8 +139,8 @@ def test_fixed_selectors_and_bad_arguments():
         CemaSelector(C).select(np.zeros((2, 11)))
     with pytest.raises(ConfigError, match="edge.select"):
         build_config({"edge": {"select": "some"}})
-    with pytest.raises(ConfigError, match="queue_max_samples=4 must be at least edge.upload_batch_size=32"):
-        load_config(None, ["edge.queue_max_samples=4"])
+    with pytest.raises(ConfigError, match="edge.queue_max_bytes = 0"):
+        load_config(None, ["edge.queue_max_bytes=0"])
 
 
 def test_backoff_is_jittered_below_a_doubling_cap_and_resets():
@@ -163,20 +174,130 @@ def test_unary_calls_carry_grpc_retry_policy_with_our_backoff():
 # ---------------------------------------------------------------------------------------- queue
 
 
-def test_queue_splits_batches_numbers_them_and_drops_the_oldest_when_full(tmp_path):
-    q = UploadQueue(tmp_path / "q", device_id="d", max_samples=10, batch_samples=4)
+def batch_file_bytes(tmp_path, samples: int, features: int = 2) -> int:
+    """The size of one queued batch file of `samples` float32 rows of `features` values."""
+    probe = UploadQueue(tmp_path / "probe", device_id="probe", max_bytes=1 << 30, batch_samples=samples)
+    probe.put({"x": np.zeros((samples, features), np.float32)}, np.ones(samples))
+    return probe.pending_bytes
+
+
+def test_queue_splits_batches_numbers_them_and_drops_the_oldest_beyond_its_byte_bound(tmp_path):
+    four = batch_file_bytes(tmp_path, 4)
+    q = UploadQueue(tmp_path / "q", device_id="d", max_bytes=3 * four + four // 2, batch_samples=4)  # ~3 files
     x = np.arange(9 * 2, dtype=np.float32).reshape(9, 2)
     assert q.put({"x": x}, np.ones(9)) == [1, 2, 3]  # 4 + 4 + 1
-    assert q.put({"x": x[:3]}, np.ones(3)) == [4]  # 12 > 10: batch 1 (4 samples) dropped
+    assert q.put({"x": x[:3]}, np.ones(3)) == [4]  # over the bound: batch 1 (4 samples) dropped
     c = q.counters()
     assert (c["pending_samples"], c["dropped_samples"], c["dropped_batches"], c["enqueued_samples"]) == (8, 4, 1, 12)
+    assert c["pending_bytes"] == sum(f.stat().st_size for f in (tmp_path / "q" / "batches").iterdir())
+    assert c["pending_bytes"] <= q.max_bytes
     batches = q.peek(10)
     assert [b.batch_id for b in batches] == [2, 3, 4]
     np.testing.assert_array_equal(batches[0].inputs["x"], x[4:8])
     assert q.ack([2, 3, 4], last_batch_id=3) == 5  # the cloud holds up to 3: batch 4 stays
     assert [b.batch_id for b in q.peek(10)] == [4]
+    # one batch alone over the bound is dropped at once, counted, and pushes nothing else out
+    assert q.put({"x": np.zeros((4, 2000), np.float32)}, np.ones(4)) == []
+    assert q.counters()["dropped_samples"] == 8 and [b.batch_id for b in q.peek(10)] == [4]
     with pytest.raises(ValueError, match="belongs to device 'd'"):
-        UploadQueue(tmp_path / "q", device_id="other", max_samples=10, batch_samples=4)
+        UploadQueue(tmp_path / "q", device_id="other", max_bytes=1000, batch_samples=4)
+
+
+def test_queue_epoch_is_kept_across_restarts_and_new_with_a_new_folder(tmp_path):
+    q = UploadQueue(tmp_path / "q", device_id="d", max_bytes=1 << 20, batch_samples=4)
+    q.put({"x": np.zeros((8, 2), np.float32)}, np.ones(8))
+    assert q.ack_through(1) == 4 and [b.batch_id for b in q.peek(10)] == [2]
+    again = UploadQueue(tmp_path / "q", device_id="d", max_bytes=1 << 20, batch_samples=4)
+    assert again.epoch == q.epoch and len(q.epoch) == 16 and again.counters()["next_batch_id"] == 3
+    fresh = UploadQueue(tmp_path / "lost", device_id="d", max_bytes=1 << 20, batch_samples=4)
+    assert fresh.epoch != q.epoch and fresh.counters()["next_batch_id"] == 1
+
+
+def assert_queue_is_sound(folder, queue: UploadQueue) -> None:
+    """Nothing half-written: no temporary file, every batch file loads, state.json parses and reserves every id."""
+    files = list((folder / "batches").iterdir())
+    assert not [f for f in files if f.name.startswith(".")], files
+    for f in files:
+        with np.load(f) as data:
+            assert len(data["__entropy__"]) == int(f.stem.split("-")[1])
+    state = json.loads((folder / "state.json").read_text())
+    assert all(int(f.name[:12]) < state["next_batch_id"] for f in files)
+    assert state["epoch"] == queue.epoch
+
+
+def test_a_full_disk_keeps_the_device_predicting_counts_what_it_lost_and_leaves_no_corrupt_queue(
+    exported, tmp_path, monkeypatch
+):
+    path, _ = exported
+    cfg = EdgeConfig(select="all", batch_size=8, upload_batch_size=8, threads=1)
+    real_fsync = os.fsync
+    disk: dict[str, int | None] = {"free": None}  # bytes left; None = plenty
+
+    def fsync(fd: int) -> None:  # as on a full disk, the kernel reports ENOSPC when the data is flushed
+        st = os.fstat(fd)
+        if disk["free"] is not None and stat.S_ISREG(st.st_mode) and st.st_size > disk["free"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    x = images(48)
+    with EdgeRuntime(path, cfg, device_id="dev-f", queue_dir=tmp_path / "q") as rt:
+        rt.process(x[:8])
+        disk["free"] = 2000  # state.json still fits, a batch file (8 images) does not
+        for start in range(8, 24, 8):
+            assert len(rt.process(x[start : start + 8])) == 8  # predictions go on
+        disk["free"] = 100  # not even state.json fits: no batch id can be reserved, so none is written
+        assert len(rt.process(x[24:32])) == 8
+        report = rt.report()
+        assert report["queue"]["unsaved_samples"] == 24 and report["queue"]["pending_samples"] == 8
+        assert "No space left on device" in report["queue_error"]
+        assert_queue_is_sound(tmp_path / "q", rt.queue)
+        disk["free"] = None  # room again: writing resumes by itself
+        rt.process(x[32:40])
+        assert rt.queue.pending_samples == 16 and rt.queue.counters()["unsaved_samples"] == 24
+        used = {b.batch_id for b in rt.queue.peek(100)}
+    with EdgeRuntime(path, cfg, device_id="dev-f", queue_dir=tmp_path / "q") as rt:  # a restart
+        assert_queue_is_sound(tmp_path / "q", rt.queue)
+        assert {b.batch_id for b in rt.queue.peek(100)} == used
+        rt.process(x[40:48])
+        assert min({b.batch_id for b in rt.queue.peek(100)} - used) > max(used)  # ids never reused
+
+
+def test_an_unwritable_queue_folder_keeps_the_device_predicting(exported, tmp_path):
+    path, _ = exported
+    (tmp_path / "a-file").write_text("not a folder")  # a real OSError even for root: no folder can be made here
+    cfg = EdgeConfig(select="all", batch_size=8, upload_batch_size=8, threads=1)
+    with EdgeRuntime(path, cfg, device_id="dev-u", queue_dir=tmp_path / "a-file" / "q") as rt:
+        preds = [rt.process(images(8, seed)) for seed in range(3)]
+        report = rt.report()
+    assert all(len(p) == 8 for p in preds) and report["predictions"] == 24
+    assert report["queue"]["unsaved_samples"] == 24 and report["queue"]["pending_samples"] == 0
+    assert "Not a directory" in report["queue_error"]
+
+
+def test_a_kernel_write_limit_mid_file_leaves_whole_batches_only(tmp_path):
+    """A real write failure part-way through a file (RLIMIT_FSIZE: EFBIG), in a child process."""
+    script = """
+import json, resource, signal, sys
+import numpy as np
+from fairedge.client.edge import UploadQueue
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+q = UploadQueue(sys.argv[1], device_id="d", max_bytes=1 << 30, batch_samples=4)
+resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))  # no file may grow past 32 KiB
+q.put({"x": np.ones((4, 4), np.float32)}, np.ones(4))  # ~1 KiB per batch: fits
+q.put({"x": np.ones((8, 4096), np.float32)}, np.ones(8))  # 2 x 64 KiB: the kernel stops each write at 32 KiB
+q.put({"x": np.ones((4, 4), np.float32)}, np.ones(4))
+print(json.dumps(q.counters() | {"error": q.last_error}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "q")], capture_output=True, text=True, timeout=120, check=True
+    )
+    counters = json.loads(out.stdout)
+    assert counters["unsaved_samples"] == 8 and counters["unsaved_batches"] == 2, counters
+    assert counters["pending_samples"] == 8 and "File too large" in counters["error"]
+    queue = UploadQueue(tmp_path / "q", device_id="d", max_bytes=1 << 30, batch_samples=4)
+    assert_queue_is_sound(tmp_path / "q", queue)
+    assert [b.batch_id for b in queue.peek(10)] == [1, 4] and queue.counters()["next_batch_id"] == 5
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -297,19 +418,22 @@ def test_a_batch_never_sees_a_half_swapped_set(exported):
 
 def test_queue_persists_across_a_restart_of_the_runtime_and_keeps_its_bound(exported, tmp_path):
     path, _ = exported
-    cfg = EdgeConfig(select="all", batch_size=8, upload_batch_size=8, queue_max_samples=40, threads=1)
+    cfg = EdgeConfig(select="all", batch_size=8, upload_batch_size=8, threads=1)
     x = images(48)
     with EdgeRuntime(path, cfg, device_id="dev-a", queue_dir=tmp_path / "q") as rt:
         report = rt.run(batched(zip(x[:24], [0] * 24), 8))
+        one_batch = rt.queue.pending_bytes // 3  # the three batch files are the same size
     assert report["predictions"] == 24 and report["selected"] == 24 and report["accuracy"] is not None
     assert report["queue"]["pending_samples"] == 24 and report["queue"]["dropped_samples"] == 0
+    cfg = cfg.model_copy(update={"queue_max_bytes": 5 * one_batch + one_batch // 2})
     with EdgeRuntime(path, cfg, device_id="dev-a", queue_dir=tmp_path / "q") as rt:
         assert rt.queue.pending_samples == 24  # survived the restart
         for start in range(24, 48, 8):
             rt.process(x[start : start + 8])
         report = rt.report()
-        # 48 samples, bound 40: the two oldest batches (16 samples) went, counted
+        # 6 batches, room for 5: the oldest batch went, counted
         assert rt.queue.pending_samples == 40 and report["queue"]["dropped_samples"] == 8
+        assert report["queue"]["pending_bytes"] <= cfg.queue_max_bytes
         kept = rt.queue.peek(100)
         assert [b.batch_id for b in kept] == [2, 3, 4, 5, 6]
         np.testing.assert_array_equal(kept[-1].inputs["pixel_values"], x[40:48])
@@ -353,7 +477,10 @@ class RecordingCloud(pb_grpc.EdgeAdaptationServicer):
         self.cond = threading.Condition()
 
     def _auth(self, context) -> None:
-        if dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
+        if (
+            dict(context.invocation_metadata()).get("authorization", "").removeprefix("Bearer ").partition(":")[2]
+            != SECRET
+        ):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid access token")
 
     def publish(self, params: dict[str, np.ndarray]) -> None:
@@ -364,7 +491,11 @@ class RecordingCloud(pb_grpc.EdgeAdaptationServicer):
 
     def Register(self, request, context):
         self._auth(context)
-        return pb.RegisterReply(params_version=self.version, norm_param_names=self.names, max_batch_samples=64)
+        with self.cond:
+            last = max(self.batches, default=0)
+        return pb.RegisterReply(
+            params_version=self.version, norm_param_names=self.names, max_batch_samples=64, last_batch_id=last
+        )
 
     def Upload(self, request_iterator, context):
         self._auth(context)
@@ -439,7 +570,7 @@ def test_cloud_down_then_up_every_selected_sample_arrives_once_and_params_swap_i
         watch_params=watch,
         threads=1,
     )
-    endpoint = CloudEndpoint(f"127.0.0.1:{port}", TOKEN)
+    endpoint = CloudEndpoint(f"127.0.0.1:{port}", token("dev-b"))
     x = images(64, seed=2, shift=1.0)
     cloud = RecordingCloud(list(norm_parameters(merged.model)))
     server = None
@@ -489,7 +620,7 @@ def test_wrong_token_is_recorded_and_nothing_is_lost(exported, tmp_path):
         with EdgeRuntime(
             path,
             cfg,
-            cloud=CloudEndpoint(f"127.0.0.1:{port}", "wrong-token"),
+            cloud=CloudEndpoint(f"127.0.0.1:{port}", "dev-c:wrong-secret"),
             device_id="dev-c",
             queue_dir=tmp_path / "q",
         ) as rt:
@@ -499,7 +630,11 @@ def test_wrong_token_is_recorded_and_nothing_is_lost(exported, tmp_path):
             assert rt.queue.pending_samples == 8 and not cloud.batches
         # the same queue, the right token: the samples go up
         with EdgeRuntime(
-            path, cfg, cloud=CloudEndpoint(f"127.0.0.1:{port}", TOKEN), device_id="dev-c", queue_dir=tmp_path / "q"
+            path,
+            cfg,
+            cloud=CloudEndpoint(f"127.0.0.1:{port}", token("dev-c")),
+            device_id="dev-c",
+            queue_dir=tmp_path / "q",
         ) as rt:
             assert rt.drain(timeout=10)
             assert sum(len(b) for b in cloud.batches.values()) == 8

@@ -1,6 +1,7 @@
 """The device's gRPC connection to the CEMA cloud service (proto/edge_service.proto).
 
-One channel, reused: every call carries `authorization: Bearer <token>`, has a deadline, and the
+One channel, reused: every call carries the device's credential (`authorization: Bearer <device_id>:<secret>`,
+bound to that device id by the cloud), has a deadline, and the
 channel's message-size limits are set explicitly (gRPC's default receive limit is 4 MiB). The
 channel's own reconnect backoff is capped at ours, or after an outage gRPC itself could wait up to
 two minutes before trying the cloud again. The unary calls (Register, GetNormParams) carry gRPC's
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from fairedge.common.device_token import split_token
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 
@@ -46,19 +48,31 @@ class CloudEndpoint:
     """Where and how to reach the cloud."""
 
     address: str  # host:port
-    token: str
+    token: str  # the device's credential, `<device_id>:<secret>` (fairedge-server credentials issue)
     tls_ca: bytes | None = None  # PEM root certificate(s); None = plaintext (loopback, tests)
     server_name: str | None = None  # TLS name to verify when it differs from the address' host
 
+    def __post_init__(self) -> None:
+        split_token(self.token)  # a malformed credential fails here, not at the first call
+
+    @property
+    def device_id(self) -> str:
+        """The device the credential is bound to."""
+        return split_token(self.token)[0]
+
     @classmethod
     def from_files(cls, address: str, token_file: str | Path, tls_ca: str | Path | None = None) -> CloudEndpoint:
-        """Read the token (first line, whitespace stripped) and the optional CA certificate from files."""
+        """Read the credential (whitespace stripped) and the optional CA certificate from files."""
         token_path = Path(token_file)
         if not token_path.is_file():
             raise ValueError(f"--token-file {str(token_path)!r} does not exist")
         token = token_path.read_text().strip()
         if not token:
             raise ValueError(f"--token-file {str(token_path)!r} is empty")
+        try:
+            split_token(token)
+        except ValueError as err:
+            raise ValueError(f"--token-file {str(token_path)!r}: {err}") from None
         ca = None
         if tls_ca is not None:
             ca_path = Path(tls_ca)
@@ -112,8 +126,8 @@ class CloudLink:
             self.bytes_up += up
             self.bytes_down += down
 
-    def register(self, device_id: str, model_id: str, model_version: str) -> pb.RegisterReply:
-        request = pb.RegisterRequest(device_id=device_id, model_id=model_id, model_version=model_version)
+    def register(self, device_id: str, model_id: str, model_version: str, epoch: str = "") -> pb.RegisterReply:
+        request = pb.RegisterRequest(device_id=device_id, model_id=model_id, model_version=model_version, epoch=epoch)
         reply = self.stub.Register(request, timeout=self.rpc_timeout_s, metadata=self._metadata)
         self._count(request.ByteSize(), reply.ByteSize())
         return reply

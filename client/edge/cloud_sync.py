@@ -1,17 +1,20 @@
 """Keeping a device in step with the cloud, off the prediction path: uploads out, parameters in.
 
-Two daemon threads. The uploader registers the device, then streams the oldest queued batches
-(`Upload`, client streaming, in batch-id order) and deletes them from disk only once the reply
-acknowledges them. The watcher holds a `WatchNormParams` stream and hands each new parameter set
-to the session. Both retry every failure with capped exponential backoff and full jitter (`Backoff`),
-so an unreachable cloud costs nothing but waiting: samples stay queued and the device keeps
-predicting, and a fleet that lost the cloud together does not come back in lockstep.
+Two daemon threads. The uploader registers the device with its queue's epoch (so a device whose queue
+folder was lost is counted afresh, never taken for a re-sender), drops the queued batches the Register
+reply says the cloud already holds, then streams the oldest queued batches (`Upload`, client streaming,
+in batch-id order) and deletes them from disk only once the reply acknowledges them. The watcher holds
+a `WatchNormParams` stream and hands each new parameter set to the session. Both retry every failure
+with capped exponential backoff and full jitter (`Backoff`), so an unreachable cloud costs nothing but
+waiting: samples stay queued and the device keeps predicting, and a fleet that lost the cloud together
+does not come back in lockstep.
 
 Error handling by status code: UNAVAILABLE / DEADLINE_EXCEEDED / anything transient -> back off and
-retry; UNAUTHENTICATED and FAILED_PRECONDITION -> recorded in `last_error`, retried at backoff
-(an operator can fix the token or the cloud's model without restarting the device); NOT_FOUND ->
-register again; INVALID_ARGUMENT / RESOURCE_EXHAUSTED on an upload -> resend one batch per call
-until the culprit is found, then move it to the queue's `rejected/` folder (counted, not deleted).
+retry; UNAUTHENTICATED, PERMISSION_DENIED and FAILED_PRECONDITION -> recorded in `last_error`, retried
+at backoff (an operator can issue the credential or fix the cloud's model without restarting the
+device); NOT_FOUND and ABORTED (another registration changed the epoch) -> register again;
+INVALID_ARGUMENT / RESOURCE_EXHAUSTED on an upload -> resend one batch per call until the culprit is
+found, then move it to the queue's `rejected/` folder (counted, not deleted).
 
 Parameters: with `watch`, a WatchNormParams stream; without, GetNormParams whenever a Register or
 Upload reply reports a newer version (a failed Get is retried while idle). Either way the session only takes versions
@@ -71,7 +74,9 @@ class SyncStatus:
     registered: bool = False
     upload_calls: int = 0
     batches_acked: int = 0
-    samples_acked: int = 0
+    samples_acked: int = 0  # removed from the queue: held by the cloud
+    samples_new: int = 0  # of those, stored by the cloud in that call (the rest it already held)
+    samples_resent: int = 0
     failures: int = 0
     params_received: int = 0
     params_rejected: int = 0
@@ -208,13 +213,17 @@ class CloudSync:
 
     # ---- uploader ----------------------------------------------------------------------------
     def _register(self) -> None:
-        reply = self.link.register(self.device_id, self.model_id, self.model_version)
+        reply = self.link.register(self.device_id, self.model_id, self.model_version, self.queue.epoch)
         if reply.norm_param_names and list(reply.norm_param_names) != self.norm_param_names:
             log.warning(
                 "the cloud names %d norm params, the model %d; swaps will be refused if they differ",
                 len(reply.norm_param_names),
                 len(self.norm_param_names),
             )
+        if reply.last_batch_id:  # stored before a lost reply: no need to send them again
+            held = self.queue.ack_through(int(reply.last_batch_id))
+            with self._lock:
+                self.status.samples_acked += held
         if reply.max_batch_samples:
             self.queue.split_larger_than(int(reply.max_batch_samples))
         self._note_cloud_version(reply.params_version)
@@ -227,6 +236,7 @@ class CloudSync:
         return [
             pb.SampleBatch(
                 device_id=self.device_id,
+                epoch=self.queue.epoch,
                 batch_id=b.batch_id,
                 inputs=[to_proto(name, array) for name, array in b.inputs.items()],
                 entropies=b.entropy.tolist(),
@@ -257,6 +267,8 @@ class CloudSync:
                     self.status.upload_calls += 1
                     self.status.batches_acked += sum(1 for i in ids if i <= reply.last_batch_id)
                     self.status.samples_acked += removed
+                    self.status.samples_new += int(reply.accepted)
+                    self.status.samples_resent += int(reply.resent)
                 self._note_cloud_version(reply.params_version)
                 if not self.watch:
                     self._fetch_if_newer()
@@ -264,7 +276,7 @@ class CloudSync:
                 backoff.reset()
             except grpc.RpcError as err:
                 code = self._record("upload" if batches else "register", err)
-                if code == grpc.StatusCode.NOT_FOUND:
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED):
                     self._registered.clear()
                 elif batches and code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     if len(batches) == 1:

@@ -2,7 +2,7 @@
 
 `EdgeRuntime` is the whole device in one object, for the command line and for studies alike:
 
-    with EdgeRuntime("model.onnx", cfg.edge, cloud=CloudEndpoint("127.0.0.1:50061", token),
+    with EdgeRuntime("model.onnx", cfg.edge, cloud=CloudEndpoint("127.0.0.1:50061", "cam-1:<secret>"),
                      device_id="cam-1", queue_dir="queue/cam-1") as rt:
         for batch in stream:                 # StreamBatch, (x, y) or x
             preds = rt.process(batch)         # never waits for the network
@@ -62,6 +62,11 @@ class EdgeRuntime:
         config_name: str | None = None,
     ) -> None:
         self.cfg = cfg or EdgeConfig()
+        if cloud is not None and cloud.device_id != device_id:
+            raise ValueError(
+                f"device_id = {device_id!r}, but the cloud credential is for device {cloud.device_id!r}: "
+                "a credential is bound to one device id; use that id or the device's own credential"
+            )
         self.device_id = device_id
         self.session = EdgeSession(model_path, threads=self.cfg.threads)
         self.info = self.session.info
@@ -75,7 +80,7 @@ class EdgeRuntime:
             self.queue = UploadQueue(
                 queue_dir,
                 device_id=device_id,
-                max_samples=self.cfg.queue_max_samples,
+                max_bytes=self.cfg.queue_max_bytes,
                 batch_samples=self.cfg.upload_batch_size,
             )
         self.link: CloudLink | None = None
@@ -223,7 +228,7 @@ class EdgeRuntime:
             now = self.queue.counters()
             queue = {
                 k: now[k] - self._queue_at_start.get(k, 0)
-                if k not in ("pending_samples", "pending_batches", "next_batch_id")
+                if k not in ("pending_samples", "pending_batches", "pending_bytes", "next_batch_id")
                 else now[k]
                 for k in now
             }
@@ -253,6 +258,7 @@ class EdgeRuntime:
             "params_version": self.session.params_version,
             "version_changes": self.version_changes,
             "queue": queue,
+            "queue_error": self.queue.last_error if self.queue is not None else "",
             "cloud": sync,
             "mean_latency_ms": float(np.mean([r.latency_ms for r in self.records])) if self.records else None,
             "seconds": time.time() - self._started,

@@ -1,17 +1,22 @@
 """The CEMA cloud service: devices upload selected samples, the cloud distils new norm params for them.
 
 Entry points: `CloudService` (Python API and gRPC server), `load_served_model` (a run
-folder -> what to serve), `fairedge-server cloud` (command line). Protocol: proto/edge_service.proto.
+folder -> what to serve), `CredentialStore` (per-device credentials), `fairedge-server cloud` and
+`fairedge-server credentials` (command line). Protocol: proto/edge_service.proto.
 Refusals are `errors.CloudError`s; `servicer.STATUS` says which gRPC status each one is.
 """
 
-from fairedge.server.cloud.auth import bearer_metadata, load_tokens
+from fairedge.server.cloud.auth import bearer_metadata
+from fairedge.server.cloud.credentials import CredentialStore
 from fairedge.server.cloud.errors import (
     BatchTooLarge,
     CloudError,
     InvalidRequest,
+    NotYourDevice,
     Overloaded,
     ShuttingDown,
+    StaleEpoch,
+    Unauthenticated,
     UnknownDevice,
     WrongModel,
 )
@@ -24,15 +29,18 @@ __all__ = [
     "CemaLearner",
     "CloudError",
     "CloudService",
+    "CredentialStore",
     "DeviceParams",
     "InvalidRequest",
+    "NotYourDevice",
     "Overloaded",
     "ServedModel",
     "ShuttingDown",
+    "StaleEpoch",
     "StepStats",
+    "Unauthenticated",
     "UnknownDevice",
     "WrongModel",
     "bearer_metadata",
     "load_served_model",
-    "load_tokens",
 ]

@@ -1,4 +1,5 @@
-"""`fairedge-server cloud`: run the CEMA cloud service for a run's merged model until Ctrl-C / SIGTERM."""
+"""`fairedge-server cloud`: run the CEMA cloud service for a run's merged model until Ctrl-C / SIGTERM;
+`fairedge-server credentials`: issue, rotate, revoke and list the devices' credentials (while it runs)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to listen on (default: cloud.host)")
     parser.add_argument("--port", type=int, help="port (default: cloud.port; 0 = any free port)")
     parser.add_argument(
-        "--tokens",
-        help="file of accepted bearer tokens, one per line (also read: $FAIREDGE_CLOUD_TOKENS, comma-separated)",
+        "--credentials",
+        help="devices' credentials file (fairedge-server credentials; default: <state-dir>/credentials.json); "
+        "re-read when it changes, so issuing and revoking need no restart",
     )
     parser.add_argument("--tls-cert", help="server certificate chain (PEM); needs --tls-key")
     parser.add_argument("--tls-key", help="server private key (PEM); needs --tls-cert")
@@ -40,7 +42,7 @@ def run_cloud(args: argparse.Namespace) -> int:
     import torch
 
     from fairedge.common.config import ConfigError, load_config
-    from fairedge.server.cloud import CloudService, load_served_model, load_tokens
+    from fairedge.server.cloud import CloudService, load_served_model
 
     run = Path(args.run)
 
@@ -52,12 +54,23 @@ def run_cloud(args: argparse.Namespace) -> int:
         return fail("--tls-cert and --tls-key go together")
     try:
         cfg = load_config(args.config or run / "config.toml", args.set)
-        tokens = load_tokens(args.tokens)
+        state_dir = Path(args.state_dir) if args.state_dir else run / "cloud-state"
+        credentials = Path(args.credentials) if args.credentials else state_dir / "credentials.json"
+        if not credentials.is_file():
+            raise ValueError(
+                f"no credentials file {str(credentials)!r}: the cloud service refuses to run without authentication; "
+                f"issue a device's credential first: fairedge-server credentials issue --credentials {credentials} "
+                "<device-id>"
+            )
         tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
         model = load_served_model(run, args.teacher)
-        state_dir = Path(args.state_dir) if args.state_dir else run / "cloud-state"
         service = CloudService(
-            model, state_dir, cfg.cloud, tokens=tokens, tls=tls, seed=cfg.seed if args.seed is None else args.seed
+            model,
+            state_dir,
+            cfg.cloud,
+            credentials=credentials,
+            tls=tls,
+            seed=cfg.seed if args.seed is None else args.seed,
         )
     except (ConfigError, ValueError, OSError) as err:
         return fail(str(err))
@@ -74,8 +87,8 @@ def run_cloud(args: argparse.Namespace) -> int:
             return fail(str(err))
         print(
             f"fairedge cloud: serving model {model.model_id} ({model.model_version}) on {address} "
-            f"({'TLS' if tls else 'plaintext'}), {len(model.student_norm)} norm params, state in {state_dir}; "
-            "Ctrl-C to stop",
+            f"({'TLS' if tls else 'plaintext'}), {len(model.student_norm)} norm params, state in {state_dir}, "
+            f"{len(service.credentials.entries())} device credentials in {service.credentials.path}; Ctrl-C to stop",
             flush=True,
         )
         while not stop.wait(0.5):
@@ -86,4 +99,57 @@ def run_cloud(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"fairedge cloud: stopped after {service.log.updates} updates", flush=True)
+    return 0
+
+
+def add_credentials_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sub-commands of `fairedge-server credentials`."""
+    sub = parser.add_subparsers(dest="action", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--credentials",
+        required=True,
+        help="the credentials file the cloud reads (fairedge-server cloud --credentials; "
+        "by default <state-dir>/credentials.json)",
+    )
+    issue = sub.add_parser(
+        "issue", parents=[where], help="make a device's credential (printed once; the file keeps only a hash)"
+    )
+    issue.add_argument("device_id", help="the device it is bound to (fairedge-edge run --device-id)")
+    issue.add_argument(
+        "--out", help="write the credential to this file (mode 0600; the device's --token-file) instead of printing it"
+    )
+    issue.add_argument(
+        "--replace", action="store_true", help="rotate: replace the device's credential (the old one stops working)"
+    )
+    revoke = sub.add_parser("revoke", parents=[where], help="revoke a device's credential (effective at its next call)")
+    revoke.add_argument("device_id")
+    sub.add_parser("list", parents=[where], help="list the devices that have a credential, and when it was issued")
+
+
+def run_credentials(args: argparse.Namespace) -> int:
+    """Issue / revoke / list; a running cloud picks the change up at its next call."""
+    from fairedge.common.atomic_files import atomic_write_text
+    from fairedge.server.cloud.credentials import CredentialStore
+    from fairedge.server.cloud.errors import CloudError
+
+    store = CredentialStore(args.credentials)
+    try:
+        if args.action == "issue":
+            token = store.issue(args.device_id, replace=args.replace)
+            if args.out:
+                atomic_write_text(Path(args.out), token + "\n")  # a new file from mkstemp: mode 0600
+                print(f"credential of device {args.device_id!r} written to {args.out} (give it to the device only)")
+            else:
+                print(token)
+        elif args.action == "revoke":
+            store.revoke(args.device_id)
+            print(f"credential of device {args.device_id!r} revoked; its next call is refused")
+        else:
+            for device_id, entry in sorted(store.entries().items()):
+                print(f"{device_id}\tissued {entry.issued_at}")
+    except (CloudError, ValueError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) else str(err)
+        print(f"fairedge-server credentials {args.action}: {message}", file=sys.stderr)
+        return 2
     return 0

@@ -1,8 +1,9 @@
 """One device's state on the cloud, mirrored on disk so that a restart loses nothing.
 
 `<state_dir>/devices/<device_id>/` holds
-- `device.json`: registration (model id/version, time) and upload counters (samples
-  accepted, last batch_id) — written by the upload path, atomically, before it replies;
+- `device.json`: registration (model id/version, time), the device's current epoch and upload
+  counters (samples accepted, last batch_id per recent epoch) — written by the register and
+  upload paths, atomically, before they reply;
 - `params.safetensors`: the published version, how many samples it has learned from,
   the student's and the teacher's norm params and their SGD momentum — written by the
   learner, atomically, once per update (absent = version 0, the exported defaults);
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,22 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from fairedge.common.atomic_files import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from fairedge.server.cloud.errors import StaleEpoch
 from fairedge.server.cloud.learner import DeviceParams
 from fairedge.server.cloud.samples import SampleLog
+
+EPOCHS_KEPT = 16
+"""Earlier epochs whose last batch id a device keeps (a re-send from one of them is still recognised)."""
+
+
+@dataclass(frozen=True)
+class BatchAck:
+    """What storing one batch did: new samples, samples already held (a re-send), the device's counters."""
+
+    accepted: int
+    resent: int
+    total_accepted: int
+    last_batch_id: int  # in the batch's epoch; 0 = none
 
 
 class Device:
@@ -59,6 +75,7 @@ class Device:
         model_version: str,
         params: DeviceParams,
         input_names: list[str],
+        epoch: str = "",
     ) -> Device:
         """A new device at version 0; its `device.json` is on disk when this returns."""
         meta = {
@@ -68,7 +85,10 @@ class Device:
             "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "total_accepted": 0,
             "batches_accepted": 0,
+            "epoch": epoch,
             "last_batch_id": None,
+            "earlier_epochs": [],
+            "epochs_started": 1,
         }
         device = cls(folder, meta, params, input_names)
         device.samples.folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +99,8 @@ class Device:
     def load(cls, folder: Path, params: DeviceParams, input_names: list[str]) -> Device:
         """A device as it was persisted in `folder` (params restored into `params`)."""
         remove_stale_temps(folder)
-        meta = json.loads((folder / "device.json").read_text())
+        defaults = {"epoch": "", "earlier_epochs": [], "epochs_started": 1}  # a device.json from before epochs
+        meta = defaults | json.loads((folder / "device.json").read_text())
         device = cls(folder, meta, params, input_names)
         path = folder / "params.safetensors"
         if path.is_file():
@@ -91,22 +112,62 @@ class Device:
         device.samples.load(end=meta["total_accepted"])
         return device
 
-    def is_resend(self, batch_id: int) -> bool:
-        """Whether `batch_id` is not newer than the last stored batch (a re-send after a lost reply)."""
+    def last_batch_id(self) -> int:
+        """The largest batch id stored in the current epoch (0 = none)."""
         with self.lock:
-            return self.meta["last_batch_id"] is not None and batch_id <= self.meta["last_batch_id"]
+            return self.meta["last_batch_id"] or 0
 
-    def accept(self, batch_id: int, arrays: list[np.ndarray]) -> tuple[int, dict[str, Any]]:
-        """Store a batch unless `batch_id` is not newer than the last stored one (a re-send).
+    def start_epoch(self, epoch: str) -> bool:
+        """Make `epoch` the current one (a device that lost its queue numbers from 1 again); True if it changed.
 
-        Returns the samples accepted (0 for a re-send) and a copy of the counters. The
-        samples and then the counters are on disk before this returns.
+        The last batch id of the epoch it leaves is kept (for the `EPOCHS_KEPT` most recent), so a device
+        that comes back to an earlier epoch still has its re-sends recognised.
         """
         with self.lock:
+            if epoch == self.meta["epoch"]:
+                return False
+            earlier = [(e, b) for e, b in self.meta["earlier_epochs"]]  # (epoch, its last batch id), oldest first
+            if self.meta["last_batch_id"] is not None:
+                earlier.append((self.meta["epoch"], self.meta["last_batch_id"]))
+            last = next((b for e, b in earlier if e == epoch), None)
+            earlier = [(e, b) for e, b in earlier if e != epoch][-EPOCHS_KEPT:]
+            meta = dict(
+                self.meta,
+                epoch=epoch,
+                last_batch_id=last,
+                earlier_epochs=earlier,
+                epochs_started=self.meta["epochs_started"] + 1,
+            )
+            atomic_write_json(self.folder / "device.json", meta)
+            self.meta = meta
+            return True
+
+    def _check_epoch(self, epoch: str, batch_id: int) -> None:
+        if epoch != self.meta["epoch"]:
+            raise StaleEpoch(
+                f"batch_id {batch_id}: epoch = {epoch!r}, but device {self.device_id!r} last registered with "
+                f"epoch {self.meta['epoch']!r}; call Register again (another registration of this device id "
+                "started a new epoch)"
+            )
+
+    def is_resend(self, epoch: str, batch_id: int) -> bool:
+        """Whether `batch_id` is not newer than the last stored batch of `epoch` (a re-send after a lost reply)."""
+        with self.lock:
+            self._check_epoch(epoch, batch_id)
+            return self.meta["last_batch_id"] is not None and batch_id <= self.meta["last_batch_id"]
+
+    def accept(self, epoch: str, batch_id: int, arrays: list[np.ndarray]) -> BatchAck:
+        """Store a batch unless `batch_id` is not newer than the last stored one of its epoch (a re-send).
+
+        StaleEpoch for a batch of another epoch than the current one. The samples and then the
+        counters are on disk before this returns.
+        """
+        n = len(arrays[0])
+        with self.lock:
+            self._check_epoch(epoch, batch_id)
             last = self.meta["last_batch_id"]
             if last is not None and batch_id <= last:
-                return 0, dict(self.meta)
-            n = len(arrays[0])
+                return BatchAck(0, n, self.meta["total_accepted"], last)
             self.samples.append(self.meta["total_accepted"], arrays)
             meta = dict(
                 self.meta,
@@ -116,7 +177,7 @@ class Device:
             )
             atomic_write_json(self.folder / "device.json", meta)
             self.meta = meta
-            return n, dict(meta)
+            return BatchAck(n, 0, meta["total_accepted"], batch_id)
 
     def pending(self) -> int:
         """Accepted samples not yet learned from."""

@@ -35,3 +35,15 @@ class Overloaded(CloudError):
 
 class ShuttingDown(CloudError):
     """The service is stopping: reconnect (to it when it is back, or to another)."""
+
+
+class Unauthenticated(CloudError):
+    """No valid credential: missing, malformed, unknown, revoked or rotated."""
+
+
+class NotYourDevice(CloudError):
+    """A valid credential used for another device's id: each device acts only for itself."""
+
+
+class StaleEpoch(CloudError):
+    """A batch of an epoch the device no longer uses (another Register started a new one): register again."""

@@ -1,4 +1,4 @@
-"""Start a gRPC server for the cloud service: explicit message limits, token auth, optional TLS."""
+"""Start a gRPC server for the cloud service: explicit message limits, per-device credentials, optional TLS."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from concurrent import futures
 import grpc
 
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
-from fairedge.server.cloud.auth import TokenAuthInterceptor
+from fairedge.server.cloud.credentials import CredentialStore
 from fairedge.server.cloud.servicer import DeviceService, EdgeAdaptationServicer
 
 GrpcServer = grpc.Server
@@ -18,7 +18,7 @@ def start_grpc_server(
     *,
     host: str,
     port: int,
-    tokens: list[str],
+    credentials: CredentialStore,
     max_message_mb: int,
     max_workers: int,
     tls: tuple[bytes, bytes] | None = None,
@@ -26,19 +26,18 @@ def start_grpc_server(
     """A started server for `service` and the port it listens on (`port=0` picks a free one).
 
     `tls` is `(certificate chain PEM, private key PEM)`; without it the port is plaintext
-    (fine on loopback, not across a network: tokens travel in the clear).
+    (fine on loopback, not across a network: credentials travel in the clear).
     """
     limit = max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cloud-rpc"),
-        interceptors=[TokenAuthInterceptor(tokens)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # a second service on the same port must fail, not share it
         ],
     )
-    pb_grpc.add_EdgeAdaptationServicer_to_server(EdgeAdaptationServicer(service), server)
+    pb_grpc.add_EdgeAdaptationServicer_to_server(EdgeAdaptationServicer(service, credentials), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if tls is None:

@@ -27,12 +27,13 @@ from fairedge.common.atomic_files import atomic_write_json
 from fairedge.common.config import CloudConfig
 from fairedge.common.tensor_proto import to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
-from fairedge.server.cloud.device import Device
+from fairedge.server.cloud.credentials import CredentialStore
+from fairedge.server.cloud.device import BatchAck, Device
 from fairedge.server.cloud.errors import Overloaded, ShuttingDown, UnknownDevice, WrongModel
 from fairedge.server.cloud.grpc_server import GrpcServer, start_grpc_server
 from fairedge.server.cloud.learner import CemaLearner, StepStats
 from fairedge.server.cloud.model import ServedModel
-from fairedge.server.cloud.validation import check_device_id, decode_batch
+from fairedge.server.cloud.validation import check_device_id, check_epoch, decode_batch
 
 log = logging.getLogger("fairedge.cloud")
 
@@ -50,9 +51,9 @@ class UpdateLog:
 class CloudService:
     """Serves one model: per-device CEMA adaptation with state in `state_dir`.
 
-    `tokens` are the accepted bearer tokens (gRPC only); `tls` is `(cert chain PEM,
-    private key PEM)`; `seed` makes each device's replay sampling reproducible
-    (it depends on the seed, the device id and the version only).
+    `credentials` is the devices' credentials file (gRPC only; default `<state_dir>/credentials.json`,
+    see `credentials.CredentialStore`); `tls` is `(cert chain PEM, private key PEM)`; `seed` makes each
+    device's replay sampling reproducible (it depends on the seed, the device id and the version only).
     """
 
     def __init__(
@@ -61,14 +62,18 @@ class CloudService:
         state_dir: str | Path,
         cfg: CloudConfig | None = None,
         *,
-        tokens: list[str] | None = None,
+        credentials: CredentialStore | str | Path | None = None,
         tls: tuple[bytes, bytes] | None = None,
         seed: int = 0,
     ) -> None:
         self.model = model
         self.cfg = cfg or CloudConfig()
         self.state_dir = Path(state_dir)
-        self.tokens = tokens or []
+        if not isinstance(credentials, CredentialStore):
+            credentials = CredentialStore(
+                credentials if credentials is not None else self.state_dir / "credentials.json"
+            )
+        self.credentials = credentials
         self.tls = tls
         self.seed = seed
         self.specs = list(model.inputs)
@@ -128,6 +133,12 @@ class CloudService:
         """Start the learner thread and, unless `serve_grpc=False`, the gRPC server; return its address."""
         if self._worker is not None:
             raise RuntimeError("the cloud service is already started")
+        if serve_grpc and not self.credentials.path.is_file():
+            raise ValueError(
+                f"no credentials file {str(self.credentials.path)!r}: the cloud service refuses to run without "
+                f"authentication; issue device credentials with `fairedge-server credentials issue "
+                f"--credentials {self.credentials.path} <device-id>`"
+            )
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="cloud-learner", daemon=True)
         self._worker.start()
@@ -139,7 +150,7 @@ class CloudService:
                 self,
                 host=host,
                 port=self.cfg.port if port is None else port,
-                tokens=self.tokens,
+                credentials=self.credentials,
                 max_message_mb=self.cfg.max_message_mb,
                 max_workers=self.cfg.max_workers,
                 tls=self.tls,
@@ -169,9 +180,14 @@ class CloudService:
 
     # ----- device operations (the gRPC servicer calls these) -----
 
-    def register(self, device_id: str, model_id: str, model_version: str) -> Device:
-        """The device (created on first registration); WrongModel for a model this cloud does not serve."""
+    def register(self, device_id: str, model_id: str, model_version: str, epoch: str = "") -> Device:
+        """The device (created on first registration), now in `epoch`; WrongModel for a model not served here.
+
+        A new epoch (the device lost its queue folder and numbers its batches from 1 again) restarts the
+        batch-id count, so its new batches are stored, never taken for re-sends.
+        """
         check_device_id(device_id)
+        check_epoch(epoch)
         if (model_id, model_version) != (self.model.model_id, self.model.model_version):
             raise WrongModel(
                 f"model_id = {model_id!r}, model_version = {model_version!r}: this cloud serves model_id "
@@ -187,9 +203,12 @@ class CloudService:
                     model_version,
                     self.learner.new_params(),
                     self.input_names,
+                    epoch,
                 )
                 self._devices[device_id] = device
                 log.info("registered device %s", device_id)
+        if device.start_epoch(epoch):
+            log.info("device %s starts batch epoch %r: its batch ids count from 1 again", device_id, epoch)
         return device
 
     def device(self, device_id: str) -> Device:
@@ -201,29 +220,33 @@ class CloudService:
             raise UnknownDevice(f"device_id = {device_id!r} is not registered; call Register first")
         return device
 
-    def upload_batch(self, batch: pb.SampleBatch) -> tuple[int, dict]:
-        """Validate and store one SampleBatch; return the samples accepted and the device's counters."""
+    def upload_batch(self, batch: pb.SampleBatch) -> BatchAck:
+        """Validate and store one SampleBatch; what it did (new samples, re-sent ones, the device's counters)."""
         device = self.device(batch.device_id)
+        check_epoch(batch.epoch)
         arrays, _entropies = decode_batch(batch, self.specs, self.cfg.max_batch_samples)
         waiting, limit = device.pending(), self.cfg.max_pending_samples
-        if not device.is_resend(batch.batch_id) and waiting + len(arrays[0]) > limit:
+        if not device.is_resend(batch.epoch, batch.batch_id) and waiting + len(arrays[0]) > limit:
             # the batch is fine: the device should back off and send it again
             raise Overloaded(
                 f"batch_id {batch.batch_id}: device {device.device_id!r} has {waiting} samples waiting "
                 f"for the learner, at most max_pending_samples = {limit}; retry later",
             )
-        accepted, meta = device.accept(batch.batch_id, arrays)
-        if accepted:
+        ack = device.accept(batch.epoch, batch.batch_id, arrays)
+        if ack.accepted:
             with self._cond:
                 self._cond.notify_all()
-        return accepted, meta
+        return ack
 
-    def upload(self, device_id: str, batch_id: int, inputs: Mapping[str, np.ndarray]) -> int:
-        """In-process upload (same checks as gRPC); returns the samples accepted."""
+    def upload(self, device_id: str, batch_id: int, inputs: Mapping[str, np.ndarray], epoch: str = "") -> int:
+        """In-process upload (same checks as gRPC); returns the new samples stored."""
         batch = pb.SampleBatch(
-            device_id=device_id, batch_id=batch_id, inputs=[to_proto(name, np.asarray(a)) for name, a in inputs.items()]
+            device_id=device_id,
+            batch_id=batch_id,
+            epoch=epoch,
+            inputs=[to_proto(name, np.asarray(a)) for name, a in inputs.items()],
         )
-        return self.upload_batch(batch)[0]
+        return self.upload_batch(batch).accepted
 
     def norm_params(self, device_id: str) -> tuple[int, dict[str, np.ndarray]]:
         """The device's latest published version and its norm params (float32)."""

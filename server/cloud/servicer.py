@@ -1,13 +1,15 @@
-"""The gRPC face of the cloud service: protobuf in, protobuf out, a `CloudError` -> its status code.
+"""The gRPC face of the cloud service: who is calling, protobuf in, protobuf out, a `CloudError` -> its status.
 
-No logic of its own beyond that translation, so the in-process API and gRPC behave alike.
-`STATUS` is the one table of which refusal is which gRPC status.
+Beyond that translation its only logic is the transport's own: each call's credential names the one
+device it may act for (`auth`), checked before a request is read and again while a Watch stream
+is open, so a revoked credential loses its stream too. The domain logic is the service's, so the
+in-process API and gRPC behave alike. `STATUS` is the one table of which refusal is which gRPC status.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn, Protocol
+from typing import NoReturn, Protocol
 
 import grpc
 import numpy as np
@@ -16,13 +18,18 @@ from fairedge.common.config import CloudConfig
 from fairedge.common.tensor_proto import to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
-from fairedge.server.cloud.device import Device
+from fairedge.server.cloud.auth import authenticate, authorize
+from fairedge.server.cloud.credentials import CredentialStore
+from fairedge.server.cloud.device import BatchAck, Device
 from fairedge.server.cloud.errors import (
     BatchTooLarge,
     CloudError,
     InvalidRequest,
+    NotYourDevice,
     Overloaded,
     ShuttingDown,
+    StaleEpoch,
+    Unauthenticated,
     UnknownDevice,
     WrongModel,
 )
@@ -35,6 +42,10 @@ STATUS: dict[type[CloudError], grpc.StatusCode] = {
     # UNAVAILABLE, not RESOURCE_EXHAUSTED: the request is fine, the device backs off and sends it again
     Overloaded: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    NotYourDevice: grpc.StatusCode.PERMISSION_DENIED,
+    # ABORTED: a conflict with another registration of the device; it registers again and carries on
+    StaleEpoch: grpc.StatusCode.ABORTED,
 }
 """The gRPC status of each refusal; an unlisted CloudError takes its nearest listed base class's, else INTERNAL."""
 
@@ -50,11 +61,11 @@ class DeviceService(Protocol):
     cfg: CloudConfig
     norm_names: list[str]
 
-    def register(self, device_id: str, model_id: str, model_version: str) -> Device: ...
+    def register(self, device_id: str, model_id: str, model_version: str, epoch: str = ...) -> Device: ...
 
     def device(self, device_id: str) -> Device: ...
 
-    def upload_batch(self, batch: pb.SampleBatch) -> tuple[int, dict[str, Any]]: ...
+    def upload_batch(self, batch: pb.SampleBatch) -> BatchAck: ...
 
     def norm_params(self, device_id: str) -> tuple[int, dict[str, np.ndarray]]: ...
 
@@ -74,61 +85,83 @@ def _abort(context: grpc.ServicerContext, err: CloudError, note: str = "") -> No
 
 
 class EdgeAdaptationServicer(pb_grpc.EdgeAdaptationServicer):
-    """Implements `fairedge.v1.EdgeAdaptation` on top of a `DeviceService`."""
+    """Implements `fairedge.v1.EdgeAdaptation` on top of a `DeviceService`, for the devices in `credentials`."""
 
-    def __init__(self, service: DeviceService) -> None:
+    def __init__(self, service: DeviceService, credentials: CredentialStore) -> None:
         self.service = service
+        self.credentials = credentials
+
+    def _caller(self, context: grpc.ServicerContext, device_id: str | None = None) -> str:
+        """The calling device's id (checked against the request's `device_id` when given)."""
+        caller = authenticate(context.invocation_metadata() or (), self.credentials)
+        if device_id is not None:
+            authorize(caller, device_id)
+        return caller
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         try:
-            device = self.service.register(request.device_id, request.model_id, request.model_version)
+            self._caller(context, request.device_id)
+            device = self.service.register(request.device_id, request.model_id, request.model_version, request.epoch)
         except CloudError as err:
             _abort(context, err)
         return pb.RegisterReply(
             params_version=device.published[0],
             norm_param_names=self.service.norm_names,
             max_batch_samples=self.service.cfg.max_batch_samples,
+            last_batch_id=device.last_batch_id(),
         )
 
     def Upload(self, request_iterator: Iterator[pb.SampleBatch], context: grpc.ServicerContext) -> pb.UploadReply:
-        device_id, accepted, stored, meta = None, 0, 0, None
+        try:
+            caller = self._caller(context)  # before a byte of the stream is read
+        except CloudError as err:
+            _abort(context, err)
+        accepted, resent, stored, ack = 0, 0, 0, None
         for batch in request_iterator:
             try:
-                if device_id is not None and batch.device_id != device_id:
-                    raise InvalidRequest(
-                        f"device_id = {batch.device_id!r} in batch_id {batch.batch_id}, but this "
-                        f"Upload stream is for {device_id!r}: one device per stream"
-                    )
-                n, meta = self.service.upload_batch(batch)
+                authorize(caller, batch.device_id)
+                ack = self.service.upload_batch(batch)
             except CloudError as err:
                 note = (
-                    (f" ({stored} earlier batches of this stream were stored; last_batch_id = {meta['last_batch_id']})")
-                    if stored and meta is not None
+                    f" ({stored} earlier batches of this stream were stored; last_batch_id = {ack.last_batch_id})"
+                    if stored and ack is not None
                     else ""
                 )
                 _abort(context, err, note)
-            device_id = batch.device_id
-            accepted += n
+            accepted += ack.accepted
+            resent += ack.resent
             stored += 1  # noqa: SIM113  (counts only batches that were stored)
-        if device_id is None or meta is None:  # an empty stream: nothing to say about any device
+        if ack is None:  # an empty stream: nothing to say about any device
             return pb.UploadReply()
         return pb.UploadReply(
             accepted=accepted,
-            total_accepted=meta["total_accepted"],
-            last_batch_id=meta["last_batch_id"] or 0,
-            params_version=self.service.device(device_id).published[0],
+            resent=resent,
+            total_accepted=ack.total_accepted,
+            last_batch_id=ack.last_batch_id,
+            params_version=self.service.device(caller).published[0],
         )
 
     def GetNormParams(self, request: pb.NormParamsRequest, context: grpc.ServicerContext) -> pb.NormParams:
         try:
+            self._caller(context, request.device_id)
             version, arrays = self.service.norm_params(request.device_id)
         except CloudError as err:
             _abort(context, err)
         return norm_params_message(version, arrays)
 
     def WatchNormParams(self, request: pb.NormParamsRequest, context: grpc.ServicerContext) -> Iterator[pb.NormParams]:
+        def allowed() -> bool:  # the credential may be revoked while the stream is open
+            try:
+                self._caller(context, request.device_id)
+            except CloudError:
+                return False
+            return True
+
         try:
-            for version, arrays in self.service.watch(request.device_id, request.known_version, context.is_active):
+            self._caller(context, request.device_id)
+            active = lambda: context.is_active() and allowed()  # noqa: E731
+            for version, arrays in self.service.watch(request.device_id, request.known_version, active):
                 yield norm_params_message(version, arrays)
+            self._caller(context, request.device_id)  # if a revocation ended the stream, say so
         except CloudError as err:
             _abort(context, err)

@@ -15,6 +15,7 @@ from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.server.cloud.errors import BatchTooLarge, InvalidRequest
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+EPOCH = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
 
 
 def check_device_id(device_id: str) -> str:
@@ -24,6 +25,13 @@ def check_device_id(device_id: str) -> str:
             f"device_id = {device_id!r}: must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit",
         )
     return device_id
+
+
+def check_epoch(epoch: str) -> str:
+    """The epoch, if it is at most 64 characters of letters, digits, `_`, `-` (empty is an epoch too)."""
+    if not EPOCH.match(epoch):
+        raise InvalidRequest(f"epoch = {epoch!r}: must be at most 64 characters of A-Z a-z 0-9 _ -")
+    return epoch
 
 
 def decode_batch(
