@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fairedge-sim run
+	$(VENV)/bin/fairedge-sim run --config simulations/configs/shakespeare.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -43,7 +43,8 @@ from fairedge.client.update_compression import compress_update
 from fairedge.common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
 from fairedge.common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
 from fairedge.common.config import RunConfig
-from fairedge.common.data import LabeledData, TaskData
+from fairedge.common.data import TaskData
+from fairedge.common.data.task_data import Examples
 from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
 from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
 from fairedge.common.training import evaluate as evaluate_model
@@ -65,12 +66,14 @@ def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:
             raise ValueError(f"node config {dict(node_config)} needs partition-id (and num-partitions) or data-path")
         return RunConfig.model_validate_json(raw)
     values = json.loads(raw)
-    if values["model"]["kind"] != "hf-text":
+    if values["data"]["task"] not in ("text", "chat"):
         raise ValueError(
-            f"node config data-path={data_path!r} needs model.kind 'hf-text' (got "
-            f"{values['model']['kind']!r}, pre-trained on the run's data: use partition-id instead)"
+            f"node config data-path={data_path!r} needs data.task 'text' (model.kind 'hf-text') or 'chat' "
+            f"(got {values['data']['task']!r}; the built-in ViT is pre-trained on the run's data: use partition-id)"
         )
     values["data"]["path"] = str(data_path)
+    if values["data"]["task"] == "chat":  # the node's whole file is its data: one client, whatever its records say
+        values["data"].update(client_field=None, clients=None)
     return RunConfig.model_validate(values)
 
 
@@ -81,7 +84,7 @@ def node_partition(
     num_partitions: int,
     *,
     task: TaskData | None = None,
-) -> LabeledData:
+) -> Examples:
     """This node's training data: its own files whole (`data-path`), or its share of the run's data.
 
     `task` is `load_task(cfg)`, loaded here unless given.
@@ -102,7 +105,7 @@ class _Job:
     partition_id: int
     num_partitions: int
 
-    def train_data(self, node_config: Mapping[str, Any]) -> LabeledData:
+    def train_data(self, node_config: Mapping[str, Any]) -> Examples:
         return node_partition(self.cfg, node_config, self.partition_id, self.num_partitions, task=self.task)
 
 

@@ -41,7 +41,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Which task and data, and how it is split over clients."""
 
-    task: Literal["digits-domains", "image-folder", "hf-dataset", "text"] = "digits-domains"
+    task: Literal["digits-domains", "image-folder", "hf-dataset", "text", "shakespeare", "chat"] = "digits-domains"
     path: str | None = Field(
         None,
         description="data location for image-folder, hf-dataset and text tasks, on the machine that loads the data "
@@ -55,10 +55,42 @@ class DataConfig(Section):
         "feature", description="feature: one domain per client; feature-label: plus Dirichlet label skew"
     )
     dirichlet_alpha: float = Field(0.5, gt=0)
+    # causal-LM tasks (shakespeare, chat): one client per role / per client id, each with its own held-out text
+    min_lines: int = Field(
+        50, ge=2, description="fewest lines a Shakespeare role (or conversations a chat client) needs to be a client"
+    )
+    train_fraction: float = Field(
+        0.8, gt=0, lt=1, description="shakespeare: each role's first lines train, the rest are its held-out test"
+    )
+    clients: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="causal-LM tasks: the client ids to use ('play/role' or the chat client field); unset = "
+        "federation.num_clients of them drawn with the run's seed",
+    )
+    client_field: str | None = Field(
+        "client",
+        min_length=1,
+        description="chat: the record field naming its client; null = the whole file is one client (a SuperNode's "
+        "own data-path)",
+    )
+    seq_len: int = Field(128, ge=8, le=8192, description="causal-LM tasks: tokens per training example")
+    pack: bool | None = Field(
+        None,
+        description="causal-LM tasks: pack a client's texts into blocks of seq_len (true) or one truncated example "
+        "per text (false); unset = pack for shakespeare, not for chat",
+    )
+    prompts: list[str] | None = Field(
+        None, description="causal-LM tasks: prompts whose greedy replies (base vs final) the report shows"
+    )
+    reply_tokens: int = Field(40, ge=1, le=1024, description="causal-LM tasks: tokens generated per report prompt")
+    max_eval_tokens: int = Field(
+        4096, ge=16, description="causal-LM tasks: held-out tokens scored per client (its first ones)"
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.task != "digits-domains" and not self.path:
+        if self.task not in ("digits-domains", "shakespeare", "chat") and not self.path:
             raise ValueError(f"data.path is required for task {self.task!r}")
         return self
 
@@ -66,9 +98,11 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The foundation model that LoRA adapts."""
 
-    kind: Literal["builtin-vit", "hf-text"] = "builtin-vit"
+    kind: Literal["builtin-vit", "hf-text", "hf-causal-lm"] = "builtin-vit"
     path: str | None = Field(
-        None, description="hf-text: local Hugging Face model directory on the machine that loads it (checked there)"
+        None,
+        description="hf-text, hf-causal-lm: local Hugging Face model directory on the machine that loads it (checked "
+        "there); hf-causal-lm unset = the built-in SmolLM2-135M-Instruct, converted once into the cache",
     )
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(4, ge=1)
@@ -106,7 +140,16 @@ class LoraSettings(Section):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(
-        None, min_length=1, description="module names to adapt; unset = the model's attention query/value"
+        None,
+        min_length=1,
+        description="module names to adapt, or ['all-linear'] (causal LMs); unset = the model's attention "
+        "(query/value for the ViT and text classifiers; q, k, v, o projections for causal LMs)",
+    )
+    top_layers: int | None = Field(
+        None,
+        ge=1,
+        description="adapt only the top N transformer blocks (causal LMs): backward stops there, so a step is "
+        "cheaper; unset = every block",
     )
 
 
@@ -275,11 +318,15 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if (self.model.kind == "hf-text") != (self.data.task == "text"):
+        kind_of_task = {"text": "hf-text", "shakespeare": "hf-causal-lm", "chat": "hf-causal-lm"}
+        needed = kind_of_task.get(self.data.task, "builtin-vit")
+        if self.model.kind != needed:
             raise ValueError(
-                f"model.kind={self.model.kind!r} does not fit data.task={self.data.task!r}: "
-                "text tasks need model.kind 'hf-text', image tasks 'builtin-vit'"
+                f"model.kind={self.model.kind!r} does not fit data.task={self.data.task!r}: it needs "
+                f"model.kind {needed!r} (text: hf-text; shakespeare and chat: hf-causal-lm; image tasks: builtin-vit)"
             )
+        if self.lora.top_layers is not None and self.model.kind != "hf-causal-lm":
+            raise ValueError(f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' only")
         return self
 
 

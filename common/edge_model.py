@@ -35,7 +35,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from fairedge.common.config import RunConfig, config_hash, load_config
+from fairedge.common.config import RunConfig, config_hash
 from fairedge.common.data.task_data import TaskData
 from fairedge.common.edge_format import (
     FORMAT_VERSION,
@@ -123,36 +123,12 @@ def load_merged_model(run_dir: str | Path) -> MergedModel:
     base delta of FLoRA/FedEx-LoRA is added to the base weights, then the PEFT adapter is
     loaded and merged (`merge_and_unload`), which also puts the trained head in place.
     """
-    from peft import PeftModel
-    from safetensors.torch import load_file
+    from fairedge.common.run_model import load_run_model
+    from fairedge.common.task import load_task
 
-    from fairedge.common.adapter_record import unflatten
-    from fairedge.common.task import base_model, load_task
-
-    run_dir = Path(run_dir)
-    for need in ("config.toml", "adapter/adapter_config.json"):
-        if not (run_dir / need).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a finished run folder: {need} is missing")
-    cfg = load_config(run_dir / "config.toml")
+    cfg, model = load_run_model(run_dir)
     task = load_task(cfg)
-    base = base_model(cfg)
-    delta_file = run_dir / "base_delta.safetensors"
-    if delta_file.is_file():
-        delta = unflatten(load_file(str(delta_file))).base_delta
-        with torch.no_grad():
-            for layer, (q, p) in delta.items():
-                try:
-                    weight = base.get_submodule(layer).get_parameter("weight")
-                except AttributeError:
-                    raise ValueError(f"{delta_file}: delta for {layer!r}, which the base model does not have") from None
-                if tuple(weight.shape) != (p.shape[0], q.shape[1]):
-                    raise ValueError(
-                        f"{delta_file}: delta of {layer} is {p.shape[0]}x{q.shape[1]}, "
-                        f"the weight is {tuple(weight.shape)}"
-                    )
-                weight.add_(p @ q)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload().eval()
-    model.requires_grad_(False)
+    run_dir = Path(run_dir)
     return MergedModel(model, cfg, input_specs(cfg, task), list(task.classes), run_dir.name, weights_version(model))
 
 

@@ -35,21 +35,27 @@ def add_lora(
     dropout: float,
     target_modules: Sequence[str],
     head_modules: Sequence[str] = ("classifier",),
+    layers: Sequence[int] | None = None,
     seed: int = 0,
 ) -> PeftModel:
     """Wrap `model` (modified in place) so only LoRA factors and the head train.
 
     `target_modules` are module-name suffixes (`["q_proj", "v_proj"]` for the ViT,
     `["query", "value"]` for BERT-like encoders); `head_modules` get a trainable copy.
+    `["all-linear"]` adapts every linear layer but the output head (PEFT's preset). `layers`
+    restricts LoRA to those transformer blocks (indices into the model's `layers` list).
     PEFT's init (`A` Kaiming-uniform, `B = 0`) draws from `seed`, so the same seed gives the
     same adapter and the caller's RNG is left alone.
     """
+    targets: list[str] | str = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # annotated int by PEFT; a float scale alpha / r works
         lora_dropout=dropout,
-        target_modules=list(target_modules),
-        modules_to_save=list(head_modules),
+        target_modules=targets,
+        modules_to_save=list(head_modules) or None,
+        layers_to_transform=list(layers) if layers is not None else None,
+        layers_pattern="layers" if layers is not None else None,
         init_lora_weights=True,
     )
     with seeded(seed):

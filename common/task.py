@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers import AutoTokenizer
 
 from fairedge.common.aggregation import Adapter
 from fairedge.common.config import RunConfig
-from fairedge.common.data import LabeledData, TaskData, make_digits_domains, partition_clients
+from fairedge.common.data import TaskData, make_digits_domains, partition_clients
+from fairedge.common.data.lm_task import DEFAULT_PROMPTS, load_lm_task, prompt_input
+from fairedge.common.data.task_data import Examples
 from fairedge.common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
 from fairedge.common.lora import (
     add_lora,
@@ -28,11 +32,27 @@ from fairedge.common.lora import (
     set_lora_factors,
 )
 from fairedge.common.models import load_text_classifier, pretrained_vision_classifier
+from fairedge.common.models.causal_lm import LORA_TARGET_PRESETS, builtin_model_dir, generate_greedy, load_causal_lm
+
+
+def causal_lm_dir(cfg: RunConfig) -> Path:
+    """The causal LM's Hugging Face folder: `model.path`, or the built-in SmolLM2 (converted once into the cache)."""
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a folder on this machine")
+        return path
+    return builtin_model_dir(cfg.model.cache_path())
 
 
 def load_task(cfg: RunConfig) -> TaskData:
-    """The run's train/test data (all domains), split with `cfg.seed`."""
+    """The run's train/test data (all domains, or an LM task's clients), split with `cfg.seed`."""
     d, seed = cfg.data, cfg.seed
+    if d.task in ("shakespeare", "chat"):
+        tokenizer = AutoTokenizer.from_pretrained(causal_lm_dir(cfg), local_files_only=True)
+        return load_lm_task(
+            d, tokenizer, num_clients=cfg.federation.num_clients, seed=seed, cache_dir=cfg.model.cache_path()
+        )
     if d.task == "digits-domains":
         return make_digits_domains(
             image_size=d.image_size, samples_per_domain=d.samples_per_domain, test_fraction=d.test_fraction, seed=seed
@@ -51,7 +71,7 @@ def load_task(cfg: RunConfig) -> TaskData:
 
 def client_partition(
     cfg: RunConfig, partition_id: int, num_partitions: int | None = None, *, task: TaskData | None = None
-) -> LabeledData:
+) -> Examples:
     """The training data of one simulated client (of `num_partitions`, default the configured clients).
 
     `task` is `load_task(cfg)`, loaded here unless given.
@@ -78,6 +98,8 @@ def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:
     is its number of classes).
     """
     m, seed = cfg.model, cfg.seed
+    if m.kind == "hf-causal-lm":
+        return load_causal_lm(causal_lm_dir(cfg))[0]
     task = task or load_task(cfg)
     if m.kind == "hf-text":
         assert m.path is not None  # guaranteed by ModelConfig
@@ -100,6 +122,16 @@ def lora_model(cfg: RunConfig, *, task: TaskData | None = None) -> PeftModel:
     """The foundation model wrapped with PEFT LoRA; initial factors drawn from `cfg.seed`."""
     lora = cfg.lora
     base = base_model(cfg, task=task)
+    if cfg.model.kind == "hf-causal-lm":
+        layers = None
+        if lora.top_layers is not None:
+            total = int(base.config.num_hidden_layers)
+            layers = list(range(max(0, total - lora.top_layers), total))
+        targets = lora.target_modules or list(LORA_TARGET_PRESETS["attention"])
+        return add_lora(
+            base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
+            head_modules=(), layers=layers, seed=cfg.seed,
+        )  # fmt: skip
     default_targets: tuple[str, ...] = getattr(base, "lora_targets", ())  # the model's attention query/value
     targets = list(lora.target_modules or default_targets)
     linears = sorted(
@@ -151,3 +183,13 @@ def set_adapter(model: PeftModel, adapter: Adapter, base_weights: Mapping[str, t
 def config_json(cfg: RunConfig) -> str:
     """The config as compact JSON: what travels to clients in each message."""
     return json.dumps(cfg.model_dump(mode="json"), separators=(",", ":"))
+
+
+def greedy_replies(cfg: RunConfig, model: nn.Module) -> dict[str, str]:
+    """`{prompt: the model's greedy reply}` for `data.prompts`, else the task's fixed prompts."""
+    prompts = cfg.data.prompts or DEFAULT_PROMPTS[cfg.data.task]
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_dir(cfg), local_files_only=True)
+    return {
+        p: generate_greedy(model, tokenizer, prompt_input(cfg.data.task, p), max_new_tokens=cfg.data.reply_tokens)
+        for p in prompts
+    }

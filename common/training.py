@@ -1,20 +1,19 @@
 """Local training and the one evaluation loop, shared by clients, the server, pre-training and baselines.
 
-Every model here exposes `prepare(x_batch) -> dict of tensors` and
-`forward(**inputs) -> logits`, so one loop serves images and text.
+The data says how a batch is made and scored (`Examples.batch` / `loss_terms`: classification
+`LabeledData`, causal-LM `TokenData`), so one loop serves images, text classification and
+language modelling; the loss is the mean over what `loss_terms` counts (samples or tokens).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fairedge.common.data import LabeledData
+from fairedge.common.data.task_data import Examples
 
 
 def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
@@ -26,16 +25,9 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
     return torch.device(device)
 
 
-def _batch(model: nn.Module, data: LabeledData, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """Forward kwargs for the samples `idx`: the model's own `prepare` (PEFT forwards it to the wrapped model)."""
-    x = [data.x[i] for i in idx.tolist()] if isinstance(data.x, list) else data.x[idx]
-    prepare = cast(Callable[[Any], dict[str, torch.Tensor]], model.prepare)
-    return {k: v.to(device) for k, v in prepare(x).items()}
-
-
 def train_local(
     model: nn.Module,
-    data: LabeledData,
+    data: Examples,
     *,
     steps: int,
     epochs: int | None = None,
@@ -71,8 +63,8 @@ def train_local(
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos : pos + bs]
         pos += bs
-        logits = model(**_batch(model, data, idx, device))
-        loss = F.cross_entropy(logits, data.y[idx].to(device))
+        loss_sum, _, count = data.loss_terms(model, data.batch(model, idx, device))
+        loss = loss_sum / max(count, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -83,33 +75,45 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: LabeledData, *, batch_size: int = 256, device: torch.device = torch.device("cpu")
+    model: nn.Module, data: Examples, *, batch_size: int | None = None, device: torch.device = torch.device("cpu")
 ) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy over `data`; leaves the model in eval mode on `device`.
+    """Accuracy and mean cross-entropy over `data` (per sample, or per scored token for an LM);
+    leaves the model in eval mode on `device`.
 
-    The one evaluation loop: per-domain accuracy, the ClientApp's evaluate and pre-training's
-    progress log all call it.
+    The one evaluation loop: per-group metrics, the ClientApp's evaluate and pre-training's
+    progress log all call it. `batch_size` defaults to what the data suggests.
     """
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    batch_size = batch_size or data.eval_batch_size
     model.to(device).eval()
-    correct, loss = 0, 0.0
+    correct, loss, count = 0, 0.0, 0
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        logits = model(**_batch(model, data, idx, device))
-        y = data.y[idx].to(device)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-    return correct / len(data), loss / len(data)
+        batch_loss, batch_correct, batch_count = data.loss_terms(model, data.batch(model, idx, device))
+        loss += batch_loss.item()
+        correct += batch_correct
+        count += batch_count
+    if count == 0:
+        raise ValueError("nothing to score: the data has no labels (every LM label is -100)")
+    return correct / count, loss / count
+
+
+def evaluate_groups(
+    model: nn.Module, data: Examples, groups: list[str], *, device: torch.device = torch.device("cpu")
+) -> dict[str, dict[str, float]]:
+    """`{group: {"accuracy", "loss"}}` for each group (domain, or an LM task's client) present in `data`."""
+    out = {}
+    for d, name in enumerate(groups):
+        idx = torch.nonzero(data.domain == d).flatten()
+        if len(idx):
+            acc, loss = evaluate(model, data.subset(idx), device=device)
+            out[name] = {"accuracy": acc, "loss": loss}
+    return out
 
 
 def evaluate_per_domain(
-    model: nn.Module, data: LabeledData, domains: list[str], *, device: torch.device = torch.device("cpu")
+    model: nn.Module, data: Examples, domains: list[str], *, device: torch.device = torch.device("cpu")
 ) -> dict[str, float]:
     """Accuracy on each domain present in `data`."""
-    out = {}
-    for d, name in enumerate(domains):
-        idx = torch.nonzero(data.domain == d).flatten()
-        if len(idx):
-            out[name] = evaluate(model, data.subset(idx), device=device)[0]
-    return out
+    return {name: m["accuracy"] for name, m in evaluate_groups(model, data, domains, device=device).items()}

@@ -33,8 +33,8 @@ from fairedge.common.adapter_record import adapter_from_record, adapter_to_recor
 from fairedge.common.aggregation import Adapter, Aggregator, make_aggregator
 from fairedge.common.config import RunConfig
 from fairedge.common.lora import get_base_weights
-from fairedge.common.task import config_json, get_adapter, load_task, lora_model, set_adapter
-from fairedge.common.training import evaluate_per_domain, resolve_device
+from fairedge.common.task import config_json, get_adapter, greedy_replies, load_task, lora_model, set_adapter
+from fairedge.common.training import evaluate_groups, resolve_device
 from fairedge.server.checkpoint import client_state_warning, restore_run_state, save_run_state
 from fairedge.server.run_outputs import RunRecord, write_config, write_outputs
 from fairedge.server.strategy import LoraStrategy
@@ -64,7 +64,7 @@ def run_federation(
     started = time.time()
     f = cfg.federation
     task = load_task(cfg)
-    model = lora_model(cfg)
+    model = lora_model(cfg, task=task)
     device = resolve_device(f.device)
     initial = get_adapter(model)
     base_weights = get_base_weights(model)  # W0 of every LoRA layer, for rules that change base weights
@@ -87,9 +87,11 @@ def run_federation(
     def evaluate(server_round: int, round_started: float) -> None:
         """Server-side accuracy of the global adapter; record the round; report it."""
         set_adapter(model, global_adapter, base_weights)
-        acc = evaluate_per_domain(model, task.test, task.domains, device=device)
+        groups = evaluate_groups(model, task.test, task.domains, device=device)
+        acc = {g: m["accuracy"] for g, m in groups.items()}
+        loss = {g: m["loss"] for g, m in groups.items()} if task.kind == "causal-lm" else None
         attempts = [r for r in strategy.rounds if r.round == server_round] or None
-        row = record.add_round(server_round, acc, attempts, seconds=time.time() - round_started)
+        row = record.add_round(server_round, acc, attempts, seconds=time.time() - round_started, loss=loss)
         if on_round is not None:
             on_round(row)
 
@@ -141,6 +143,12 @@ def run_federation(
         evaluate(server_round, round_started)
         checkpoint(server_round)
 
+    if task.kind == "causal-lm":  # base (the initial adapter: B = 0, no base change) vs final, same prompts
+        set_adapter(model, initial, base_weights)
+        base = greedy_replies(cfg, model)
+        set_adapter(model, global_adapter, base_weights)
+        final = greedy_replies(cfg, model)
+        record.samples = [{"prompt": p, "base": base[p], "final": final[p]} for p in base]
     _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
     return record
 

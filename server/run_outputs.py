@@ -12,6 +12,7 @@ and at the top of the report.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,8 +66,22 @@ class RunRecord:
     """why earlier sessions stopped, where they stopped on their own (a failed round)."""
     status: str = "complete"
 
-    def add_round(self, server_round: int, acc: dict[str, float], attempts: Any, seconds: float) -> dict[str, Any]:
+    samples: list[dict[str, str]] = field(default_factory=list)
+    """greedy replies of the base and the final model to fixed prompts (causal LMs)."""
+
+    def add_round(
+        self,
+        server_round: int,
+        acc: dict[str, float],
+        attempts: Any,
+        seconds: float,
+        loss: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
         """Record a round's evaluation (round 0 = the base model before any training).
+
+        `acc` is the accuracy per group (domain, or a causal LM's client: next-token accuracy);
+        `loss`, given for causal LMs, the held-out loss per token of each client, from which the
+        row gets each client's perplexity and their mean and worst (highest).
 
         `attempts` are the strategy's `RoundLog`s of the round, one per try, the last
         one the attempt that was aggregated (a single `RoundLog` is taken as a list of
@@ -81,6 +96,14 @@ class RunRecord:
             "shifted_mean_accuracy": sum(shifted) / len(shifted),
             "seconds": seconds,
         }
+        if loss is not None:
+            ppl = {g: math.exp(min(v, 700.0)) for g, v in loss.items()}
+            row.update(
+                loss=loss,
+                perplexity=ppl,
+                mean_perplexity=sum(ppl.values()) / len(ppl),
+                worst_perplexity=max(ppl.values()),
+            )
         if attempts is not None:
             attempts = attempts if isinstance(attempts, Sequence) else [attempts]
             entry = attempts[-1]
@@ -131,6 +154,20 @@ class RunRecord:
             "resumed_after_rounds": self.resumed_after,
             "earlier_stops": self.earlier_stops,
             "retries": sum(r.get("retries", 0) for r in self.rounds),
+            **self._perplexity_summary(),
+        }
+
+    def _perplexity_summary(self) -> dict[str, Any]:
+        """Base vs final held-out perplexity (causal LMs; empty otherwise)."""
+        base, final = self.rounds[0], self.rounds[-1]
+        if "mean_perplexity" not in base:
+            return {}
+        return {
+            "base_mean_perplexity": base["mean_perplexity"],
+            "final_mean_perplexity": final["mean_perplexity"],
+            "base_worst_perplexity": base["worst_perplexity"],
+            "final_worst_perplexity": final["worst_perplexity"],
+            "perplexity_change": final["mean_perplexity"] / base["mean_perplexity"] - 1.0,
         }
 
 
@@ -211,15 +248,32 @@ def report_markdown(record: RunRecord) -> str:
     if record.resumed_after:
         lines += [f"Resumed from its checkpoint after round(s) {', '.join(map(str, record.resumed_after))}."]
         lines += [f"An earlier session stopped: {why}" for why in record.earlier_stops] + [""]
-    lines += [
-        "| | mean accuracy | shifted-domain mean | worst domain |",
-        "|---|---|---|---|",
-        f"| base (round 0) | {s['base_mean_accuracy']:.4f} | {s['base_shifted_mean_accuracy']:.4f} "
-        f"| {record.rounds[0]['worst_accuracy']:.4f} |",
-        f"| final (round {record.rounds[-1]['round']}) | {s['final_mean_accuracy']:.4f} "
-        f"| {s['final_shifted_mean_accuracy']:.4f} | {s['final_worst_accuracy']:.4f} |",
-        "",
-    ]
+    lm = "base_mean_perplexity" in s
+    if lm:
+        lines += [
+            "Held-out text of each client (its last lines or conversations, never trained on); perplexity per "
+            "token, mean over clients and the worst client; next-token accuracy likewise.",
+            "",
+            "| | mean perplexity | worst client perplexity | mean next-token accuracy | worst client accuracy |",
+            "|---|---|---|---|---|",
+            f"| base (round 0) | {s['base_mean_perplexity']:.2f} | {s['base_worst_perplexity']:.2f} "
+            f"| {s['base_mean_accuracy']:.4f} | {record.rounds[0]['worst_accuracy']:.4f} |",
+            f"| final (round {record.rounds[-1]['round']}) | {s['final_mean_perplexity']:.2f} "
+            f"| {s['final_worst_perplexity']:.2f} | {s['final_mean_accuracy']:.4f} | {s['final_worst_accuracy']:.4f} |",
+            "",
+            f"Mean perplexity change: **{100 * s['perplexity_change']:+.1f} %**.",
+            "",
+        ]
+    else:
+        lines += [
+            "| | mean accuracy | shifted-domain mean | worst domain |",
+            "|---|---|---|---|",
+            f"| base (round 0) | {s['base_mean_accuracy']:.4f} | {s['base_shifted_mean_accuracy']:.4f} "
+            f"| {record.rounds[0]['worst_accuracy']:.4f} |",
+            f"| final (round {record.rounds[-1]['round']}) | {s['final_mean_accuracy']:.4f} "
+            f"| {s['final_shifted_mean_accuracy']:.4f} | {s['final_worst_accuracy']:.4f} |",
+            "",
+        ]
     if s["final_personal_mean_accuracy"] is not None:
         lines += [
             f"Personalised: each client keeps its own B. The accuracies above are the server's global "
@@ -231,9 +285,9 @@ def report_markdown(record: RunRecord) -> str:
     lines += [
         "## Per round",
         "",
-        "| round | train loss | mean acc | worst acc | personal acc | bytes up | fp32 / bytes up | bytes down "
-        "| replied | left out | retries |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | train loss | mean acc | worst acc | personal acc | mean ppl | bytes up | fp32 / bytes up "
+        "| bytes down | replied | left out | retries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record.rounds[1:]:
         loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "not aggregated"
@@ -246,25 +300,49 @@ def report_markdown(record: RunRecord) -> str:
             or "-"
         )
         personal = f"{r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "-"
+        ppl = f"{r['mean_perplexity']:.2f}" if "mean_perplexity" in r else "-"
         lines.append(
-            f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {personal} "
+            f"| {r['round']} | {loss} | {r['mean_accuracy']:.4f} | {r['worst_accuracy']:.4f} | {personal} | {ppl} "
             f"| {r['bytes_up']:,} "
             f"| {ratio} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} "
             f"| {r.get('retries', 0)} |"
         )
     lines += [""] + participation_markdown(record)
-    lines += ["## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
-    for d in record.domains:
-        lines.append(
-            f"| {d} | {record.rounds[0]['accuracy'].get(d, float('nan')):.4f} "
-            f"| {record.rounds[-1]['accuracy'].get(d, float('nan')):.4f} |"
-        )
+    first, last = record.rounds[0], record.rounds[-1]
+    if lm:
+        lines += [
+            "## Held-out perplexity per client",
+            "",
+            "| client | base | final | base next-token acc | final next-token acc |",
+            "|---|---|---|---|---|",
+        ]
+        for d in record.domains:
+            lines.append(
+                f"| {d} | {first['perplexity'].get(d, float('nan')):.2f} | {last['perplexity'].get(d, float('nan')):.2f} "
+                f"| {first['accuracy'].get(d, float('nan')):.4f} | {last['accuracy'].get(d, float('nan')):.4f} |"
+            )
+    else:
+        lines += ["## Final accuracy per domain", "", "| domain | base | final |", "|---|---|---|"]
+        for d in record.domains:
+            lines.append(
+                f"| {d} | {first['accuracy'].get(d, float('nan')):.4f} | {last['accuracy'].get(d, float('nan')):.4f} |"
+            )
+    if record.samples:
+        lines += ["", "## Greedy replies to fixed prompts: base vs final", ""]
+        for sample in record.samples:
+            lines += [
+                f"**Prompt:** {sample['prompt']}",
+                "",
+                f"- base: {sample['base']!r}",
+                f"- final: {sample['final']!r}",
+                "",
+            ]
     lines += ["", "## Resolved config", "", "```toml", to_toml(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
-def plot_accuracy(record: RunRecord, path: Path) -> None:
-    """Accuracy per domain and mean, per round, as a PNG titled with the config."""
+def plot_accuracy(record: RunRecord, path: Path, metric: str = "accuracy") -> None:
+    """A metric per group (domain or client) and its mean, per round, as a PNG titled with the config."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,10 +351,10 @@ def plot_accuracy(record: RunRecord, path: Path) -> None:
     xs = [r["round"] for r in record.rounds]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for d in record.domains:
-        ax.plot(xs, [r["accuracy"].get(d, float("nan")) for r in record.rounds], alpha=0.6, label=d)
-    ax.plot(xs, [r["mean_accuracy"] for r in record.rounds], "k-", linewidth=2.5, label="mean")
+        ax.plot(xs, [r[metric].get(d, float("nan")) for r in record.rounds], alpha=0.6, label=d)
+    ax.plot(xs, [r[f"mean_{metric}"] for r in record.rounds], "k-", linewidth=2.5, label="mean")
     ax.set_xlabel("round (0 = pre-trained base)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"held-out {metric}")
     cfg = record.cfg
     ax.set_title(f"{cfg.name} ({config_hash(cfg)}): {cfg.aggregation.method}, {cfg.federation.num_clients} clients")
     ax.grid(alpha=0.3)
@@ -301,11 +379,14 @@ def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, Bas
         "domains": record.domains,
         "shifted_domains": record.shifted_domains,
         "summary": record.summary(),
+        "samples": record.samples,
         "rounds": record.rounds,
     }
     atomic_write_json(d / "metrics.json", metrics, indent=2, sort_keys=False)
     atomic_write_text(d / "report.md", report_markdown(record))
     plot_accuracy(record, d / "accuracy.png")
+    if "perplexity" in record.rounds[0]:
+        plot_accuracy(record, d / "perplexity.png", metric="perplexity")
     with atomic_folder(d / "adapter") as tmp:
         save_adapter(model, tmp)
     if base_delta:

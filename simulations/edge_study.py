@@ -3,7 +3,7 @@
     python -m fairedge.simulations.edge_study [--teacher self|centralised|foundation] [--seeds 0 1 2] [--run RUN_DIR]
     python -m fairedge.simulations.edge_study --teacher foundation --tune     # only the seed-0 settings search
 
-The federated model (`--run`, or by default `simulations/configs/default.toml` trained here once
+The federated model (`--run`, or by default `simulations/configs/digits.toml` trained here once
 and cached as `runs/edge-study-<config hash>/`) is merged, exported to ONNX, and run by the real
 edge runtime (`fairedge.client.edge.EdgeRuntime`) against a real CEMA cloud service
 (`fairedge.server.cloud.CloudService`) on loopback gRPC with token auth, a fresh state and queue folder

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root: run folders (`runs/`) and paths in reports are relative to it."""
 RESULTS = ROOT / "simulations" / "results"
-CONFIG = ROOT / "simulations" / "configs" / "default.toml"
+CONFIG = ROOT / "simulations" / "configs" / "digits.toml"
 
 
 def display(path: str | Path) -> str:

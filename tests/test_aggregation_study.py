@@ -9,7 +9,7 @@ from fairedge.common.task import client_partition
 from fairedge.simulations import aggregation_study as study
 from fairedge.simulations.sweep import sweep_config
 
-DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
+DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "digits.toml"
 
 
 def _rounds(means, worst=None):

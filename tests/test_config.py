@@ -18,7 +18,7 @@ from fairedge.common.config import (
     to_toml,
 )
 
-DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
+DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "digits.toml"
 
 
 def test_default_config_file_loads_and_meets_the_demo_bar():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fairedge.common.config import load_config
 from fairedge.server.run_outputs import RunRecord, write_outputs
 
-DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
+DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "digits.toml"
 
 
 class SavesLikePeft:

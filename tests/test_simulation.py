@@ -16,7 +16,7 @@ from fairedge.common.training import evaluate_per_domain
 from fairedge.simulations.simulate import simulate
 
 pytestmark = pytest.mark.slow
-DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
+DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "digits.toml"
 
 
 @pytest.fixture(scope="module")

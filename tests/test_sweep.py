@@ -14,7 +14,7 @@ from fairedge.server.run_outputs import RunRecord
 from fairedge.simulations.report import mean_std
 from fairedge.simulations.sweep import load_rows, run_sweep, sweep_config
 
-DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "default.toml"
+DEFAULT = Path(__file__).parents[1] / "simulations" / "configs" / "digits.toml"
 VARIANTS = {"a": ["lora.rank=4"], "b": ["lora.rank=8"]}
 
 

@@ -208,10 +208,10 @@ def _dense_products(delta: LowRankSum, Y: torch.Tensor) -> tuple[torch.Tensor, f
 
 def _cosine(Mu: torch.Tensor, Xu: torch.Tensor, g: torch.Tensor, dw_sq: float) -> float:
     """`cos(ΔW, XĀ) = ⟨M, X⟩ / (‖ΔW‖ ‖XĀ‖)` from `MU`, `XU`; 0 when either side is zero."""
-    xx = float((Xu * Xu * g).sum())
+    xx = float(torch.linalg.vector_norm(Xu, dim=0).square() @ g)  # ‖XĀ‖² = Σ g_i ‖X u_i‖²
     if dw_sq <= 0 or xx <= 0:
         return 0.0
-    return min(max(float((Mu * Xu).sum()) / float(np.sqrt(dw_sq * xx)), -1.0), 1.0)
+    return min(max(float(torch.dot(Mu.flatten(), Xu.flatten())) / float(np.sqrt(dw_sq * xx)), -1.0), 1.0)
 
 
 def _frobenius_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
@@ -227,6 +227,14 @@ def _cosine_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_s
     Candidates are compared by their `O(r)` column formulas; the winner is then
     formed and checked against B̄ on the actual `m×r` matrices.
     """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/NaN mark points off the curve
+        return _cosine_correction_in(Mu, Bu, g, dw_sq, lam)
+
+
+def _cosine_correction_in(
+    Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_sq: float, lam: float
+) -> torch.Tensor:
+    """`_cosine_correction`'s body, with numpy's floating-point warnings silenced once for all of it."""
     cols = _Columns(
         g=g.cpu().numpy(),
         mm=(Mu * Mu).sum(0).cpu().numpy(),
@@ -246,7 +254,7 @@ def _cosine_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_s
     Xu = Mu * torch.from_numpy(best.alpha).to(Mu) + Bu * torch.from_numpy(best.beta).to(Bu)
 
     def objective(Yu: torch.Tensor) -> float:
-        return 1.0 - _cosine(Mu, Yu, g, dw_sq) + lam * float(((Yu - Bu) ** 2).sum())
+        return 1.0 - _cosine(Mu, Yu, g, dw_sq) + lam * float(torch.linalg.vector_norm(Yu - Bu)) ** 2
 
     return Xu if objective(Xu) < objective(Bu) else Bu
 
@@ -286,7 +294,10 @@ def _max_cosine_ray(cols: _Columns) -> _Point:
 @dataclass(frozen=True)
 class _Columns:
     """The cosine problem in the eigenbasis of `G = U diag(g) Uᵀ`: per eigen-direction `i`,
-    `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²`; `d = ‖ΔW‖`."""
+    `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²`; `d = ‖ΔW‖`.
+
+    Off the curve its formulas give inf or NaN on purpose (masked afterwards);
+    `_cosine_correction` runs them with numpy's warnings for that silenced."""
 
     g: np.ndarray
     mm: np.ndarray
@@ -305,14 +316,13 @@ class _Columns:
         """
         w = 1.0 / opv
         wm1 = -vg * w  # w − 1 without cancellation
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            qa = (w * w * self.mm).sum(-1)
-            qb = ((w * w + w * wm1) * self.mb).sum(-1)
-            qc = (w * wm1 * self.bb).sum(-1)
-            disc = qb * qb - 4.0 * qa * qc
-            half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
-            r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
-            u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
+        qa = (w * w * self.mm).sum(-1)
+        qb = ((w * w + w * wm1) * self.mb).sum(-1)
+        qc = (w * wm1 * self.bb).sum(-1)
+        disc = qb * qb - 4.0 * qa * qc
+        half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
+        r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
+        u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
         return np.where((disc >= 0) & (u > 0) & np.isfinite(u), u, np.nan)
 
     def value(self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,19 +330,17 @@ class _Columns:
 
         `f = inf` where the cosine is undefined (`XĀ = 0`).
         """
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            a = (alpha * self.mm + beta * self.mb).sum(-1)  # ⟨M, X⟩
-            q = (self.g * (alpha * alpha * self.mm + 2 * alpha * beta * self.mb + beta * beta * self.bb)).sum(-1)
-            reg = (alpha * alpha * self.mm + 2 * alpha * beta_m1 * self.mb + beta_m1 * beta_m1 * self.bb).sum(-1)
-            rho = np.sqrt(np.maximum(q, 0.0))
-            f = 1.0 - a / (self.d * rho) + self.lam * reg
+        a = (alpha * self.mm + beta * self.mb).sum(-1)  # ⟨M, X⟩
+        q = (self.g * (alpha * alpha * self.mm + 2 * alpha * beta * self.mb + beta * beta * self.bb)).sum(-1)
+        reg = (alpha * alpha * self.mm + 2 * alpha * beta_m1 * self.mb + beta_m1 * beta_m1 * self.bb).sum(-1)
+        rho = np.sqrt(np.maximum(q, 0.0))
+        f = 1.0 - a / (self.d * rho) + self.lam * reg
         return np.where(np.isfinite(f) & (rho > 0), f, np.inf), rho
 
     def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`; `inf` / NaN where undefined."""
         f, rho = self.value(*_on_family(u[:, None], vg, opv))
-        with np.errstate(invalid="ignore", over="ignore"):
-            phi = 2.0 * self.lam * self.d * u * rho - 1.0
+        phi = 2.0 * self.lam * self.d * u * rho - 1.0
         return f, np.where(np.isfinite(f), phi, np.nan)
 
 
@@ -358,6 +366,19 @@ class _Piece:
         vg, opv = self.points(cols, s)
         u = cols.radial_root(vg, opv, self.branch)
         return (u, *cols.family(u, vg, opv))
+
+    def phi(self, cols: _Columns, s: np.ndarray) -> np.ndarray:
+        """`φ` alone, as `evaluate` gives it but without the objective: what root finding needs.
+
+        On the family `‖XĀ‖² = Σ g_i w_i² (u² mm_i + 2u mb_i + bb_i)`.
+        """
+        vg, opv = self.points(cols, s)
+        u = cols.radial_root(vg, opv, self.branch)
+        w = 1.0 / opv
+        coef = (u * u)[:, None] * cols.mm + (2.0 * u)[:, None] * cols.mb + cols.bb
+        rho = np.sqrt(np.maximum((cols.g * w * w * coef).sum(-1), 0.0))
+        phi = 2.0 * cols.lam * cols.d * u * rho - 1.0
+        return np.where(np.isfinite(phi) & (rho > 0), phi, np.nan)
 
 
 def _stationary(cols: _Columns) -> list[_Point]:
@@ -445,13 +466,13 @@ def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float)
     """Shrink a sign change of `φ` in `s` by a factor `_BISECT_POINTS − 1` per round."""
     for _ in range(_BISECT_ROUNDS):
         grid = np.linspace(lo, hi, _BISECT_POINTS)
-        _, _, phi = piece.evaluate(cols, grid)
+        phi = piece.phi(cols, grid)
         past = np.nonzero(np.sign(phi) != sign_lo)[0]  # first point past the sign change
         k = int(past[0]) if len(past) else _BISECT_POINTS - 1
         lo, hi = float(grid[max(k - 1, 0)]), float(grid[max(k, 1)])
     s = np.array([0.5 * (lo + hi)])
-    u, _, _ = piece.evaluate(cols, s)
-    return _on_family(float(u[0]), *(x[0] for x in piece.points(cols, s)))
+    vg, opv = piece.points(cols, s)
+    return _on_family(float(cols.radial_root(vg, opv, piece.branch)[0]), vg[0], opv[0])
 
 
 class LoraFair(Aggregator):

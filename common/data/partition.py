@@ -8,18 +8,18 @@ with flwr-datasets' `DirichletPartitioner` so the skew matches Flower's own base
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
-from fairedge.common.data.task_data import LabeledData
+from fairedge.common.data.task_data import Examples, LabeledData
 
 PartitionMode = Literal["feature", "feature-label"]
 MIN_PARTITION_SIZE = 10  # what the Dirichlet partitioner asks of every partition, when feasible
 
 
 def partition_clients(
-    data: LabeledData,
+    data: Examples,
     num_clients: int,
     *,
     mode: PartitionMode = "feature",
@@ -46,7 +46,8 @@ def partition_clients(
     if len(data) == 0:
         raise ValueError("cannot partition an empty split")
     domain = data.domain.numpy()
-    labels = data.y.numpy()
+    # label skew needs labels; causal-LM data (TokenData) has none and is split by client only
+    labels = cast(LabeledData, data).y.numpy() if mode == "feature-label" else None
     present = np.unique(domain)
     clients: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
     for d_pos, d in enumerate(present):
@@ -59,6 +60,7 @@ def partition_clients(
             parts = np.array_split(rng.permutation(idx), len(members))
         else:
             # A per-domain seed, so clients of different domains do not share one label skew.
+            assert labels is not None
             parts = _dirichlet_parts(idx, labels[idx], max(2, len(members)), dirichlet_alpha, seed * 1000 + int(d))
         for j, client in enumerate(members):
             if len(parts[j]) == 0:

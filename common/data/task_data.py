@@ -8,12 +8,14 @@ where they came from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fairedge.common import pixels
 from fairedge.common.pixels import PIXEL_MEAN, PIXEL_STD
@@ -42,8 +44,25 @@ class LabeledData:
                 f"x, y and domain must have the same length, got {len(self.x)}, {len(self.y)} and {len(self.domain)}"
             )
 
+    eval_batch_size = 256
+    """samples per evaluation forward pass."""
+
     def __len__(self) -> int:
         return len(self.y)
+
+    def batch(self, model: nn.Module, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The samples at `idx` as model inputs (the model's own `prepare`) plus `labels`, on `device`."""
+        x = [self.x[i] for i in idx.tolist()] if isinstance(self.x, list) else self.x[idx]
+        prepare = cast(Callable[[Any], dict[str, torch.Tensor]], model.prepare)  # PEFT forwards it to the model
+        inputs = {k: v.to(device) for k, v in prepare(x).items()}
+        return {**inputs, "labels": self.y[idx].to(device)}
+
+    @staticmethod
+    def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        """(summed cross-entropy, correct predictions, samples) of a batch."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits, y = model(**inputs), batch["labels"]
+        return F.cross_entropy(logits, y, reduction="sum"), int((logits.argmax(-1) == y).sum().item()), len(y)
 
     def subset(self, idx: Indices) -> LabeledData:
         """The samples at `idx` (in that order), for tensor images and text lists alike."""
@@ -55,16 +74,33 @@ class LabeledData:
         return LabeledData(x=x, y=self.y[index], domain=self.domain[index])
 
 
+class Examples(Protocol):
+    """One split of any task, as the training and evaluation loops see it (LabeledData, TokenData)."""
+
+    domain: torch.Tensor
+    eval_batch_size: int
+
+    def __len__(self) -> int: ...
+    def subset(self, idx: Indices) -> Examples: ...
+    def batch(self, model: nn.Module, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]: ...
+    def loss_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]: ...
+
+
 @dataclass(frozen=True)
 class TaskData:
-    """A classification task: train/test splits plus the names behind label and domain ids."""
+    """A task: train/test splits plus the names behind label and domain ids.
 
-    train: LabeledData
-    test: LabeledData
+    Classification (`kind` image or text): `LabeledData` splits, `classes` its labels, `domains` the
+    visual or textual domains. Causal LM (`kind` causal-lm): `TokenData` splits, no classes, and one
+    domain per client (its own text), `source_domain` empty.
+    """
+
+    train: Any  # LabeledData, or TokenData for causal-lm (both `Examples`)
+    test: Any
     classes: list[str]
     domains: list[str]
     source_domain: str  # the domain a foundation model is pre-trained on
-    kind: Literal["image", "text"]
+    kind: Literal["image", "text", "causal-lm"]
 
     @property
     def num_classes(self) -> int:
