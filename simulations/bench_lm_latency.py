@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import statistics
@@ -58,6 +59,8 @@ PROMPTS = (
 )
 BACKENDS = ("torch_eager", "ort_fp32", "ort_int8")
 PARITY_STEPS = 5
+TIMINGS_FILE = "export_seconds.json"
+"""How long this benchmark's export took, kept in the export folder for the reports of later runs."""
 
 
 class _Stamps(StoppingCriteria):
@@ -112,7 +115,20 @@ def _prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Path
         start = time.perf_counter()
         quantize_causal_lm(export_dir)
         made["quantize_int8_seconds"] = time.perf_counter() - start
-    return model_dir, export_dir, made
+    timings = export_dir / TIMINGS_FILE
+    if made:
+        atomic_write_json(timings, {**_read_json(timings), **made, "load_average": os.getloadavg()[0]})
+    return model_dir, export_dir, _read_json(timings)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def _shown(path: Path) -> str:
+    """A path for the report: relative to the repository, or to the cache folder (`<cache>/...`)."""
+    cache = Path(os.environ.get(CACHE_ENV) or _user_cache()).resolve()
+    return f"<cache>/{path.resolve().relative_to(cache)}" if path.resolve().is_relative_to(cache) else display(path)
 
 
 def _user_cache() -> str:
@@ -278,17 +294,19 @@ def main(argv: list[str] | None = None) -> None:
         latency.append(_latency(model, export_dir, prompts, args.new_tokens, pad, threads, args.repeats))
         log(f"  ms/token: {latency[-1]['ms_per_token_median']}")
     export_note = (
-        f"Exported in this run: {made.get('export_fp32_seconds', 0) / 60:.1f} min fp32 export (with its parity "
-        f"check), {made.get('quantize_int8_seconds', 0):.0f} s int8 quantisation."
-        if made
-        else "The export was reused from an earlier run."
+        f"Export (once, reused by later runs): {made['export_fp32_seconds'] / 60:.1f} min for fp32 with its parity "
+        f"check, {made['quantize_int8_seconds']:.0f} s int8 quantisation"
+        + (f" (load average {made['load_average']:.1f} when it ended)." if "load_average" in made else ".")
+        if {"export_fp32_seconds", "quantize_int8_seconds"} <= set(made)
+        else "The export's duration was not recorded (the folder was made elsewhere)."
     )
     res = {
-        "command": "python -m fairedge.simulations.bench_lm_latency "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(
+            ["python -m fairedge.simulations.bench_lm_latency", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "model": model_dir.name + (f" + adapter {args.adapter}" if args.adapter else ""),
-        "model_dir": display(model_dir),
-        "export_dir": display(export_dir),
+        "model_dir": _shown(model_dir),
+        "export_dir": _shown(export_dir),
         "export_note": export_note,
         **made,
         "size_mb": {
