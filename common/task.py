@@ -130,7 +130,7 @@ def lora_model(cfg: RunConfig, *, task: TaskData | None = None) -> PeftModel:
         targets = lora.target_modules or list(LORA_TARGET_PRESETS["attention"])
         return add_lora(
             base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
-            head_modules=(), layers=layers, seed=cfg.seed,
+            head_modules=(), layers=layers, task_type="CAUSAL_LM", seed=cfg.seed,
         )  # fmt: skip
     default_targets: tuple[str, ...] = getattr(base, "lora_targets", ())  # the model's attention query/value
     targets = list(lora.target_modules or default_targets)

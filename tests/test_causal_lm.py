@@ -16,14 +16,13 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from platformdirs import user_cache_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
 from fairedge.common.config import CACHE_ENV
 from fairedge.common.data.lm_batches import build_examples, iterate_batches, special_ids, tokenize_plain
 from fairedge.common.data.shakespeare import load_shakespeare
 from fairedge.common.models import causal_lm
 from fairedge.common.models.causal_lm import (
-    builtin_gguf_path,
     builtin_model_dir,
     causal_lm_lora_config,
     file_sha256,
@@ -36,32 +35,13 @@ from fairedge.common.models.causal_lm import (
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    gguf = builtin_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny llama (2 layers, hidden 32) with SmolLM2's tokenizer, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def tiny_dir(tiny_llama_dir) -> Path:
+    return tiny_llama_dir
 
 
 def _batch(tokenizer, texts: list[str], seq_len: int = 24) -> dict[str, torch.Tensor]:

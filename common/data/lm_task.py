@@ -84,7 +84,8 @@ def load_lm_task(
     eos_id, pad_id = special_ids(tokenizer)
     per_client: dict[str, tuple[list[TokenizedText], list[TokenizedText]]] = {}
     if d.task == "shakespeare":
-        roles = load_shakespeare(min_lines=d.min_lines, train_fraction=d.train_fraction)
+        plays = {c.split("/", 1)[0] for c in d.clients} if d.clients else None  # parse only what is needed
+        roles = load_shakespeare(min_lines=d.min_lines, train_fraction=d.train_fraction, plays=plays)
         for c in choose_clients(list(roles), d.clients, num_clients, seed, "Shakespeare roles"):
             train, test = tokenize_plain(tokenizer, ["\n".join(roles[c].train), "\n".join(roles[c].test)])
             per_client[c] = ([train], [test])

