@@ -1,0 +1,35 @@
+"""The aggregation cost benchmark's new parts on tiny inputs: SmolLM2's layer shapes, the switch rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from fairedge.simulations import bench_aggregation_cost as bench
+from fairedge.simulations.smollm2_adapter_cost import SMOLLM2_LAYERS, make_adapter_updates
+
+
+@pytest.mark.parametrize(("targets", "modules"), [("attention", 4), ("all-linear", 7)])
+def test_smollm2_adapter_has_the_real_layer_shapes(targets: str, modules: int) -> None:
+    updates, current = make_adapter_updates(targets, K=2)
+    assert len(updates) == 2 and len(current.factors) == SMOLLM2_LAYERS * modules == 30 * modules
+    factors = updates[1].adapter.factors
+    A, B = factors["model.layers.29.k_proj"]
+    assert (tuple(B.shape), tuple(A.shape)) == ((192, 16), (16, 576))  # 576 → 192: B is 192×r, A is r×576
+    assert tuple(factors["model.layers.0.q_proj"][1].shape) == (576, 16)
+    if targets == "all-linear":
+        assert tuple(factors["model.layers.3.up_proj"][1].shape) == (1536, 16)
+        A, B = factors["model.layers.3.down_proj"]
+        assert (tuple(B.shape), tuple(A.shape)) == ((576, 16), (16, 1536))
+    else:
+        assert "model.layers.0.gate_proj" not in factors
+
+
+def test_switch_worker_times_the_three_forms_side_by_side() -> None:
+    row = bench.switch_worker(48, 4, 40, quick=True)  # K·r = 160 > mn/(m+n) = 24: dense has fewer flops
+    assert row["auto_form"] == "dense" and row["flops"]["dense"] < row["flops"]["factored"]
+    assert set(row["seconds_median"]) == {"fedit", "factored", "dense", "auto"} and row["runs"] >= 3
+    assert row["auto_over_best"] == pytest.approx(
+        row["seconds_median"]["auto"] / min(row["seconds_median"]["factored"], row["seconds_median"]["dense"])
+    )
+    table = bench._switch_table([row])
+    assert "| 48 | 4 | 40 |" in table and "dense" in table
