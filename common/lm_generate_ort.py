@@ -91,6 +91,12 @@ def lm_session(path: str | Path, *, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _raise_template_error(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
 class OrtCausalLM:
     """An exported causal LM on ONNX Runtime: prompt rendering, tokenisation and greedy decoding with a KV cache.
 
@@ -138,6 +144,7 @@ class OrtCausalLM:
             env = ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
             )
+            env.globals["raise_exception"] = _raise_template_error  # templates use it to reject bad chats
             self._template = env.from_string((self.path.parent / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8"))
         special = json.loads((self.path.parent / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
         tokens = {

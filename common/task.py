@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
@@ -125,7 +126,7 @@ def lora_model(cfg: RunConfig, *, task: TaskData | None = None) -> PeftModel:
     if cfg.model.kind == "hf-causal-lm":
         layers = None
         if lora.top_layers is not None:
-            total = int(base.config.num_hidden_layers)
+            total = int(cast(Any, base).config.num_hidden_layers)
             layers = list(range(max(0, total - lora.top_layers), total))
         targets = lora.target_modules or list(LORA_TARGET_PRESETS["attention"])
         return add_lora(

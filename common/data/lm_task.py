@@ -87,8 +87,8 @@ def load_lm_task(
         plays = {c.split("/", 1)[0] for c in d.clients} if d.clients else None  # parse only what is needed
         roles = load_shakespeare(min_lines=d.min_lines, train_fraction=d.train_fraction, plays=plays)
         for c in choose_clients(list(roles), d.clients, num_clients, seed, "Shakespeare roles"):
-            train, test = tokenize_plain(tokenizer, ["\n".join(roles[c].train), "\n".join(roles[c].test)])
-            per_client[c] = ([train], [test])
+            train_text, test_text = tokenize_plain(tokenizer, ["\n".join(roles[c].train), "\n".join(roles[c].test)])
+            per_client[c] = ([train_text], [test_text])
     elif d.task == "chat":
         path = Path(d.path) if d.path else builtin_chat_path(cache_dir)
         if not path.is_file():
