@@ -219,6 +219,16 @@ def _markdown(res: dict[str, Any]) -> str:
         f"Load average {res['load_start']:.1f} at start, {res['load_end']:.1f} at end: the machine was shared with "
         "other engineers' jobs, so absolute times are noisy; the backends ran alternately (one generation each per "
         f"round, {res['repeats']} rounds over {len(PROMPTS)} prompts) so the ratios are fairer than the times.",
+        *(
+            [
+                "",
+                f"**Contended run:** the load average exceeded the {os.cpu_count()} cores, so rows with more than one "
+                "thread measure competition for cores (PyTorch's thread pool suffers most) rather than the speed-up "
+                "a second core gives on an idle device.",
+            ]
+            if max(res["load_start"], res["load_end"]) > (os.cpu_count() or 1) and max(res["threads"]) > 1
+            else []
+        ),
         "",
         f"## Per generated token (batch 1, {res['new_tokens']} new tokens, median ms between tokens)",
         "",
@@ -315,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "threads": args.threads,
         "quality": quality,
         "latency": latency,
         "machine": platform.processor() or platform.machine(),

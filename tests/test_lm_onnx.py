@@ -281,3 +281,20 @@ def test_metadata_of_another_model_is_refused_by_name():
     del good["fairedge.head_dim"]
     with pytest.raises(ValueError, match="fairedge.head_dim"):
         LmInfo.from_metadata(good)
+
+
+def test_a_template_that_rejects_a_chat_raises_its_message(exported, tmp_path):
+    import shutil
+
+    from jinja2.exceptions import TemplateError
+
+    folder = tmp_path / "strict"
+    shutil.copytree(exported, folder)
+    (folder / CHAT_TEMPLATE_FILE).write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('chats must start with a user turn') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    lm = OrtCausalLM(folder)
+    assert lm.render_chat([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(TemplateError, match="start with a user turn"):
+        lm.render_chat([{"role": "assistant", "content": "hi"}])
