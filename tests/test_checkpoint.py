@@ -114,7 +114,19 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(to_toml(cfg))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fairedge.simulations.cli", "run", "--engine", "inprocess", "--config", str(config)],
+        # one thread in every part: the killed process, the resume and the reference compute alike
+        [
+            sys.executable,
+            "-m",
+            "fairedge.simulations.cli",
+            "run",
+            "--engine",
+            "inprocess",
+            "--threads",
+            "1",
+            "--config",
+            str(config),
+        ],
         cwd=ROOT,
         env=_env(tmp_path),
         start_new_session=True,
@@ -128,13 +140,14 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     killed = next((tmp_path / "runs").iterdir())
     assert not (killed / "adapter").exists(), "the run finished before it was killed"
 
-    assert cli.main(["run", "--engine", "inprocess", "--resume", str(killed)]) == 0
-    assert (
-        cli.main(
-            ["run", "--engine", "inprocess", "--config", str(config), "--set", f"output_dir='{tmp_path / 'reference'}'"]
-        )
-        == 0
-    )
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["run", "--engine", "inprocess", "--threads", "1", "--resume", str(killed)]) == 0
+        reference_dir = f"output_dir='{tmp_path / 'reference'}'"
+        run = ["run", "--engine", "inprocess", "--threads", "1", "--config", str(config), "--set", reference_dir]
+        assert cli.main(run) == 0
+    finally:
+        torch.set_num_threads(threads)
     reference = next((tmp_path / "reference").iterdir())
     for name in ("adapter/adapter_model.safetensors", "base_delta.safetensors"):
         assert _max_diff(load_file(str(killed / name)), load_file(str(reference / name))) <= 1e-6

@@ -202,7 +202,7 @@ def test_node_config_data_path_gives_the_node_its_own_data(tmp_path):
     shared = {"partition-id": 1, "num-partitions": 2}
     assert node_run_config(config_json(cfg), shared) == cfg
     assert len(node_partition(cfg, shared, 1, 2)) == len(client_partition(cfg, 1, 2)) == 15
-    with pytest.raises(ValueError, match="needs model.kind 'hf-text'"):  # the ViT is pre-trained on the run's data
+    with pytest.raises(ValueError, match="needs data.task 'text'"):  # the ViT is pre-trained on the run's data
         node_run_config(config_json(load_config(None)), node)
     with pytest.raises(ValueError, match="needs partition-id"):
         node_run_config(config_json(cfg), {})
