@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fairedge.server.cloud.cli import add_cloud_arguments, add_credentials_arguments, run_cloud, run_credentials
 
@@ -31,13 +32,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a run's merged model to ONNX and print where it went and its parity with PyTorch."""
     import torch
 
-    from fairedge.common.config import ConfigError
+    from fairedge.common.config import ConfigError, load_config
     from fairedge.common.edge_model import NormExportError
     from fairedge.server.export import describe, export_run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # this process's one setting, made here at its entry point
     try:
+        if load_config(Path(args.run_dir) / "config.toml").model.kind == "hf-causal-lm":
+            from fairedge.server.export import export_lm_run
+
+            folder = export_lm_run(args.run_dir, args.out, int8=args.int8)
+            print(f"fairedge-server export: {folder}/ (model.onnx with past key values, tokenizer"
+                  + (", model_quantized.onnx" if args.int8 else "") + ")")  # fmt: skip
+            return 0
         report = export_run(args.run_dir, args.out, int8=args.int8)
     except (FileNotFoundError, ConfigError, NormExportError, ValueError) as err:
         print(f"fairedge-server export: {err}", file=sys.stderr)

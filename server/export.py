@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -147,3 +147,23 @@ def describe(report: ExportReport) -> str:
         f"accuracy: PyTorch {r.accuracy_torch:.4f}, ONNX Runtime {r.accuracy_onnx:.4f} "
         f"(same prediction on {100 * r.argmax_agreement:.1f}% of samples)"
     )
+
+
+def export_lm_run(run_dir: str | Path, out: str | Path | None = None, *, int8: bool = False) -> Path:
+    """A causal-LM run's merged global model as an ONNX folder for generation with past key values.
+
+    Default folder `<run>/onnx/`: `model.onnx` (fp32, checked against PyTorch), the tokenizer with its chat
+    template, and with `int8` also `model_quantized.onnx`; `fairedge.common.lm_generate_ort` runs it
+    without torch.
+    """
+    from transformers import AutoTokenizer, PreTrainedModel
+
+    from fairedge.common.lm_onnx import export_causal_lm
+    from fairedge.common.run_model import load_run_model
+    from fairedge.common.task import causal_lm_dir
+
+    cfg, model = load_run_model(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(causal_lm_dir(cfg), local_files_only=True)
+    folder = Path(out) if out else Path(run_dir) / "onnx"
+    export_causal_lm(cast(PreTrainedModel, model), tokenizer, folder, quantize=int8)
+    return folder

@@ -186,3 +186,22 @@ def test_demo_config_is_the_mission_pipeline():
     assert cfg.data.task == "shakespeare"
     assert cfg.aggregation.method == "lora_fair"
     assert cfg.compression.enabled and cfg.compression.error_feedback
+
+
+@pytest.mark.slow
+def test_fairedge_server_exports_an_lm_run_that_generates_like_pytorch(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fairedge.common.lm_generate_ort import OrtCausalLM
+    from fairedge.common.models.causal_lm import generate_greedy
+    from fairedge.server.cli import main as server_main
+
+    run_dir = tmp_path / "run"
+    simulate(lm_config(tiny_llama_dir, tmp_path, federation={"rounds": 1}), run_dir, engine="inprocess")
+    assert server_main(["export", str(run_dir)]) == 0
+    _, merged = load_run_model(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = [{"role": "user", "content": "Speak, my lord"}]
+    assert OrtCausalLM(run_dir / "onnx").generate(prompt, max_new_tokens=6) == generate_greedy(
+        merged, tokenizer, prompt, max_new_tokens=6
+    )
