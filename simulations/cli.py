@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-load weight bars would drown the per-round lines
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
     return int(args.func(args))
 
 

@@ -89,6 +89,7 @@ def tiny(tmp_path_factory):
     ]
 
 
+@pytest.mark.slow
 def test_centralised_rows_have_run_sweep_shape_and_are_not_rerun(tiny, tmp_path, monkeypatch):
     results = tmp_path / "aggregation_accuracy.json"
     rows = study.run_centralised(DEFAULT, ["feature"], [0], results, tiny)

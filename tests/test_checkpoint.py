@@ -82,6 +82,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     cfg = build_config(
         {},
@@ -193,6 +194,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_checkpoints_leaves_a_complete_one(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(tmp_path)],

@@ -38,6 +38,9 @@ from fairedge.common.lm_onnx import (
 )
 from fairedge.common.models.causal_lm import builtin_gguf_path, causal_lm_lora_config
 
+pytestmark = pytest.mark.slow  # every test exports an ONNX graph first (tens of seconds)
+
+
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],

@@ -157,6 +157,7 @@ save_adapter(add_lora(base, rank=2, alpha=4.0, dropout=0.0, target_modules=targe
 """
 
 
+@pytest.mark.slow
 def test_saved_adapter_files_are_byte_identical_across_processes(tmp_path) -> None:
     """PEFT keeps target_modules as a set, whose order follows the string hash seed of the process."""
     outs = [tmp_path / f"hashseed-{seed}" for seed in (1, 2)]

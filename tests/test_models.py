@@ -76,6 +76,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_pretrain_reaches_90_percent_and_second_call_hits_cache(tmp_path, monkeypatch, one_thread) -> None:
     task = _digits_task()
     model = pretrained_vision_classifier(task, cache_dir=tmp_path)

@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 ROLES = ("common", "server", "client", "simulations")
@@ -39,6 +41,7 @@ def _resolve(target: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_console_scripts_and_flower_components_point_at_fairedge_modules():
     scripts = PYPROJECT["project"]["scripts"]
     components = PYPROJECT["tool"]["flwr"]["app"]["components"]
