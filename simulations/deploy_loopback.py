@@ -623,10 +623,10 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, [*args.set, f"federation.num_clients={args.nodes}"])  # fail early
-        if args.data_path and cfg.model.kind != "hf-text":
+        if args.data_path and cfg.data.task not in ("text", "chat"):
             raise ConfigError(
-                f"--data-path needs model.kind 'hf-text' (got {cfg.model.kind!r}, which is pre-trained "
-                "on the run's data): leave --data-path out to split the run's data over the nodes"
+                f"--data-path needs data.task 'text' or 'chat' (got {cfg.data.task!r}; the built-in ViT is "
+                "pre-trained on the run's data): leave --data-path out to split the run's data over the nodes"
             )
     except ConfigError as err:
         print(err, file=sys.stderr)

@@ -206,3 +206,49 @@ def test_node_config_data_path_gives_the_node_its_own_data(tmp_path):
         node_run_config(config_json(load_config(None)), node)
     with pytest.raises(ValueError, match="needs partition-id"):
         node_run_config(config_json(cfg), {})
+
+
+@pytest.mark.slow
+def test_each_supernode_fine_tunes_a_causal_lm_on_its_own_chat_file(tmp_path, tiny_llama_dir):
+    """Two SuperNodes over TLS, each reading its own JSONL (node config data-path): chat SFT of a causal LM."""
+    files = {}
+    for who in ("ann", "bob"):
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Hi {who}, day {i}?"},
+                    {"role": "assistant", "content": f"Fine, {who} here."},
+                ]
+            }
+            for i in range(6)
+        ]
+        files[who] = tmp_path / f"{who}.jsonl"
+        files[who].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    server_view = tmp_path / "held-out.jsonl"  # what the server evaluates: the same clients, named in the records
+    server_view.write_text(
+        "".join(
+            json.dumps({**json.loads(line), "client": who}) + "\n"
+            for who, f in files.items()
+            for line in f.read_text().splitlines()
+        )
+    )
+    config = DEFAULT_CONFIG.parent / "chat.toml"
+    overrides = [
+        "name=deploy-chat",
+        f"model.path='{tiny_llama_dir}'",
+        f"data.path='{server_view}'",
+        "data.min_lines=2",
+        "data.seq_len=48",
+        "data.reply_tokens=4",
+        "lora.top_layers=1",
+        "federation.num_clients=2",
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "federation.round_timeout=300",
+    ]
+    with LoopbackDeployment(tmp_path / "d", num_nodes=2, data_paths=[str(f) for f in files.values()]) as d:
+        d.start()
+        run_dir = d.run(config, overrides, name="chat-run", timeout=600)
+    rounds = _metrics(run_dir)
+    assert rounds[-1]["aggregated"] and len(rounds[-1]["replied"]) == 2
+    assert set(rounds[-1]["perplexity"]) == {"ann", "bob"}
