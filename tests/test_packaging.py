@@ -21,6 +21,8 @@ def test_every_package_folder_is_listed_for_setuptools():
         for role in ROLES
         for init in (ROOT / role).rglob("__init__.py")
     }
+    data_only = {"fairedge.simulations.configs", "fairedge.simulations.templates"}  # folders of data files
+    on_disk |= {p for p in data_only if (ROOT / p.removeprefix("fairedge.").replace(".", "/")).is_dir()}
     assert on_disk == listed, f"missing from pyproject: {on_disk - listed}; listed but absent: {listed - on_disk}"
     assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {f"fairedge.{r}": r for r in ROLES}
 
