@@ -47,8 +47,8 @@ from fairedge.common.data import TaskData
 from fairedge.common.data.task_data import Examples
 from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
 from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
+from fairedge.common.training import client_round_seed, resolve_device, train_client_round
 from fairedge.common.training import evaluate as evaluate_model
-from fairedge.common.training import resolve_device, train_local
 
 log = logging.getLogger("fairedge.client")
 CONFIG_KEY = "fairedge-config"
@@ -158,18 +158,8 @@ def run_train(msg: Message, context: Context) -> Message:
     set_trainable_factors(model, str(round_config.get(TRAIN_FACTORS, "AB")))
     start = reply_tensors(get_adapter(model), send)
     f = cfg.federation
-    loss = train_local(
-        model,
-        data,
-        steps=f.local_steps,
-        epochs=f.local_epochs,
-        batch_size=f.batch_size,
-        lr=f.lr,
-        optimizer=f.optimizer,
-        weight_decay=f.weight_decay,
-        device=resolve_device(f.device),
-        seed=cfg.seed * 100_003 + server_round * 1_009 + partition_id,
-    )
+    seed = client_round_seed(cfg.seed, server_round, partition_id)
+    loss = train_client_round(model, data, f, seed=seed, device=resolve_device(f.device))
     trained = get_adapter(model)
     if personal_b:
         context.state[PERSONAL_B_KEY] = ArrayRecord({k: Array(b.numpy()) for k, (_, b) in trained.factors.items()})

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from fairedge.common.config import FederationConfig
 from fairedge.common.data.task_data import Examples
 
 
@@ -71,6 +72,34 @@ def train_local(
         total += loss.item()
     model.eval()
     return total / steps
+
+
+def client_round_seed(run_seed: int, server_round: int, partition_id: int) -> int:
+    """The batch-order seed of one client's local training in one round: the same in every process."""
+    return run_seed * 100_003 + server_round * 1_009 + partition_id
+
+
+def train_client_round(
+    model: nn.Module,
+    data: Examples,
+    f: FederationConfig,
+    *,
+    seed: int,
+    device: torch.device = torch.device("cpu"),
+) -> float:
+    """One client's local training as `federation` configures it (steps or epochs, batch, optimizer); mean loss."""
+    return train_local(
+        model,
+        data,
+        steps=f.local_steps,
+        epochs=f.local_epochs,
+        batch_size=f.batch_size,
+        lr=f.lr,
+        optimizer=f.optimizer,
+        weight_decay=f.weight_decay,
+        device=device,
+        seed=seed,
+    )
 
 
 @torch.no_grad()

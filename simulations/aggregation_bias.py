@@ -35,7 +35,7 @@ from fairedge.common.aggregation import ClientUpdate, lora_fair
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import load_config
 from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
-from fairedge.common.training import train_local
+from fairedge.common.training import client_round_seed, train_client_round
 from fairedge.server.federation import configured_aggregator as make_aggregator
 from fairedge.simulations.paths import CONFIG, RESULTS, display
 
@@ -90,17 +90,7 @@ def replay(cfg, method: str) -> list[dict[str, float]]:
         updates = []
         for k, data in enumerate(parts):
             set_adapter(model, global_adapter)
-            train_local(
-                model,
-                data,
-                steps=f.local_steps,
-                epochs=f.local_epochs,
-                batch_size=f.batch_size,
-                lr=f.lr,
-                optimizer=f.optimizer,
-                weight_decay=f.weight_decay,
-                seed=cfg.seed * 100_003 + rnd * 1_009 + k,
-            )
+            train_client_round(model, data, f, seed=client_round_seed(cfg.seed, rnd, k))
             updates.append(ClientUpdate(get_adapter(model), len(data), k))
         p = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         p = p / p.sum()
