@@ -39,7 +39,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # this process's one setting, made here at its entry point
     try:
-        if load_config(Path(args.run_dir) / "config.toml").model.kind == "hf-causal-lm":
+        config = Path(args.run_dir) / "config.toml"
+        if config.is_file() and load_config(config).model.kind == "hf-causal-lm":
             from fairedge.server.export import export_lm_run
 
             folder = export_lm_run(args.run_dir, args.out, int8=args.int8)
