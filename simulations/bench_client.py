@@ -86,7 +86,7 @@ class Calls:
 
 
 @contextlib.contextmanager
-def timed(calls: Calls, owner: Any, *names: str, label: str = "") -> Iterator[None]:
+def timed(calls: Calls, owner: Any, *names: str) -> Iterator[None]:
     """Replace `owner.<name>` (a module's or class's function) by a wrapper that records each call, then restore it."""
     originals = {name: getattr(owner, name) for name in names}
 
@@ -96,7 +96,7 @@ def timed(calls: Calls, owner: Any, *names: str, label: str = "") -> Iterator[No
             try:
                 return fn(*args, **kwargs)
             finally:
-                calls.spans.append((label + name, start, time.time()))
+                calls.spans.append((name, start, time.time()))
 
         return timed_call
 
