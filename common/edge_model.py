@@ -10,7 +10,7 @@ tensors. Everything the edge needs to prepare inputs and read outputs travels in
 model's `metadata_props` (JSON values). Reading and running an exported model is
 `fairedge.common.edge_format` (no torch, no onnx): the edge imports only that.
 
-Traps this module guards against (DESIGN.md): a converter that folds a normalisation into
+Traps this module guards against: a converter that folds a normalisation into
 a neighbour (Conv+BatchNorm) or de-duplicates identical-valued initializers makes a swap
 silently ineffective. `export_onnx` checks the graph structure after export and runs a
 swap through ONNX Runtime at its default optimisation level; any such problem raises
