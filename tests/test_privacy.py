@@ -193,3 +193,19 @@ def test_unsupported_combinations_are_config_errors(overrides, needle):
 def test_supported_combinations_validate(overrides):
     cfg = build_config({}, ["privacy.enabled=true", "privacy.noise_multiplier=1.0", *overrides])
     assert cfg.privacy.enabled
+
+
+def test_the_ledger_and_adaptive_bound_survive_a_checkpoint():
+    from fairedge.server.strategy import LoraStrategy
+
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, clipping="adaptive", clipped_count_stddev=1.0)
+    dp = ClientLevelDP(cfg, 1.0, 4)
+    dp.ledger.record(1.0, 4, 16)
+    dp.clip_norm = 0.37
+    strategy = LoraStrategy(make_aggregator("fedit"), privacy=dp)
+    restored = LoraStrategy(make_aggregator("fedit"), privacy=ClientLevelDP(cfg, 1.0, 4))
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.privacy is not None and restored.privacy.clip_norm == 0.37
+    assert restored.privacy.ledger.events == [(1.0, 4, 16)]
+    with pytest.raises(ValueError, match="no privacy ledger"):
+        restored.load_state_dict(LoraStrategy(make_aggregator("fedit")).state_dict())
