@@ -46,6 +46,7 @@ from fairedge.common.config import RunConfig
 from fairedge.common.data import TaskData
 from fairedge.common.data.task_data import Examples
 from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
+from fairedge.common.privacy import LOCAL_CLIP_KEY, LOCAL_NOISE_KEY, noise_generator, privatize_local
 from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
 from fairedge.common.training import client_round_seed, resolve_device, train_client_round
 from fairedge.common.training import evaluate as evaluate_model
@@ -165,6 +166,12 @@ def run_train(msg: Message, context: Context) -> Message:
         context.state[PERSONAL_B_KEY] = ArrayRecord({k: Array(b.numpy()) for k, (_, b) in trained.factors.items()})
     reply = reply_tensors(trained, send)
     metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "partition-id": partition_id})
+    if LOCAL_NOISE_KEY in round_config:  # local DP: clip and noise the change before it is compressed or sent
+        gen = noise_generator(cfg.privacy.noise_seed, server_round, partition_id)
+        clip, z = float(round_config[LOCAL_CLIP_KEY]), float(round_config[LOCAL_NOISE_KEY])  # type: ignore[arg-type]
+        noised, clipped = privatize_local({k: reply[k] - start[k] for k in start}, clip, z, gen)
+        reply = {**reply, **{k: start[k] + noised[k] for k in start}}
+        metrics["dp-clipped"] = int(clipped)
     if cfg.compression.enabled:
         payload = compress_update(
             reply, start, cfg.compression, context.state, server_round=server_round, num_examples=len(data)

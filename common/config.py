@@ -301,6 +301,57 @@ class CloudConfig(Section):
         return self
 
 
+PRIVACY_CENTRAL_METHODS = ("fedit", "ffa_lora", "fedsa_lora", "rolora", "lora_fair")
+"""Aggregation methods central DP supports: the next global adapter is post-processing of noised sums
+(LoRA-FAIR with the frobenius objective also releases a noised `Σ B_k A_k Āᵀ`; see ALGORITHMS.md, Privacy)."""
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy (DP-FedAvg): clip each client's update, add Gaussian noise, account.
+
+    A client's update is its change from the global adapter it was sent. `central`: the server clips
+    each update to `clip_norm`, sums them and adds `N(0, (noise_multiplier·clip_norm)²)` to the sum
+    (the server is trusted; what it releases, the global adapters, is private). `local`: each client
+    clips and noises its own update before it leaves (nothing trusted). (ε, δ) is accounted per round
+    with dp-accounting's RDP accountant.
+    """
+
+    enabled: bool = False
+    mode: Literal["central", "local"] = "central"
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound on a client's update (adaptive: the initial bound)")
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="adaptive: the bound tracks a quantile of the update norms (Andrew et al. 2021), central only",
+    )
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: fraction of updates left unclipped")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: geometric step size of the bound")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="adaptive: noise std of the unclipped count; unset = sampled clients / 20"
+    )
+    noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip_norm; set this or target_epsilon")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="derive noise_multiplier so that ε ≤ this after federation.rounds rounds"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ)")
+    noise_seed: int | None = Field(
+        None,
+        ge=0,
+        description="seed of the DP noise, for reproducible studies only: anyone who knows it can remove the "
+        "noise; unset = fresh OS randomness (what a real deployment needs)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "privacy: set exactly one of privacy.noise_multiplier and privacy.target_epsilon "
+                f"(got noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon})"
+            )
+        if self.enabled and self.mode == "local" and self.clipping == "adaptive":
+            raise ValueError("privacy.clipping='adaptive' needs privacy.mode='central' (the server adapts the bound)")
+        return self
+
+
 class RunConfig(Section):
     """Everything that determines one run."""
 
@@ -315,6 +366,7 @@ class RunConfig(Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -327,7 +379,52 @@ class RunConfig(Section):
             )
         if self.lora.top_layers is not None and self.model.kind != "hf-causal-lm":
             raise ValueError(f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' only")
+        if self.privacy.enabled:
+            _check_privacy(self)
         return self
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    """Refuse combinations whose DP guarantee we cannot state (why: ALGORITHMS.md, Privacy)."""
+    p, method = cfg.privacy, cfg.aggregation.method
+    if p.mode == "local":
+        return  # every rule and ComPEFT only post-process updates that were noised on the client
+    if method not in PRIVACY_CENTRAL_METHODS:
+        raise ValueError(
+            f"aggregation.method={method!r} is not supported with privacy.mode='central': it needs each client's "
+            f"product B_k A_k or sends the clients' factors to everyone; allowed: {', '.join(PRIVACY_CENTRAL_METHODS)}, "
+            "or privacy.mode='local'"
+        )
+    if method == "lora_fair" and cfg.aggregation.objective != "frobenius":
+        raise ValueError(
+            f"aggregation.objective={cfg.aggregation.objective!r} with lora_fair under privacy.mode='central': the "
+            "cosine objective needs ‖Σ p_k B_k A_k‖², which is not released; allowed: 'frobenius'"
+        )
+    if method == "lora_fair" and p.clipping == "adaptive":
+        raise ValueError("privacy.clipping='adaptive' is not supported with lora_fair; allowed: 'fixed'")
+    sampled = max(int(cfg.federation.num_clients * cfg.federation.fraction_train), cfg.federation.min_train_nodes)
+    count_std = p.clipped_count_stddev or sampled / 20
+    if p.clipping == "adaptive" and p.noise_multiplier is not None and p.noise_multiplier >= 2 * count_std:
+        raise ValueError(
+            f"privacy.noise_multiplier={p.noise_multiplier} with adaptive clipping needs "
+            f"privacy.clipped_count_stddev > {p.noise_multiplier / 2:g} (got {count_std:g}; unset = sampled "
+            "clients / 20): the count's noise takes part of the budget (Andrew et al. 2021)"
+        )
+    stateful = [
+        why
+        for why, on in (
+            ("compression.error_feedback=true", cfg.compression.enabled and cfg.compression.error_feedback),
+            ("aggregation.method='fedsa_lora' (personal B)", method == "fedsa_lora"),
+        )
+        if on
+    ]
+    if stateful and cfg.federation.fraction_train < 1:
+        raise ValueError(
+            f"federation.fraction_train={cfg.federation.fraction_train} with privacy.mode='central' and "
+            f"{stateful[0]}: clients keep state that depends on the rounds they were sampled in, which the "
+            "sampling-amplified accountant does not cover; allowed: federation.fraction_train=1, or "
+            "privacy.mode='local'" + (", or compression.error_feedback=false" if "compression" in stateful[0] else "")
+        )
 
 
 class ConfigError(ValueError):

@@ -36,6 +36,7 @@ from fairedge.common.lora import get_base_weights
 from fairedge.common.task import config_json, get_adapter, greedy_replies, load_task, lora_model, set_adapter
 from fairedge.common.training import evaluate_groups, resolve_device
 from fairedge.server.checkpoint import client_state_warning, restore_run_state, save_run_state
+from fairedge.server.privacy.central import make_client_level_dp
 from fairedge.server.run_outputs import RunRecord, write_config, write_outputs
 from fairedge.server.strategy import LoraStrategy
 
@@ -77,9 +78,10 @@ def run_federation(
         min_train_nodes=f.min_train_nodes,
         downlink=cfg.compression.downlink,
         seed=cfg.seed,
-        update_norm_rule=f.update_norm_rule,
+        update_norm_rule="off" if cfg.privacy.enabled and cfg.privacy.mode == "central" else f.update_norm_rule,
         update_norm_factor=f.update_norm_factor,
         node_wait=f.round_timeout,
+        privacy=make_client_level_dp(cfg),
     )
     config = ConfigRecord({"fairedge-config": config_json(cfg)})
     earlier_seconds = 0.0

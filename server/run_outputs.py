@@ -127,6 +127,8 @@ class RunRecord:
                 aggregator_metrics={k: v for k, v in entry.metrics.items() if k != "train-loss"},
                 client_config=entry.client_config,
             )
+            if getattr(entry, "privacy", None):
+                row["privacy"] = dict(entry.privacy)
             if entry.personal_accuracy:
                 accs = entry.personal_accuracy
                 row["personal_accuracy"] = {str(k): v for k, v in sorted(accs.items())}
@@ -155,6 +157,7 @@ class RunRecord:
             "earlier_stops": self.earlier_stops,
             "retries": sum(r.get("retries", 0) for r in self.rounds),
             **self._perplexity_summary(),
+            **privacy_summary(self.rounds),
         }
 
     def _perplexity_summary(self) -> dict[str, Any]:
@@ -169,6 +172,42 @@ class RunRecord:
             "final_worst_perplexity": final["worst_perplexity"],
             "perplexity_change": final["mean_perplexity"] / base["mean_perplexity"] - 1.0,
         }
+
+
+def privacy_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Client-level DP of the run: total ε at δ after the last private round (empty without DP)."""
+    private = [r["privacy"] for r in rounds if "privacy" in r]
+    if not private:
+        return {}
+    last = private[-1]
+    return {"epsilon": last["epsilon"], "delta": last["delta"], "noise_multiplier": last["noise_multiplier"]}
+
+
+def privacy_markdown(record: RunRecord) -> list[str]:
+    """The DP settings, the total (ε, δ) and, per round, its ε, the running total and the clipped clients."""
+    p, s = record.cfg.privacy, record.summary()
+    if "epsilon" not in s:
+        return []
+    lines = [
+        "## Privacy",
+        "",
+        f"Client-level DP, {p.mode} ({p.clipping} clipping, initial bound {p.clip_norm:g}), noise multiplier "
+        f"{s['noise_multiplier']:.4g}: **ε = {s['epsilon']:.3g} at δ = {s['delta']:g}** after "
+        f"{record.rounds[-1]['round']} rounds (dp-accounting RDP, replace-one neighbours). It covers what the "
+        "server releases (the global adapters); this report and metrics.json are the server's own log.",
+        "",
+        "| round | ε this round | ε total | clip norm | clipped clients | sampled / clients |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in record.rounds[1:]:
+        if "privacy" in r:
+            q = r["privacy"]
+            clip = f"{q['clip_norm']:.4g}" if "clip_norm" in q else f"{p.clip_norm:g}"
+            lines.append(
+                f"| {r['round']} | {q['epsilon_round']:.3g} | {q['epsilon']:.3g} | {clip} | {int(q['clipped'])} "
+                f"| {len(r['sampled'])} (q = {q['sampling_rate']:.3g}) |"
+            )
+    return lines + [""]
 
 
 def _attempt_json(attempt: Any) -> dict[str, Any]:
@@ -307,7 +346,7 @@ def report_markdown(record: RunRecord) -> str:
             f"| {ratio} | {r['bytes_down']:,} | {len(r['replied'])}/{len(r['sampled'])} | {left_out} "
             f"| {r.get('retries', 0)} |"
         )
-    lines += [""] + participation_markdown(record)
+    lines += [""] + privacy_markdown(record) + participation_markdown(record)
     first, last = record.rounds[0], record.rounds[-1]
     if lm:
         lines += [

@@ -34,6 +34,11 @@ aggregated (`aggregate_train` returns no arrays, so the global adapter stays as
 it was) and the caller may retry the round (each attempt gets its own
 `RoundLog`). For a personalised rule (FedSA-LoRA) every client also evaluates its
 own model after each round; the accuracies are kept per round.
+
+Client-level DP (`privacy`, see `fairedge.server.privacy.central`): central DP replaces the rule's
+call with a release of clipped, noised sums (norm screening is then off: DP clipping bounds every
+update, and rejecting by the others' norms would break that bound); local DP tells the clients
+to noise their updates. Either way the round's (ε, δ) goes into its `RoundLog.privacy`.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from fairedge.common.adapter_record import (
 )
 from fairedge.common.aggregation import Adapter, Aggregator, ClientConfig, ClientUpdate, reply_factors
 from fairedge.common.compression import PayloadError, decompress
+from fairedge.server.privacy.central import ClientLevelDP
 
 log = logging.getLogger("fairedge.server")
 
@@ -97,6 +103,8 @@ class RoundLog:
     client_config: ClientConfig = field(default_factory=dict)
     personal_accuracy: dict[int, float] = field(default_factory=dict)
     """partition id → accuracy of that client's own model on its own domains (personalised rules)."""
+    privacy: dict[str, float] = field(default_factory=dict)
+    """client-level DP of this attempt, if on: ε of the round and in total, δ, clipped clients, ..."""
 
     _INT_KEYED = ("rejected", "clipped", "partitions", "update_norms", "personal_accuracy")
 
@@ -124,6 +132,8 @@ class SentRound:
     client_config: ClientConfig
     messages: list[Message]
     """the train messages; the grid gives each its message id when it pushes it."""
+    population: int = 0
+    """nodes connected when the round was sampled (the accountant's N)."""
 
     def sender(self, reply: Message) -> int:
         """The node a reply stands for: the one its message was sent to.
@@ -161,6 +171,8 @@ class LoraStrategy(Strategy):
     node_wait : float
         Seconds `configure_train` waits for `min_train_nodes` nodes to be connected
         (a deployment's SuperNodes may connect after the server starts).
+    privacy : ClientLevelDP or None
+        Client-level differential privacy (central or local), or none.
     """
 
     def __init__(
@@ -174,6 +186,7 @@ class LoraStrategy(Strategy):
         update_norm_rule: Literal["reject", "clip", "off"] = "reject",
         update_norm_factor: float = 10.0,
         node_wait: float = 0.0,
+        privacy: ClientLevelDP | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
@@ -196,6 +209,7 @@ class LoraStrategy(Strategy):
         self.update_norm_rule = update_norm_rule
         self.update_norm_factor = float(update_norm_factor)
         self.node_wait = node_wait
+        self.privacy = privacy
         self._sent: SentRound | None = None
 
     def summary(self) -> None:
@@ -236,7 +250,7 @@ class LoraStrategy(Strategy):
         """Sample nodes and send each `arrays` (the global adapter) with the round's instructions; log who
         and how many bytes. With fewer than `min_train_nodes` connected nodes nobody is sampled (the attempt fails).
         """
-        client_config = self.aggregator.client_config(server_round)
+        client_config = {**self.aggregator.client_config(server_round), **self._dp_config()}
         current, downlink, content = self._content(arrays, server_round, config, client_config)
         nodes = self._connected_nodes(grid)
         size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
@@ -254,8 +268,11 @@ class LoraStrategy(Strategy):
         self.rounds.append(entry)
         messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled]
         sent = adapter_from_record(downlink)  # what clients start from (fp16-rounded if so sent)
-        self._sent = SentRound(entry, current, sent, client_config, messages)
+        self._sent = SentRound(entry, current, sent, client_config, messages, population=len(nodes))
         return messages
+
+    def _dp_config(self) -> ClientConfig:
+        return dict(self.privacy.client_config()) if self.privacy is not None else {}
 
     def _client_adapter(self, content: RecordDict, round_: SentRound) -> Adapter:
         """The adapter a reply stands for: the tensors it sent (as arrays, or as a compressed
@@ -296,6 +313,7 @@ class LoraStrategy(Strategy):
         entry = round_.entry
         updates: list[ClientUpdate] = []
         losses: dict[int, float] = {}
+        dp_clipped = 0
         for msg in replies:
             node = round_.sender(msg)
             if msg.has_error():
@@ -326,6 +344,7 @@ class LoraStrategy(Strategy):
                 continue
             updates.append(ClientUpdate(adapter, num_examples, node))
             losses[node] = _number(metrics, "train-loss", float("nan"))
+            dp_clipped += int(_number(metrics, "dp-clipped", 0))
         answered = set(entry.replied) | set(entry.rejected)
         entry.no_reply = [n for n in entry.sampled if n not in answered]
         entry.partitions = {n: self.partitions[n] for n in entry.sampled + entry.replied if n in self.partitions}
@@ -333,6 +352,8 @@ class LoraStrategy(Strategy):
             log.warning("round %d: left out node %d: no reply within the round timeout", server_round, node)
 
         updates = self._screen_update_norms(updates, round_)
+        if self.privacy is not None and not self.privacy.central and updates:  # local DP: sent, so spent
+            entry.privacy = self.privacy.account_local(len(entry.sampled), round_.population, dp_clipped)
         updates.sort(key=lambda u: (entry.partitions.get(u.node_id, math.inf), u.node_id))
         if len(updates) < self.min_train_nodes:
             entry.failure = entry.failure or (
@@ -346,7 +367,10 @@ class LoraStrategy(Strategy):
                 entry.failure,
             )
             return None, None
-        new, agg_metrics = self.aggregator.aggregate(updates, round_.current)
+        if self.privacy is not None and self.privacy.central:
+            new, agg_metrics, entry.privacy = self.privacy.release(updates, round_, self.aggregator, round_.population)
+        else:
+            new, agg_metrics = self.aggregator.aggregate(updates, round_.current)
         total = sum(u.num_examples for u in updates)
         train_loss = sum(losses[u.node_id] * u.num_examples for u in updates) / total
         entry.metrics = {"train-loss": train_loss, **agg_metrics}
@@ -423,7 +447,8 @@ class LoraStrategy(Strategy):
         """What the strategy keeps across rounds, as JSON-able data: the sampler's state and the round logs
         (the global adapter is the caller's, the aggregator's state is its own `state_dict`)."""
         version, internal, gauss = self.sampler.getstate()
-        return {"sampler": [version, list(internal), gauss], "rounds": [r.to_json() for r in self.rounds]}
+        state = {"sampler": [version, list(internal), gauss], "rounds": [r.to_json() for r in self.rounds]}
+        return state | ({"privacy": self.privacy.state_dict()} if self.privacy is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` (resume)."""
@@ -431,6 +456,10 @@ class LoraStrategy(Strategy):
         rounds = [RoundLog.from_json(r) for r in state["rounds"]]
         self.sampler.setstate((version, tuple(internal), gauss))
         self.rounds = rounds
+        if self.privacy is not None:
+            if "privacy" not in state:
+                raise ValueError("the checkpoint has no privacy ledger, but this run has privacy.enabled")
+            self.privacy.load_state_dict(state["privacy"])
         self.partitions = {n: p for r in self.rounds for n, p in r.partitions.items()}
         self._sent = None
 

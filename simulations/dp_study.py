@@ -1,0 +1,167 @@
+"""Utility vs ε of client-level DP for FedIT and LoRA-FAIR (issue 17, part 2).
+
+Central DP (clip each client's update, Gaussian noise on the sum, dp-accounting's RDP accountant),
+the noise calibrated with `privacy.target_epsilon` so that ε ≤ 1, 4, 8 at δ = 1e-5 after the planned
+rounds, against no DP (ε = ∞); many clients, a fraction sampled each round (the amplification that
+makes DP affordable). LoRA-FAIR runs its frobenius objective at every ε (the cosine one is refused
+under DP), so ε = ∞ is its noiseless twin. Digits by default (cheap); `--lm` runs the causal-LM
+config instead.
+
+    python -m fairedge.simulations.dp_study [--lm] [--seeds 0 1 2] [--quick] [--out DIR] [--set KEY=VALUE ...]
+
+writes `<out>/dp_study.json` (every run, resumable: rerun the same command after a stop) and
+`<out>/dp_study.md` (default out: `simulations/results`). The noise is fresh OS randomness
+(`privacy.noise_seed` unset), so a rerun of one row differs by the noise, as a real run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from fairedge.common.config import config_hash, load_config
+from fairedge.server.run_outputs import RunRecord, new_run_dir
+from fairedge.simulations.paths import display
+from fairedge.simulations.report import mean_std, write_report
+from fairedge.simulations.sweep import load_rows, run_sweep, sweep_config
+
+FILE = "dp_study"
+CONFIGS = Path(__file__).parent / "configs"
+EPSILONS = (1.0, 4.0, 8.0, math.inf)
+METHODS = {"fedit": "FedIT", "lora_fair": "LoRA-FAIR (frobenius)"}
+DELTA = 1e-5
+COMMON = {
+    "digits": [
+        "federation.num_clients=60",
+        "federation.fraction_train=0.2",
+        "federation.rounds=20",
+        "federation.local_steps=10",
+        "data.partition=feature-label",
+        "privacy.clip_norm=0.5",
+    ],
+    "lm": [
+        "federation.num_clients=40",
+        "federation.fraction_train=0.25",
+        "federation.rounds=10",
+        "privacy.clip_norm=0.5",
+    ],
+}
+QUICK = [
+    "model.pretrain_epochs=1",
+    "model.hidden_size=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=16",
+    "data.samples_per_domain=40",
+    "lora.target_modules=['q_proj','fc1']",
+    "federation.num_clients=8",
+    "federation.fraction_train=0.5",
+    "federation.rounds=2",
+    "federation.local_steps=2",
+    "federation.batch_size=8",
+]
+
+
+def variants(quick: bool = False) -> dict[str, list[str]]:
+    """Label -> overrides: each method at each ε (∞ = no DP)."""
+    out = {}
+    for method, name in METHODS.items():
+        extra = ["aggregation.objective=frobenius"] if method == "lora_fair" else []
+        for eps in (4.0, math.inf) if quick else EPSILONS:
+            dp = (
+                ["privacy.enabled=true", f"privacy.target_epsilon={eps}", f"privacy.delta={DELTA}"]
+                if math.isfinite(eps)
+                else []
+            )
+            out[f"{name} ε={'∞' if math.isinf(eps) else f'{eps:g}'}"] = [f"aggregation.method={method}", *extra, *dp]
+    return out
+
+
+def simulate_inprocess(cfg) -> RunRecord:  # type: ignore[no-untyped-def]
+    """One run with the in-process engine (clients one after another; no Ray start-up)."""
+    from fairedge.simulations.simulate import simulate
+
+    return simulate(cfg, new_run_dir(cfg), engine="inprocess")
+
+
+def _clipped_fraction(row: dict) -> float:
+    private = [r for r in row["rounds"] if "privacy" in r]
+    return statistics.mean(r["privacy"]["clipped"] / len(r["sampled"]) for r in private) if private else math.nan
+
+
+def table(rows_by: dict[str, list[dict]], lm: bool) -> str:
+    """One line per (method, ε): utility (mean ± std over seeds), paired change vs no DP, ε reached, noise."""
+    metric = "final_mean_perplexity" if lm else "final_mean_accuracy"
+    lines = [
+        f"| setting | final mean {'perplexity' if lm else 'accuracy'} | Δ vs ε=∞ (paired) | ε reached (δ = {DELTA:g}) "
+        "| noise multiplier | clipped fraction | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, rs in rows_by.items():
+        if not rs:
+            continue
+        ref = {r["seed"]: r["summary"][metric] for r in rows_by.get(label.split(" ε=")[0] + " ε=∞", [])}
+        diffs = [r["summary"][metric] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        s = [r["summary"] for r in rs]
+        eps = [x.get("epsilon", math.inf) for x in s]
+        lines.append(
+            f"| {label} | {mean_std([x[metric] for x in s], '{:.4f}')} | {mean_std(diffs, '{:+.4f}')} "
+            f"| {'∞' if math.isinf(max(eps)) else f'{max(eps):.3g}'} "
+            f"| {mean_std([x.get('noise_multiplier', 0.0) for x in s], '{:.3f}')} "
+            f"| {mean_std([_clipped_fraction(r) for r in rs], '{:.2f}')} | {', '.join(str(r['seed']) for r in rs)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm", action="store_true", help="the causal-LM config (shakespeare.toml) instead of digits")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny model, 2 rounds, 1 seed, ε ∈ {4, ∞}")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = CONFIGS / ("shakespeare.toml" if args.lm else "digits.toml")
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    common = [*COMMON["lm" if args.lm else "digits"], *(QUICK if args.quick and not args.lm else []), *args.overrides]
+    labelled = variants(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{FILE}.json"
+    print(f"DP study: {len(labelled)} settings × seeds {seeds} on {display(config)} -> {out}", flush=True)
+    run_sweep(config, labelled, seeds, out, common, run=simulate_inprocess)
+    rows = load_rows(out)
+    rows_by = {}
+    for label, overrides in labelled.items():
+        want = {s: config_hash(sweep_config(config, label, overrides, s, common)) for s in seeds}
+        rows_by[label] = sorted(
+            (r for r in rows if r["variant"] == label and want.get(r["seed"]) == r["config_hash"]),
+            key=lambda r: r["seed"],
+        )
+    cfg = load_config(config, common)
+    command = (
+        "python -m fairedge.simulations.dp_study" + (" --lm" if args.lm else "") + (" --quick" if args.quick else "")
+    )
+    command += f" --seeds {' '.join(map(str, seeds))}" + "".join(f" --set {o}" for o in args.overrides)
+    print(
+        write_report(
+            args.out / f"{FILE}.md",
+            f"{FILE}.md.j2",
+            quick=args.quick,
+            command=command,
+            config=display(config),
+            cfg=cfg,
+            overrides=common,
+            delta=DELTA,
+            table=table(rows_by, lm=args.lm),
+            runs=sum(len(rs) for rs in rows_by.values()),
+            wanted=len(labelled) * len(seeds),
+            json_name=f"{FILE}.json",
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
