@@ -16,17 +16,23 @@ refused credential claims if that id is known (registered or holding a credentia
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fairedge.common.atomic_files import atomic_write_json
 from fairedge.server.cloud.errors import CloudError
 
 if TYPE_CHECKING:
     from fairedge.server.cloud.device import Device
+
+log = logging.getLogger("fairedge.cloud")
 
 FORMAT = "fairedge-cloud-status/1"
 UNATTRIBUTED = ""
@@ -118,6 +124,37 @@ class FleetStats:
             "service": service,
             "devices": rows,
         }
+
+
+class StatusWriter:
+    """Rewrites `path` with `snapshot(running=True)` every `every_s` seconds on its own thread; `stop` writes
+    the final one (`running=False`)."""
+
+    def __init__(self, path: Path, snapshot: Callable[[bool], dict[str, Any]], every_s: float) -> None:
+        self.path, self.snapshot, self.every_s = path, snapshot, every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="cloud-status", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            atomic_write_json(self.path, self.snapshot(False))
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                atomic_write_json(self.path, self.snapshot(True))
+            except Exception:  # a full disk must not end the status thread
+                log.exception("could not write %s", self.path)
+            if self._stop.wait(self.every_s):
+                return
 
 
 def device_state(device: Device) -> dict[str, Any]:

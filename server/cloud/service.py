@@ -31,7 +31,7 @@ from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.server.cloud.credentials import CredentialStore
 from fairedge.server.cloud.device import BatchAck, Device
 from fairedge.server.cloud.errors import Overloaded, ShuttingDown, UnknownDevice, WrongModel
-from fairedge.server.cloud.fleet_stats import FleetStats
+from fairedge.server.cloud.fleet_stats import FleetStats, StatusWriter
 from fairedge.server.cloud.grpc_server import GrpcServer, start_grpc_server
 from fairedge.server.cloud.learner import CemaLearner, StepStats
 from fairedge.server.cloud.model import ServedModel
@@ -99,8 +99,7 @@ class CloudService:
         self._worker: threading.Thread | None = None
         self._server: GrpcServer | None = None
         self.port: int | None = None
-        self._status_stop = threading.Event()
-        self._status_writer: threading.Thread | None = None
+        self._status_writer = StatusWriter(self.state_dir / "status.json", self.status, self.cfg.status_every_s)
         self._metrics: Any = None  # a prometheus.MetricsServer when cloud.metrics_port is set
         self.metrics_port: int | None = None
         self._open_state_dir()
@@ -149,8 +148,6 @@ class CloudService:
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="cloud-learner", daemon=True)
         self._worker.start()
-        self._status_stop.clear()
-        self._status_writer = threading.Thread(target=self._write_status_often, name="cloud-status", daemon=True)
         self._status_writer.start()
         if not serve_grpc:
             return None
@@ -189,11 +186,7 @@ class CloudService:
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None
-        if self._status_writer is not None:
-            self._status_stop.set()
-            self._status_writer.join()
-            self._status_writer = None
-            self.write_status(running=False)  # the final counters
+        self._status_writer.stop()  # writes the final counters
 
     def __enter__(self) -> CloudService:
         return self
@@ -323,19 +316,6 @@ class CloudService:
             "running": running,
         }
         return self.stats.snapshot(devices, service)
-
-    def write_status(self, running: bool = True) -> None:
-        """Replace `<state_dir>/status.json` with the current status document (atomically)."""
-        atomic_write_json(self.state_dir / "status.json", self.status(running))
-
-    def _write_status_often(self) -> None:
-        while True:
-            try:
-                self.write_status()
-            except Exception:  # a full disk must not end the status thread
-                log.exception("could not write %s", self.state_dir / "status.json")
-            if self._status_stop.wait(self.cfg.status_every_s):
-                return
 
     # ----- synchronisation for studies and benchmarks -----
 
