@@ -291,6 +291,13 @@ class CloudConfig(Section):
     max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
     max_workers: int = Field(32, ge=2, description="gRPC handler threads (each open WatchNormParams holds one)")
     threads: int = Field(0, ge=0, description="torch intra-op threads for learning, process-wide (0 = torch's default)")
+    status_every_s: float = Field(
+        5.0, gt=0, description="how often the service rewrites <state_dir>/status.json (fairedge-server cloud status)"
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics port (None = no endpoint; 0 = any free port)"
+    )
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="address the Prometheus endpoint listens on")
 
     @model_validator(mode="after")
     def _check(self) -> CloudConfig:

@@ -2,7 +2,8 @@
 
 Entry points: `CloudService` (Python API and gRPC server), `load_served_model` (a run
 folder -> what to serve), `CredentialStore` (per-device credentials), `fairedge-server cloud` and
-`fairedge-server credentials` (command line). Protocol: proto/edge_service.proto.
+`fairedge-server credentials` (command line); `fairedge-server cloud status` and `fleet_stats` (the
+operator's view: per-device counters in `<state_dir>/status.json`, optionally Prometheus metrics). Protocol: proto/edge_service.proto.
 Refusals are `errors.CloudError`s; `servicer.STATUS` says which gRPC status each one is.
 """
 

@@ -1,19 +1,29 @@
 """`fairedge-server cloud`: run the CEMA cloud service for a run's merged model until Ctrl-C / SIGTERM;
+`fairedge-server cloud status`: the running service's per-device counters (from its status file);
 `fairedge-server credentials`: issue, rotate, revoke and list the devices' credentials (while it runs)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 
 def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `fairedge-server cloud`."""
-    parser.add_argument("--run", required=True, help="run folder whose merged global model the devices run")
+    """The options of `fairedge-server cloud` and its `status` sub-command."""
+    sub = parser.add_subparsers(dest="cloud_action", metavar="{status}")
+    status = sub.add_parser("status", help="per-device counters of a running (or stopped) cloud service")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", help="the service's state folder (it rewrites status.json there)")
+    where.add_argument("--run", help="the run folder it serves (state folder <run>/cloud-state)")
+    status.add_argument("--json", action="store_true", help="print the whole status document as JSON")
+    parser.add_argument("--run", help="run folder whose merged global model the devices run (required)")
     parser.add_argument("--teacher", help="another run folder whose model teaches (default: the served model)")
     parser.add_argument("--state-dir", help="device state folder (default: <run>/cloud-state)")
     parser.add_argument("--host", help="address to listen on (default: cloud.host)")
@@ -34,26 +44,35 @@ def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set cloud.lr=0.005 (repeatable)",
     )
     parser.add_argument("--seed", type=int, help="seed of the replay sampling (default: the run's seed)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port at cloud.metrics_host (default: cloud.metrics_port; 0 = any)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every update")
 
 
 def run_cloud(args: argparse.Namespace) -> int:
     """Start the service, print its address, serve until SIGINT/SIGTERM, then stop cleanly."""
+    if args.cloud_action == "status":
+        return show_status(args)
     import torch
 
     from fairedge.common.config import ConfigError, load_config
     from fairedge.server.cloud import CloudService, load_served_model
 
-    run = Path(args.run)
-
     def fail(message: str) -> int:
         print(f"fairedge-server cloud: {message}", file=sys.stderr)
         return 2
 
+    if not args.run:
+        return fail("--run is required (the run folder whose merged model the devices run)")
+    run = Path(args.run)
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together")
     try:
-        cfg = load_config(args.config or run / "config.toml", args.set)
+        overrides = args.set + ([f"cloud.metrics_port={args.metrics_port}"] if args.metrics_port is not None else [])
+        cfg = load_config(args.config or run / "config.toml", overrides)
         state_dir = Path(args.state_dir) if args.state_dir else run / "cloud-state"
         credentials = Path(args.credentials) if args.credentials else state_dir / "credentials.json"
         if not credentials.is_file():
@@ -88,7 +107,13 @@ def run_cloud(args: argparse.Namespace) -> int:
         print(
             f"fairedge cloud: serving model {model.model_id} ({model.model_version}) on {address} "
             f"({'TLS' if tls else 'plaintext'}), {len(model.student_norm)} norm params, state in {state_dir}, "
-            f"{len(service.credentials.entries())} device credentials in {service.credentials.path}; Ctrl-C to stop",
+            f"{len(service.credentials.entries())} device credentials in {service.credentials.path}"
+            + (
+                f", Prometheus metrics on {cfg.cloud.metrics_host}:{service.metrics_port}"
+                if service.metrics_port
+                else ""
+            )
+            + "; Ctrl-C to stop",
             flush=True,
         )
         while not stop.wait(0.5):
@@ -153,3 +178,54 @@ def run_credentials(args: argparse.Namespace) -> int:
         print(f"fairedge-server credentials {args.action}: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    """Print the per-device table of `<state-dir>/status.json`; warn when the service stopped rewriting it."""
+    state_dir = Path(args.state_dir) if args.state_dir else Path(args.run) / "cloud-state"
+    path = state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(
+            f"fairedge-server cloud status: cannot read {path} ({err}); the service writes it while it runs",
+            file=sys.stderr,
+        )
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=1, sort_keys=True))
+        return 0
+    print(format_status(status))
+    age, every = time.time() - status["written_at"], status["service"]["status_every_s"]
+    if not status["service"]["running"]:
+        print(f"warning: the service stopped {age:.0f} s ago; these are its final counters", file=sys.stderr)
+    elif age > 3 * every + 1:
+        print(
+            f"warning: {path} was written {age:.0f} s ago (every {every:g} s while the service runs): "
+            "the service is not running (it ended without stopping cleanly) or is stuck",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status document as a header and one line per device."""
+    svc, now = status["service"], time.time()
+    lines = [
+        f"model {svc['model_id']} ({svc['model_version']}) at {svc['address']}, up {status['uptime_s']:.0f} s, "
+        f"{svc['devices']} devices, {svc['updates']} updates ({svc['failures']} failed); "
+        f"written {now - status['written_at']:.0f} s ago",
+        f"{'device':<20} {'version':>7} {'uploads':>7} {'accepted':>9} {'resent':>7} {'pending':>7} "
+        f"{'replay':>7} {'last seen':>10}  rejections",
+    ]
+    for device_id, row in status["devices"].items():
+        seen = f"{now - row['last_seen']:.0f} s ago" if row.get("last_seen") else "-"
+        refused = ", ".join(f"{reason} {n}" for reason, n in sorted(row["rejections"].items())) or "-"
+        if row.get("error"):
+            refused += f"; updates paused: {row['error']}"
+        lines.append(
+            f"{device_id or '(no known device)':<20} {row.get('params_version', '-'):>7} {row['uploads']:>7} "
+            f"{row.get('total_accepted', row['samples_accepted']):>9} {row['samples_resent']:>7} "
+            f"{row.get('pending_samples', '-'):>7} {row.get('replay_buffer', '-'):>7} {seen:>10}  {refused}"
+        )
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.server.cloud.credentials import CredentialStore
 from fairedge.server.cloud.device import BatchAck, Device
 from fairedge.server.cloud.errors import Overloaded, ShuttingDown, UnknownDevice, WrongModel
+from fairedge.server.cloud.fleet_stats import FleetStats, StatusWriter
 from fairedge.server.cloud.grpc_server import GrpcServer, start_grpc_server
 from fairedge.server.cloud.learner import CemaLearner, StepStats
 from fairedge.server.cloud.model import ServedModel
@@ -89,6 +91,7 @@ class CloudService:
         )
         self.norm_names = list(model.student_norm)
         self.log = UpdateLog()
+        self.stats = FleetStats()
         self._devices: dict[str, Device] = {}
         self._cond = threading.Condition()
         self._busy = False
@@ -96,6 +99,9 @@ class CloudService:
         self._worker: threading.Thread | None = None
         self._server: GrpcServer | None = None
         self.port: int | None = None
+        self._status_writer = StatusWriter(self.state_dir / "status.json", self.status, self.cfg.status_every_s)
+        self._metrics: Any = None  # a prometheus.MetricsServer when cloud.metrics_port is set
+        self.metrics_port: int | None = None
         self._open_state_dir()
 
     # ----- state on disk -----
@@ -142,6 +148,7 @@ class CloudService:
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="cloud-learner", daemon=True)
         self._worker.start()
+        self._status_writer.start()
         if not serve_grpc:
             return None
         host = host if host is not None else self.cfg.host
@@ -155,6 +162,11 @@ class CloudService:
                 max_workers=self.cfg.max_workers,
                 tls=self.tls,
             )
+            if self.cfg.metrics_port is not None:
+                from fairedge.server.cloud.prometheus import MetricsServer  # only a service with metrics needs it
+
+                self._metrics = MetricsServer(self.status, self.cfg.metrics_host, self.cfg.metrics_port)
+                self.metrics_port = self._metrics.port
         except Exception:
             self.stop()
             raise
@@ -171,6 +183,10 @@ class CloudService:
         if self._worker is not None:
             self._worker.join()
             self._worker = None
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        self._status_writer.stop()  # writes the final counters
 
     def __enter__(self) -> CloudService:
         return self
@@ -209,6 +225,7 @@ class CloudService:
                 log.info("registered device %s", device_id)
         if device.start_epoch(epoch):
             log.info("device %s starts batch epoch %r: its batch ids count from 1 again", device_id, epoch)
+        self.stats.registered(device_id)
         return device
 
     def device(self, device_id: str) -> Device:
@@ -233,6 +250,7 @@ class CloudService:
                 f"for the learner, at most max_pending_samples = {limit}; retry later",
             )
         ack = device.accept(batch.epoch, batch.batch_id, arrays)
+        self.stats.stored(device.device_id, ack.accepted, ack.resent)
         if ack.accepted:
             with self._cond:
                 self._cond.notify_all()
@@ -271,6 +289,33 @@ class CloudService:
             if version > known:
                 known = version
                 yield version, arrays
+
+    def is_known(self, device_id: str) -> bool:
+        """Whether `device_id` is registered or holds a credential (refusals are counted against it)."""
+        with self._cond:
+            if device_id in self._devices:
+                return True
+        return device_id in self.credentials.entries()
+
+    # ----- the operator's view -----
+
+    def status(self, running: bool = True) -> dict[str, Any]:
+        """The status document (`fleet_stats`): global figures and per-device counters and state."""
+        with self._cond:
+            devices = dict(self._devices)
+        service = {
+            "model_id": self.model.model_id,
+            "model_version": self.model.model_version,
+            "address": f"{self.cfg.host}:{self.port}" if self.port is not None else None,
+            "metrics_port": self.metrics_port,
+            "devices": len(devices),
+            "updates": self.log.updates,
+            "update_s": self.log.seconds,
+            "failures": self.log.failures,
+            "status_every_s": self.cfg.status_every_s,
+            "running": running,
+        }
+        return self.stats.snapshot(devices, service)
 
     # ----- synchronisation for studies and benchmarks -----
 

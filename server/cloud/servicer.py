@@ -15,10 +15,11 @@ import grpc
 import numpy as np
 
 from fairedge.common.config import CloudConfig
+from fairedge.common.device_token import split_token
 from fairedge.common.tensor_proto import to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
-from fairedge.server.cloud.auth import authenticate, authorize
+from fairedge.server.cloud.auth import authenticate, authorize, bearer_token
 from fairedge.server.cloud.credentials import CredentialStore
 from fairedge.server.cloud.device import BatchAck, Device
 from fairedge.server.cloud.errors import (
@@ -33,6 +34,7 @@ from fairedge.server.cloud.errors import (
     UnknownDevice,
     WrongModel,
 )
+from fairedge.server.cloud.fleet_stats import FleetStats
 
 STATUS: dict[type[CloudError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -60,6 +62,9 @@ class DeviceService(Protocol):
 
     cfg: CloudConfig
     norm_names: list[str]
+    stats: FleetStats
+
+    def is_known(self, device_id: str) -> bool: ...
 
     def register(self, device_id: str, model_id: str, model_version: str, epoch: str = ...) -> Device: ...
 
@@ -91,19 +96,33 @@ class EdgeAdaptationServicer(pb_grpc.EdgeAdaptationServicer):
         self.service = service
         self.credentials = credentials
 
-    def _caller(self, context: grpc.ServicerContext, device_id: str | None = None) -> str:
-        """The calling device's id (checked against the request's `device_id` when given)."""
+    def _caller(self, context: grpc.ServicerContext, rpc: str, device_id: str | None = None) -> str:
+        """The calling device's id (checked against the request's `device_id` when given); counts the call."""
         caller = authenticate(context.invocation_metadata() or (), self.credentials)
+        self.service.stats.seen(caller, rpc)
         if device_id is not None:
             authorize(caller, device_id)
         return caller
 
+    def _refuse(self, context: grpc.ServicerContext, err: CloudError, note: str = "") -> NoReturn:
+        """Count the refusal against the device the call's credential names, then abort with its status.
+
+        That is the caller for a valid credential; for a refused one (revoked, wrong secret), the id it
+        claims if that id is known, else no device (so made-up ids cannot grow the counters).
+        """
+        try:
+            claimed, _ = split_token(bearer_token(context.invocation_metadata() or ()))
+        except (CloudError, ValueError):
+            claimed = None
+        self.service.stats.rejected(claimed if claimed and self.service.is_known(claimed) else None, err)
+        _abort(context, err, note)
+
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         try:
-            self._caller(context, request.device_id)
+            self._caller(context, "Register", request.device_id)
             device = self.service.register(request.device_id, request.model_id, request.model_version, request.epoch)
         except CloudError as err:
-            _abort(context, err)
+            self._refuse(context, err)
         return pb.RegisterReply(
             params_version=device.published[0],
             norm_param_names=self.service.norm_names,
@@ -113,9 +132,9 @@ class EdgeAdaptationServicer(pb_grpc.EdgeAdaptationServicer):
 
     def Upload(self, request_iterator: Iterator[pb.SampleBatch], context: grpc.ServicerContext) -> pb.UploadReply:
         try:
-            caller = self._caller(context)  # before a byte of the stream is read
+            caller = self._caller(context, "Upload")  # before a byte of the stream is read
         except CloudError as err:
-            _abort(context, err)
+            self._refuse(context, err)
         accepted, resent, stored, ack = 0, 0, 0, None
         for batch in request_iterator:
             try:
@@ -127,7 +146,7 @@ class EdgeAdaptationServicer(pb_grpc.EdgeAdaptationServicer):
                     if stored and ack is not None
                     else ""
                 )
-                _abort(context, err, note)
+                self._refuse(context, err, note)
             accepted += ack.accepted
             resent += ack.resent
             stored += 1  # noqa: SIM113  (counts only batches that were stored)
@@ -143,25 +162,26 @@ class EdgeAdaptationServicer(pb_grpc.EdgeAdaptationServicer):
 
     def GetNormParams(self, request: pb.NormParamsRequest, context: grpc.ServicerContext) -> pb.NormParams:
         try:
-            self._caller(context, request.device_id)
+            self._caller(context, "GetNormParams", request.device_id)
             version, arrays = self.service.norm_params(request.device_id)
         except CloudError as err:
-            _abort(context, err)
+            self._refuse(context, err)
         return norm_params_message(version, arrays)
 
     def WatchNormParams(self, request: pb.NormParamsRequest, context: grpc.ServicerContext) -> Iterator[pb.NormParams]:
-        def allowed() -> bool:  # the credential may be revoked while the stream is open
+        def allowed() -> bool:  # the credential may be revoked while the stream is open (not a counted call)
             try:
-                self._caller(context, request.device_id)
+                authorize(authenticate(context.invocation_metadata() or (), self.credentials), request.device_id)
             except CloudError:
                 return False
             return True
 
         try:
-            self._caller(context, request.device_id)
+            self._caller(context, "WatchNormParams", request.device_id)
             active = lambda: context.is_active() and allowed()  # noqa: E731
             for version, arrays in self.service.watch(request.device_id, request.known_version, active):
                 yield norm_params_message(version, arrays)
-            self._caller(context, request.device_id)  # if a revocation ended the stream, say so
+            if not allowed():  # a revocation ended the stream: say so
+                self._caller(context, "WatchNormParams", request.device_id)
         except CloudError as err:
-            _abort(context, err)
+            self._refuse(context, err)
