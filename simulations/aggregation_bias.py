@@ -17,8 +17,10 @@ plus `rank90(U)`, the number of singular values holding 90 % of `‖U‖²` (cli
 Dense matrices are fine here: the built-in ViT's layers are 64×64 / 64×128.
 
     python -m fairedge.simulations.aggregation_bias [--set data.partition=feature-label] [--method lora_fair]
+    python -m fairedge.simulations.aggregation_bias --lm-study   # SmolLM2 on the LM studies' 8 roles
 
-writes `simulations/results/aggregation_bias.json` and `.md`.
+writes `simulations/results/aggregation_bias-<partition or lm>-<method>.json` and `.md`. With `--lm-study` the
+replay is a run of `lm_aggregation_study` (its config, roles, rounds, local training and top-layer LoRA).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fairedge.common.config import load_config
 from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
 from fairedge.common.training import client_round_seed, train_client_round
 from fairedge.server.federation import configured_aggregator as make_aggregator
+from fairedge.simulations import lm_study_setup
 from fairedge.simulations.paths import CONFIG, RESULTS, display
 
 CANDIDATES = ("fedit", "lora_fair", "best_B", "best_rank_r")
@@ -113,11 +116,11 @@ def replay(cfg, method: str) -> list[dict[str, float]]:
     return rows
 
 
-def report(rows: list[dict[str, float]], cfg, method: str, command: str) -> str:
+def report(rows: list[dict[str, float]], cfg, method: str, command: str, config: Path = CONFIG) -> str:
     lines = [
         "# How much of each round's update survives aggregation",
         "",
-        f"Config `{display(CONFIG)}` (+ the overrides in the command), run name `{cfg.name}`, seed {cfg.seed}, "
+        f"Config `{display(config)}` (+ the overrides in the command), run name `{cfg.name}`, seed {cfg.seed}, "
         f"partition {cfg.data.partition}, rule driving the federation: {method} (λ = {cfg.aggregation.lam}, "
         f"{cfg.aggregation.objective}); {cfg.federation.num_clients} clients × {cfg.federation.local_steps} local "
         f"steps, LoRA rank {cfg.lora.rank}. Mean over the adapted layers; "
@@ -150,19 +153,24 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--method", default="lora_fair", help="the rule that drives the replayed federation")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--lm-study", action="store_true", help="replay a run of the LM aggregation study instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(CONFIG, args.overrides)
+    config, overrides = CONFIG, args.overrides
+    if args.lm_study:
+        config = lm_study_setup.LM_CONFIG
+        overrides = [*lm_study_setup.FULL.overrides(lm_study_setup.pick_roles(8)), *args.overrides]
+    cfg = load_config(config, overrides)
     rows = replay(cfg, args.method)
     command = shlex.join(["python", "-m", "fairedge.simulations.aggregation_bias", *sys.argv[1:]])
     out = Path(args.results)
-    tag = f"{cfg.data.partition}-{args.method}"
+    tag = f"{'lm' if args.lm_study else cfg.data.partition}-{args.method}"
     atomic_write_json(
         out / f"aggregation_bias-{tag}.json",
         {"config": cfg.model_dump(mode="json"), "method": args.method, "command": command, "rounds": rows},
         sort_keys=False,
     )
-    md = report(rows, cfg, args.method, command)
+    md = report(rows, cfg, args.method, command, config)
     atomic_write_text(out / f"aggregation_bias-{tag}.md", md)
     print(md)
 
