@@ -291,6 +291,9 @@ class CloudConfig(Section):
     max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
     max_workers: int = Field(32, ge=2, description="gRPC handler threads (each open WatchNormParams holds one)")
     threads: int = Field(0, ge=0, description="torch intra-op threads for learning, process-wide (0 = torch's default)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the learner runs: auto = a GPU when one is present"
+    )
     status_every_s: float = Field(
         5.0, gt=0, description="how often the service rewrites <state_dir>/status.json (fairedge-server cloud status)"
     )
