@@ -301,6 +301,21 @@ class CloudConfig(Section):
         return self
 
 
+class TrackingConfig(Section):
+    """Experiment tracking of the server: per-round metrics and the config, to TensorBoard or MLflow."""
+
+    backend: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="where the server logs each round's metrics and the run's config"
+    )
+    uri: str | None = Field(
+        None,
+        min_length=1,
+        description="mlflow: a tracking URI (sqlite:///..., http://host:5000, file:...); tensorboard: a log folder "
+        "that gets one sub-folder per run. Unset = inside the run folder (mlflow/mlflow.db, tensorboard/)",
+    )
+    experiment: str = Field("fairedge", min_length=1, description="mlflow: the experiment the runs are filed under")
+
+
 class RunConfig(Section):
     """Everything that determines one run."""
 
@@ -315,6 +330,7 @@ class RunConfig(Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
