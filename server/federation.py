@@ -81,6 +81,7 @@ def run_federation(
         update_norm_rule=f.update_norm_rule,
         update_norm_factor=f.update_norm_factor,
         node_wait=f.round_timeout,
+        client_ranks=cfg.lora.client_ranks is not None,
     )
     config = ConfigRecord({"fairedge-config": config_json(cfg)})
     earlier_seconds = 0.0

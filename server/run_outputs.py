@@ -127,6 +127,8 @@ class RunRecord:
                 aggregator_metrics={k: v for k, v in entry.metrics.items() if k != "train-loss"},
                 client_config=entry.client_config,
             )
+            if getattr(entry, "ranks", None):  # heterogeneous LoRA ranks: node id → rank
+                row["ranks"] = {str(k): v for k, v in entry.ranks.items()}
             if entry.personal_accuracy:
                 accs = entry.personal_accuracy
                 row["personal_accuracy"] = {str(k): v for k, v in sorted(accs.items())}
