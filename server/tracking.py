@@ -18,11 +18,13 @@ Where: unset `tracking.uri` keeps everything in the run folder. MLflow then uses
 plain-file store unless MLFLOW_ALLOW_FILE_STORE is set; SQLite is its local default and needs no
 server: `mlflow ui --backend-store-uri sqlite:///<run>/mlflow/mlflow.db`). TensorBoard writes event
 files to `<run>/tensorboard/`, or to `<uri>/<run folder name>/` so that one `tensorboard --logdir <uri>`
-compares runs. The backends are imported only when chosen.
+compares runs. A resumed run goes on in the same MLflow run (`mlflow-run.json` in the run folder names
+it) and appends to the same TensorBoard folder. The backends are imported only when chosen.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -30,10 +32,13 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from fairedge.common.atomic_files import atomic_write_json
 from fairedge.common.config import RunConfig, TrackingConfig, config_hash, to_toml
 
 log = logging.getLogger("fairedge.server")
 
+MLFLOW_RUN_FILE = "mlflow-run.json"
+"""In the run folder: the MLflow store and run id, so that a resumed run goes on logging to the same run."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")  # what MLflow allows in a metric name; TensorBoard takes it too
 
 
@@ -177,15 +182,31 @@ class MlflowTracker:
             if experiment is not None
             else self.client.create_experiment(self.settings.experiment, artifact_location=artifacts)
         )
+        if (earlier := self._earlier_run(run_dir, uri)) is not None:  # a resumed run continues its MLflow run
+            self.run_id = earlier
+            self.client.update_run(earlier, status="RUNNING")
+            self.client.log_text(self.run_id, to_toml(cfg), "config.toml")  # params stay; rounds may have grown
+            return
         tags = {"fairedge.run_dir": str(run_dir.absolute()), "fairedge.config_hash": config_hash(cfg)}
         run = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
         self.run_id = run.info.run_id
+        atomic_write_json(run_dir / MLFLOW_RUN_FILE, {"tracking_uri": uri, "run_id": self.run_id})
         params = [Param(k, str(v)) for k, v in config_params(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(
                 self.run_id, params=params[i : i + 100], tags=[] if i else [RunTag("method", cfg.aggregation.method)]
             )
         self.client.log_text(self.run_id, to_toml(cfg), "config.toml")
+
+    def _earlier_run(self, run_dir: Path, uri: str) -> str | None:
+        """The MLflow run id an earlier session of this run folder logged to, if it is in this store."""
+        try:
+            earlier = json.loads((run_dir / MLFLOW_RUN_FILE).read_text())
+            if earlier["tracking_uri"] != uri:
+                return None
+            return str(self.client.get_run(earlier["run_id"]).info.run_id)
+        except Exception:  # no file, another store, a deleted run: start a new MLflow run
+            return None
 
     def log_round(self, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric

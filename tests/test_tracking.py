@@ -78,12 +78,16 @@ def test_mlflow_run_in_the_run_folder_holds_params_metrics_and_config(tmp_path):
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
-    cfg = _cfg(tmp_path, "tracking.backend='mlflow'")
+    cfg = _cfg(tmp_path, "tracking.backend='mlflow'", "federation.rounds=1")
     simulate(cfg, run_dir, engine="inprocess")
+    # a resumed run (one more round) goes on logging to the same MLflow run
+    simulate(cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 2})}), run_dir,
+             engine="inprocess", resume=True)  # fmt: skip
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("fairedge").experiment_id])
     assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
     assert run.data.params["lora.rank"] == "2" and run.data.params["aggregation.method"] == "fedit"
+    assert run.data.params["federation.rounds"] == "1"  # MLflow params are write-once; config.toml has 2
     logged = {
         name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)} for name in run.data.metrics
     }
@@ -92,7 +96,8 @@ def test_mlflow_run_in_the_run_folder_holds_params_metrics_and_config(tmp_path):
     assert {"config.toml", "metrics.json", "report.md"} <= artifacts
     config = client.download_artifacts(run.info.run_id, "config.toml", str(tmp_path))
     with open(config, "rb") as f:
-        assert tomllib.load(f)["lora"]["rank"] == 2
+        config = tomllib.load(f)
+    assert config["lora"]["rank"] == 2 and config["federation"]["rounds"] == 2
 
 
 def test_a_tracker_that_fails_warns_once_and_stops_tracking(tmp_path, caplog):
