@@ -403,6 +403,8 @@ class LoraStrategy(Strategy):
         rank, sent = int(_number(metrics, "lora-rank")), round_.sent_to(node)
         sent_rank = next(iter(sent.factors.values()))[0].shape[0] if sent.factors else rank
         if rank == sent_rank:
+            if self.client_ranks:
+                self.node_ranks[node] = rank  # known now: no query next time
             return None
         if not (self.client_ranks and self.aggregator.mixed_ranks and 1 <= rank < sent_rank):
             raise MalformedAdapter(f"reply of LoRA rank {rank}, but rank {sent_rank} was sent")
