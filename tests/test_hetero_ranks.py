@@ -234,7 +234,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("hetero-cache")  # the tiny ViT is pre-trained once for the module
 
 
-def _run(tmp_path, cache, method, client_app=None):
+def _run(tmp_path, cache, method, client_app=None, node_ranks=None):
     from fairedge.client.client_app import app
 
     cfg = build_config(
@@ -242,6 +242,8 @@ def _run(tmp_path, cache, method, client_app=None):
     )
     flower_environment()
     grid = RecordingGrid(client_app or app, 3)
+    for node, rank in (node_ranks or {}).items():  # as `--node-config "lora-rank=..."` on a SuperNode
+        grid.contexts[node].node_config["lora-rank"] = rank
     record = run_federation(grid, cfg, tmp_path / "run")
     return grid, record
 
@@ -279,3 +281,9 @@ def test_a_node_that_does_not_answer_the_query_cuts_the_adapter_itself(tmp_path,
     assert grid.sent_ranks[1000][0] == 4  # unknown rank: the whole adapter ...
     assert grid.sent_ranks[1000][1] == 1  # ... then its own rank, learned from its first reply
     assert all(r["aggregated"] and not r["rejected"] for r in record.rounds[1:])
+
+
+def test_a_node_config_rank_overrides_the_assignment(tmp_path, cache):
+    grid, record = _run(tmp_path, cache, "fedit", node_ranks={1000: 4, 1002: 2})
+    assert grid.sent_ranks == {1000: [4, 4], 1001: [2, 2], 1002: [2, 2]}
+    assert record.rounds[-1]["ranks"] == {"1000": 4, "1001": 2, "1002": 2}
