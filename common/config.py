@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 AGGREGATION_METHODS = ("fedit", "lora_fair", "flexlora", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "rolora")
 """The names of `fairedge.common.aggregation.AGGREGATORS` (kept equal by a test)."""
+MIXED_RANK_METHODS = ("fedit", "lora_fair", "flexlora", "flora")
+"""The rules that aggregate clients of different LoRA ranks (`Aggregator.mixed_ranks`; kept equal by a test)."""
 
 CACHE_ENV = "FAIREDGE_CACHE_DIR"
 """Environment variable that moves the default model cache (`model.cache_dir` unset)."""
@@ -151,6 +153,26 @@ class LoraSettings(Section):
         description="adapt only the top N transformer blocks (causal LMs): backward stops there, so a step is "
         "cheaper; unset = every block",
     )
+    client_ranks: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="heterogeneous ranks: the ranks clients train (each <= rank, the global adapter's r_max); "
+        "partition i gets client_ranks[i % len] (rank_assignment 'cyclic') or a seeded draw ('random'); a node's "
+        "`lora-rank` node config overrides it. Unset = every client trains `rank`",
+    )
+    rank_assignment: Literal["cyclic", "random"] = Field(
+        "cyclic", description="how partitions get their rank from client_ranks (see lora.client_ranks)"
+    )
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> LoraSettings:
+        bad = [r for r in self.client_ranks or [] if not 1 <= r <= self.rank]
+        if bad:
+            raise ValueError(
+                f"lora.client_ranks={self.client_ranks}: {bad} outside 1..lora.rank={self.rank} "
+                "(lora.rank is r_max, the rank of the global adapter)"
+            )
+        return self
 
 
 class FederationConfig(Section):
@@ -362,6 +384,21 @@ class PrivacyConfig(Section):
         return self
 
 
+class TrackingConfig(Section):
+    """Experiment tracking of the server: per-round metrics and the config, to TensorBoard or MLflow."""
+
+    backend: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="where the server logs each round's metrics and the run's config"
+    )
+    uri: str | None = Field(
+        None,
+        min_length=1,
+        description="mlflow: a tracking URI (sqlite:///..., http://host:5000, file:...); tensorboard: a log folder "
+        "that gets one sub-folder per run. Unset = inside the run folder (mlflow/mlflow.db, tensorboard/)",
+    )
+    experiment: str = Field("fairedge", min_length=1, description="mlflow: the experiment the runs are filed under")
+
+
 class RunConfig(Section):
     """Everything that determines one run."""
 
@@ -377,6 +414,7 @@ class RunConfig(Section):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -391,6 +429,16 @@ class RunConfig(Section):
             raise ValueError(f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' only")
         if self.privacy.enabled:
             _check_privacy(self)
+        if self.lora.client_ranks is not None and self.aggregation.method not in MIXED_RANK_METHODS:
+            raise ValueError(
+                f"lora.client_ranks={self.lora.client_ranks} (heterogeneous ranks) needs an aggregation.method that "
+                f"aggregates mixed ranks: {', '.join(MIXED_RANK_METHODS)}; {self.aggregation.method!r} does not"
+            )
+        if self.lora.client_ranks is not None and self.privacy.enabled and self.privacy.mode == "central":
+            raise ValueError(
+                f"lora.client_ranks={self.lora.client_ranks} with privacy.mode='central': the central DP release "
+                "clips and sums same-shaped updates; use one rank (unset lora.client_ranks) or privacy.mode='local'"
+            )
         return self
 
 

@@ -39,6 +39,7 @@ from fairedge.server.checkpoint import client_state_warning, restore_run_state, 
 from fairedge.server.privacy.central import make_client_level_dp
 from fairedge.server.run_outputs import RunRecord, write_config, write_outputs
 from fairedge.server.strategy import LoraStrategy
+from fairedge.server.tracking import SafeTracker, make_tracker
 
 log = logging.getLogger("fairedge.server")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -82,9 +83,12 @@ def run_federation(
         update_norm_factor=f.update_norm_factor,
         node_wait=f.round_timeout,
         privacy=make_client_level_dp(cfg),
+        client_ranks=cfg.lora.client_ranks is not None,
     )
     config = ConfigRecord({"fairedge-config": config_json(cfg)})
     earlier_seconds = 0.0
+    tracker = make_tracker(cfg.tracking)  # TensorBoard / MLflow; its failures only warn
+    tracker.start(cfg, run_dir)
 
     def evaluate(server_round: int, round_started: float) -> None:
         """Server-side accuracy of the global adapter; record the round; report it."""
@@ -94,6 +98,7 @@ def run_federation(
         loss = {g: m["loss"] for g, m in groups.items()} if task.kind == "causal-lm" else None
         attempts = [r for r in strategy.rounds if r.round == server_round] or None
         row = record.add_round(server_round, acc, attempts, seconds=time.time() - round_started, loss=loss)
+        tracker.log_round(row)
         if on_round is not None:
             on_round(row)
 
@@ -133,7 +138,7 @@ def run_federation(
                 f"round {server_round} failed {f.round_retries + 1} attempts ({failures}); "
                 f"the global adapter is the one after round {server_round - 1}"
             )
-            _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
+            _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started, tracker)
             raise RoundFailed(
                 f"{record.status}. The checkpoint of round {server_round - 1} is in "
                 f"{run_dir}/checkpoint; resume with: fairedge-sim run --resume {run_dir} "
@@ -151,12 +156,20 @@ def run_federation(
         set_adapter(model, global_adapter, base_weights)
         final = greedy_replies(cfg, model)
         record.samples = [{"prompt": p, "base": base[p], "final": final[p]} for p in base]
-    _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
+    _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started, tracker)
     return record
 
 
-def _finish(record: RunRecord, model: Any, global_adapter: Adapter, base_weights: dict, wall_seconds: float) -> None:
-    """Write the outputs for the global adapter."""
+def _finish(
+    record: RunRecord,
+    model: Any,
+    global_adapter: Adapter,
+    base_weights: dict,
+    wall_seconds: float,
+    tracker: SafeTracker,
+) -> None:
+    """Write the outputs for the global adapter; close the tracker's run."""
     set_adapter(model, global_adapter, base_weights)
     record.wall_seconds = wall_seconds
     write_outputs(record, model.cpu(), global_adapter.base_delta)
+    tracker.finish(record.status)

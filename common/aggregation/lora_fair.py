@@ -48,6 +48,7 @@ import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
 from .factored import LowRankSum, Weights, gram_flops
+from .ranks import pad_updates
 
 Objective = Literal["cosine", "frobenius"]
 OBJECTIVES: tuple[str, ...] = ("cosine", "frobenius")
@@ -490,6 +491,7 @@ class LoraFair(Aggregator):
     """
 
     name = "lora_fair"
+    mixed_ranks = True  # Ā, B̄ of zero-padded factors; ΔW exact; B' at r_max, cut per client (ALGORITHMS.md)
 
     def __init__(self, lam: float = 0.01, objective: Objective = "cosine", delta_form: DeltaForm = "auto") -> None:
         self.lam = _check_options(lam, objective, delta_form)
@@ -498,6 +500,7 @@ class LoraFair(Aggregator):
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
+        updates = pad_updates(updates, current)
         factors = {}
         sums = {"cos_fair": 0.0, "cos_fedit": 0.0, "rel_correction": 0.0}
         for layer in current.factors:
