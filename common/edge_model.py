@@ -237,9 +237,9 @@ def example_inputs(specs: Sequence[InputSpec], batch: int = 2, seed: int = 0) ->
 def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False, fuse: bool = True) -> Path:
     """Write `merged` as ONNX with every norm parameter a named, overridable graph input.
 
-    The batch axis (and for text the sequence axis) is dynamic. With `fuse` (the default) ONNX
-    Runtime's transformer fusions are applied offline (`fairedge.common.edge_fusion`; their counts go
-    to the metadata key `fairedge.ort_fusions`). With `quantize`, see `quantize_onnx`. For a text model
+    The batch axis (and for text the sequence axis) is dynamic. With `fuse` (the default) attention is
+    fused into ONNX Runtime's `MultiHeadAttention` offline (`fairedge.common.edge_fusion`; the rewrite
+    counts go to the metadata key `fairedge.ort_fusions`). With `quantize`, see `quantize_onnx`. For a text model
     the tokenizer is saved next to the file (`<stem>.tokenizer/tokenizer.json`, see `edge_tokenizer`). Raises `NormExportError` if any norm parameter is not an
     independent graph input with its own default, or if swapping them through ONNX Runtime
     (default optimisation level) does not reproduce PyTorch (fp32: within `PARITY_TOLERANCE`);
@@ -280,8 +280,8 @@ def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False
 def quantize_onnx(merged: MergedModel, src: str | Path, dst: str | Path) -> Path:
     """int8 copy of an fp32 model exported from `merged`: MatMul/Conv weights int8, one scale per
     output channel, activations quantised at run time (ONNX Runtime dynamic quantisation). Quantising
-    the fused graph leaves `MultiHeadAttention`, `SkipLayerNormalization` and `BiasGelu` in fp32 and
-    turns every projection into an int8 MatMul.
+    the fused graph leaves `MultiHeadAttention` in fp32 and turns every projection (Q, K and V included)
+    into an int8 MatMul.
 
     The norm inputs stay fp32, named and swappable (checked as in `export_onnx`; parity with
     PyTorch is not exact, so only a live swap is required). Saves a second torch export.
@@ -300,7 +300,7 @@ def quantize_onnx(merged: MergedModel, src: str | Path, dst: str | Path) -> Path
 
 
 _FUSIONS_KEY = METADATA_PREFIX + "ort_fusions"
-"""Informational metadata (the edge does not need it): how many of each ORT fusion the export applied."""
+"""Informational metadata (the edge does not need it): how many of each offline ORT rewrite the export applied."""
 
 
 def _as_arrays(norm: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
