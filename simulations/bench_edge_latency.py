@@ -18,7 +18,9 @@ without the offline attention fusion (`VARIANTS`). The causal LM has its own `be
 One thread everywhere (`torch.set_num_threads(1)`, ORT `intra_op_num_threads=1`), because the
 device is small and the benchmark machine is shared. Per batch size, PyTorch and every ORT
 variant run alternately, one call each per round, so load from other processes hits all alike;
-we report medians, the ratios of medians and the load average.
+we report medians, the ratios of medians and the load average. With one thread both runtimes
+compute on the calling thread, so we also record its CPU time per call (`time.thread_time`),
+which leaves out the time other processes held the core: the steadier figure on a busy machine.
 
 Swap vs rebuild: a *swap* is one run whose feed carries a complete new set of norm
 parameters (the session is reused); a *rebuild* is what a model with folded parameters needs:
@@ -168,9 +170,12 @@ def _median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+def _alternate(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3, *, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
     """Call each function once per round, in a fresh (seeded) random order, `repeats` rounds after `warmup`;
-    seconds per call. The shuffle keeps a fixed call order from favouring any column (caches, timer ticks)."""
+    wall seconds per call (and, into `cpu` if given, the calling thread's CPU seconds per call). The shuffle
+    keeps a fixed call order from favouring any column (caches, timer ticks)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -179,9 +184,11 @@ def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3)
     for _ in range(repeats):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.thread_time() - start_cpu)
     return times
 
 
@@ -294,13 +301,16 @@ def _latency(merged: MergedModel, x: Any, sessions: dict[str, Any], repeats: int
 
         fns = {"torch_eager": eager, **{f"ort_{k}": (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}}
         load = os.getloadavg()[0]
-        times = _alternate(fns, repeats)
+        cpu: dict[str, list[float]] = {}
+        times = _alternate(fns, repeats, cpu=cpu)
         med = {k: _median_ms(v) for k, v in times.items()}
+        med_cpu = {k: _median_ms(v) for k, v in cpu.items()}
         latency[f"batch_{batch}"] = {
             "median_ms": med,
             "min_ms": {k: 1e3 * min(v) for k, v in times.items()},
             "speedup_vs_torch": {k: med["torch_eager"] / med[k] for k in med if k != "torch_eager"},
-            "speedup_of_min_vs_torch": {k: min(times["torch_eager"]) / min(v) for k, v in times.items()},
+            "median_cpu_ms": med_cpu,
+            "speedup_cpu_vs_torch": {k: med_cpu["torch_eager"] / med_cpu[k] for k in med_cpu if k != "torch_eager"},
             "load_average": [load, os.getloadavg()[0]],
         }
     return latency
@@ -317,7 +327,9 @@ def _swap(merged: MergedModel, x: Any, sessions: dict[str, Any], fp32: Path, rep
         sess = sessions[kind]
         fns[f"{kind}_defaults"] = lambda s=sess: s.run(None, feeds)
         fns[f"{kind}_swapped"] = lambda s=sess: s.run(None, {**feeds, **new})
-    times = {k: _median_ms(v) for k, v in _alternate(fns, repeats).items()}
+    cpu: dict[str, list[float]] = {}
+    times = {k: _median_ms(v) for k, v in _alternate(fns, repeats, cpu=cpu).items()}
+    cpu_ms = {k: _median_ms(v) for k, v in cpu.items()}
     proto_bytes = fp32.read_bytes()
     rebuild = _alternate({"rebuild": lambda: _rebuild(proto_bytes, new, feeds)}, max(3, repeats // 6), warmup=1)
     swap: dict[str, Any] = {"norm_params": len(new), "norm_values": int(sum(v.size for v in new.values()))}
@@ -326,6 +338,7 @@ def _swap(merged: MergedModel, x: Any, sessions: dict[str, Any], fp32: Path, rep
             "run_with_defaults_ms": times[f"{kind}_defaults"],
             "run_with_new_norm_feeds_ms": times[f"{kind}_swapped"],
             "swap_overhead_ms": times[f"{kind}_swapped"] - times[f"{kind}_defaults"],
+            "swap_overhead_cpu_ms": cpu_ms[f"{kind}_swapped"] - cpu_ms[f"{kind}_defaults"],
         }
     swap["rebuild_session_and_run_ms"] = _median_ms(rebuild["rebuild"])
     swap["rebuild_over_swapped_run"] = swap["rebuild_session_and_run_ms"] / times["fp32_swapped"]
