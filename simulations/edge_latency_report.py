@@ -193,7 +193,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"- **{name}**: {m['model']}; config `{m['config']}` (hash `{m['config_hash']}`); inputs "
             + ", ".join(f"`{i['name']}` {tuple(i['shape'])} {i['dtype']}" for i in m["inputs"])
             + f"; ONNX {size['fp32']:.1f} MB fp32, {size['int8']:.1f} MB int8; "
-            f"export {m['export_seconds_fp32']:.1f} s (fusions included)."
+            f"export {m['export_seconds_fp32']:.1f} s (fusion included)."
         )
     lines += [
         "",
