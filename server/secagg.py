@@ -35,7 +35,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fairedge.common.adapter_record import adapter_to_record, fp32_bytes, reply_tensors, unflatten
+from fairedge.common.adapter_record import adapter_to_record, fp32_bytes, record_bytes, reply_tensors, unflatten
 from fairedge.common.aggregation import Adapter, ClientUpdate, frobenius_from_sums, reply_factors
 from fairedge.common.config import SecureAggregationConfig
 from fairedge.common.secagg import (
@@ -159,7 +159,8 @@ class _Run:
         self, private: Adapter, mean: dict[str, torch.Tensor], phase0: set[int], metrics: dict[str, float]
     ) -> tuple[Adapter, dict[str, float]]:
         """Phase 1: broadcast `Ā`, securely sum `B_k A_k Āᵀ − B_s A_s Āᵀ`, solve frobenius LoRA-FAIR."""
-        abar = {f"lora/{layer}/A": mean[f"lora/{layer}/A"] for layer in private.factors}
+        # Ā goes down as float32 (like every global adapter); clients and the reference use exactly that
+        abar = {f"lora/{layer}/A": mean[f"lora/{layer}/A"].float() for layer in private.factors}
         sent = reply_tensors(self.round_.sent)
         ref = {k.removesuffix("/A") + "/M": layer_product(sent, k, a) for k, a in abar.items()}
         layout = Layout.of(ref)
@@ -344,8 +345,8 @@ class _Run:
 
 
 def _content_bytes(content: RecordDict) -> int:
-    """Payload bytes of a message: its arrays plus its bytes and numbers (what dominates on the wire)."""
-    total = sum(a.numpy().nbytes for rec in content.array_records.values() for a in rec.values())
+    """Payload bytes of a message: its arrays (as `record_bytes` counts them) plus its bytes, strings and numbers."""
+    total = sum(record_bytes(rec) for rec in content.array_records.values())
     for rec in content.config_records.values():
         for v in rec.values():
             items = v if isinstance(v, list) else [v]

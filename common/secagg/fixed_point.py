@@ -99,4 +99,5 @@ def layer_product(tensors: Mapping[str, torch.Tensor], a_key: str, abar: torch.T
     """`B (A Āᵀ)` (float64) of the layer whose A is `tensors[a_key]` (`lora/<layer>/A`, B under `.../B`):
     a client's term of LoRA-FAIR's `M = Σ p_k B_k A_k Āᵀ`."""
     b_key = a_key.removesuffix("/A") + "/B"
-    return tensors[b_key].double() @ (tensors[a_key].double() @ abar.double().T)
+    abar_t = abar.double().T.contiguous()  # a transposed operand is far slower for small float64 products
+    return tensors[b_key].double() @ (tensors[a_key].double() @ abar_t)
