@@ -327,7 +327,9 @@ class SecureAggregationConfig(Section):
     modulus_bits: Literal[32, 64] = Field(32, description="masking ring 2^modulus_bits; 64 doubles the uplink")
     max_weight: float = Field(1000.0, gt=0, description="examples that give weight 1 (w_k = n_k / max_weight)")
     num_shares: int | None = Field(
-        None, ge=3, description="SecAgg+ neighbours per client, itself included (odd); unset = all sampled clients"
+        None,
+        ge=3,
+        description="SecAgg+ neighbours per client, itself included (odd; even gets one more); unset = all sampled clients",
     )
     reconstruction_threshold: float = Field(
         0.6, gt=0.5, le=1, description="fraction of a client's shares needed to rebuild its mask (≥ 2 shares)"

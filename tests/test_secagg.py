@@ -9,7 +9,17 @@ from flwr.clientapp import ClientApp
 
 from fairedge.client.secagg import secagg_mod
 from fairedge.common.adapter_record import adapter_from_record, adapter_to_record, record_tensors, tensors_to_record
-from fairedge.common.aggregation import Adapter, FedIT, LoraFair, RoLoRA, frobenius_from_sums, lora_fair, reply_factors
+from fairedge.common.aggregation import (
+    Adapter,
+    FedIT,
+    FedSALoRA,
+    FFALoRA,
+    LoraFair,
+    RoLoRA,
+    frobenius_from_sums,
+    lora_fair,
+    reply_factors,
+)
 from fairedge.common.config import ConfigError, SecureAggregationConfig, load_config
 from fairedge.common.secagg import SECAGG_KEY, FixedPoint, Stage
 from fairedge.server.secagg import SecureAggregation
@@ -138,9 +148,10 @@ def test_a_secure_fedit_round_equals_the_plaintext_one(modulus_bits, bits, atol)
     assert entry.partitions == {1000 + i: i for i in range(5)} and entry.bytes_up > 0
 
 
-def test_rolora_secure_round_sends_and_sums_only_its_factor():
-    got, _, _ = _secure(RoLoRA(), server_round=2, max_weight=60)
-    _close(got, _plaintext(RoLoRA(), [1000, 1001, 1002, 1003, 1004], server_round=2), 2e-6)
+@pytest.mark.parametrize("rule", [RoLoRA, FFALoRA, FedSALoRA], ids=["rolora", "ffa_lora", "fedsa_lora"])
+def test_rules_that_send_one_factor_equal_their_plaintext_round(rule):
+    got, _, _ = _secure(rule(), server_round=2, max_weight=60)
+    _close(got, _plaintext(rule(), [1000, 1001, 1002, 1003, 1004], server_round=2), 2e-6)
 
 
 def test_the_server_only_ever_receives_masked_vectors():
