@@ -223,3 +223,18 @@ def test_impossible_combinations_are_config_errors(overrides, needle):
     with pytest.raises(ConfigError, match="allowed") as err:
         load_config(None, ["privacy.secure_aggregation.enabled=true", *overrides])
     assert needle in str(err.value)
+
+
+def test_local_dp_composes_with_secure_aggregation():
+    cfg = load_config(
+        None,
+        [
+            "privacy.secure_aggregation.enabled=true",
+            "privacy.enabled=true",
+            "privacy.mode='local'",
+            "privacy.noise_multiplier=1.0",
+            "aggregation.method='lora_fair'",
+            "aggregation.objective='frobenius'",
+        ],
+    )
+    assert cfg.privacy.secure_aggregation.enabled and cfg.privacy.mode == "local"
