@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from fairedge.client.secagg import secagg_mod
 from fairedge.client.update_compression import compress_update
 from fairedge.common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
 from fairedge.common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
@@ -58,7 +59,7 @@ CONFIG_KEY = "fairedge-config"
 PERSONAL_B_KEY = "fairedge.personal-b"
 """Context-state key of this node's own B per layer (FedSA-LoRA)."""
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # secure-aggregation steps (fairedge.client.secagg); other messages pass
 
 
 def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:

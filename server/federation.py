@@ -38,6 +38,7 @@ from fairedge.common.training import evaluate_groups, resolve_device
 from fairedge.server.checkpoint import client_state_warning, restore_run_state, save_run_state
 from fairedge.server.privacy.central import make_client_level_dp
 from fairedge.server.run_outputs import RunRecord, write_config, write_outputs
+from fairedge.server.secagg import SecureAggregation
 from fairedge.server.strategy import LoraStrategy
 from fairedge.server.tracking import SafeTracker, make_tracker
 
@@ -54,6 +55,12 @@ def configured_aggregator(cfg: RunConfig) -> Aggregator:
     `alpha / rank`, which rules that fold `s·B·A` into the base weights take)."""
     options = cfg.aggregation.model_dump(exclude={"method"})
     return make_aggregator(cfg.aggregation.method, lora_scale=cfg.lora.alpha / cfg.lora.rank, **options)
+
+
+def _server_blind(cfg: RunConfig) -> bool:
+    """Update-norm screening is off under central DP (clipping bounds every update) and under secure
+    aggregation (the server never sees an update)."""
+    return (cfg.privacy.enabled and cfg.privacy.mode == "central") or cfg.privacy.secure_aggregation.enabled
 
 
 def run_federation(
@@ -79,7 +86,7 @@ def run_federation(
         min_train_nodes=f.min_train_nodes,
         downlink=cfg.compression.downlink,
         seed=cfg.seed,
-        update_norm_rule="off" if cfg.privacy.enabled and cfg.privacy.mode == "central" else f.update_norm_rule,
+        update_norm_rule="off" if _server_blind(cfg) else f.update_norm_rule,
         update_norm_factor=f.update_norm_factor,
         node_wait=f.round_timeout,
         privacy=make_client_level_dp(cfg),
@@ -89,6 +96,8 @@ def run_federation(
     earlier_seconds = 0.0
     tracker = make_tracker(cfg.tracking)  # TensorBoard / MLflow; its failures only warn
     tracker.start(cfg, run_dir)
+    sa = cfg.privacy.secure_aggregation
+    secagg = SecureAggregation(sa, lam=cfg.aggregation.lam, timeout=f.round_timeout) if sa.enabled else None
 
     def evaluate(server_round: int, round_started: float) -> None:
         """Server-side accuracy of the global adapter; record the round; report it."""
@@ -122,9 +131,12 @@ def run_federation(
         round_started = time.time()
         for attempt in range(f.round_retries + 1):
             arrays = adapter_to_record(global_adapter)
-            messages = strategy.configure_train(server_round, arrays, config, grid)
-            replies = grid.send_and_receive(messages, timeout=f.round_timeout) if messages else []
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if secagg is not None:  # the server sees only sums (several exchanges per round)
+                aggregated, _ = secagg.run_round(strategy, server_round, arrays, config, grid)
+            else:
+                messages = strategy.configure_train(server_round, arrays, config, grid)
+                replies = grid.send_and_receive(messages, timeout=f.round_timeout) if messages else []
+                aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:
                 global_adapter = adapter_from_record(aggregated)
                 break

@@ -296,6 +296,14 @@ class LoraStrategy(Strategy):
         self._sent = SentRound(entry, current, sent, client_config, messages, population=len(nodes))
         return messages
 
+    def take_sent(self, server_round: int) -> SentRound:
+        """What `configure_train` sent this round, handed over (for a caller that aggregates it itself)."""
+        round_ = self._sent
+        if round_ is None or round_.entry.round != server_round:
+            raise RuntimeError(f"take_sent({server_round}) without configure_train({server_round}) before it")
+        self._sent = None
+        return round_
+
     def _dp_config(self) -> ClientConfig:
         return dict(self.privacy.client_config()) if self.privacy is not None else {}
 

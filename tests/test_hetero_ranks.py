@@ -298,3 +298,11 @@ def test_mixed_ranks_with_central_dp_are_refused_by_name():
             CONFIG,
             ["lora.client_ranks=[2, 4]", "lora.rank=4", "privacy.enabled=true", "privacy.noise_multiplier=1.0"],
         )
+
+
+def test_mixed_ranks_under_secure_aggregation_are_refused_by_name():
+    from fairedge.common.config import ConfigError, load_config
+    from fairedge.simulations.paths import CONFIG
+
+    with pytest.raises(ConfigError, match="lora.client_ranks=.*secure_aggregation"):
+        load_config(CONFIG, ["lora.client_ranks=[2, 4]", "lora.rank=4", "privacy.secure_aggregation.enabled=true"])
