@@ -392,7 +392,8 @@ NOTES = [
     "- The flooder is held back by `max_pending_samples`: once that many of its samples wait, its uploads are "
     "refused with UNAVAILABLE (the refusals column) and it retries after 50 ms.",
     "- RSS grows while the flooder's backlog and replay buffer fill (both bounded: `max_pending_samples` and "
-    "`buffer_size` per device, about 1 KB per digits sample), then stays flat: compare the slopes.",
+    "`buffer_size` per device, about 1 KB per digits sample); a second-half slope near zero or below means it "
+    "has levelled off, a positive one that the run was too short to show it.",
 ]
 
 
