@@ -20,8 +20,9 @@ from transformers import AutoTokenizer
 
 from fairedge.common.aggregation import Adapter
 from fairedge.common.config import RunConfig
-from fairedge.common.data import TaskData, make_digits_domains, partition_clients
+from fairedge.common.data import TaskData, make_digits_domains
 from fairedge.common.data.lm_task import DEFAULT_PROMPTS, load_lm_task, prompt_input
+from fairedge.common.data.partition import client_indices
 from fairedge.common.data.task_data import Examples
 from fairedge.common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
 from fairedge.common.lora import (
@@ -81,14 +82,15 @@ def client_partition(
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     train = (task or load_task(cfg)).train
-    parts = partition_clients(
+    part = client_indices(  # this client's share only: its cost does not grow with num_partitions
         train,
         num_partitions,
+        partition_id,
         mode=cfg.data.partition,
         dirichlet_alpha=cfg.data.dirichlet_alpha,
         seed=cfg.seed,
     )
-    return train.subset(parts[partition_id])
+    return train.subset(part)
 
 
 def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:

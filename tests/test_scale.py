@@ -1,0 +1,114 @@
+"""Many virtual clients: a client's data costs what its own share costs, and a client keeps nothing between rounds."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import fairedge.client.client_app as client_app
+import fairedge.common.data.partition as partition
+from fairedge.common.adapter_record import adapter_to_record
+from fairedge.common.config import build_config
+from fairedge.common.data import LabeledData, TaskData
+from fairedge.common.data.partition import client_indices, partition_clients
+from fairedge.common.task import client_partition, config_json, get_adapter, lora_model
+
+
+def _data(domains: int = 6, per_domain: int = 1200, classes: int = 10) -> LabeledData:
+    n = domains * per_domain
+    gen = torch.Generator().manual_seed(0)
+    return LabeledData(
+        x=torch.zeros(n, 1, 2, 2),
+        y=torch.randint(0, classes, (n,), generator=gen),
+        domain=torch.arange(n) % domains,
+    )
+
+
+@pytest.mark.parametrize(("mode", "counts"), [("feature", (1, 6, 13, 40)), ("feature-label", (13,))])
+def test_one_clients_indices_are_its_share_of_the_full_partition(mode, counts):
+    data = _data(per_domain=200)
+    for n in counts:
+        full = partition_clients(data, n, mode=mode, seed=3)
+        for k in range(n):
+            assert np.array_equal(client_indices(data, n, k, mode=mode, seed=3), full[k]), (mode, n, k)
+
+
+def test_client_k_of_1000_is_cut_from_its_own_domain_only(monkeypatch):
+    """Client 777 of 1000: one domain is split (not all six), and no other client's share is built."""
+    data = _data()
+    task = TaskData(data, data, [str(i) for i in range(10)], list("abcdef"), source_domain="a", kind="image")
+    cfg = build_config({}, ["federation.num_clients=1000"])
+    expected = partition_clients(data, 1000, seed=cfg.seed)[777]
+    calls: list[int] = []
+    real = partition._domain_parts
+
+    def counting(data, present, d_pos, members, *args):
+        calls.append(int(present[d_pos]))
+        return real(data, present, d_pos, members, *args)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("partition_clients builds every client's share")
+
+    monkeypatch.setattr(partition, "_domain_parts", counting)
+    monkeypatch.setattr(partition, "partition_clients", refuse)
+    part = client_partition(cfg, 777, 1000, task=task)
+    assert calls == [777 % 6]
+    assert torch.equal(part.domain, torch.full((len(expected),), 777 % 6))
+    assert torch.equal(part.y, data.y[torch.from_numpy(expected)])
+
+
+@pytest.fixture
+def _task_identity(monkeypatch):
+    """Messages need a run id outside a running Flower app."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_a_client_holds_no_model_or_optimizer_after_a_message(tmp_path, monkeypatch):
+    """The model a train message builds (and the optimizer state on its parameters) is gone when the
+    reply is: between rounds a virtual client costs its Flower context only, and that stays empty."""
+    cfg = build_config(
+        {},
+        [
+            f"model.cache_dir='{tmp_path}'",
+            "model.pretrain_epochs=1",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "model.intermediate_size=16",
+            "data.samples_per_domain=40",
+            "lora.rank=2",
+            "federation.num_clients=3",
+            "federation.local_steps=3",
+            "federation.batch_size=8",
+            "federation.device='cpu'",
+        ],
+    )
+    built: list[weakref.ref] = []
+
+    def tracked_model(*args, **kwargs):
+        model = lora_model(*args, **kwargs)
+        built.append(weakref.ref(model))
+        built.extend(weakref.ref(p) for p in model.parameters() if p.requires_grad)
+        return model
+
+    monkeypatch.setattr(client_app, "lora_model", tracked_model)
+    config = ConfigRecord({client_app.CONFIG_KEY: config_json(cfg), "server-round": 1})
+    arrays = adapter_to_record(get_adapter(lora_model(cfg)))
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
+    context = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(), run_config={}
+    )
+    reply = client_app.run_train(msg, context)
+    assert "arrays" in reply.content and len(built) > 1  # it trained a model of its own
+    gc.collect()
+    assert [r for r in built if r() is not None] == []
+    assert len(context.state) == 0  # FedIT without compression keeps no per-node state
