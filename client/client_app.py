@@ -113,16 +113,13 @@ class _Job:
 def _load_message(msg: Message, context: Context) -> _Job:
     """Load the message's config, this node's data and a fresh model, and put the received adapter in it."""
     cfg = node_run_config(str(msg.content.config_records["config"][CONFIG_KEY]), context.node_config)
-    task = load_task(cfg)
+    partition_id = _int_setting(context.node_config, "partition-id", 0)
+    num_partitions = _int_setting(context.node_config, "num-partitions", cfg.federation.num_clients)
+    own = not context.node_config.get("data-path") and num_partitions == cfg.federation.num_clients
+    task = load_task(cfg, client=partition_id if own else None)  # an LM task: this client's rows only
     model = lora_model(cfg, task=task)
     set_adapter(model, adapter_from_record(msg.content.array_records["arrays"]), get_base_weights(model))
-    return _Job(
-        cfg=cfg,
-        task=task,
-        model=model,
-        partition_id=_int_setting(context.node_config, "partition-id", 0),
-        num_partitions=_int_setting(context.node_config, "num-partitions", cfg.federation.num_clients),
-    )
+    return _Job(cfg=cfg, task=task, model=model, partition_id=partition_id, num_partitions=num_partitions)
 
 
 def _int_setting(config: Mapping[str, Any], key: str, default: int, where: str = "node config") -> int:

@@ -47,13 +47,21 @@ def causal_lm_dir(cfg: RunConfig) -> Path:
     return builtin_model_dir(cfg.model.cache_path())
 
 
-def load_task(cfg: RunConfig) -> TaskData:
-    """The run's train/test data (all domains, or an LM task's clients), split with `cfg.seed`."""
+def load_task(cfg: RunConfig, *, client: int | None = None) -> TaskData:
+    """The run's train/test data (all domains, or an LM task's clients), split with `cfg.seed`.
+
+    `client` (a partition id of `federation.num_clients`): an LM task builds only that client's rows.
+    """
     d, seed = cfg.data, cfg.seed
     if d.task in ("shakespeare", "chat"):
         tokenizer = AutoTokenizer.from_pretrained(causal_lm_dir(cfg), local_files_only=True)
         return load_lm_task(
-            d, tokenizer, num_clients=cfg.federation.num_clients, seed=seed, cache_dir=cfg.model.cache_path()
+            d,
+            tokenizer,
+            num_clients=cfg.federation.num_clients,
+            seed=seed,
+            cache_dir=cfg.model.cache_path(),
+            only=client,
         )
     if d.task == "digits-domains":
         return make_digits_domains(
@@ -81,7 +89,10 @@ def client_partition(
     num_partitions = num_partitions or cfg.federation.num_clients
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    train = (task or load_task(cfg)).train
+    task = task or load_task(cfg, client=partition_id if num_partitions == cfg.federation.num_clients else None)
+    train = task.train
+    if task.kind == "causal-lm" and num_partitions == len(task.domains):  # a client per domain: all its rows
+        return train.subset(torch.nonzero(train.domain == partition_id).flatten())  # (also when only it is loaded)
     part = client_indices(  # this client's share only: its cost does not grow with num_partitions
         train,
         num_partitions,

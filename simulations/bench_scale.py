@@ -21,6 +21,7 @@ total grows. Results: `simulations/results/scale.json` and `.md`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -66,6 +67,11 @@ def run_config(total: int, sampled: int, rounds: int) -> Any:
     return load_config(CONFIG, overrides)
 
 
+def _stamped(row: dict[str, Any]) -> dict[str, Any]:
+    """A round's row with the wall time and this process's CPU time at its end."""
+    return {**row, "at": time.time(), "cpu": time.process_time()}
+
+
 def run_one(total: int, sampled: int, rounds: int, out: Path) -> None:
     """Child process: one simulation on Ray; its timings into `out` (JSON)."""
     from fairedge.simulations.simulate import simulate
@@ -74,11 +80,12 @@ def run_one(total: int, sampled: int, rounds: int, out: Path) -> None:
     rows: list[dict[str, Any]] = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="scale-run-") as run_dir:
-        simulate(cfg, Path(run_dir), on_round=lambda row: rows.append({**row, "at": time.time()}))
+        simulate(cfg, Path(run_dir), on_round=lambda row: rows.append(_stamped(row)))
     trained = [r for r in rows if r["round"] > 0]
     result = {
         "start_s": rows[0]["at"] - started if rows else None,
         "round_s": [r["seconds"] for r in trained],
+        "server_cpu_s": [b["cpu"] - a["cpu"] for a, b in itertools.pairwise(rows)],
         "sampled_each_round": [len(r.get("sampled", [])) for r in trained],
         "wall_s": time.time() - started,
         "final_mean_accuracy": trained[-1]["mean_accuracy"] if trained else None,
@@ -181,15 +188,16 @@ def markdown(result: dict[str, Any]) -> str:
         "process); PSS shares them out. Ratios are to the baseline, whose total equals the sampled count.",
         "",
         "| total clients | sampled / round | peak RSS MB | × base | peak PSS MB | × base | processes "
-        "| s / round | s / round after the 1st | start-up s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| s / round | s / round after the 1st | server CPU s / round | start-up s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['total_clients']} | {r['sampled_per_round']} | {r['peak_rss_mb']} | "
             f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | {r['peak_pss_mb']} | "
             f"{r['peak_pss_mb'] / base['peak_pss_mb']:.2f} | {r['peak_processes']} | "
-            f"{r['seconds_per_round']:.1f} | {_seconds(r['seconds_per_later_round'])} | {r['start_s']:.1f} |"
+            f"{r['seconds_per_round']:.1f} | {_seconds(r['seconds_per_later_round'])} | "
+            f"{sum(r['server_cpu_s']) / len(r['server_cpu_s']):.1f} | {r['start_s']:.1f} |"
         )
     worst = max(r["peak_rss_mb"] / base["peak_rss_mb"] for r in runs)
     lines += [
@@ -201,7 +209,9 @@ def markdown(result: dict[str, Any]) -> str:
         + ".",
         "",
         "The first round of a run also starts Ray's ClientApp workers (each imports torch and fairedge), "
-        "so later rounds show the steady cost. Start-up: from launch to the server's round-0 evaluation.",
+        "so later rounds show the steady cost. Start-up: from launch to the server's round-0 evaluation. "
+        "Server CPU: CPU seconds of the simulation's main process (ServerApp, Flower's link state and its "
+        "message poller; the clients run in Ray's workers) per round.",
         "",
         "Why memory stays flat: a client builds its model per message and drops it with the reply (no model or "
         "optimizer between rounds; `tests/test_scale.py`), and cuts only its own share of the data "

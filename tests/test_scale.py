@@ -14,8 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 import fairedge.client.client_app as client_app
 import fairedge.common.data.partition as partition
 from fairedge.common.adapter_record import adapter_to_record
-from fairedge.common.config import build_config
+from fairedge.common.config import DataConfig, RunConfig, build_config
 from fairedge.common.data import LabeledData, TaskData
+from fairedge.common.data.lm_task import load_lm_task
 from fairedge.common.data.partition import client_indices, partition_clients
 from fairedge.common.task import client_partition, config_json, get_adapter, lora_model
 
@@ -43,7 +44,7 @@ def test_client_k_of_1000_is_cut_from_its_own_domain_only(monkeypatch):
     """Client 777 of 1000: one domain is split (not all six), and no other client's share is built."""
     data = _data()
     task = TaskData(data, data, [str(i) for i in range(10)], list("abcdef"), source_domain="a", kind="image")
-    cfg = build_config({}, ["federation.num_clients=1000"])
+    cfg = build_config({}, ["federation.num_clients=300"])
     expected = partition_clients(data, 1000, seed=cfg.seed)[777]
     calls: list[int] = []
     real = partition._domain_parts
@@ -112,3 +113,41 @@ def test_a_client_holds_no_model_or_optimizer_after_a_message(tmp_path, monkeypa
     gc.collect()
     assert [r for r in built if r() is not None] == []
     assert len(context.state) == 0  # FedIT without compression keeps no per-node state
+
+
+class _CharTokenizer:
+    """What `load_lm_task` needs of a tokenizer (an id per character, EOS and padding 0); counts the texts it gets."""
+
+    eos_token_id = pad_token_id = 0
+
+    def __init__(self) -> None:
+        self.texts = 0
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        self.texts += len(texts)
+        return {"input_ids": [[1 + ord(c) % 255 for c in t] for t in texts]}
+
+
+def test_an_lm_client_tokenizes_its_own_role_only(tmp_path):
+    """Shakespeare client 17 of 30 tokenizes 2 texts (its train and held-out lines), not 60, and gets the
+    same rows as from the whole task; its partition is the same either way."""
+    d = DataConfig(task="shakespeare", min_lines=200, seq_len=32, max_eval_tokens=64)
+    whole_tok, one_tok = _CharTokenizer(), _CharTokenizer()
+    whole = load_lm_task(d, whole_tok, num_clients=30, seed=0, cache_dir=tmp_path)  # type: ignore[arg-type]
+    one = load_lm_task(d, one_tok, num_clients=30, seed=0, cache_dir=tmp_path, only=17)  # type: ignore[arg-type]
+    assert (one_tok.texts, whole_tok.texts) == (2, 60)
+    assert one.domains == whole.domains
+    for split in ("train", "test"):
+        mine, full = getattr(one, split), getattr(whole, split)
+        assert torch.equal(mine.domain.unique(), torch.tensor([17]))
+        assert torch.equal(mine.input_ids, full.input_ids[full.domain == 17])
+    cfg = RunConfig.model_validate(
+        {
+            "data": d.model_dump(),
+            "model": {"kind": "hf-causal-lm", "path": str(tmp_path)},
+            "federation": {"num_clients": 30},
+        }
+    )
+    assert torch.equal(client_partition(cfg, 17, task=one).input_ids, client_partition(cfg, 17, task=whole).input_ids)
+    with pytest.raises(ValueError, match="outside"):
+        load_lm_task(d, one_tok, num_clients=30, seed=0, cache_dir=tmp_path, only=30)  # type: ignore[arg-type]
