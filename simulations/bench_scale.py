@@ -16,6 +16,7 @@ total grows. Results: `simulations/results/scale.json` and `.md`.
 
     python -m fairedge.simulations.bench_scale                     # 10 (baseline), 100, 300, 1000
     python -m fairedge.simulations.bench_scale --totals 10 50 --rounds 1 --quick
+    python -m fairedge.simulations.bench_scale --task shakespeare    # SmolLM2 on LEAF-style Shakespeare roles
 """
 
 from __future__ import annotations
@@ -44,27 +45,48 @@ from fairedge.simulations.paths import CONFIG, RESULTS
 TAG = "FAIREDGE_SCALE_BENCH"
 """Environment variable that marks every process of one run (Ray's daemons inherit it, even when re-parented)."""
 
-DIGITS_SETTINGS = [
-    "federation.rounds={rounds}",
-    "federation.local_steps=5",
-    "federation.batch_size=8",
-    "federation.client_cpus=1",
-    "federation.device='cpu'",
-]
-"""Overrides of `simulations/configs/digits.toml` (its 1200 samples per domain are kept, so the pre-trained
-ViT in the model cache is reused: with 1000 clients a client holds ~5 training images, with 100 ~54)."""
+SETTINGS = {
+    "digits": [
+        "federation.rounds={rounds}",
+        "federation.local_steps=5",
+        "federation.batch_size=8",
+        "federation.client_cpus=1",
+        "federation.device='cpu'",
+    ],
+    "shakespeare": [
+        "federation.rounds={rounds}",
+        "federation.local_steps=2",
+        "federation.batch_size=2",
+        "federation.client_cpus=1",
+        "federation.device='cpu'",
+        "data.min_lines=5",
+        "data.seq_len=16",
+        "data.max_eval_tokens=16",
+    ],
+}
+"""Overrides of the task's config in `simulations/configs/`. Digits keeps its 1200 samples per domain, so the
+pre-trained ViT in the model cache is reused: with 1000 clients a client holds ~5 training images, with 100 ~54.
+Shakespeare (SmolLM2): roles with >= 5 lines (1061 of them), so 1000 natural clients exist; the server scores
+every client's first 16 held-out tokens each round, which does grow with the total."""
 
 
-def run_config(total: int, sampled: int, rounds: int) -> Any:
-    """The digits run with `total` virtual clients, `sampled` of them trained per round."""
+DATA_NOTE = {
+    "digits": "Data: 6 domains of 900 training images each, split among a domain's clients: ~54 images per "
+    "client with 100 clients, ~5 with 1000 (each sampled client still runs the same 5 steps).",
+    "shakespeare": "Data: one client per Shakespeare role with >= 5 lines (1061 roles), each its own lines.",
+}
+
+
+def run_config(task: str, total: int, sampled: int, rounds: int) -> Any:
+    """The `task` run with `total` virtual clients, `sampled` of them trained per round."""
     from fairedge.common.config import load_config
 
-    overrides = [s.format(rounds=rounds) for s in DIGITS_SETTINGS] + [
+    overrides = [s.format(rounds=rounds) for s in SETTINGS[task]] + [
         f"federation.num_clients={total}",
         f"federation.fraction_train={sampled / total!r}",
         f"federation.min_train_nodes={sampled}",  # also the sample size when fraction x total rounds down
     ]
-    return load_config(CONFIG, overrides)
+    return load_config(CONFIG.parent / f"{task}.toml", overrides)
 
 
 def _stamped(row: dict[str, Any]) -> dict[str, Any]:
@@ -72,11 +94,11 @@ def _stamped(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "at": time.time(), "cpu": time.process_time()}
 
 
-def run_one(total: int, sampled: int, rounds: int, out: Path) -> None:
+def run_one(task: str, total: int, sampled: int, rounds: int, out: Path) -> None:
     """Child process: one simulation on Ray; its timings into `out` (JSON)."""
     from fairedge.simulations.simulate import simulate
 
-    cfg = run_config(total, sampled, rounds)
+    cfg = run_config(task, total, sampled, rounds)
     rows: list[dict[str, Any]] = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="scale-run-") as run_dir:
@@ -137,13 +159,13 @@ class TreeSampler(threading.Thread):
             self.stop.wait(self.every_s)
 
 
-def measure(total: int, sampled: int, rounds: int, every_s: float) -> dict[str, Any]:
+def measure(task: str, total: int, sampled: int, rounds: int, every_s: float) -> dict[str, Any]:
     """Run one configuration in a fresh process; its timings and the peak memory of its process tree."""
     tag = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "fairedge.simulations.bench_scale", "--one", str(total)]
-        cmd += ["--sampled", str(sampled), "--rounds", str(rounds), "--result", str(out)]
+        cmd += ["--task", task, "--sampled", str(sampled), "--rounds", str(rounds), "--result", str(out)]
         child = subprocess.Popen(cmd, env={**os.environ, TAG: tag})
         sampler = TreeSampler(child.pid, tag, every_s)
         sampler.start()
@@ -178,9 +200,11 @@ def markdown(result: dict[str, Any]) -> str:
         "# Scale: many virtual clients, few sampled per round",
         "",
         f"`{result['command']}` ({result['date']}). Flower {result['flower']} simulation engine (Ray backend), "
-        f"digits task, {result['config']}.",
+        f"{result['task']} task, {result['config']}.",
         f"Machine: {m['cpus']} CPUs, {m['memory_gb']:.0f} GB, {m['platform']}; **shared** with other jobs "
         f"(load average {m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after), so timings are noisy.",
+        "",
+        DATA_NOTE[result["task"]],
         "",
         "Peak memory of the whole simulation (its process tree: server, Ray daemons, ClientApp workers), "
         "sampled every "
@@ -214,10 +238,11 @@ def markdown(result: dict[str, Any]) -> str:
         "message poller; the clients run in Ray's workers) per round.",
         "",
         "Why memory stays flat: a client builds its model per message and drops it with the reply (no model or "
-        "optimizer between rounds; `tests/test_scale.py`), and cuts only its own share of the data "
-        "(`client_indices`, one domain's samples). What still grows with the total: Flower's per-node context "
-        "and node registry (a few kB per node) and its message poller, which asks the link state for every "
-        "node's messages every 0.1 s.",
+        "optimizer between rounds; `tests/test_scale.py`), and loads only its own share of the data "
+        "(`client_indices`: one domain's samples; an LM client tokenizes only its own role). What still grows "
+        "with the total: Flower's per-node context and node registry (a few kB per node), its message poller, "
+        "which asks the link state for every node's messages every 0.1 s (server CPU), and for the LM task the "
+        "server's evaluation, which scores every client's held-out text.",
         "",
     ]
     return "\n".join(lines)
@@ -226,16 +251,17 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--totals", type=int, nargs="+", default=[100, 300, 1000], help="virtual clients per run")
+    parser.add_argument("--task", choices=sorted(SETTINGS), default="digits", help="digits (ViT) or shakespeare (LM)")
     parser.add_argument("--sampled", type=int, default=10, help="clients trained per round (also the baseline)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--every", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--quick", action="store_true", help="print the report, write no results")
-    parser.add_argument("--out", default=str(RESULTS / "scale"), help="results file stem (.json and .md)")
+    parser.add_argument("--out", help="results file stem (.json and .md); default simulations/results/scale[_TASK]")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one run of this many clients
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is not None:
-        run_one(args.one, args.sampled, args.rounds, Path(args.result))
+        run_one(args.task, args.one, args.sampled, args.rounds, Path(args.result))
         return
     if any(t < args.sampled for t in args.totals):
         parser.error(f"--totals: each must be at least --sampled={args.sampled}")
@@ -245,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = []
     for total in dict.fromkeys([args.sampled, *args.totals]):  # the baseline first
         print(f"scale: {total} clients, {args.sampled} sampled per round, {args.rounds} rounds", flush=True)
-        runs.append(measure(total, args.sampled, args.rounds, args.every))
+        runs.append(measure(args.task, total, args.sampled, args.rounds, args.every))
         r = runs[-1]
         print(
             f"  peak RSS {r['peak_rss_mb']} MB, PSS {r['peak_pss_mb']} MB, {r['seconds_per_round']:.1f} s/round",
@@ -264,16 +290,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             "load_after": os.getloadavg(),
             "shared": True,
         },
-        "config": f"simulations/configs/digits.toml with {', '.join(DIGITS_SETTINGS).format(rounds=args.rounds)}",
+        "task": args.task,
+        "config": f"simulations/configs/{args.task}.toml with {', '.join(SETTINGS[args.task]).format(rounds=args.rounds)}",
         "every_s": args.every,
         "runs": runs,
     }
     if args.quick:
         print(markdown(result))
         return
-    atomic_write_json(Path(args.out + ".json"), result)
-    atomic_write_text(Path(args.out + ".md"), markdown(result))
-    print(f"wrote {args.out}.json and .md")
+    out = args.out or str(RESULTS / ("scale" if args.task == "digits" else f"scale_{args.task}"))
+    atomic_write_json(Path(out + ".json"), result)
+    atomic_write_text(Path(out + ".md"), markdown(result))
+    print(f"wrote {out}.json and .md")
 
 
 if __name__ == "__main__":
