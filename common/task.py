@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from peft import PeftModel
 from torch import nn
@@ -102,6 +103,20 @@ def client_partition(
         seed=cfg.seed,
     )
     return train.subset(part)
+
+
+def server_test_split(cfg: RunConfig, task: TaskData) -> Examples:
+    """The test data the server scores each round: all of it, or `federation.eval_clients` of a causal-LM
+    task's clients (drawn once with the run's seed), a cost independent of the run's client count."""
+    k = cfg.federation.eval_clients
+    if k is None:
+        return task.test
+    if task.kind != "causal-lm":
+        raise ValueError(f"federation.eval_clients={k} applies to causal-LM tasks only (data.task={cfg.data.task!r})")
+    if k >= len(task.domains):
+        return task.test
+    chosen = torch.from_numpy(np.random.default_rng([cfg.seed, k]).choice(len(task.domains), size=k, replace=False))
+    return task.test.subset(torch.nonzero(torch.isin(task.test.domain, chosen)).flatten())
 
 
 def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:

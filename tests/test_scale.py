@@ -18,7 +18,7 @@ from fairedge.common.config import DataConfig, RunConfig, build_config
 from fairedge.common.data import LabeledData, TaskData
 from fairedge.common.data.lm_task import load_lm_task
 from fairedge.common.data.partition import client_indices, partition_clients
-from fairedge.common.task import client_partition, config_json, get_adapter, lora_model
+from fairedge.common.task import client_partition, config_json, get_adapter, lora_model, server_test_split
 
 
 def _data(domains: int = 6, per_domain: int = 1200, classes: int = 10) -> LabeledData:
@@ -130,7 +130,8 @@ class _CharTokenizer:
 
 def test_an_lm_client_tokenizes_its_own_role_only(tmp_path):
     """Shakespeare client 17 of 30 tokenizes 2 texts (its train and held-out lines), not 60, and gets the
-    same rows as from the whole task; its partition is the same either way."""
+    same rows as from the whole task; its partition is the same either way. The server can score a
+    fixed few clients instead of all."""
     d = DataConfig(task="shakespeare", min_lines=200, seq_len=32, max_eval_tokens=64)
     whole_tok, one_tok = _CharTokenizer(), _CharTokenizer()
     whole = load_lm_task(d, whole_tok, num_clients=30, seed=0, cache_dir=tmp_path)  # type: ignore[arg-type]
@@ -151,3 +152,12 @@ def test_an_lm_client_tokenizes_its_own_role_only(tmp_path):
     assert torch.equal(client_partition(cfg, 17, task=one).input_ids, client_partition(cfg, 17, task=whole).input_ids)
     with pytest.raises(ValueError, match="outside"):
         load_lm_task(d, one_tok, num_clients=30, seed=0, cache_dir=tmp_path, only=30)  # type: ignore[arg-type]
+
+    # the server scores federation.eval_clients of them, the same ones every round; all of them by default
+    assert server_test_split(cfg, whole) is whole.test
+    some = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"eval_clients": 5})})
+    picked = server_test_split(some, whole).domain.unique()
+    assert len(picked) == 5 and torch.equal(server_test_split(some, whole).domain.unique(), picked)
+    digits = build_config({}, ["federation.eval_clients=5"])
+    with pytest.raises(ValueError, match="eval_clients=5 applies to causal-LM tasks only"):
+        server_test_split(digits, TaskData(_data(), _data(), ["0"], list("abcdef"), source_domain="a", kind="image"))
