@@ -63,6 +63,7 @@ SETTINGS = {
         "data.seq_len=16",
         "data.max_eval_tokens=16",
         "federation.eval_clients=10",
+        "data.reply_tokens=8",
     ],
 }
 """Overrides of the task's config in `simulations/configs/`. Digits keeps its 1200 samples per domain, so the
