@@ -39,13 +39,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from fairedge.client.secagg import secagg_mod
 from fairedge.client.update_compression import compress_update
 from fairedge.common.adapter_record import adapter_from_record, reply_tensors, tensors_to_record
 from fairedge.common.aggregation import PERSONAL_B, TRAIN_FACTORS, reply_factors
+from fairedge.common.aggregation.ranks import truncate_adapter
 from fairedge.common.config import RunConfig
 from fairedge.common.data import TaskData
 from fairedge.common.data.task_data import Examples
 from fairedge.common.lora import get_base_weights, get_lora_factors, set_lora_factors, set_trainable_factors
+from fairedge.common.lora_ranks import at_rank, node_rank
 from fairedge.common.privacy import LOCAL_CLIP_KEY, LOCAL_NOISE_KEY, noise_generator, privatize_local
 from fairedge.common.task import client_partition, get_adapter, load_task, lora_model, set_adapter
 from fairedge.common.training import client_round_seed, resolve_device, train_client_round
@@ -56,7 +59,7 @@ CONFIG_KEY = "fairedge-config"
 PERSONAL_B_KEY = "fairedge.personal-b"
 """Context-state key of this node's own B per layer (FedSA-LoRA)."""
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # secure-aggregation steps (fairedge.client.secagg); other messages pass
 
 
 def node_run_config(raw: str, node_config: Mapping[str, Any]) -> RunConfig:
@@ -101,6 +104,7 @@ class _Job:
     """What one message gives a client: its config, data, partition and a model holding the global adapter."""
 
     cfg: RunConfig
+    """the run's config as this node trains with it (at its own LoRA rank)."""
     task: TaskData
     model: PeftModel
     partition_id: int
@@ -111,14 +115,17 @@ class _Job:
 
 
 def _load_message(msg: Message, context: Context) -> _Job:
-    """Load the message's config, this node's data and a fresh model, and put the received adapter in it."""
+    """Load the message's config, this node's data and a fresh model at this node's LoRA rank, and put the
+    received adapter in it (cut to that rank if the server sent more: heterogeneous ranks)."""
     cfg = node_run_config(str(msg.content.config_records["config"][CONFIG_KEY]), context.node_config)
     partition_id = _int_setting(context.node_config, "partition-id", 0)
+    cfg = at_rank(cfg, node_rank(cfg, context.node_config, partition_id))
     num_partitions = _int_setting(context.node_config, "num-partitions", cfg.federation.num_clients)
     own = not context.node_config.get("data-path") and num_partitions == cfg.federation.num_clients
     task = load_task(cfg, client=partition_id if own else None)  # an LM task: this client's rows only
     model = lora_model(cfg, task=task)
-    set_adapter(model, adapter_from_record(msg.content.array_records["arrays"]), get_base_weights(model))
+    received = truncate_adapter(adapter_from_record(msg.content.array_records["arrays"]), cfg.lora.rank)
+    set_adapter(model, received, get_base_weights(model))
     return _Job(cfg=cfg, task=task, model=model, partition_id=partition_id, num_partitions=num_partitions)
 
 
@@ -162,7 +169,9 @@ def run_train(msg: Message, context: Context) -> Message:
     if personal_b:
         context.state[PERSONAL_B_KEY] = ArrayRecord({k: Array(b.numpy()) for k, (_, b) in trained.factors.items()})
     reply = reply_tensors(trained, send)
-    metrics = MetricRecord({"num-examples": len(data), "train-loss": loss, "partition-id": partition_id})
+    metrics = MetricRecord(
+        {"num-examples": len(data), "train-loss": loss, "partition-id": partition_id, "lora-rank": cfg.lora.rank}
+    )
     if LOCAL_NOISE_KEY in round_config:  # local DP: clip and noise the change before it is compressed or sent
         gen = noise_generator(cfg.privacy.noise_seed, server_round, partition_id)
         clip, z = float(round_config[LOCAL_CLIP_KEY]), float(round_config[LOCAL_NOISE_KEY])  # type: ignore[arg-type]
@@ -213,3 +222,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Flower entry point for evaluate messages."""
     return run_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower entry point for query messages: this node's LoRA rank and partition (heterogeneous ranks)."""
+    cfg = node_run_config(str(msg.content.config_records["config"][CONFIG_KEY]), context.node_config)
+    partition_id = _int_setting(context.node_config, "partition-id", 0)
+    metrics = MetricRecord(
+        {"lora-rank": node_rank(cfg, context.node_config, partition_id), "partition-id": partition_id}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

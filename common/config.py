@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -27,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 AGGREGATION_METHODS = ("fedit", "lora_fair", "flexlora", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "rolora")
 """The names of `fairedge.common.aggregation.AGGREGATORS` (kept equal by a test)."""
+MIXED_RANK_METHODS = ("fedit", "lora_fair", "flexlora", "flora")
+"""The rules that aggregate clients of different LoRA ranks (`Aggregator.mixed_ranks`; kept equal by a test)."""
 
 CACHE_ENV = "FAIREDGE_CACHE_DIR"
 """Environment variable that moves the default model cache (`model.cache_dir` unset)."""
@@ -151,6 +154,26 @@ class LoraSettings(Section):
         description="adapt only the top N transformer blocks (causal LMs): backward stops there, so a step is "
         "cheaper; unset = every block",
     )
+    client_ranks: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="heterogeneous ranks: the ranks clients train (each <= rank, the global adapter's r_max); "
+        "partition i gets client_ranks[i % len] (rank_assignment 'cyclic') or a seeded draw ('random'); a node's "
+        "`lora-rank` node config overrides it. Unset = every client trains `rank`",
+    )
+    rank_assignment: Literal["cyclic", "random"] = Field(
+        "cyclic", description="how partitions get their rank from client_ranks (see lora.client_ranks)"
+    )
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> LoraSettings:
+        bad = [r for r in self.client_ranks or [] if not 1 <= r <= self.rank]
+        if bad:
+            raise ValueError(
+                f"lora.client_ranks={self.client_ranks}: {bad} outside 1..lora.rank={self.rank} "
+                "(lora.rank is r_max, the rank of the global adapter)"
+            )
+        return self
 
 
 class FederationConfig(Section):
@@ -297,6 +320,9 @@ class CloudConfig(Section):
     max_message_mb: int = Field(64, ge=1, le=2047, description="gRPC send/receive message limit")
     max_workers: int = Field(32, ge=2, description="gRPC handler threads (each open WatchNormParams holds one)")
     threads: int = Field(0, ge=0, description="torch intra-op threads for learning, process-wide (0 = torch's default)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the learner runs: auto = a GPU when one is present"
+    )
     status_every_s: float = Field(
         5.0, gt=0, description="how often the service rewrites <state_dir>/status.json (fairedge-server cloud status)"
     )
@@ -317,6 +343,35 @@ class CloudConfig(Section):
 PRIVACY_CENTRAL_METHODS = ("fedit", "ffa_lora", "fedsa_lora", "rolora", "lora_fair")
 """Aggregation methods central DP supports: the next global adapter is post-processing of noised sums
 (LoRA-FAIR with the frobenius objective also releases a noised `Σ B_k A_k Āᵀ`; see ALGORITHMS.md, Privacy)."""
+
+
+SECAGG_METHODS = ("fedit", "ffa_lora", "fedsa_lora", "rolora", "lora_fair")
+"""Aggregation methods secure aggregation supports: their next global adapter needs only weighted sums
+(LoRA-FAIR: frobenius objective, two phases; see ALGORITHMS.md, Secure aggregation)."""
+
+
+class SecureAggregationConfig(Section):
+    """SecAgg+ (Bell et al. 2020): the server learns only the sum of the clients' masked, quantised updates.
+
+    Each client sends `w_k·(x_k − ref)` (its change, weighted by `w_k = n_k / max_weight`), clamped to
+    `[-clip_range, clip_range]` and rounded to `quantization_bits` levels over that range, plus `n_k`,
+    masked modulo `2^modulus_bits`; pairwise masks cancel in the sum and a dropped client's are rebuilt
+    from `reconstruction_threshold` of its neighbours' Shamir shares.
+    """
+
+    enabled: bool = False
+    clip_range: float = Field(1.0, gt=0, description="each weighted change entry is clamped to ±clip_range")
+    quantization_bits: int = Field(24, ge=8, le=60, description="fixed-point levels over [-clip_range, clip_range]")
+    modulus_bits: Literal[32, 64] = Field(32, description="masking ring 2^modulus_bits; 64 doubles the uplink")
+    max_weight: float = Field(1000.0, gt=0, description="examples that give weight 1 (w_k = n_k / max_weight)")
+    num_shares: int | None = Field(
+        None,
+        ge=3,
+        description="SecAgg+ neighbours per client, itself included (odd; even gets one more); unset = all sampled clients",
+    )
+    reconstruction_threshold: float = Field(
+        0.6, gt=0.5, le=1, description="fraction of a client's shares needed to rebuild its mask (≥ 2 shares)"
+    )
 
 
 class PrivacyConfig(Section):
@@ -352,6 +407,7 @@ class PrivacyConfig(Section):
         description="seed of the DP noise, for reproducible studies only: anyone who knows it can remove the "
         "noise; unset = fresh OS randomness (what a real deployment needs)",
     )
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:
@@ -363,6 +419,21 @@ class PrivacyConfig(Section):
         if self.enabled and self.mode == "local" and self.clipping == "adaptive":
             raise ValueError("privacy.clipping='adaptive' needs privacy.mode='central' (the server adapts the bound)")
         return self
+
+
+class TrackingConfig(Section):
+    """Experiment tracking of the server: per-round metrics and the config, to TensorBoard or MLflow."""
+
+    backend: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="where the server logs each round's metrics and the run's config"
+    )
+    uri: str | None = Field(
+        None,
+        min_length=1,
+        description="mlflow: a tracking URI (sqlite:///..., http://host:5000, file:...); tensorboard: a log folder "
+        "that gets one sub-folder per run. Unset = inside the run folder (mlflow/mlflow.db, tensorboard/)",
+    )
+    experiment: str = Field("fairedge", min_length=1, description="mlflow: the experiment the runs are filed under")
 
 
 class RunConfig(Section):
@@ -380,6 +451,7 @@ class RunConfig(Section):
     edge: EdgeConfig = Field(default_factory=EdgeConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -394,6 +466,23 @@ class RunConfig(Section):
             raise ValueError(f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' only")
         if self.privacy.enabled:
             _check_privacy(self)
+        if self.lora.client_ranks is not None and self.aggregation.method not in MIXED_RANK_METHODS:
+            raise ValueError(
+                f"lora.client_ranks={self.lora.client_ranks} (heterogeneous ranks) needs an aggregation.method that "
+                f"aggregates mixed ranks: {', '.join(MIXED_RANK_METHODS)}; {self.aggregation.method!r} does not"
+            )
+        if self.lora.client_ranks is not None and self.privacy.enabled and self.privacy.mode == "central":
+            raise ValueError(
+                f"lora.client_ranks={self.lora.client_ranks} with privacy.mode='central': the central DP release "
+                "clips and sums same-shaped updates; use one rank (unset lora.client_ranks) or privacy.mode='local'"
+            )
+        if self.privacy.secure_aggregation.enabled:
+            _check_secure_aggregation(self)
+            if self.lora.client_ranks is not None:
+                raise ValueError(
+                    f"lora.client_ranks={self.lora.client_ranks} with privacy.secure_aggregation.enabled=true: masked "
+                    "vectors must have one length for every client; use one rank (unset lora.client_ranks)"
+                )
         return self
 
 
@@ -437,6 +526,40 @@ def _check_privacy(cfg: RunConfig) -> None:
             f"{stateful[0]}: clients keep state that depends on the rounds they were sampled in, which the "
             "sampling-amplified accountant does not cover; allowed: federation.fraction_train=1, or "
             "privacy.mode='local'" + (", or compression.error_feedback=false" if "compression" in stateful[0] else "")
+        )
+
+
+def _check_secure_aggregation(cfg: RunConfig) -> None:
+    """Refuse what secure aggregation cannot deliver from sums (why: README and ALGORITHMS.md, Secure aggregation)."""
+    sa, method, f = cfg.privacy.secure_aggregation, cfg.aggregation.method, cfg.federation
+    if method not in SECAGG_METHODS:
+        raise ValueError(
+            f"aggregation.method={method!r} is not supported with privacy.secure_aggregation: it needs each "
+            f"client's product B_k A_k or stacks the clients' factors; allowed: {', '.join(SECAGG_METHODS)}"
+        )
+    if method == "lora_fair" and cfg.aggregation.objective != "frobenius":
+        raise ValueError(
+            f"aggregation.objective={cfg.aggregation.objective!r} with lora_fair under secure aggregation: the "
+            "cosine objective needs ‖Σ p_k B_k A_k‖², whose cross terms pair clients (not a sum); allowed: 'frobenius'"
+        )
+    if cfg.compression.enabled:
+        raise ValueError(
+            "compression.enabled=true with privacy.secure_aggregation: masks make sparse ternary payloads dense "
+            "and the server must decode each one; allowed: compression.enabled=false"
+        )
+    if cfg.privacy.enabled and cfg.privacy.mode == "central":
+        raise ValueError(
+            "privacy.mode='central' with privacy.secure_aggregation: the server cannot clip updates it never "
+            "sees; allowed: privacy.mode='local'"
+        )
+    if f.min_train_nodes < 2:
+        raise ValueError(f"federation.min_train_nodes={f.min_train_nodes} with secure aggregation: allowed >= 2")
+    sampled = max(int(f.num_clients * f.fraction_train), f.min_train_nodes)
+    room = sa.modulus_bits - 1 - math.ceil(math.log2(sampled))
+    if sa.quantization_bits > room:
+        raise ValueError(
+            f"privacy.secure_aggregation.quantization_bits={sa.quantization_bits}: the sum of {sampled} clients "
+            f"overflows 2^{sa.modulus_bits}; allowed: <= {room} (or modulus_bits=64)"
         )
 
 

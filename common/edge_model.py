@@ -48,6 +48,7 @@ from fairedge.common.edge_format import (
     session,
     tokenizer_dir,
 )
+from fairedge.common.edge_fusion import fuse_for_ort
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -233,12 +234,13 @@ def example_inputs(specs: Sequence[InputSpec], batch: int = 2, seed: int = 0) ->
 # ---------------------------------------------------------------- export
 
 
-def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False) -> Path:
+def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False, fuse: bool = True) -> Path:
     """Write `merged` as ONNX with every norm parameter a named, overridable graph input.
 
-    The batch axis (and for text the sequence axis) is dynamic. With `quantize`, see
-    `quantize_onnx`. For a text model the tokenizer is saved next to the file
-    (`<stem>.tokenizer/tokenizer.json`, see `edge_tokenizer`). Raises `NormExportError` if any norm parameter is not an
+    The batch axis (and for text the sequence axis) is dynamic. With `fuse` (the default) attention is
+    fused into ONNX Runtime's `MultiHeadAttention` offline (`fairedge.common.edge_fusion`; the rewrite
+    counts go to the metadata key `fairedge.ort_fusions`). With `quantize`, see `quantize_onnx`. For a text model
+    the tokenizer is saved next to the file (`<stem>.tokenizer/tokenizer.json`, see `edge_tokenizer`). Raises `NormExportError` if any norm parameter is not an
     independent graph input with its own default, or if swapping them through ONNX Runtime
     (default optimisation level) does not reproduce PyTorch (fp32: within `PARITY_TOLERANCE`);
     then nothing is written.
@@ -269,12 +271,17 @@ def export_onnx(merged: MergedModel, path: str | Path, *, quantize: bool = False
         raise NormExportError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     _add_defaults(proto, _as_arrays(norm))
-    return _finish(proto, merged, Path(path), quantize=quantize)
+    fusions: dict[str, int] = {}
+    if fuse:
+        proto, fusions = fuse_for_ort(proto)
+    return _finish(proto, merged, Path(path), quantize=quantize, fusions=fusions)
 
 
 def quantize_onnx(merged: MergedModel, src: str | Path, dst: str | Path) -> Path:
     """int8 copy of an fp32 model exported from `merged`: MatMul/Conv weights int8, one scale per
-    output channel, activations quantised at run time (ONNX Runtime dynamic quantisation).
+    output channel, activations quantised at run time (ONNX Runtime dynamic quantisation). Quantising
+    the fused graph leaves `MultiHeadAttention` in fp32 and turns every projection (Q, K and V included)
+    into an int8 MatMul.
 
     The norm inputs stay fp32, named and swappable (checked as in `export_onnx`; parity with
     PyTorch is not exact, so only a live swap is required). Saves a second torch export.
@@ -288,14 +295,21 @@ def quantize_onnx(merged: MergedModel, src: str | Path, dst: str | Path) -> Path
             f"{src} holds model version {info.model_version}, not {merged.model_version} "
             f"({merged.model_id}): export that model first"
         )
-    return _finish(proto, merged, Path(dst), quantize=True)
+    fusions = json.loads({p.key: p.value for p in proto.metadata_props}.get(_FUSIONS_KEY, "{}"))
+    return _finish(proto, merged, Path(dst), quantize=True, fusions=fusions)
+
+
+_FUSIONS_KEY = METADATA_PREFIX + "ort_fusions"
+"""Informational metadata (the edge does not need it): how many of each offline ORT rewrite the export applied."""
 
 
 def _as_arrays(norm: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy().astype(np.float32) for name, t in norm.items()}
 
 
-def _finish(proto: onnx.ModelProto, merged: MergedModel, path: Path, *, quantize: bool) -> Path:
+def _finish(
+    proto: onnx.ModelProto, merged: MergedModel, path: Path, *, quantize: bool, fusions: Mapping[str, int]
+) -> Path:
     """Check, (quantise,) label, and write the model; the file appears only once every check passed."""
     norm = norm_parameters(merged.model)
     defaults = _as_arrays(norm)
@@ -304,6 +318,7 @@ def _finish(proto: onnx.ModelProto, merged: MergedModel, path: Path, *, quantize
         proto = _quantize(proto)
         check_norm_inputs(proto, defaults)
     _set_metadata(proto, merged, defaults, quantized=quantize)
+    proto.metadata_props.add(key=_FUSIONS_KEY, value=json.dumps(dict(fusions)))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

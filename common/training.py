@@ -17,10 +17,10 @@ from fairedge.common.config import FederationConfig
 from fairedge.common.data.task_data import Examples
 
 
-def resolve_device(device: Literal["auto", "cpu", "cuda"]) -> torch.device:
-    """`auto` picks the GPU when one is present."""
+def resolve_device(device: Literal["auto", "cpu", "cuda"], field: str = "federation.device") -> torch.device:
+    """`auto` picks the GPU when one is present; `field` names the setting in the error."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("federation.device = 'cuda' but no CUDA device is available")
+        raise RuntimeError(f"{field} = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -48,6 +48,7 @@ class ExportReport:
     accuracy_onnx: float
     argmax_agreement: float  # fraction of samples where ONNX and PyTorch predict the same class
     export_seconds: float
+    ort_fusions: dict[str, int]  # offline ORT attention rewrites (`fairedge.common.edge_fusion`), by kind
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -103,6 +104,7 @@ def export_run(
         accuracy_onnx=float((got_a.argmax(1) == y).mean()),
         argmax_agreement=float((got_a.argmax(1) == ref_a.argmax(1)).mean()),
         export_seconds=seconds,
+        ort_fusions=json.loads(sess.get_modelmeta().custom_metadata_map.get("fairedge.ort_fusions", "{}")),
     )
 
 
@@ -142,6 +144,7 @@ def describe(report: ExportReport) -> str:
     return (
         f"wrote {r.path} ({r.size_bytes / 1e6:.2f} MB, {kind}, model {r.model_id} version {r.model_version}, "
         f"{r.norm_params} normalisation parameters as swappable graph inputs) in {r.export_seconds:.1f} s\n"
+        f"ONNX Runtime rewrites applied offline: {', '.join(f'{k} {v}' for k, v in r.ort_fusions.items()) or 'none'}\n"
         f"parity vs PyTorch on {r.samples} test samples: max |logit diff| {r.max_abs_diff_default:.2e} "
         f"(trained norm params), {r.max_abs_diff_swapped:.2e} (swapped norm params)\n"
         f"accuracy: PyTorch {r.accuracy_torch:.4f}, ONNX Runtime {r.accuracy_onnx:.4f} "

@@ -46,7 +46,9 @@ from fairedge.common.training import evaluate_groups, resolve_device
 from fairedge.server.checkpoint import client_state_warning, restore_run_state, save_run_state
 from fairedge.server.privacy.central import make_client_level_dp
 from fairedge.server.run_outputs import RunRecord, write_config, write_outputs
+from fairedge.server.secagg import SecureAggregation
 from fairedge.server.strategy import LoraStrategy
+from fairedge.server.tracking import SafeTracker, make_tracker
 
 log = logging.getLogger("fairedge.server")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -61,6 +63,12 @@ def configured_aggregator(cfg: RunConfig) -> Aggregator:
     `alpha / rank`, which rules that fold `s·B·A` into the base weights take)."""
     options = cfg.aggregation.model_dump(exclude={"method"})
     return make_aggregator(cfg.aggregation.method, lora_scale=cfg.lora.alpha / cfg.lora.rank, **options)
+
+
+def _server_blind(cfg: RunConfig) -> bool:
+    """Update-norm screening is off under central DP (clipping bounds every update) and under secure
+    aggregation (the server never sees an update)."""
+    return (cfg.privacy.enabled and cfg.privacy.mode == "central") or cfg.privacy.secure_aggregation.enabled
 
 
 def run_federation(
@@ -87,13 +95,18 @@ def run_federation(
         min_train_nodes=f.min_train_nodes,
         downlink=cfg.compression.downlink,
         seed=cfg.seed,
-        update_norm_rule="off" if cfg.privacy.enabled and cfg.privacy.mode == "central" else f.update_norm_rule,
+        update_norm_rule="off" if _server_blind(cfg) else f.update_norm_rule,
         update_norm_factor=f.update_norm_factor,
         node_wait=f.round_timeout,
         privacy=make_client_level_dp(cfg),
+        client_ranks=cfg.lora.client_ranks is not None,
     )
     config = ConfigRecord({"fairedge-config": config_json(cfg)})
     earlier_seconds = 0.0
+    tracker = make_tracker(cfg.tracking)  # TensorBoard / MLflow; its failures only warn
+    tracker.start(cfg, run_dir)
+    sa = cfg.privacy.secure_aggregation
+    secagg = SecureAggregation(sa, lam=cfg.aggregation.lam, timeout=f.round_timeout) if sa.enabled else None
 
     def evaluate(server_round: int, round_started: float) -> None:
         """Server-side accuracy of the global adapter; record the round; report it."""
@@ -103,6 +116,7 @@ def run_federation(
         loss = {g: m["loss"] for g, m in groups.items()} if task.kind == "causal-lm" else None
         attempts = [r for r in strategy.rounds if r.round == server_round] or None
         row = record.add_round(server_round, acc, attempts, seconds=time.time() - round_started, loss=loss)
+        tracker.log_round(row)
         if on_round is not None:
             on_round(row)
 
@@ -126,9 +140,12 @@ def run_federation(
         round_started = time.time()
         for attempt in range(f.round_retries + 1):
             arrays = adapter_to_record(global_adapter)
-            messages = strategy.configure_train(server_round, arrays, config, grid)
-            replies = grid.send_and_receive(messages, timeout=f.round_timeout) if messages else []
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if secagg is not None:  # the server sees only sums (several exchanges per round)
+                aggregated, _ = secagg.run_round(strategy, server_round, arrays, config, grid)
+            else:
+                messages = strategy.configure_train(server_round, arrays, config, grid)
+                replies = grid.send_and_receive(messages, timeout=f.round_timeout) if messages else []
+                aggregated, _ = strategy.aggregate_train(server_round, replies)
             if aggregated is not None:
                 global_adapter = adapter_from_record(aggregated)
                 break
@@ -142,7 +159,7 @@ def run_federation(
                 f"round {server_round} failed {f.round_retries + 1} attempts ({failures}); "
                 f"the global adapter is the one after round {server_round - 1}"
             )
-            _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
+            _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started, tracker)
             raise RoundFailed(
                 f"{record.status}. The checkpoint of round {server_round - 1} is in "
                 f"{run_dir}/checkpoint; resume with: fairedge-sim run --resume {run_dir} "
@@ -160,12 +177,20 @@ def run_federation(
         set_adapter(model, global_adapter, base_weights)
         final = greedy_replies(cfg, model)
         record.samples = [{"prompt": p, "base": base[p], "final": final[p]} for p in base]
-    _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started)
+    _finish(record, model, global_adapter, base_weights, earlier_seconds + time.time() - started, tracker)
     return record
 
 
-def _finish(record: RunRecord, model: Any, global_adapter: Adapter, base_weights: dict, wall_seconds: float) -> None:
-    """Write the outputs for the global adapter."""
+def _finish(
+    record: RunRecord,
+    model: Any,
+    global_adapter: Adapter,
+    base_weights: dict,
+    wall_seconds: float,
+    tracker: SafeTracker,
+) -> None:
+    """Write the outputs for the global adapter; close the tracker's run."""
     set_adapter(model, global_adapter, base_weights)
     record.wall_seconds = wall_seconds
     write_outputs(record, model.cpu(), global_adapter.base_delta)
+    tracker.finish(record.status)

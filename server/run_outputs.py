@@ -129,6 +129,8 @@ class RunRecord:
             )
             if getattr(entry, "privacy", None):
                 row["privacy"] = dict(entry.privacy)
+            if getattr(entry, "ranks", None):  # heterogeneous LoRA ranks: node id → rank
+                row["ranks"] = {str(k): v for k, v in entry.ranks.items()}
             if entry.personal_accuracy:
                 accs = entry.personal_accuracy
                 row["personal_accuracy"] = {str(k): v for k, v in sorted(accs.items())}

@@ -70,6 +70,7 @@ from fairedge.common.adapter_record import (
     unflatten,
 )
 from fairedge.common.aggregation import Adapter, Aggregator, ClientConfig, ClientUpdate, reply_factors
+from fairedge.common.aggregation.ranks import truncate_adapter
 from fairedge.common.compression import PayloadError, decompress
 from fairedge.server.privacy.central import ClientLevelDP
 
@@ -105,8 +106,10 @@ class RoundLog:
     """partition id → accuracy of that client's own model on its own domains (personalised rules)."""
     privacy: dict[str, float] = field(default_factory=dict)
     """client-level DP of this attempt, if on: ε of the round and in total, δ, clipped clients, ..."""
+    ranks: dict[int, int] = field(default_factory=dict)
+    """node id → the LoRA rank it was sent, or trained if it cut a larger one (heterogeneous ranks; else empty)."""
 
-    _INT_KEYED = ("rejected", "clipped", "partitions", "update_norms", "personal_accuracy")
+    _INT_KEYED = ("rejected", "clipped", "partitions", "update_norms", "personal_accuracy", "ranks")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (JSON turns its int keys into strings; `from_json` turns them back)."""
@@ -134,6 +137,10 @@ class SentRound:
     """the train messages; the grid gives each its message id when it pushes it."""
     population: int = 0
     """nodes connected when the round was sampled (the accountant's N)."""
+
+    def sent_to(self, node: int, rank: int | None = None) -> Adapter:
+        """What `node` started from: `sent` cut to `rank`, else to the rank it was sent (heterogeneous ranks)."""
+        return truncate_adapter(self.sent, rank or self.entry.ranks.get(node))
 
     def sender(self, reply: Message) -> int:
         """The node a reply stands for: the one its message was sent to.
@@ -173,6 +180,10 @@ class LoraStrategy(Strategy):
         (a deployment's SuperNodes may connect after the server starts).
     privacy : ClientLevelDP or None
         Client-level differential privacy (central or local), or none.
+    client_ranks : bool
+        Heterogeneous LoRA ranks: each node is sent the global adapter cut to its own rank, which it
+        reports in a QUERY message the first time it is sampled (and in every train reply). A node
+        that does not answer the query gets the whole adapter and cuts it itself.
     """
 
     def __init__(
@@ -187,6 +198,7 @@ class LoraStrategy(Strategy):
         update_norm_factor: float = 10.0,
         node_wait: float = 0.0,
         privacy: ClientLevelDP | None = None,
+        client_ranks: bool = False,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train!r}")
@@ -210,6 +222,9 @@ class LoraStrategy(Strategy):
         self.update_norm_factor = float(update_norm_factor)
         self.node_wait = node_wait
         self.privacy = privacy
+        self.client_ranks = client_ranks
+        self.node_ranks: dict[int, int] = {}
+        """node id → the LoRA rank it reported (heterogeneous ranks)."""
         self._sent: SentRound | None = None
 
     def summary(self) -> None:
@@ -259,25 +274,60 @@ class LoraStrategy(Strategy):
             round=server_round,
             attempt=sum(1 for r in self.rounds if r.round == server_round),
             sampled=sampled,
-            bytes_down=record_bytes(downlink) * len(sampled),
             client_config=dict(client_config),
         )
         if not sampled:
             entry.failure = f"{len(nodes)} nodes connected, fewer than min_train_nodes={self.min_train_nodes}"
             log.warning("round %d: %s", server_round, entry.failure)
         self.rounds.append(entry)
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in sampled]
+        if self.client_ranks:
+            self._learn_ranks(sampled, config, grid)
+            entry.ranks = {n: self.node_ranks[n] for n in sampled if n in self.node_ranks}
+        by_rank = {None: content}  # one downlink per rank: the global adapter cut to it
+        for rank in sorted(set(entry.ranks.values())):
+            cut = adapter_to_record(truncate_adapter(current, rank), self.downlink)
+            by_rank[rank] = RecordDict({"arrays": cut, "config": content.config_records["config"]})
+        messages = []
+        for node in sampled:
+            node_content = by_rank[entry.ranks.get(node)]
+            entry.bytes_down += record_bytes(node_content.array_records["arrays"])
+            messages.append(Message(node_content, dst_node_id=node, message_type=MessageType.TRAIN))
         sent = adapter_from_record(downlink)  # what clients start from (fp16-rounded if so sent)
         self._sent = SentRound(entry, current, sent, client_config, messages, population=len(nodes))
         return messages
 
+    def take_sent(self, server_round: int) -> SentRound:
+        """What `configure_train` sent this round, handed over (for a caller that aggregates it itself)."""
+        round_ = self._sent
+        if round_ is None or round_.entry.round != server_round:
+            raise RuntimeError(f"take_sent({server_round}) without configure_train({server_round}) before it")
+        self._sent = None
+        return round_
+
     def _dp_config(self) -> ClientConfig:
         return dict(self.privacy.client_config()) if self.privacy is not None else {}
 
-    def _client_adapter(self, content: RecordDict, round_: SentRound) -> Adapter:
+    def _learn_ranks(self, nodes: list[int], config: ConfigRecord, grid: Grid) -> None:
+        """Ask the nodes whose LoRA rank is unknown for it (one QUERY message each, once per node)."""
+        unknown = [n for n in nodes if n not in self.node_ranks]
+        if not unknown:
+            return
+        query = RecordDict({"config": ConfigRecord(dict(config))})
+        messages = [Message(query, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=self.node_wait or None):
+            node = reply.metadata.src_node_id
+            try:
+                if reply.has_error():
+                    raise ValueError(reply.error.reason.strip().splitlines()[-1] if reply.error.reason else "error")
+                self.node_ranks[node] = int(_number(reply.content.metric_records["metrics"], "lora-rank"))
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                log.warning("node %d did not report its LoRA rank (%s): it gets the whole adapter", node, err)
+
+    def _client_adapter(self, content: RecordDict, round_: SentRound, node: int, rank: int | None = None) -> Adapter:
         """The adapter a reply stands for: the tensors it sent (as arrays, or as a compressed
-        change since what was sent), with the factors it was not asked to send taken from what was sent."""
-        sent, entry = round_.sent, round_.entry
+        change since what was sent, at the `rank` it reports), with the factors it was not asked to
+        send taken from what was sent."""
+        sent, entry = round_.sent_to(node, rank), round_.entry
         factors = reply_factors(round_.client_config)
         expected = shapes(sent, factors)
         if "compressed" in content:
@@ -335,7 +385,8 @@ class LoraStrategy(Strategy):
                 num_examples = int(_number(metrics, "num-examples", -1))
                 if num_examples <= 0:
                     raise MalformedAdapter(f"num-examples must be positive, got {num_examples}")
-                adapter = self._client_adapter(content, round_)
+                rank = self._reply_rank(metrics, round_, node)
+                adapter = self._client_adapter(content, round_, node, rank)
             except PayloadError as err:
                 self._reject(entry, node, f"bad compressed payload: {err}")
                 continue
@@ -377,11 +428,28 @@ class LoraStrategy(Strategy):
         entry.aggregated = True
         return adapter_to_record(new), MetricRecord({**entry.metrics})
 
+    def _reply_rank(self, metrics: MetricRecord, round_: SentRound, node: int) -> int | None:
+        """The LoRA rank a reply reports (`lora-rank`), if it differs from what was sent and the rule takes it."""
+        if "lora-rank" not in metrics:
+            return None
+        rank, sent = int(_number(metrics, "lora-rank")), round_.sent_to(node)
+        sent_rank = next(iter(sent.factors.values()))[0].shape[0] if sent.factors else rank
+        if rank == sent_rank:
+            if self.client_ranks:
+                self.node_ranks[node] = rank  # known now: no query next time
+            return None
+        if not (self.client_ranks and self.aggregator.mixed_ranks and 1 <= rank < sent_rank):
+            raise MalformedAdapter(f"reply of LoRA rank {rank}, but rank {sent_rank} was sent")
+        self.node_ranks[node] = rank
+        round_.entry.ranks[node] = rank
+        return rank
+
     def _screen_update_norms(self, updates: list[ClientUpdate], round_: SentRound) -> list[ClientUpdate]:
         """Log every update's norm; reject or clip those beyond `update_norm_factor` × the reference norm."""
         entry = round_.entry
-        start = reply_tensors(round_.sent, reply_factors(round_.client_config))
-        norms = [update_norm(reply_tensors(u.adapter), start) for u in updates]
+        factors = reply_factors(round_.client_config)
+        starts = {u.node_id: reply_tensors(round_.sent_to(u.node_id), factors) for u in updates}
+        norms = [update_norm(reply_tensors(u.adapter), starts[u.node_id]) for u in updates]
         entry.update_norms.update({u.node_id: n for u, n in zip(updates, norms, strict=True)})
         if self.update_norm_rule == "off" or len(updates) < 2:
             return updates
@@ -405,7 +473,7 @@ class LoraStrategy(Strategy):
             scale = limit / norm
             entry.clipped[u.node_id] = f"{why}: scaled by {scale:.3g} to norm {limit:.4g}"
             log.warning("round %d: clipped node %d: %s", entry.round, u.node_id, entry.clipped[u.node_id])
-            tensors = reply_tensors(u.adapter)
+            tensors, start = reply_tensors(u.adapter), starts[u.node_id]
             scaled = {k: start[k] + (tensors[k] - start[k]) * scale for k in start}
             kept.append(ClientUpdate(unflatten({**tensors, **scaled}), u.num_examples, u.node_id))
         return kept

@@ -2,8 +2,11 @@
 
     python -m fairedge.simulations.bench_edge_latency [--repeats 30] [--vit-run RUN_DIR]
 
-Two models, both exported with `fairedge.common.edge_model.export_onnx` (norm parameters as
-overridable graph inputs) and quantised with `quantize_onnx`:
+Every classifier the project exports for the edge, each exported with
+`fairedge.common.edge_model.export_onnx` (attention fused offline, norm parameters as
+overridable graph inputs) and quantised with `quantize_onnx`; beside them, as references, the
+same graphs with the norm parameters folded to constants (the speed ceiling) and the export
+without the offline attention fusion (`VARIANTS`). The causal LM has its own `bench_lm_latency`.
 
 - the built-in ViT of `simulations/configs/digits.toml` (its pre-trained base, or the
   merged global model of `--vit-run`; LoRA merging changes values, not the graph or its cost);
@@ -13,22 +16,26 @@ overridable graph inputs) and quantised with `quantize_onnx`:
   `model_inputs` does on the edge.
 
 One thread everywhere (`torch.set_num_threads(1)`, ORT `intra_op_num_threads=1`), because the
-device is small and the benchmark machine is shared. Per batch size, PyTorch, ORT fp32 and
-ORT int8 run alternately, one call each per round, so load from other processes hits all
-three alike; we report medians and the ratios of medians.
+device is small and the benchmark machine is shared. Per batch size, PyTorch and every ORT
+variant run alternately, one call each per round, so load from other processes hits all alike;
+we report medians, the ratios of medians and the load average. With one thread both runtimes
+compute on the calling thread, so we also record its CPU time per call (`time.thread_time`),
+which leaves out the time other processes held the core: the steadier figure on a busy machine.
 
 Swap vs rebuild: a *swap* is one run whose feed carries a complete new set of norm
 parameters (the session is reused); a *rebuild* is what a model with folded parameters needs:
 write the new values into the initializers, serialise, build a new `InferenceSession` and run.
 
-Writes `simulations/results/edge_latency.{json,md}`.
+Writes `simulations/results/edge_latency.{json,md}` (markdown: `edge_latency_report`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -44,6 +51,7 @@ from onnx import numpy_helper
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import RunConfig, build_config, config_hash, load_config
 from fairedge.common.edge_format import model_inputs, onnx_logits, session
+from fairedge.common.edge_fusion import op_counts
 from fairedge.common.edge_model import (
     MergedModel,
     export_onnx,
@@ -56,6 +64,7 @@ from fairedge.common.edge_model import (
     weights_version,
 )
 from fairedge.common.task import base_model, load_task
+from fairedge.simulations.edge_latency_report import markdown
 from fairedge.simulations.paths import CONFIG, RESULTS, ROOT
 
 BATCHES = (1, 32)
@@ -161,17 +170,25 @@ def _median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Call each function once per round, `repeats` rounds after `warmup`; seconds per call."""
+def _alternate(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 3, *, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Call each function once per round, in a fresh (seeded) random order, `repeats` rounds after `warmup`;
+    wall seconds per call (and, into `cpu` if given, the calling thread's CPU seconds per call). The shuffle
+    keeps a fixed call order from favouring any column (caches, timer ticks)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(SEED)
     for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
+        rng.shuffle(order)
+        for name in order:
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.thread_time() - start_cpu)
     return times
 
 
@@ -194,34 +211,70 @@ def _session_from_bytes(data: bytes) -> Any:
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def bench_model(
-    name: str, merged: MergedModel, x: Any, y: np.ndarray | None, tmp: Path, repeats: int, how: str
-) -> dict[str, Any]:
-    """Export fp32 + int8, check parity, time PyTorch vs ORT, and a swap vs a rebuild."""
-    start = time.perf_counter()
-    fp32 = export_onnx(merged, tmp / f"{name}.onnx")
-    export_s = time.perf_counter() - start
-    int8 = quantize_onnx(merged, fp32, tmp / f"{name}-int8.onnx")
-    sessions = {"fp32": session(fp32, threads=1), "int8": session(int8, threads=1)}
-    model = merged.model.eval()
-    norm = norm_parameters(model)
-    changed = perturbed_norm(norm, scale=0.1, seed=SEED)
+VARIANTS = ("fp32", "int8", "fp32_folded", "int8_folded", "fp32_unfused", "int8_unfused")
+"""The ONNX graphs timed per model. fp32/int8: what `fairedge-server export` ships (attention fused
+offline, norm parameters swappable graph inputs). *_folded: the same graphs with the norm parameters plain
+constant initializers: the speed ceiling of a model whose norm parameters cannot change. *_unfused: the
+export without the offline fusion (what shipped before), ONNX Runtime's load-time optimisers only."""
 
-    # accuracy / parity on up to 512 samples, in batches of 64
+
+def _folded(src: Path, dst: Path, names: set[str]) -> Path:
+    """`src` with the graph inputs in `names` removed: their initializers become constants for ONNX Runtime."""
+    proto = onnx.load(str(src))
+    kept = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _exports(name: str, merged: MergedModel, tmp: Path) -> tuple[dict[str, Path], float]:
+    """Every variant of VARIANTS as a file, and the seconds the shipped fp32 export took (fusion included)."""
+    start = time.perf_counter()
+    paths = {"fp32": export_onnx(merged, tmp / f"{name}.onnx")}
+    export_s = time.perf_counter() - start
+    paths["int8"] = quantize_onnx(merged, paths["fp32"], tmp / f"{name}-int8.onnx")
+    paths["fp32_unfused"] = export_onnx(merged, tmp / f"{name}-unfused.onnx", fuse=False)
+    paths["int8_unfused"] = quantize_onnx(merged, paths["fp32_unfused"], tmp / f"{name}-unfused-int8.onnx")
+    norm = set(norm_parameters(merged.model))
+    for kind in ("fp32", "int8"):
+        paths[f"{kind}_folded"] = _folded(paths[kind], tmp / f"{name}-{kind}-folded.onnx", norm)
+    return {k: paths[k] for k in VARIANTS}, export_s
+
+
+def _ort_optimised_ops(path: Path) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime actually runs (written by `optimized_model_filepath`, default level)."""
+    import onnxruntime as ort
+
+    out = path.with_name(path.stem + ".ort-optimised.onnx")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return op_counts(onnx.load(str(out), load_external_data=False))
+
+
+def _quality(merged: MergedModel, x: Any, y: np.ndarray | None, sessions: dict[str, Any]) -> dict[str, Any]:
+    """Parity with PyTorch (trained and swapped norm parameters) and accuracy, on up to 512 samples."""
+    model = merged.model.eval()
+    changed = perturbed_norm(norm_parameters(model), scale=0.1, seed=SEED)
     n = min(len(x), 512)
-    logits: dict[str, list[np.ndarray]] = {k: [] for k in ("torch", "fp32", "int8", "torch_sw", "fp32_sw", "int8_sw")}
+    logits: dict[str, list[np.ndarray]] = {}
     for i in range(0, n, 64):
         feeds = model_inputs(merged, x[i : min(i + 64, n)])
         tf = {k: torch.from_numpy(v) for k, v in feeds.items()}
         with torch.inference_mode():
-            logits["torch"].append(model(**tf).numpy())
-            logits["torch_sw"].append(forward_with_norm(model, changed, tf).numpy())
+            logits.setdefault("torch", []).append(model(**tf).numpy())
+            logits.setdefault("torch_sw", []).append(forward_with_norm(model, changed, tf).numpy())
         for kind, sess in sessions.items():
-            logits[kind].append(onnx_logits(sess, feeds))
-            logits[f"{kind}_sw"].append(onnx_logits(sess, feeds, changed))
+            logits.setdefault(kind, []).append(onnx_logits(sess, feeds))
+            logits.setdefault(f"{kind}_sw", []).append(onnx_logits(sess, feeds, changed))
     out = {k: np.concatenate(v) for k, v in logits.items()}
-    quality: dict[str, Any] = {"samples": n}
-    for kind in ("fp32", "int8"):
+    quality: dict[str, Any] = {"samples": n, "logit_abs_max_torch": float(np.abs(out["torch"]).max())}
+    if y is not None:
+        quality["accuracy_torch"] = float((out["torch"].argmax(1) == y[:n]).mean())
+    for kind in sessions:
         quality[kind] = {
             "max_abs_diff_vs_torch": float(np.abs(out[kind] - out["torch"]).max()),
             "max_abs_diff_vs_torch_swapped": float(np.abs(out[f"{kind}_sw"] - out["torch_sw"]).max()),
@@ -229,10 +282,12 @@ def bench_model(
         }
         if y is not None:
             quality[kind]["accuracy"] = float((out[kind].argmax(1) == y[:n]).mean())
-    quality["logit_abs_max_torch"] = float(np.abs(out["torch"]).max())
-    if y is not None:
-        quality["accuracy_torch"] = float((out["torch"].argmax(1) == y[:n]).mean())
+    return quality
 
+
+def _latency(merged: MergedModel, x: Any, sessions: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Per batch size: PyTorch eager and every ORT variant, one call each per round, alternately."""
+    model = merged.model.eval()
     latency: dict[str, Any] = {}
     for batch in BATCHES:
         idx = np.arange(batch) % len(x)
@@ -245,127 +300,72 @@ def bench_model(
                 model(**tf)
 
         fns = {"torch_eager": eager, **{f"ort_{k}": (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}}
-        times = _alternate(fns, repeats)
+        load = os.getloadavg()[0]
+        cpu: dict[str, list[float]] = {}
+        times = _alternate(fns, repeats, cpu=cpu)
         med = {k: _median_ms(v) for k, v in times.items()}
+        med_cpu = {k: _median_ms(v) for k, v in cpu.items()}
         latency[f"batch_{batch}"] = {
             "median_ms": med,
             "min_ms": {k: 1e3 * min(v) for k, v in times.items()},
             "speedup_vs_torch": {k: med["torch_eager"] / med[k] for k in med if k != "torch_eager"},
+            "median_cpu_ms": med_cpu,
+            "speedup_cpu_vs_torch": {k: med_cpu["torch_eager"] / med_cpu[k] for k in med_cpu if k != "torch_eager"},
+            "load_average": [load, os.getloadavg()[0]],
         }
+    return latency
 
-    # swap vs rebuild at batch 1, fp32
+
+def _swap(merged: MergedModel, x: Any, sessions: dict[str, Any], fp32: Path, repeats: int) -> dict[str, Any]:
+    """Batch 1: a run with the defaults vs one whose feed carries a new set of norm parameters (fp32 and
+    int8, same session, alternately), and what a session rebuild would cost instead (fp32)."""
     feeds = model_inputs(merged, x[:1])
+    changed = perturbed_norm(norm_parameters(merged.model), scale=0.1, seed=SEED)
     new = {k: np.ascontiguousarray(v.numpy(), np.float32) for k, v in changed.items()}
-    sess = sessions["fp32"]
+    fns: dict[str, Callable[[], Any]] = {}
+    for kind in ("fp32", "int8"):
+        sess = sessions[kind]
+        fns[f"{kind}_defaults"] = lambda s=sess: s.run(None, feeds)
+        fns[f"{kind}_swapped"] = lambda s=sess: s.run(None, {**feeds, **new})
+    cpu: dict[str, list[float]] = {}
+    times = {k: _median_ms(v) for k, v in _alternate(fns, repeats, cpu=cpu).items()}
+    cpu_ms = {k: _median_ms(v) for k, v in cpu.items()}
     proto_bytes = fp32.read_bytes()
-    swap_times = _alternate(
-        {"defaults": lambda: sess.run(None, feeds), "swapped": lambda: sess.run(None, {**feeds, **new})}, repeats
-    )
-    rebuild_times = _alternate({"rebuild": lambda: _rebuild(proto_bytes, new, feeds)}, max(3, repeats // 6), warmup=1)
-    swap = {
-        "norm_params": len(norm),
-        "norm_values": int(sum(v.size for v in new.values())),
-        "run_with_defaults_ms": _median_ms(swap_times["defaults"]),
-        "run_with_new_norm_feeds_ms": _median_ms(swap_times["swapped"]),
-        "rebuild_session_and_run_ms": _median_ms(rebuild_times["rebuild"]),
-    }
-    swap["swap_overhead_ms"] = swap["run_with_new_norm_feeds_ms"] - swap["run_with_defaults_ms"]
-    swap["rebuild_over_swapped_run"] = swap["rebuild_session_and_run_ms"] / swap["run_with_new_norm_feeds_ms"]
+    rebuild = _alternate({"rebuild": lambda: _rebuild(proto_bytes, new, feeds)}, max(3, repeats // 6), warmup=1)
+    swap: dict[str, Any] = {"norm_params": len(new), "norm_values": int(sum(v.size for v in new.values()))}
+    for kind in ("fp32", "int8"):
+        swap[kind] = {
+            "run_with_defaults_ms": times[f"{kind}_defaults"],
+            "run_with_new_norm_feeds_ms": times[f"{kind}_swapped"],
+            "swap_overhead_ms": times[f"{kind}_swapped"] - times[f"{kind}_defaults"],
+            "swap_overhead_cpu_ms": cpu_ms[f"{kind}_swapped"] - cpu_ms[f"{kind}_defaults"],
+        }
+    swap["rebuild_session_and_run_ms"] = _median_ms(rebuild["rebuild"])
+    swap["rebuild_over_swapped_run"] = swap["rebuild_session_and_run_ms"] / times["fp32_swapped"]
+    return swap
+
+
+def bench_model(
+    name: str, merged: MergedModel, x: Any, y: np.ndarray | None, tmp: Path, repeats: int, how: str
+) -> dict[str, Any]:
+    """Export every variant, check parity, time PyTorch vs each ORT variant, and a swap vs a rebuild."""
+    paths, export_s = _exports(name, merged, tmp)
+    sessions = {k: session(p, threads=1) for k, p in paths.items()}
+    info = onnx.load(str(paths["fp32"]), load_external_data=False).metadata_props
+    fusions = json.loads({p.key: p.value for p in info}.get("fairedge.ort_fusions", "{}"))
     return {
         "model": how,
         "config": merged.cfg.name,
         "config_hash": config_hash(merged.cfg),
         "inputs": [s.to_json() for s in merged.inputs],
-        "size_mb": {"fp32": fp32.stat().st_size / 1e6, "int8": int8.stat().st_size / 1e6},
+        "size_mb": {k: p.stat().st_size / 1e6 for k, p in paths.items()},
         "export_seconds_fp32": export_s,
-        "quality": quality,
-        "latency": latency,
-        "swap": swap,
+        "offline_fusions": fusions,
+        "ort_optimised_ops": {k: _ort_optimised_ops(p) for k, p in paths.items()},
+        "quality": _quality(merged, x, y, {k: sessions[k] for k in ("fp32", "int8", "fp32_unfused")}),
+        "latency": _latency(merged, x, sessions, repeats),
+        "swap": _swap(merged, x, sessions, paths["fp32"], repeats),
     }
-
-
-def _markdown(res: dict[str, Any]) -> str:
-    lines = [
-        "# Edge inference latency: ONNX Runtime vs PyTorch eager",
-        "",
-        f"Generated by `{res['command']}` in {res['wall_seconds'] / 60:.1f} min.",
-        f"Machine: {res['machine']}; torch {res['torch']}, onnxruntime {res['onnxruntime']}; one thread for "
-        f"torch and ONNX Runtime (CPU provider, default optimisation level). Load average {res['load_start']:.1f} at "
-        f"start, {res['load_end']:.1f} at end: the machine was shared, so absolute times are noisy; the ratios "
-        f"come from medians of calls made alternately ({res['repeats']} rounds after 3 warm-up rounds).",
-        "",
-        "## Latency (median ms per call, speed-up over PyTorch eager)",
-        "",
-        "| model | batch | PyTorch eager | ORT fp32 | ORT int8 | fp32 speed-up | int8 speed-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in res["models"].items():
-        for batch, lat in m["latency"].items():
-            med, sp = lat["median_ms"], lat["speedup_vs_torch"]
-            lines.append(
-                f"| {name} | {batch.split('_')[1]} | {med['torch_eager']:.2f} | {med['ort_fp32']:.2f} "
-                f"| {med['ort_int8']:.2f} | {sp['ort_fp32']:.2f}× | {sp['ort_int8']:.2f}× |"
-            )
-    lines += [
-        "",
-        "## Parity and int8 quality",
-        "",
-        "Max |logit difference| to PyTorch on the samples, with the trained norm parameters and after swapping in "
-        "changed ones (weights × (1 + 0.1·N(0,1)) + 0.1·N(0,1), in the same session).",
-        "",
-        "| model | samples | |logit| max | fp32 diff | fp32 diff swapped | int8 diff | int8 diff swapped "
-        "| int8 same argmax | accuracy torch / fp32 / int8 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in res["models"].items():
-        q = m["quality"]
-        acc = (
-            f"{q['accuracy_torch']:.4f} / {q['fp32']['accuracy']:.4f} / {q['int8']['accuracy']:.4f}"
-            if "accuracy_torch" in q
-            else "n/a"
-        )
-        lines.append(
-            f"| {name} | {q['samples']} | {q['logit_abs_max_torch']:.2f} | {q['fp32']['max_abs_diff_vs_torch']:.1e} "
-            f"| {q['fp32']['max_abs_diff_vs_torch_swapped']:.1e} | {q['int8']['max_abs_diff_vs_torch']:.1e} "
-            f"| {q['int8']['max_abs_diff_vs_torch_swapped']:.1e} "
-            f"| {100 * q['int8']['argmax_agreement_with_torch']:.1f}% | {acc} |"
-        )
-    lines += [
-        "",
-        "## Swapping norm parameters vs rebuilding the session (fp32, batch 1)",
-        "",
-        "*swap*: one run whose feed carries the whole new set of norm parameters (no rebuild). *rebuild*: write "
-        "the new values into the initializers, serialise, build a new InferenceSession and run once — what a "
-        "model with folded norm parameters would need. The swap overhead is the difference of two medians "
-        "of a few ms on a shared machine: values within ±10 % of the run time are noise.",
-        "",
-        "| model | norm params (values) | run, defaults | run, new norm feeds | swap overhead | rebuild + run "
-        "| rebuild / swapped run |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in res["models"].items():
-        s = m["swap"]
-        lines.append(
-            f"| {name} | {s['norm_params']} ({s['norm_values']:,}) | {s['run_with_defaults_ms']:.2f} ms "
-            f"| {s['run_with_new_norm_feeds_ms']:.2f} ms | {s['swap_overhead_ms']:+.2f} ms "
-            f"| {s['rebuild_session_and_run_ms']:.1f} ms | {s['rebuild_over_swapped_run']:.0f}× |"
-        )
-    lines += ["", "## Models", ""]
-    for name, m in res["models"].items():
-        lines.append(
-            f"- **{name}**: {m['model']}; config `{m['config']}` (hash `{m['config_hash']}`); inputs "
-            + ", ".join(f"`{i['name']}` {tuple(i['shape'])} {i['dtype']}" for i in m["inputs"])
-            + f"; ONNX {m['size_mb']['fp32']:.1f} MB fp32, {m['size_mb']['int8']:.1f} MB int8; "
-            f"export {m['export_seconds_fp32']:.1f} s."
-        )
-    lines += [
-        "",
-        "int8: `onnxruntime.quantization.quantize_dynamic`, QInt8 weights with per-channel scales; "
-        "norm parameters stay fp32 graph inputs. MiniLM timings exclude tokenization (done before the "
-        "graph, the same for both runtimes) and every text is padded to 64 tokens, as on the edge.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def _cpu_name() -> str:
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"MiniLM: {how}", flush=True)
         models["minilm"] = bench_model("minilm", minilm, test.x, test.y.numpy(), tmp, args.repeats, how)
     import onnxruntime
+    import onnxscript
 
     command = "python -m fairedge.simulations.bench_edge_latency" + (
         f" --repeats {args.repeats}" if args.repeats != 30 else ""
@@ -415,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{_cpu_name()}, {os.cpu_count()} logical CPUs",
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
         "threads": 1,
         "repeats": args.repeats,
         "load_start": load_start,
@@ -424,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out)
     atomic_write_json(out / "edge_latency.json", res, indent=2, sort_keys=False)
-    atomic_write_text(out / "edge_latency.md", _markdown(res))
-    print(_markdown(res))
+    atomic_write_text(out / "edge_latency.md", markdown(res))
+    print(markdown(res))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ writes `<out>/lm_aggregation.json` (every run, resumable: rerun the same command
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -269,6 +270,8 @@ def report(study: setup.Study, methods: Sequence[str], args: argparse.Namespace)
         cpu_hours=cpu,
         json_name=f"{FILE}.json",
         plot_name=f"{FILE}.png",
+        kept=update_kept(study.results),
+        central=central_curve(by_method[CENTRAL]),
     )
     plot(
         by_method,
@@ -277,6 +280,37 @@ def report(study: setup.Study, methods: Sequence[str], args: argparse.Namespace)
         f"mean over seeds {study.seeds}" + (" (QUICK SMOKE, not a result)" if args.quick else ""),
     )
     return by_method
+
+
+def update_kept(results: Path) -> dict[str, Any] | None:
+    """The replay of `aggregation_bias --lm-study` (if run): the relative error of each candidate's next
+    global product against the round's mean client update, per round and averaged over rounds."""
+    path = results / "aggregation_bias-lm-lora_fair.json"
+    if not path.is_file():
+        return None
+    rounds = json.loads(path.read_text())["rounds"]
+    names = ("fedit", "lora_fair", "best_B", "best_rank_r")
+    mean = {n: statistics.mean(r[f"err/{n}"] for r in rounds) for n in names}
+    return {"file": path.name, "rounds": rounds, "mean": mean, "count": len(rounds)}
+
+
+def central_curve(rows: Sequence[dict]) -> dict[str, Any] | None:
+    """The centralised reference's mean held-out perplexity and training loss per round (mean over seeds),
+    and its best round; None without runs, or when it is best at its last round (no overfitting to explain)."""
+    if not rows:
+        return None
+    n = min(len(r["rounds"]) for r in rows)
+    ppl = [statistics.mean(r["rounds"][i]["mean_perplexity"] for r in rows) for i in range(n)]
+    best = min(range(n), key=ppl.__getitem__)
+    if best == n - 1:
+        return None
+    loss = [statistics.mean(r["rounds"][i]["train_loss"] for r in rows) for i in range(1, n)]
+    return {
+        "perplexity": [f"{v:.2f}" for v in ppl],
+        "train_loss": [f"{v:.3f}" for v in loss],
+        "best": f"{ppl[best]:.2f}",
+        "best_round": best,
+    }
 
 
 def role_list(roles: Sequence[str]) -> str:

@@ -644,3 +644,12 @@ def test_credentials_command_issues_lists_and_revokes_while_the_service_runs(tmp
     finally:
         client.close()
         service.stop()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cloud_device_cuda_without_a_gpu_is_refused_by_name(tmp_path):
+    with pytest.raises(RuntimeError, match="cloud.device = 'cuda' but no CUDA device"):
+        CloudService(served(), tmp_path / "state", CloudConfig(device="cuda"))
+    service = CloudService(served(), tmp_path / "state2", CloudConfig())  # auto: the CPU here
+    assert service.learner.device == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in service.learner.new_params().student.values())

@@ -111,3 +111,20 @@ def test_compression_goal_needs_both_the_byte_ratio_and_the_perplexity(delta, ra
     assert (meeting == ["k=5% +EF"]) == (met == "yes")
     assert f"| {met} | 0, 1 |" in text and "| reference | 0, 1 |" in text
     assert f"| {100 * delta:+.2f} ± 0.00 |" in text
+
+
+def test_centralised_overfitting_is_explained_only_when_its_best_round_is_not_the_last():
+    from fairedge.simulations.lm_aggregation_study import central_curve
+
+    def row(ppl, loss):
+        return {"rounds": [{"mean_perplexity": p, "train_loss": lo} for p, lo in zip(ppl, [None, *loss])]}
+
+    rising = central_curve([row([100, 80, 75, 79], [4.4, 4.2, 4.0]), row([100, 82, 77, 81], [4.4, 4.2, 4.0])])
+    assert rising == {
+        "perplexity": ["100.00", "81.00", "76.00", "80.00"],
+        "train_loss": ["4.400", "4.200", "4.000"],
+        "best": "76.00",
+        "best_round": 2,
+    }
+    assert central_curve([row([100, 80, 75, 74], [4.4, 4.2, 4.0])]) is None
+    assert central_curve([]) is None

@@ -331,6 +331,7 @@ def test_cli_exports_a_run_folder_in_int8_and_stays_close(vit_run, vit_merged, c
     out = capsys.readouterr().out
     path = run_dir / "model-int8.onnx"
     assert f"wrote {path}" in out and "parity vs PyTorch" in out and "swapped norm params" in out
+    assert "ONNX Runtime rewrites applied offline: sdpa 2, mha 2" in out  # attention fused in both layers
     info = load_edge_info(path)
     assert info.quantized and info.norm_param_names == list(norm_parameters(vit_merged.model))
     proto = onnx.load(str(path))

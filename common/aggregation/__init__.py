@@ -24,7 +24,7 @@ from .fedsa_lora import FedSALoRA
 from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA, flexlora
 from .flora import FLoRA
-from .lora_fair import LoraFair, LoraFairResult, lora_fair, solve_lora_fair
+from .lora_fair import LoraFair, LoraFairResult, frobenius_from_sums, lora_fair, solve_lora_fair
 from .rolora import RoLoRA
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
@@ -71,6 +71,7 @@ __all__ = [
     "client_weights",
     "extend_base_delta",
     "flexlora",
+    "frobenius_from_sums",
     "lora_fair",
     "make_aggregator",
     "reply_factors",

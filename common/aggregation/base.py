@@ -63,6 +63,8 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     personalized: ClassVar[bool] = False
+    mixed_ranks: ClassVar[bool] = False
+    """True when the rule aggregates clients of different LoRA ranks into the global rank (`ranks`)."""
     """True when clients keep part of the model (FedSA-LoRA's B): the strategy then
     asks every client to evaluate its own model after each round."""
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, weighted_mean
+from .ranks import pad_updates
 
 
 class FedIT(Aggregator):
-    """Weighted average of each factor and of the head."""
+    """Weighted average of each factor and of the head; mixed ranks are zero-padded first (HetLoRA)."""
 
     name = "fedit"
+    mixed_ranks = True
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
+        updates = pad_updates(updates, current)
         factors = {
             layer: (
                 weighted_mean([u.adapter.factors[layer][0] for u in updates], p),

@@ -62,6 +62,7 @@ class FlexLoRA(Aggregator):
     """
 
     name = "flexlora"
+    mixed_ranks = True  # the SVD takes each client's own rank; a rank-r client gets the top r directions
 
     def __init__(self, rank: int | None = None) -> None:
         if rank is not None and (not isinstance(rank, int) or rank < 1):

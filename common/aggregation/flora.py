@@ -41,6 +41,7 @@ class FLoRA(Aggregator):
     """
 
     name = "flora"
+    mixed_ranks = True  # the stack takes each client's own rank
 
     def __init__(self, lora_scale: float) -> None:
         self.lora_scale = float(lora_scale)
@@ -50,7 +51,7 @@ class FLoRA(Aggregator):
         factors, base_delta = {}, dict(current.base_delta)
         for layer, (a, b) in current.factors.items():
             # ΔW = B_w A_s, B_w = [p_1B_1 … p_KB_K] (`Bw`), A_s = [A_1; …; A_K]
-            stack = LowRankSum.stack(*layer_factors(updates, layer), p)
+            stack = LowRankSum.stack(*layer_factors(updates, layer), p, same_rank=False)
             base_delta[layer] = extend_base_delta(
                 current.base_delta.get(layer), stack.A, self.lora_scale * stack.Bw, a.dtype
             )

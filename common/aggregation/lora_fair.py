@@ -48,6 +48,7 @@ import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
 from .factored import LowRankSum, Weights, gram_flops
+from .ranks import pad_updates
 
 Objective = Literal["cosine", "frobenius"]
 OBJECTIVES: tuple[str, ...] = ("cosine", "frobenius")
@@ -159,9 +160,7 @@ def _solve(
     single = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (*A, *B))
     delta = LowRankSum.stack(A, B, weights, dtype=torch.float32 if single else torch.float64)
     Ab, Bb = delta.mean_A(), delta.mean_B()
-    g, U = torch.linalg.eigh(Ab @ Ab.T)
-    reach = g > g.max() * g.numel() * torch.finfo(g.dtype).eps  # directions `XĀ` can move in
-    g = torch.where(reach, g, 0.0)
+    g, U, reach = _gram_eigen(Ab)
     needs_norm = with_stats or objective == "cosine"
     if delta_form == "auto":
         flops = delta_form_flops(*delta.shape, delta.ranks, needs_norm=needs_norm, single=single)
@@ -186,6 +185,26 @@ def _solve(
         rel = float((Xu - Bu).norm()) / nb if nb > 0 else 0.0
         stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel)
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
+
+
+def frobenius_from_sums(A_bar: torch.Tensor, B_bar: torch.Tensor, M: torch.Tensor, lam: float) -> torch.Tensor:
+    """Frobenius LoRA-FAIR's `B' = (M + λB̄)(ĀĀᵀ + λI)⁻¹` from the three sums alone (float64).
+
+    `Ā = Σ p_k A_k`, `B̄ = Σ p_k B_k` and `M = Σ p_k B_k (A_k Āᵀ)` are each a weighted sum of
+    per-client terms, so secure aggregation can deliver them (`fairedge.server.secagg`); the
+    plaintext `lora_fair` goes through the same eigenbasis and `_frobenius_correction`.
+    """
+    lam = _check_options(lam, "frobenius")
+    Ab, Bb, M = A_bar.double(), B_bar.double(), M.double()
+    g, U, reach = _gram_eigen(Ab)
+    return _frobenius_correction((M @ U) * reach, Bb @ U, g, lam) @ U.T
+
+
+def _gram_eigen(Ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`G = ĀĀᵀ = U diag(g) Uᵀ` with `g` zeroed off `reach`, the directions `XĀ` can move in."""
+    g, U = torch.linalg.eigh(Ab @ Ab.T)
+    reach = g > g.max() * g.numel() * torch.finfo(g.dtype).eps
+    return torch.where(reach, g, 0.0), U, reach
 
 
 def _dense_products(delta: LowRankSum, Y: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -490,6 +509,7 @@ class LoraFair(Aggregator):
     """
 
     name = "lora_fair"
+    mixed_ranks = True  # Ā, B̄ of zero-padded factors; ΔW exact; B' at r_max, cut per client (ALGORITHMS.md)
 
     def __init__(self, lam: float = 0.01, objective: Objective = "cosine", delta_form: DeltaForm = "auto") -> None:
         self.lam = _check_options(lam, objective, delta_form)
@@ -498,6 +518,7 @@ class LoraFair(Aggregator):
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
+        updates = pad_updates(updates, current)
         factors = {}
         sums = {"cos_fair": 0.0, "cos_fedit": 0.0, "rel_correction": 0.0}
         for layer in current.factors:

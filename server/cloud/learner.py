@@ -32,21 +32,30 @@ ForwardFn = Callable[[nn.Module, Mapping[str, Tensor], Mapping[str, Tensor]], Te
 class DeviceParams:
     """One device's learnable state: student and teacher norm params, each with an SGD optimizer."""
 
-    def __init__(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], cfg: CloudConfig) -> None:
-        self.student = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in student.items()}
-        self.teacher = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in teacher.items()}
+    def __init__(
+        self,
+        student: Mapping[str, Tensor],
+        teacher: Mapping[str, Tensor],
+        cfg: CloudConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        def learnable(v: Tensor) -> Tensor:
+            return v.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+
+        self.student = {k: learnable(v) for k, v in student.items()}
+        self.teacher = {k: learnable(v) for k, v in teacher.items()}
         self.student_opt = torch.optim.SGD(list(self.student.values()), lr=cfg.lr, momentum=cfg.momentum)
         self.teacher_opt = torch.optim.SGD(list(self.teacher.values()), lr=cfg.teacher_lr, momentum=cfg.momentum)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Every tensor needed to resume exactly: `student/<name>`, `teacher/<name>` and their momentum."""
+        """Every tensor needed to resume exactly: `student/<name>`, `teacher/<name>` and their momentum (on the CPU)."""
         out: dict[str, Tensor] = {}
         for role, params, opt in self._roles():
             for name, p in params.items():
-                out[f"{role}/{name}"] = p.detach().clone()
+                out[f"{role}/{name}"] = p.detach().cpu().clone()
                 buf = opt.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
-                    out[f"{role}_momentum/{name}"] = buf.detach().clone()
+                    out[f"{role}_momentum/{name}"] = buf.detach().cpu().clone()
         return out
 
     def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
@@ -68,14 +77,14 @@ class DeviceParams:
                     p.copy_(value)
                     buf = tensors.get(f"{role}_momentum/{name}")
                     if buf is not None:
-                        opt.state[p]["momentum_buffer"] = buf.detach().clone().to(torch.float32)
+                        opt.state[p]["momentum_buffer"] = buf.detach().to(device=p.device, dtype=torch.float32).clone()
 
     def _roles(self) -> tuple[tuple[str, dict[str, Tensor], torch.optim.Optimizer], ...]:
         return (("student", self.student, self.student_opt), ("teacher", self.teacher, self.teacher_opt))
 
     def student_arrays(self) -> dict[str, np.ndarray]:
         """The student's norm params as float32 arrays (what the device receives)."""
-        return {k: v.detach().numpy().astype(np.float32, copy=True) for k, v in self.student.items()}
+        return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in self.student.items()}
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,9 @@ class CemaLearner:
 
     `student_norm` / `teacher_norm` are the modules' own norm params (the exported
     defaults = version 0), keyed as `forward` expects them (ONNX input names).
-    `num_classes` sets `E_max = cfg.e_max · ln C`.
+    `num_classes` sets `E_max = cfg.e_max · ln C`. The modules, every device's norm params and each
+    step's samples live on `device` (the service resolves `cloud.device`: a GPU when one is present);
+    what leaves the learner (published arrays, saved state) is on the CPU.
     """
 
     def __init__(
@@ -108,23 +119,25 @@ class CemaLearner:
         num_classes: int,
         cfg: CloudConfig,
         forward: ForwardFn,
+        device: torch.device | str = "cpu",
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: entropy needs at least 2 classes")
         if not student_norm:
             raise ValueError("student_norm is empty: the student has no normalisation parameters to adapt")
-        self.student, self.teacher = student.eval(), teacher.eval()
+        self.device = torch.device(device)
+        self.student, self.teacher = student.eval().to(self.device), teacher.eval().to(self.device)
         for module in (self.student, self.teacher):
             module.requires_grad_(False)  # only the swapped-in norm tensors get gradients
-        self.student_norm = {k: v.detach().clone() for k, v in student_norm.items()}
-        self.teacher_norm = {k: v.detach().clone() for k, v in teacher_norm.items()}
+        self.student_norm = {k: v.detach().to(self.device).clone() for k, v in student_norm.items()}
+        self.teacher_norm = {k: v.detach().to(self.device).clone() for k, v in teacher_norm.items()}
         self.cfg = cfg
         self.forward = forward
         self.e_max = cfg.e_max * math.log(num_classes)
 
     def new_params(self) -> DeviceParams:
         """A device's starting state: the modules' own norm params, no momentum."""
-        return DeviceParams(self.student_norm, self.teacher_norm, self.cfg)
+        return DeviceParams(self.student_norm, self.teacher_norm, self.cfg, self.device)
 
     def step(
         self, params: DeviceParams, new: Mapping[str, Tensor], replay: Mapping[str, Tensor] | None = None
@@ -134,6 +147,7 @@ class CemaLearner:
         Both dicts map input names to tensors whose first dimension is the sample count.
         """
         cfg = self.cfg
+        new, replay = self._on_device(new), self._on_device(replay) if replay is not None else None
         n_new = _count(new)
         # 1. teacher: weighted entropy minimisation on the new uploads only
         with torch.set_grad_enabled(cfg.teacher_lr > 0):
@@ -173,9 +187,13 @@ class CemaLearner:
     @torch.no_grad()
     def distillation_gap(self, params: DeviceParams, inputs: Mapping[str, Tensor]) -> float:
         """Mean KL(teacher ‖ student) at T = 1 on `inputs`: how far the student is from its teacher."""
+        inputs = self._on_device(inputs)
         t = torch.log_softmax(self.forward(self.teacher, params.teacher, inputs), dim=-1)
         s = torch.log_softmax(self.forward(self.student, params.student, inputs), dim=-1)
         return float((t.exp() * (t - s)).sum(dim=-1).mean())
+
+    def _on_device(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
 
 def _count(inputs: Mapping[str, Tensor]) -> int:

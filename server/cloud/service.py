@@ -27,6 +27,7 @@ import torch
 from fairedge.common.atomic_files import atomic_write_json
 from fairedge.common.config import CloudConfig
 from fairedge.common.tensor_proto import to_proto
+from fairedge.common.training import resolve_device
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.server.cloud.credentials import CredentialStore
 from fairedge.server.cloud.device import BatchAck, Device
@@ -88,6 +89,7 @@ class CloudService:
             num_classes=model.num_classes,
             cfg=self.cfg,
             forward=model.forward,
+            device=resolve_device(self.cfg.device, field="cloud.device"),
         )
         self.norm_names = list(model.student_norm)
         self.log = UpdateLog()

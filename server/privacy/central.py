@@ -34,7 +34,7 @@ import torch
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
 
 from fairedge.common.adapter_record import reply_tensors, unflatten
-from fairedge.common.aggregation import Adapter, Aggregator, ClientUpdate, reply_factors
+from fairedge.common.aggregation import Adapter, Aggregator, ClientUpdate, frobenius_from_sums, reply_factors
 from fairedge.common.config import ConfigError, PrivacyConfig, RunConfig
 from fairedge.common.privacy import LOCAL_CLIP_KEY, LOCAL_NOISE_KEY, add_noise, clip_update, noise_generator
 from fairedge.server.privacy.accountant import PrivacyLedger, planned_sampling, resolve_noise_multiplier
@@ -138,8 +138,7 @@ class ClientLevelDP:
         factors = {}
         for layer, (a, b) in private.factors.items():
             m = base[layer] + noised[layer] / sampled
-            g = abar[layer] @ abar[layer].T + self.lam * torch.eye(a.shape[0], dtype=torch.float64)
-            factors[layer] = (a, ((m + self.lam * b.double()) @ torch.linalg.pinv(g)).to(b.dtype))
+            factors[layer] = (a, frobenius_from_sums(abar[layer], b, m, self.lam).to(b.dtype))
         return Adapter(factors, private.head), {"dp/product_clip_norm": bound}
 
     def _row(self, sampled: int, population: int) -> dict[str, float]:
