@@ -120,17 +120,13 @@ def _load_message(msg: Message, context: Context) -> _Job:
     cfg = node_run_config(str(msg.content.config_records["config"][CONFIG_KEY]), context.node_config)
     partition_id = _int_setting(context.node_config, "partition-id", 0)
     cfg = at_rank(cfg, node_rank(cfg, context.node_config, partition_id))
-    task = load_task(cfg)
+    num_partitions = _int_setting(context.node_config, "num-partitions", cfg.federation.num_clients)
+    own = not context.node_config.get("data-path") and num_partitions == cfg.federation.num_clients
+    task = load_task(cfg, client=partition_id if own else None)  # an LM task: this client's rows only
     model = lora_model(cfg, task=task)
     received = truncate_adapter(adapter_from_record(msg.content.array_records["arrays"]), cfg.lora.rank)
     set_adapter(model, received, get_base_weights(model))
-    return _Job(
-        cfg=cfg,
-        task=task,
-        model=model,
-        partition_id=partition_id,
-        num_partitions=_int_setting(context.node_config, "num-partitions", cfg.federation.num_clients),
-    )
+    return _Job(cfg=cfg, task=task, model=model, partition_id=partition_id, num_partitions=num_partitions)
 
 
 def _int_setting(config: Mapping[str, Any], key: str, default: int, where: str = "node config") -> int:

@@ -205,6 +205,12 @@ class FederationConfig(Section):
         "update_norm_factor × the round's reference norm (the median; the smaller of two)",
     )
     update_norm_factor: float = Field(10.0, gt=1, description="see update_norm_rule")
+    eval_clients: int | None = Field(
+        None,
+        ge=1,
+        description="causal-LM tasks: the server scores the held-out text of this many clients each round (a "
+        "fixed draw with the run's seed), so its evaluation does not grow with num_clients; None: every client",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FederationConfig:

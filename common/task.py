@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from peft import PeftModel
 from torch import nn
@@ -20,8 +21,9 @@ from transformers import AutoTokenizer
 
 from fairedge.common.aggregation import Adapter
 from fairedge.common.config import RunConfig
-from fairedge.common.data import TaskData, make_digits_domains, partition_clients
+from fairedge.common.data import TaskData, make_digits_domains
 from fairedge.common.data.lm_task import DEFAULT_PROMPTS, load_lm_task, prompt_input
+from fairedge.common.data.partition import client_indices
 from fairedge.common.data.task_data import Examples
 from fairedge.common.data.user_data import load_hf_image_dataset, load_image_folder, load_text_table
 from fairedge.common.lora import (
@@ -46,13 +48,21 @@ def causal_lm_dir(cfg: RunConfig) -> Path:
     return builtin_model_dir(cfg.model.cache_path())
 
 
-def load_task(cfg: RunConfig) -> TaskData:
-    """The run's train/test data (all domains, or an LM task's clients), split with `cfg.seed`."""
+def load_task(cfg: RunConfig, *, client: int | None = None) -> TaskData:
+    """The run's train/test data (all domains, or an LM task's clients), split with `cfg.seed`.
+
+    `client` (a partition id of `federation.num_clients`): an LM task builds only that client's rows.
+    """
     d, seed = cfg.data, cfg.seed
     if d.task in ("shakespeare", "chat"):
         tokenizer = AutoTokenizer.from_pretrained(causal_lm_dir(cfg), local_files_only=True)
         return load_lm_task(
-            d, tokenizer, num_clients=cfg.federation.num_clients, seed=seed, cache_dir=cfg.model.cache_path()
+            d,
+            tokenizer,
+            num_clients=cfg.federation.num_clients,
+            seed=seed,
+            cache_dir=cfg.model.cache_path(),
+            only=client,
         )
     if d.task == "digits-domains":
         return make_digits_domains(
@@ -80,15 +90,33 @@ def client_partition(
     num_partitions = num_partitions or cfg.federation.num_clients
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    train = (task or load_task(cfg)).train
-    parts = partition_clients(
+    task = task or load_task(cfg, client=partition_id if num_partitions == cfg.federation.num_clients else None)
+    train = task.train
+    if task.kind == "causal-lm" and num_partitions == len(task.domains):  # a client per domain: all its rows
+        return train.subset(torch.nonzero(train.domain == partition_id).flatten())  # (also when only it is loaded)
+    part = client_indices(  # this client's share only: its cost does not grow with num_partitions
         train,
         num_partitions,
+        partition_id,
         mode=cfg.data.partition,
         dirichlet_alpha=cfg.data.dirichlet_alpha,
         seed=cfg.seed,
     )
-    return train.subset(parts[partition_id])
+    return train.subset(part)
+
+
+def server_test_split(cfg: RunConfig, task: TaskData) -> Examples:
+    """The test data the server scores each round: all of it, or `federation.eval_clients` of a causal-LM
+    task's clients (drawn once with the run's seed), a cost independent of the run's client count."""
+    k = cfg.federation.eval_clients
+    if k is None:
+        return task.test
+    if task.kind != "causal-lm":
+        raise ValueError(f"federation.eval_clients={k} applies to causal-LM tasks only (data.task={cfg.data.task!r})")
+    if k >= len(task.domains):
+        return task.test
+    chosen = torch.from_numpy(np.random.default_rng([cfg.seed, k]).choice(len(task.domains), size=k, replace=False))
+    return task.test.subset(torch.nonzero(torch.isin(task.test.domain, chosen)).flatten())
 
 
 def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:

@@ -33,7 +33,15 @@ from fairedge.common.adapter_record import adapter_from_record, adapter_to_recor
 from fairedge.common.aggregation import Adapter, Aggregator, make_aggregator
 from fairedge.common.config import RunConfig
 from fairedge.common.lora import get_base_weights
-from fairedge.common.task import config_json, get_adapter, greedy_replies, load_task, lora_model, set_adapter
+from fairedge.common.task import (
+    config_json,
+    get_adapter,
+    greedy_replies,
+    load_task,
+    lora_model,
+    server_test_split,
+    set_adapter,
+)
 from fairedge.common.training import evaluate_groups, resolve_device
 from fairedge.server.checkpoint import client_state_warning, restore_run_state, save_run_state
 from fairedge.server.privacy.central import make_client_level_dp
@@ -73,6 +81,7 @@ def run_federation(
     started = time.time()
     f = cfg.federation
     task = load_task(cfg)
+    test = server_test_split(cfg, task)  # with federation.eval_clients: some of an LM task's clients
     model = lora_model(cfg, task=task)
     device = resolve_device(f.device)
     initial = get_adapter(model)
@@ -102,7 +111,7 @@ def run_federation(
     def evaluate(server_round: int, round_started: float) -> None:
         """Server-side accuracy of the global adapter; record the round; report it."""
         set_adapter(model, global_adapter, base_weights)
-        groups = evaluate_groups(model, task.test, task.domains, device=device)
+        groups = evaluate_groups(model, test, task.domains, device=device)
         acc = {g: m["accuracy"] for g, m in groups.items()}
         loss = {g: m["loss"] for g, m in groups.items()} if task.kind == "causal-lm" else None
         attempts = [r for r in strategy.rounds if r.round == server_round] or None

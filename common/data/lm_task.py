@@ -78,15 +78,28 @@ def builtin_chat_path(cache_dir: Path) -> Path:
 
 
 def load_lm_task(
-    d: DataConfig, tokenizer: PreTrainedTokenizerBase, *, num_clients: int, seed: int, cache_dir: Path
+    d: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_clients: int,
+    seed: int,
+    cache_dir: Path,
+    only: int | None = None,
 ) -> TaskData:
-    """The run's clients, each with its train and held-out `TokenData` (domain = client index)."""
+    """The run's clients, each with its train and held-out `TokenData` (domain = client index).
+
+    `only` (a client index): tokenize that client alone; the others keep their place in `domains`
+    but get no rows. What one simulated client needs, at a cost independent of the run's client count.
+    """
     eos_id, pad_id = special_ids(tokenizer)
     per_client: dict[str, tuple[list[TokenizedText], list[TokenizedText]]] = {}
     if d.task == "shakespeare":
         plays = {c.split("/", 1)[0] for c in d.clients} if d.clients else None  # parse only what is needed
         roles = load_shakespeare(min_lines=d.min_lines, train_fraction=d.train_fraction, plays=plays)
-        for c in choose_clients(list(roles), d.clients, num_clients, seed, "Shakespeare roles"):
+        for i, c in enumerate(choose_clients(list(roles), d.clients, num_clients, seed, "Shakespeare roles")):
+            if only is not None and i != only:
+                per_client[c] = ([], [])
+                continue
             train_text, test_text = tokenize_plain(tokenizer, ["\n".join(roles[c].train), "\n".join(roles[c].test)])
             per_client[c] = ([train_text], [test_text])
     elif d.task == "chat":
@@ -100,16 +113,23 @@ def load_lm_task(
             by_client = group_by_client(read_chat_jsonl(path, client_field=d.client_field))
             eligible = [c for c in sorted(by_client) if len(by_client[c]) >= d.min_lines]
             chosen = choose_clients(eligible, d.clients, num_clients, seed, f"chat clients of {path.name}")
-        for c in chosen:
+        for i, c in enumerate(chosen):
+            if only is not None and i != only:
+                per_client[c] = ([], [])
+                continue
             convs = by_client[c]
             n_train = min(max(1, round(d.train_fraction * len(convs))), len(convs) - 1)
             rendered = [render_chat(tokenizer, ex.messages) for ex in convs]
             per_client[c] = (rendered[:n_train], rendered[n_train:])
     else:
         raise ValueError(f"data.task={d.task!r} is not a causal-LM task")
+    if only is not None and not 0 <= only < len(per_client):
+        raise ValueError(f"client index {only} outside [0, {len(per_client)})")
     pack = d.pack if d.pack is not None else d.task == "shakespeare"
     train_parts, test_parts = [], []
     for i, (train, test) in enumerate(per_client.values()):
+        if only is not None and i != only:
+            continue
         train_parts.append(
             TokenData.of(build_examples(train, seq_len=d.seq_len, pack=pack, eos_id=eos_id, pad_id=pad_id), i)
         )

@@ -36,37 +36,67 @@ def partition_clients(
       part of its domain (the rest of the domain is unused), so label skew exists even when
       `num_clients == D`. The partitioner is seeded with `seed * 1000 + domain id`.
     """
+    _check(data, num_clients, mode, dirichlet_alpha)
+    present = np.unique(data.domain.numpy())
+    clients: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+    for d_pos in range(min(len(present), num_clients)):
+        members = range(d_pos, num_clients, len(present))
+        for j, part in enumerate(_domain_parts(data, present, d_pos, len(members), mode, dirichlet_alpha, seed)):
+            clients[members[j]] = part
+    return clients
+
+
+def client_indices(
+    data: Examples,
+    num_clients: int,
+    client: int,
+    *,
+    mode: PartitionMode = "feature",
+    dirichlet_alpha: float = 0.5,
+    seed: int = 0,
+) -> np.ndarray:
+    """`partition_clients(...)[client]`, computed from the client's own domain only.
+
+    A simulated client needs its share alone; this costs a pass over one domain's
+    samples, independent of how many other clients the run has (1000 virtual clients
+    cost what 10 do), where `partition_clients` builds every client's index array.
+    """
+    _check(data, num_clients, mode, dirichlet_alpha)
+    if not 0 <= client < num_clients:
+        raise ValueError(f"client {client} outside [0, {num_clients})")
+    present = np.unique(data.domain.numpy())
+    d_pos = client % len(present)
+    members = len(range(d_pos, num_clients, len(present)))
+    return _domain_parts(data, present, d_pos, members, mode, dirichlet_alpha, seed)[client // len(present)]
+
+
+def _check(data: Examples, num_clients: int, mode: str, dirichlet_alpha: float) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if mode not in ("feature", "feature-label"):
         raise ValueError(f"unknown partition mode {mode!r}; expected 'feature' or 'feature-label'")
     if not dirichlet_alpha > 0:
         raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha}")
-
     if len(data) == 0:
         raise ValueError("cannot partition an empty split")
-    domain = data.domain.numpy()
-    # label skew needs labels; causal-LM data (TokenData) has none and is split by client only
-    labels = cast(LabeledData, data).y.numpy() if mode == "feature-label" else None
-    present = np.unique(domain)
-    clients: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
-    for d_pos, d in enumerate(present):
-        members = list(range(d_pos, num_clients, len(present)))
-        if not members:
-            continue
-        idx = np.flatnonzero(domain == d)
-        if mode == "feature":
-            rng = np.random.default_rng([seed, int(d)])
-            parts = np.array_split(rng.permutation(idx), len(members))
-        else:
-            # A per-domain seed, so clients of different domains do not share one label skew.
-            assert labels is not None
-            parts = _dirichlet_parts(idx, labels[idx], max(2, len(members)), dirichlet_alpha, seed * 1000 + int(d))
-        for j, client in enumerate(members):
-            if len(parts[j]) == 0:
-                raise ValueError(f"domain {int(d)} has {len(idx)} samples, too few for its {len(members)} clients")
-            clients[client] = np.sort(parts[j]).astype(np.int64)
-    return clients
+
+
+def _domain_parts(
+    data: Examples, present: np.ndarray, d_pos: int, members: int, mode: str, dirichlet_alpha: float, seed: int
+) -> list[np.ndarray]:
+    """The sorted index arrays of the `members` clients of domain `present[d_pos]`, in client order."""
+    d = int(present[d_pos])
+    idx = np.flatnonzero(data.domain.numpy() == d)
+    if mode == "feature":
+        parts = np.array_split(np.random.default_rng([seed, d]).permutation(idx), members)
+    else:
+        # label skew needs labels; causal-LM data (TokenData) has none and is split by client only.
+        # A per-domain seed, so clients of different domains do not share one label skew.
+        labels = cast(LabeledData, data).y.numpy()[idx]
+        parts = _dirichlet_parts(idx, labels, max(2, members), dirichlet_alpha, seed * 1000 + d)
+    if any(len(parts[j]) == 0 for j in range(members)):
+        raise ValueError(f"domain {d} has {len(idx)} samples, too few for its {members} clients")
+    return [np.sort(parts[j]).astype(np.int64) for j in range(members)]
 
 
 def _dirichlet_parts(idx: np.ndarray, labels: np.ndarray, num_parts: int, alpha: float, seed: int) -> list[np.ndarray]:
