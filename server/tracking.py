@@ -86,6 +86,8 @@ def round_scalars(row: dict[str, Any]) -> dict[str, float]:
         put(_name("personal_accuracy", f"node {node}"), value)
     for key, value in (row.get("aggregator_metrics") or {}).items():
         put(_name("aggregator", key), value)
+    for key, value in (row.get("privacy") or {}).items():  # client-level DP: epsilon per round and in total, ...
+        put(_name("privacy", key), value)
     put("time/seconds", row.get("seconds"))
     return out
 

@@ -147,3 +147,8 @@ def test_a_tensorboard_uri_gets_one_folder_per_run(tmp_path):
 def test_round_scalars_names_are_safe_and_skip_non_numbers():
     row = {"round": 3, "accuracy": {"hamlet/Ham": 0.25, "x:y": 0.5}, "mean_accuracy": float("nan"), "sampled": [1, 2]}
     assert round_scalars(row) == {"accuracy/hamlet/Ham": 0.25, "accuracy/x_y": 0.5, "clients/sampled": 2.0}
+
+
+def test_round_scalars_carry_the_privacy_ledger():
+    row = {"round": 2, "privacy": {"epsilon": 1.5, "epsilon_round": 0.9, "delta": 1e-5, "mode": "central"}}
+    assert round_scalars(row) == {"privacy/epsilon": 1.5, "privacy/epsilon_round": 0.9, "privacy/delta": 1e-5}
