@@ -40,6 +40,7 @@ from fairedge.common.task import client_partition, config_json, get_adapter, loa
 from fairedge.common.training import evaluate, train_local
 from fairedge.server.federation import configured_aggregator
 from fairedge.server.strategy import LoraStrategy
+from tests.tiny_vit import TINY_VIT
 
 S = 2.0  # LoRA scale alpha / r
 M, N, R, K = 6, 5, 2, 3  # K·r = 6 > min(m, n) = 5: FLoRA's first stack is already re-factored
@@ -361,15 +362,7 @@ def tiny_cfg(tmp_path_factory):
         {},
         [
             f"model.cache_dir='{root}'",
-            "model.pretrain_epochs=1",
-            "model.hidden_size=16",
-            "model.num_layers=1",
-            "model.num_heads=2",
-            "model.intermediate_size=16",
-            "data.samples_per_domain=40",
-            "lora.rank=2",
-            "lora.alpha=4",
-            "lora.target_modules=['q_proj','fc1']",
+            *TINY_VIT,
             "federation.num_clients=2",
             "federation.local_steps=3",
             "federation.batch_size=8",

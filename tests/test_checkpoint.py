@@ -41,6 +41,7 @@ from fairedge.server.server_app import app as server_app
 from fairedge.server.strategy import LoraStrategy
 from fairedge.simulations import cli
 from fairedge.simulations.simulate import InProcessGrid
+from tests.tiny_vit import TINY_VIT
 
 ROOT = Path(__file__).parents[1]
 
@@ -90,15 +91,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
             "name=killed",
             f"output_dir='{tmp_path / 'runs'}'",
             f"model.cache_dir='{tmp_path / 'cache'}'",
-            "model.pretrain_epochs=1",
-            "model.hidden_size=16",
-            "model.num_layers=1",
-            "model.num_heads=2",
-            "model.intermediate_size=16",
-            "data.samples_per_domain=40",
-            "lora.rank=2",
-            "lora.alpha=4",
-            "lora.target_modules=['q_proj','fc1']",
+            *TINY_VIT,
             "federation.num_clients=3",
             "federation.rounds=5",
             "federation.local_steps=3",

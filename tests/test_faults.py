@@ -18,6 +18,7 @@ from fairedge.server.checkpoint import load_checkpoint
 from fairedge.server.federation import RoundFailed
 from fairedge.server.strategy import LoraStrategy
 from fairedge.simulations.simulate import InProcessGrid, simulate
+from tests.tiny_vit import TINY_VIT
 
 # --- the strategy on crafted replies --------------------------------------------------------------
 
@@ -204,15 +205,7 @@ def cfg(tmp_path_factory):
             "name=faults",
             f"output_dir='{root / 'runs'}'",
             f"model.cache_dir='{root / 'cache'}'",
-            "model.pretrain_epochs=1",
-            "model.hidden_size=16",
-            "model.num_layers=1",
-            "model.num_heads=2",
-            "model.intermediate_size=16",
-            "data.samples_per_domain=40",
-            "lora.rank=2",
-            "lora.alpha=4",
-            "lora.target_modules=['q_proj','fc1']",
+            *TINY_VIT,
             "federation.num_clients=3",
             "federation.rounds=3",
             "federation.min_train_nodes=2",

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from fairedge.simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment
+from tests.tiny_vit import TINY_VIT
 
 pytestmark = pytest.mark.slow
 
@@ -13,15 +14,7 @@ pytestmark = pytest.mark.slow
 def test_a_lora_fair_run_under_secure_aggregation_over_three_supernodes(tmp_path):
     overrides = [
         "name=secagg-deploy",
-        "model.pretrain_epochs=1",
-        "model.hidden_size=16",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "model.intermediate_size=16",
-        "data.samples_per_domain=40",
-        "lora.rank=2",
-        "lora.alpha=4",
-        "lora.target_modules=['q_proj','fc1']",
+        *TINY_VIT,
         "federation.num_clients=3",
         "federation.rounds=1",  # one round: its six exchanges are the protocol; a second adds only time
         "federation.local_steps=2",

@@ -9,17 +9,10 @@ import pytest
 from fairedge.common.config import build_config
 from fairedge.server.tracking import SafeTracker, make_tracker, round_scalars
 from fairedge.simulations.simulate import simulate
+from tests.tiny_vit import TINY_VIT
 
 TINY = [
-    "model.pretrain_epochs=1",
-    "model.hidden_size=16",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.intermediate_size=16",
-    "data.samples_per_domain=40",
-    "lora.rank=2",
-    "lora.alpha=4",
-    "lora.target_modules=['q_proj','fc1']",
+    *TINY_VIT,
     "federation.num_clients=3",
     "federation.rounds=2",
     "federation.min_train_nodes=2",
