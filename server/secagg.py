@@ -52,7 +52,8 @@ from fairedge.common.secagg import (
     prg,
     shared_key,
 )
-from fairedge.server.strategy import LoraStrategy, SentRound
+from fairedge.server.round_log import SentRound
+from fairedge.server.strategy import LoraStrategy
 
 log = logging.getLogger("fairedge.server")
 

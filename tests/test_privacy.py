@@ -14,7 +14,7 @@ from fairedge.common.config import ConfigError, PrivacyConfig, build_config
 from fairedge.common.privacy import add_noise, clip_update, noise_generator, update_norm
 from fairedge.server.privacy.accountant import calibrate_noise_multiplier, epsilon_of, resolve_noise_multiplier
 from fairedge.server.privacy.central import ClientLevelDP
-from fairedge.server.strategy import RoundLog, SentRound
+from fairedge.server.round_log import RoundLog, SentRound
 
 
 def test_clipping_bounds_every_update_and_leaves_small_ones_alone():

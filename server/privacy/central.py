@@ -40,7 +40,7 @@ from fairedge.common.privacy import LOCAL_CLIP_KEY, LOCAL_NOISE_KEY, add_noise, 
 from fairedge.server.privacy.accountant import PrivacyLedger, planned_sampling, resolve_noise_multiplier
 
 if TYPE_CHECKING:
-    from fairedge.server.strategy import SentRound
+    from fairedge.server.round_log import SentRound
 
 
 class ClientLevelDP:
