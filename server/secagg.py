@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 
 from fairedge.common.adapter_record import adapter_to_record, fp32_bytes, record_bytes, reply_tensors, unflatten
 from fairedge.common.aggregation import Adapter, ClientUpdate, frobenius_from_sums, reply_factors
-from fairedge.common.config import SecureAggregationConfig
+from fairedge.common.privacy_config import SecureAggregationConfig
 from fairedge.common.secagg import (
     SECAGG_KEY,
     FixedPoint,

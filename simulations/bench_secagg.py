@@ -34,7 +34,7 @@ from fairedge.client.secagg import secagg_mod
 from fairedge.common.adapter_record import adapter_from_record, adapter_to_record, reply_tensors, tensors_to_record
 from fairedge.common.aggregation import Adapter, ClientUpdate, FedIT, LoraFair
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
-from fairedge.common.config import SecureAggregationConfig
+from fairedge.common.privacy_config import SecureAggregationConfig
 from fairedge.server.secagg import SecureAggregation
 from fairedge.server.strategy import LoraStrategy
 from fairedge.simulations import smollm2_adapter_cost as smollm2

@@ -10,8 +10,9 @@ from dp_accounting.rdp import RdpAccountant
 
 from fairedge.common.aggregation import Adapter, ClientUpdate, make_aggregator
 from fairedge.common.aggregation.lora_fair import lora_fair
-from fairedge.common.config import ConfigError, PrivacyConfig, build_config
+from fairedge.common.config import ConfigError, build_config
 from fairedge.common.privacy import add_noise, clip_update, noise_generator, update_norm
+from fairedge.common.privacy_config import PrivacyConfig
 from fairedge.server.privacy.accountant import calibrate_noise_multiplier, epsilon_of, resolve_noise_multiplier
 from fairedge.server.privacy.central import ClientLevelDP
 from fairedge.server.round_log import RoundLog, SentRound

@@ -20,7 +20,8 @@ from fairedge.common.aggregation import (
     lora_fair,
     reply_factors,
 )
-from fairedge.common.config import ConfigError, SecureAggregationConfig, load_config
+from fairedge.common.config import ConfigError, load_config
+from fairedge.common.privacy_config import SecureAggregationConfig
 from fairedge.common.secagg import SECAGG_KEY, FixedPoint, Stage
 from fairedge.server.secagg import SecureAggregation
 from fairedge.server.strategy import LoraStrategy

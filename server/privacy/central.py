@@ -35,8 +35,9 @@ from flwr.supercore.differential_privacy import compute_adaptive_noise_params, c
 
 from fairedge.common.adapter_record import reply_tensors, unflatten
 from fairedge.common.aggregation import Adapter, Aggregator, ClientUpdate, frobenius_from_sums, reply_factors
-from fairedge.common.config import ConfigError, PrivacyConfig, RunConfig
+from fairedge.common.config import ConfigError, RunConfig
 from fairedge.common.privacy import LOCAL_CLIP_KEY, LOCAL_NOISE_KEY, add_noise, clip_update, noise_generator
+from fairedge.common.privacy_config import PrivacyConfig
 from fairedge.server.privacy.accountant import PrivacyLedger, planned_sampling, resolve_noise_multiplier
 
 if TYPE_CHECKING:
