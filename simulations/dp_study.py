@@ -26,7 +26,7 @@ from fairedge.common.config import config_hash, load_config
 from fairedge.server.run_outputs import RunRecord, new_run_dir
 from fairedge.simulations.paths import display
 from fairedge.simulations.report import mean_std, write_report
-from fairedge.simulations.sweep import load_rows, run_sweep, sweep_config
+from fairedge.simulations.sweep import QUICK_VIT, load_rows, run_sweep, sweep_config
 
 FILE = "dp_study"
 CONFIGS = Path(__file__).parent / "configs"
@@ -50,12 +50,7 @@ COMMON = {
     ],
 }
 QUICK = [
-    "model.pretrain_epochs=1",
-    "model.hidden_size=16",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.intermediate_size=16",
-    "data.samples_per_domain=40",
+    *QUICK_VIT,
     "lora.target_modules=['q_proj','fc1']",
     "federation.num_clients=8",
     "federation.fraction_train=0.5",

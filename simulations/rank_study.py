@@ -31,7 +31,7 @@ from fairedge.common.lora_ranks import assigned_rank
 from fairedge.server.run_outputs import RunRecord, new_run_dir
 from fairedge.simulations.paths import CONFIG, RESULTS, display
 from fairedge.simulations.report import mean_std, write_report
-from fairedge.simulations.sweep import load_rows, run_sweep, save_rows, sweep_config
+from fairedge.simulations.sweep import QUICK_VIT, load_rows, run_sweep, save_rows, sweep_config
 
 METHODS = ("fedit", "flexlora", "lora_fair")
 NAMES = {"fedit": "FedIT (HetLoRA padding)", "flexlora": "FlexLoRA", "lora_fair": "LoRA-FAIR"}
@@ -40,12 +40,7 @@ SETTINGS = {
     "mixed-4-8-16": ["lora.rank=16", "lora.alpha=32", "lora.client_ranks=[4, 8, 16]"],
 }
 QUICK = [  # a tiny ViT, one short round: minutes become seconds
-    "model.pretrain_epochs=1",
-    "model.hidden_size=16",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.intermediate_size=16",
-    "data.samples_per_domain=40",
+    *QUICK_VIT,
     "federation.rounds=1",
     "federation.local_steps=2",
     "federation.batch_size=8",

@@ -21,6 +21,16 @@ from fairedge.common.atomic_files import atomic_write_json
 from fairedge.common.config import RunConfig, config_hash, load_config
 from fairedge.server.run_outputs import RunRecord, new_run_dir
 
+QUICK_VIT = [
+    "model.pretrain_epochs=1",
+    "model.hidden_size=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=16",
+    "data.samples_per_domain=40",
+]
+"""The tiny ViT of the digits studies' `--quick` smokes: a one-block, width-16 model on 40 digits per domain."""
+
 
 def sweep_config(
     config: str | Path, label: str, overrides: Sequence[str], seed: int, common: Sequence[str] = ()
