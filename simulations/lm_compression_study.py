@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from fairedge.common.aggregation import AGGREGATORS
 from fairedge.common.config import load_config
 from fairedge.simulations import lm_study_setup as setup
+from fairedge.simulations import update_shape
 from fairedge.simulations.aggregation_study import NAMES
 from fairedge.simulations.paths import display
 from fairedge.simulations.report import mean_std, write_report
@@ -113,6 +114,10 @@ def report(study: setup.Study, labelled: dict[str, list[str]], method: str, args
         wall_hours=wall,
         cpu_hours=cpu,
         json_name=f"{FILE}.json",
+        shape=update_shape.summary(study.results / "update_shape-lm-adamw.json"),
+        shape_sgd=update_shape.summary(study.results / "update_shape-lm-sgd.json"),
+        densities=sorted(update_shape.DENSITIES),
+        alphas=update_shape.ALPHAS,
     )
 
 

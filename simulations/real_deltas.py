@@ -17,20 +17,14 @@ import torch
 
 from fairedge.common.adapter_record import flatten
 from fairedge.common.atomic_files import atomic_write_bytes
-from fairedge.common.config import load_config
+from fairedge.common.config import RunConfig, load_config
 from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
 from fairedge.common.training import train_local
 from fairedge.simulations.paths import CONFIG
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(CONFIG))
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--out", type=Path, default=Path("simulations/results/real_deltas.pt"))
-    args = parser.parse_args()
-    cfg = load_config(args.config, args.set)
-    torch.set_num_threads(1)
+def collect_deltas(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """`client<k>/<wire name>` -> that client's round-1 change of its LoRA factors (`local_steps` from the start)."""
     model = lora_model(cfg)
     start = get_adapter(model)
     f = cfg.federation
@@ -48,7 +42,19 @@ def main() -> None:
         )
         after = flatten(get_adapter(model))
         deltas.update({f"client{k}/{name}": after[name] - t for name, t in flatten(start).items()})
-        print(f"client {k}: {sum(t.numel() for t in after.values()):,} parameters")
+        print(f"client {k}: {sum(t.numel() for t in after.values()):,} parameters", flush=True)
+    return deltas
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("simulations/results/real_deltas.pt"))
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.set)
+    torch.set_num_threads(1)
+    deltas = collect_deltas(cfg)
     buffer = io.BytesIO()
     torch.save(deltas, buffer)
     atomic_write_bytes(args.out, buffer.getvalue())
