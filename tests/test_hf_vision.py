@@ -95,6 +95,25 @@ def test_hf_vision_config_builds_a_lora_model_that_trains_and_reloads(tmp_path, 
         assert torch.allclose(merged(pixel_values=x), model(**model.prepare(x)), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_an_hf_vision_run_exports_to_onnx_taking_the_task_images(tmp_path, tiny_dinov2_dir):
+    """The resize and normalisation are in `forward`, so the edge feeds the task's own images."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from fairedge.server.export import export_run
+
+    cfg = _cfg(tmp_path, tiny_dinov2_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(cfg))
+    lora_model(cfg).save_pretrained(str(run / "adapter"))
+    report = export_run(run)  # raises unless ONNX Runtime matches PyTorch within 1e-4, norm swaps included
+    assert report.max_abs_diff_default <= 1e-4 and report.argmax_agreement == 1.0
+    meta = {p.key: p.value for p in onnx.load(str(report.path)).metadata_props}
+    assert json.loads(meta["fairedge.inputs"])[0]["shape"] == [1, 16, 16]
+
+
 def test_hf_vision_fits_image_tasks_only(tmp_path, tiny_dinov2_dir):
     with pytest.raises(ValueError, match=r"model.kind='hf-vision' does not fit data.task='text'.*'hf-text'"):
         build_config({"data": {"task": "text", "path": "x.csv"}, "model": {"kind": "hf-vision"}})
