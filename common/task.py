@@ -36,16 +36,27 @@ from fairedge.common.lora import (
 )
 from fairedge.common.models import load_text_classifier, pretrained_vision_classifier
 from fairedge.common.models.causal_lm import LORA_TARGET_PRESETS, builtin_model_dir, generate_greedy, load_causal_lm
+from fairedge.common.models.dinov2_onnx import builtin_vision_dir
+from fairedge.common.models.hf_vision import load_hf_vision_classifier
 
 
 def causal_lm_dir(cfg: RunConfig) -> Path:
     """The causal LM's Hugging Face folder: `model.path`, or the built-in SmolLM2 (converted once into the cache)."""
-    if cfg.model.path:
-        path = Path(cfg.model.path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a folder on this machine")
-        return path
-    return builtin_model_dir(cfg.model.cache_path())
+    return _model_path(cfg) or builtin_model_dir(cfg.model.cache_path())
+
+
+def vision_model_dir(cfg: RunConfig) -> Path:
+    """The image backbone's Hugging Face folder: `model.path`, or the built-in DINOv2 (converted once into the cache)."""
+    return _model_path(cfg) or builtin_vision_dir(cfg.model.cache_path())
+
+
+def _model_path(cfg: RunConfig) -> Path | None:
+    if not cfg.model.path:
+        return None
+    path = Path(cfg.model.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a folder on this machine")
+    return path
 
 
 def load_task(cfg: RunConfig, *, client: int | None = None) -> TaskData:
@@ -120,11 +131,12 @@ def server_test_split(cfg: RunConfig, task: TaskData) -> Examples:
 
 
 def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:
-    """A fresh foundation model: the pre-trained ViT (trained once, then read from `model.cache_path()`) or
-    the Hugging Face encoder in `model.path` with a head drawn from `cfg.seed`.
+    """A fresh foundation model: the built-in ViT (pre-trained once on the task, then read from
+    `model.cache_path()`), a pre-trained Hugging Face image backbone (`hf-vision`) or text encoder (`hf-text`)
+    with a head drawn from `cfg.seed`, or a causal LM.
 
-    `task` is `load_task(cfg)`, loaded here unless given (the ViT is pre-trained on it; the head's size
-    is its number of classes).
+    `task` is `load_task(cfg)`, loaded here unless given (the built-in ViT is pre-trained on it; the head's
+    size is its number of classes).
     """
     m, seed = cfg.model, cfg.seed
     if m.kind == "hf-causal-lm":
@@ -133,6 +145,10 @@ def base_model(cfg: RunConfig, *, task: TaskData | None = None) -> nn.Module:
     if m.kind == "hf-text":
         assert m.path is not None  # guaranteed by ModelConfig
         return load_text_classifier(m.path, num_classes=task.num_classes, max_length=m.max_length, seed=seed)
+    if m.kind == "hf-vision":  # pre-trained: not trained on the task here
+        return load_hf_vision_classifier(
+            vision_model_dir(cfg), num_classes=task.num_classes, image_size=m.image_size, seed=seed
+        )
     return pretrained_vision_classifier(
         task,
         cache_dir=m.cache_path(),

