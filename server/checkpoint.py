@@ -249,12 +249,16 @@ class RunState(BaseModel):
 
 
 def resumable_hash(cfg: RunConfig) -> str:
-    """Hash of the config without the fields a resumed run may change."""
-    data = cfg.model_dump(mode="json")
+    """Hash of the config without the fields a resumed run may change.
+
+    Like `config_hash`, only values that differ from their defaults count, so a release that adds a setting
+    (with a default) can still resume the checkpoints of an older one.
+    """
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
     for key in RESUMABLE_CHANGES:
         section, name = key.split(".")
-        data[section].pop(name)
-    return config_hash(data)
+        data.get(section, {}).pop(name, None)
+    return config_hash({section: values for section, values in data.items() if values != {}})
 
 
 def save_run_state(

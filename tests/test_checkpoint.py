@@ -392,3 +392,11 @@ def test_resume_config_needs_a_run_folder_and_warns_about_client_state(tmp_path)
     assert client_state_warning(cfg) is None
     assert "error-feedback residuals" in client_state_warning(build_config({}, ["compression.enabled=true"]))
     assert "personal B" in client_state_warning(build_config({}, ["aggregation.method='fedsa_lora'"]))
+
+
+def test_resumable_hash_ignores_defaults_and_resumable_fields() -> None:
+    """A release that adds a setting with a default must still resume an older release's checkpoints."""
+    base = build_config({})
+    assert checkpoint.resumable_hash(base) == checkpoint.resumable_hash(build_config({"model": {"image_size": 112}}))
+    assert checkpoint.resumable_hash(base) == checkpoint.resumable_hash(build_config({"federation": {"rounds": 99}}))
+    assert checkpoint.resumable_hash(base) != checkpoint.resumable_hash(build_config({"federation": {"lr": 0.5}}))
