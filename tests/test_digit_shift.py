@@ -153,3 +153,14 @@ def test_one_round_with_the_builtin_vit(tmp_path) -> None:
     assert [r["round"] for r in record.rounds] == [0, 1]
     assert len(record.rounds[1]["replied"]) == 2 and not record.rounds[1]["rejected"]
     assert set(record.rounds[1]["accuracy"]) == {"mnist", "mnist-m"}
+
+
+def test_shift_table_scores_every_domain_and_shows_inversion_as_shift() -> None:
+    from fairedge.simulations.digit_shift_domains import UNFRAMED, markdown, measure
+
+    rows = measure(samples_per_domain=80, seed=0)
+    assert [r["domain"] for r in rows] == [*DIGIT_SHIFT_DOMAINS, UNFRAMED]
+    assert all(0 <= r[k] <= 1 for r in rows for k in r if k.endswith(("from_mnist", "in_domain")))
+    inverted = rows[DIGIT_SHIFT_DOMAINS.index("inverted")]
+    assert inverted["linear_from_mnist"] < 0.3 < inverted["linear_in_domain"]
+    assert "| inverted |" in markdown(rows, 80, 0, 1.0)

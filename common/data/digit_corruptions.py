@@ -1,11 +1,12 @@
 """Per-sample random corruptions of grey digit images, shared by the digits-domains and digit-shift tasks.
 
 Every corruption first shifts the image by up to `MAX_SHIFT` of its half-width (~1 pixel at
-16x16, ~2 at 28x28); then (constants below):
+16x16); then (constants below):
   clean     nothing else                  rotated   rotation by ±(30..60)°
   inverted  1 - x (white background)      noisy     gaussian noise, std 0.3..0.45
   blurred   gaussian blur, sigma 1.2..2   thick     strokes dilated by a 3x3 or 5x5 max
-Blur width and dilation are given for the strokes of 16x16 digits-domains images (`stroke_scale`).
+Shift, blur width and dilation are given for 16x16 digits-domains images and scale with the
+image size, or with `stroke_scale` (the digit's size relative to those).
 
 Each sample draws its own parameters from a seeded generator, so a few source images make
 many distinct samples and the same generator gives bit-identical output.
@@ -52,18 +53,19 @@ def corrupt(
 ) -> torch.Tensor:
     """Apply `corruption`'s per-sample random transform to (N, 1, H, W) pixels in [0, 1].
 
-    `stroke_scale` multiplies the blur width and dilation, which are set for the strokes of
-    digits-domains' 16x16 images; unset = image size / 16 (MNIST at 28x28 has such strokes at 1).
+    `stroke_scale` multiplies the shift (in pixels), blur width and dilation, which are set for the
+    digits of digits-domains' 16x16 images; unset = image size / 16 (MNIST at 28x28 is at 1).
     """
     if corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; allowed: {list(CORRUPTIONS)}")
-    n = x.shape[0]
-    scale = x.shape[-1] / 16 if stroke_scale is None else stroke_scale
+    n, size = x.shape[0], x.shape[-1]
+    scale = size / 16 if stroke_scale is None else stroke_scale
+    max_shift = MAX_SHIFT if stroke_scale is None else MAX_SHIFT * stroke_scale * 16 / size
     angle = torch.zeros(n)
     if corruption == "rotated":
         sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
         angle = sign * uniform(n, *ROTATION_DEG, gen) * math.pi / 180
-    shift = uniform(2 * n, -MAX_SHIFT, MAX_SHIFT, gen).view(n, 2)
+    shift = uniform(2 * n, -max_shift, max_shift, gen).view(n, 2)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

