@@ -33,6 +33,12 @@ AGGREGATION_METHODS = ("fedit", "lora_fair", "flexlora", "ffa_lora", "flora", "f
 MIXED_RANK_METHODS = ("fedit", "lora_fair", "flexlora", "flora")
 """The rules that aggregate clients of different LoRA ranks (`Aggregator.mixed_ranks`; kept equal by a test)."""
 
+BUILTIN_IMAGE_DOMAINS = {
+    "digits-domains": ("clean", "rotated", "inverted", "noisy", "blurred", "thick"),
+    "digit-shift": ("mnist", "digits", "mnist-m", "rotated", "inverted", "noisy", "blurred", "thick"),
+}
+"""The domains of the built-in image tasks (`data.domains`; kept equal to the data modules' by a test)."""
+
 CACHE_ENV = "FAIREDGE_CACHE_DIR"
 """Environment variable that moves the default model cache (`model.cache_dir` unset)."""
 
@@ -40,15 +46,25 @@ CACHE_ENV = "FAIREDGE_CACHE_DIR"
 class DataConfig(Section):
     """Which task and data, and how it is split over clients."""
 
-    task: Literal["digits-domains", "image-folder", "hf-dataset", "text", "shakespeare", "chat"] = "digits-domains"
+    task: Literal["digits-domains", "digit-shift", "image-folder", "hf-dataset", "text", "shakespeare", "chat"] = (
+        "digits-domains"
+    )
     path: str | None = Field(
         None,
         description="data location for image-folder, hf-dataset and text tasks, on the machine that loads the data "
         "(checked there, not here)",
     )
-    image_size: int = Field(16, ge=8, le=512)
+    image_size: int = Field(16, ge=8, le=512, description="image side in pixels; unset for digit-shift = 28 (MNIST's)")
     channels: Literal[1, 3] = Field(3, description="image channels for user image data (digits are 1)")
-    samples_per_domain: int = Field(1200, ge=20, description="digits-domains: train+test samples per domain")
+    samples_per_domain: int = Field(
+        1200, ge=20, description="digits-domains, digit-shift: train+test samples per domain"
+    )
+    domains: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="digits-domains, digit-shift: the domains to build, in this order (domain ids follow it); "
+        "unset = all",
+    )
     test_fraction: float = Field(0.25, gt=0, lt=1)
     partition: Literal["feature", "feature-label"] = Field(
         "feature", description="feature: one domain per client; feature-label: plus Dirichlet label skew"
@@ -87,10 +103,27 @@ class DataConfig(Section):
         4096, ge=16, description="causal-LM tasks: held-out tokens scored per client (its first ones)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _digit_shift_size(cls, raw: Any) -> Any:
+        """digit-shift keeps MNIST's 28x28 unless `image_size` is given."""
+        if isinstance(raw, dict) and raw.get("task") == "digit-shift" and "image_size" not in raw:
+            return {**raw, "image_size": 28}
+        return raw
+
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.task not in ("digits-domains", "shakespeare", "chat") and not self.path:
+        if self.task not in ("digits-domains", "digit-shift", "shakespeare", "chat") and not self.path:
             raise ValueError(f"data.path is required for task {self.task!r}")
+        if self.domains is not None:
+            allowed = BUILTIN_IMAGE_DOMAINS.get(self.task)
+            if allowed is None:
+                raise ValueError(f"data.domains applies to {list(BUILTIN_IMAGE_DOMAINS)} only, not task {self.task!r}")
+            unknown = [d for d in self.domains if d not in allowed]
+            if unknown or len(set(self.domains)) != len(self.domains):
+                raise ValueError(
+                    f"data.domains = {self.domains}: {self.task} allows each of {list(allowed)} at most once"
+                )
         return self
 
 

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from fairedge.common.aggregation import Adapter
 from fairedge.common.config import RunConfig
-from fairedge.common.data import TaskData, make_digits_domains
+from fairedge.common.data import TaskData, make_digit_shift, make_digits_domains
 from fairedge.common.data.lm_task import DEFAULT_PROMPTS, load_lm_task, prompt_input
 from fairedge.common.data.partition import client_indices
 from fairedge.common.data.task_data import Examples
@@ -75,9 +75,15 @@ def load_task(cfg: RunConfig, *, client: int | None = None) -> TaskData:
             cache_dir=cfg.model.cache_path(),
             only=client,
         )
-    if d.task == "digits-domains":
-        return make_digits_domains(
-            image_size=d.image_size, samples_per_domain=d.samples_per_domain, test_fraction=d.test_fraction, seed=seed
+    if d.task in ("digits-domains", "digit-shift"):
+        make = make_digits_domains if d.task == "digits-domains" else make_digit_shift
+        chosen = {"domains": d.domains} if d.domains else {}
+        return make(
+            image_size=d.image_size,
+            samples_per_domain=d.samples_per_domain,
+            test_fraction=d.test_fraction,
+            seed=seed,
+            **chosen,
         )
     assert d.path is not None  # guaranteed by DataConfig
     if d.task == "image-folder":
