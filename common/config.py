@@ -144,6 +144,13 @@ class ModelConfig(Section):
         description="hf-vision: the backbone's input size in pixels, a multiple of its patch size (14 for DINOv2); "
         "the model resizes the task's images to it",
     )
+    frozen_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="hf-vision with lora.top_layers: memory per process (MiB) for the hidden states entering the "
+        "lowest adapted block, computed once per image (the blocks below are frozen); past it, images are "
+        "recomputed each time. 0 = no cache (every step runs the frozen blocks)",
+    )
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -188,8 +195,9 @@ class LoraSettings(Section):
     top_layers: int | None = Field(
         None,
         ge=1,
-        description="adapt only the top N transformer blocks (causal LMs): backward stops there, so a step is "
-        "cheaper; unset = every block",
+        description="adapt only the top N transformer blocks (hf-causal-lm, hf-vision): backward stops there, so "
+        "a step is cheaper; hf-vision also computes the frozen blocks below once per image (model.frozen_cache_mb). "
+        "Unset = every block",
     )
     client_ranks: list[int] | None = Field(
         None,
@@ -419,8 +427,11 @@ class RunConfig(Section):
                 f"{' or '.join(repr(k) for k in fits)} (text: hf-text; shakespeare and chat: hf-causal-lm; image "
                 "tasks: builtin-vit or hf-vision)"
             )
-        if self.lora.top_layers is not None and self.model.kind != "hf-causal-lm":
-            raise ValueError(f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' only")
+        if self.lora.top_layers is not None and self.model.kind not in ("hf-causal-lm", "hf-vision"):
+            raise ValueError(
+                f"lora.top_layers={self.lora.top_layers} is for model.kind 'hf-causal-lm' or 'hf-vision' "
+                f"(got {self.model.kind!r})"
+            )
         if self.privacy.enabled:
             check_privacy(self)
         if self.lora.client_ranks is not None and self.aggregation.method not in MIXED_RANK_METHODS:

@@ -36,6 +36,7 @@ def add_lora(
     target_modules: Sequence[str],
     head_modules: Sequence[str] = ("classifier",),
     layers: Sequence[int] | None = None,
+    layers_pattern: str = "layers",
     task_type: str | None = None,
     seed: int = 0,
 ) -> PeftModel:
@@ -44,7 +45,8 @@ def add_lora(
     `target_modules` are module-name suffixes (`["q_proj", "v_proj"]` for the ViT,
     `["query", "value"]` for BERT-like encoders); `head_modules` get a trainable copy.
     `["all-linear"]` adapts every linear layer but the output head (PEFT's preset). `layers`
-    restricts LoRA to those transformer blocks (indices into the model's `layers` list);
+    restricts LoRA to those transformer blocks (indices into the model's list of blocks, named
+    `layers_pattern`: `layers` in causal LMs, `layer` in DINOv2);
     `task_type` is PEFT's (`"CAUSAL_LM"`: the adapter then loads as a causal-LM adapter).
     PEFT's init (`A` Kaiming-uniform, `B = 0`) draws from `seed`, so the same seed gives the
     same adapter and the caller's RNG is left alone.
@@ -57,7 +59,7 @@ def add_lora(
         target_modules=targets,
         modules_to_save=list(head_modules) or None,
         layers_to_transform=list(layers) if layers is not None else None,
-        layers_pattern="layers" if layers is not None else None,
+        layers_pattern=layers_pattern if layers is not None else None,
         init_lora_weights=True,
         task_type=task_type,
     )

@@ -37,7 +37,8 @@ from fairedge.common.lora import (
 from fairedge.common.models import load_text_classifier, pretrained_vision_classifier
 from fairedge.common.models.causal_lm import LORA_TARGET_PRESETS, builtin_model_dir, generate_greedy, load_causal_lm
 from fairedge.common.models.dinov2_onnx import builtin_vision_dir
-from fairedge.common.models.hf_vision import load_hf_vision_classifier
+from fairedge.common.models.frozen_cache import transformer_blocks
+from fairedge.common.models.hf_vision import HFVisionClassifier, load_hf_vision_classifier
 
 
 def causal_lm_dir(cfg: RunConfig) -> Path:
@@ -197,7 +198,33 @@ def lora_model(cfg: RunConfig, *, task: TaskData | None = None) -> PeftModel:
             f"lora.target_modules={targets} match no layer of model.kind={cfg.model.kind!r}; "
             f"its linear layers are named {linears}"
         )
-    return add_lora(base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets, seed=cfg.seed)
+    if lora.top_layers is None:
+        return add_lora(
+            base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets, seed=cfg.seed
+        )
+    return _top_layers_vision(cfg, base, targets)
+
+
+def _top_layers_vision(cfg: RunConfig, base: nn.Module, targets: list[str]) -> PeftModel:
+    """hf-vision with `lora.top_layers`: LoRA on the top N blocks, and `prepare` handing them the cached hidden
+    states entering block `total - N` (`HFVisionClassifier.use_frozen_cache`, up to `model.frozen_cache_mb`)."""
+    lora, top = cfg.lora, cast(int, cfg.lora.top_layers)
+    classifier = cast(HFVisionClassifier, base)
+    name, blocks = transformer_blocks(classifier.backbone)
+    if top >= len(blocks):
+        raise ValueError(
+            f"lora.top_layers={top}: the backbone has {len(blocks)} blocks; use at most {len(blocks) - 1} "
+            "(or unset it to adapt every block)"
+        )
+    start = len(blocks) - top
+    model = add_lora(
+        base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
+        layers=list(range(start, len(blocks))), layers_pattern=name.rsplit(".", 1)[-1], seed=cfg.seed,
+    )  # fmt: skip
+    if not get_lora_factors(model):
+        raise ValueError(f"lora.target_modules={targets} match no layer of the top {top} blocks")
+    classifier.use_frozen_cache(start, cfg.model.frozen_cache_mb * 2**20)
+    return model
 
 
 def get_adapter(model: PeftModel) -> Adapter:

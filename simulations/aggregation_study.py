@@ -168,7 +168,7 @@ def select(
     )
 
 
-def _paired(a: list[dict], b: list[dict]) -> list[float]:
+def paired_points(a: list[dict], b: list[dict]) -> list[float]:
     """Per-seed differences a − b of the final mean accuracy, in points."""
     bs = {r["seed"]: r["summary"]["final_mean_accuracy"] for r in b}
     return [100 * (r["summary"]["final_mean_accuracy"] - bs[r["seed"]]) for r in a if r["seed"] in bs]
@@ -226,7 +226,7 @@ def comparisons(by_method: dict[str, list[dict]]) -> list[str]:
     out = []
     fair = by_method.get("lora_fair") or []
     for a, b, name in (("lora_fair", "fedit", "LoRA-FAIR − FedIT"), (CENTRAL, "lora_fair", "centralised − LoRA-FAIR")):
-        d = _paired(by_method.get(a) or [], by_method.get(b) or [])
+        d = paired_points(by_method.get(a) or [], by_method.get(b) or [])
         if d:
             sd = statistics.stdev(d) if len(d) > 1 else 0.0
             out.append(
@@ -244,7 +244,7 @@ def comparisons(by_method: dict[str, list[dict]]) -> list[str]:
             "- Paper: LoRA-FAIR ≥ all baselines. Here: "
             + ("holds (mean over seeds)." if not beaten else f"does not hold; higher mean: {', '.join(beaten)}.")
         )
-    d = _paired(by_method.get(CENTRAL) or [], fair)
+    d = paired_points(by_method.get(CENTRAL) or [], fair)
     if d:
         gap = statistics.mean(d)
         verdict = "LoRA-FAIR is above centralised" if gap < 0 else "holds" if gap <= 0.7 else "does not hold"

@@ -1,4 +1,4 @@
-"""Fixtures shared by the causal-LM tests: SmolLM2's real tokenizer and a tiny llama built on it."""
+"""Shared fixtures: SmolLM2's real tokenizer and a tiny llama built on it (causal-LM tests); a tiny DINOv2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 
 @pytest.fixture(scope="session")
@@ -41,4 +48,18 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     torch.random.set_rng_state(generator_state)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_4_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised DINOv2 of 4 blocks (hidden 32, patch 7), saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-dinov2-4")
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=7, image_size=28
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(folder)
+    torch.random.set_rng_state(state)
     return folder

@@ -5,6 +5,11 @@ the model itself turns a batch into what its backbone was trained on: 3 channels
 (a multiple of the patch size; DINOv2 interpolates its position table), the backbone's own
 normalisation (ImageNet's unless the folder's `preprocessor_config.json` says otherwise). This happens
 in `forward`, not in `prepare`, so an exported model takes the same inputs as every other image model.
+
+With LoRA on the top blocks only (`lora.top_layers`), the blocks below are frozen and the task's images
+carry no random augmentation, so what enters the lowest adapted block is a fixed function of each image:
+`use_frozen_cache` makes `prepare` return those hidden states (computed once per image, `frozen_cache`)
+and `forward(hidden_states=...)` runs only the top blocks. `forward(pixel_values)` stays the full model.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
+from fairedge.common.models.frozen_cache import FrozenCache, transformer_blocks
 from fairedge.common.models.seeding import seeded
 from fairedge.common.pixels import PIXEL_MEAN, PIXEL_STD
 
@@ -58,6 +64,7 @@ class HFVisionClassifier(nn.Module):
         takes = inspect.signature(backbone.forward).parameters
         self._backbone_kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in takes else {}
         self.classifier = nn.Linear(2 * int(backbone.config.hidden_size), num_classes)
+        self.frozen_cache: FrozenCache | None = None
 
     def backbone_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Task images `(N, 1 or 3, H, W)` on the shared `[-1, 1]` scale -> the backbone's `(N, 3, S, S)` input."""
@@ -70,14 +77,83 @@ class HFVisionClassifier(nn.Module):
             p = F.interpolate(p, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return (p - self.pixel_mean) / self.pixel_std
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits from task images, or from `hidden_states` entering block `frozen_cache.start` (see `prepare`)."""
+        if hidden_states is not None:
+            if self.frozen_cache is None:
+                raise ValueError("hidden_states input without use_frozen_cache: the model cannot know their block")
+            return self.forward_from_block(hidden_states, self.frozen_cache.start)
+        if pixel_values is None:
+            raise ValueError("HFVisionClassifier needs pixel_values or hidden_states")
         out = self.backbone(pixel_values=self.backbone_pixels(pixel_values), **self._backbone_kwargs)
-        hidden = out.last_hidden_state  # (N, 1 + patches, H)
+        return self._head(out.last_hidden_state)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`(N, 1 + patches, H)` last hidden state -> logits, from [CLS, mean of the patch tokens]."""
         return self.classifier(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1))
 
     def prepare(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Batch -> forward kwargs; the training loop calls `model(**model.prepare(x))`."""
+        """Batch -> forward kwargs; the training loop calls `model(**model.prepare(x))`.
+
+        With `use_frozen_cache`: the hidden states entering the lowest adapted block (each image's computed once
+        per process), so the frozen blocks run once per image instead of once per step.
+        """
+        if self.frozen_cache is not None:
+            return {"hidden_states": self.frozen_cache.hidden_states(self, x)}
         return {"pixel_values": x}
+
+    def use_frozen_cache(self, start: int, max_bytes: int) -> None:
+        """Let `prepare` hand blocks `start..` cached hidden states (the blocks below must stay frozen).
+
+        Only when the frozen part is deterministic in training (no dropout, no stochastic depth): otherwise the
+        full model in train mode differs from the cached path, and `prepare` keeps returning pixels.
+        """
+        name, blocks = transformer_blocks(self.backbone)
+        if not 0 < start < len(blocks):
+            raise ValueError(f"frozen cache from block {start}: the backbone has blocks 0..{len(blocks) - 1}")
+        adapted = tuple(f"{name}.{i}." for i in range(start, len(blocks)))
+        live = [n for n, p in self.backbone.named_parameters() if not n.startswith(adapted) and p.requires_grad]
+        live += [n for n, _ in self.backbone.named_modules() if not n.startswith(adapted) and n.endswith(".lora_A")]
+        if live:
+            raise ValueError(f"frozen cache from block {start}, but {live[0]} below it trains or is adapted")
+        config = self.backbone.config
+        noisy = [k for k in _DROPOUTS if float(getattr(config, k, 0.0) or 0.0) > 0]
+        self.frozen_cache = None if noisy or max_bytes <= 0 else FrozenCache(start, max_bytes)
+
+    def hidden_before_block(self, pixel_values: torch.Tensor, start: int) -> torch.Tensor:
+        """The hidden states entering block `start`, computed by the backbone's own forward (stopped there)."""
+        _, blocks = transformer_blocks(self.backbone)
+        seen: list[torch.Tensor] = []
+
+        def stop(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise _Reached
+
+        handle = blocks[start].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.backbone(pixel_values=self.backbone_pixels(pixel_values), **self._backbone_kwargs)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def forward_from_block(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from the hidden states entering block `start`: blocks `start..`, final layer norm, head."""
+        _, blocks = transformer_blocks(self.backbone)
+        for block in blocks[start:]:
+            hidden = block(hidden, None)  # no attention mask, as the backbone's own loop passes for images
+        norm: nn.Module = getattr(self.backbone, "layernorm")  # noqa: B009  (transformer_blocks checked it)
+        return self._head(norm(hidden))
+
+
+_DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+
+
+class _Reached(Exception):
+    """Raised by the pre-hook of the first cached block: the backbone's forward has computed what we need."""
 
 
 def _attention_qv(backbone: nn.Module) -> tuple[str, ...]:
