@@ -1,6 +1,6 @@
 """Edge inference speed: ONNX Runtime vs PyTorch eager (fp32 and int8), and a norm swap vs a session rebuild.
 
-    python -m fairedge.simulations.bench_edge_latency [--repeats 30] [--vit-run RUN_DIR]
+    python -m fairedge.simulations.bench_edge_latency [--repeats 30] [--vit-run RUN_DIR] [--dino-run RUN_DIR]
 
 Every classifier the project exports for the edge, each exported with
 `fairedge.common.edge_model.export_onnx` (attention fused offline, norm parameters as
@@ -386,6 +386,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="a run folder whose merged ViT to use (default: the pre-trained base of the default config)",
     )
+    parser.add_argument(
+        "--dino-run",
+        default=None,
+        help="also a run folder of the pre-trained DINOv2 (model.kind hf-vision, e.g. simulations/configs/vision.toml)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for edge_latency.{json,md}")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -404,6 +409,12 @@ def main(argv: list[str] | None = None) -> None:
         minilm, test, how = _minilm()
         print(f"MiniLM: {how}", flush=True)
         models["minilm"] = bench_model("minilm", minilm, test.x, test.y.numpy(), tmp, args.repeats, how)
+        if args.dino_run:
+            dino = load_merged_model(args.dino_run)
+            how = f"merged global model of run `{Path(args.dino_run).name}` ({dino.cfg.model.image_size} px input)"
+            print(f"DINOv2: {how}", flush=True)
+            test = load_task(dino.cfg).test
+            models["dinov2"] = bench_model("dinov2", dino, test.x, test.y.numpy(), tmp, args.repeats, how)
     import onnxruntime
     import onnxscript
 
@@ -411,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         f" --repeats {args.repeats}" if args.repeats != 30 else ""
     )
     command += f" --vit-run {args.vit_run}" if args.vit_run else ""
+    command += f" --dino-run {args.dino_run}" if args.dino_run else ""
     res = {
         "command": command,
         "machine": f"{_cpu_name()}, {os.cpu_count()} logical CPUs",
