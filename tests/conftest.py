@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import (
     AutoTokenizer,
-    Dinov2Config,
-    Dinov2Model,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
 )
+
+from tests.tiny_dinov2 import save_tiny_dinov2
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +53,5 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dinov2_4_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised DINOv2 of 4 blocks (hidden 32, patch 7), saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-dinov2-4")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=7, image_size=28
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(folder)
-    torch.random.set_rng_state(state)
-    return folder
+    """A tiny DINOv2 of 4 blocks (the cheap mode needs blocks below and above the cut)."""
+    return save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2-4"), layers=4)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from platformdirs import user_cache_dir
-from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
+from transformers import BertConfig, BertModel
 
 from fairedge.common.config import CACHE_ENV, build_config, to_toml
 from fairedge.common.models import dinov2_onnx
@@ -18,20 +18,13 @@ from fairedge.common.models.hf_vision import IMAGENET_MEAN, HFVisionClassifier, 
 from fairedge.common.run_model import load_run_model
 from fairedge.common.task import base_model, client_partition, get_adapter, load_task, lora_model
 from fairedge.common.training import train_local
+from tests.tiny_dinov2 import save_tiny_dinov2
 
 
 @pytest.fixture(scope="module")
 def tiny_dinov2_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised DINOv2 (2 layers, hidden 32, patch 7) saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-dinov2")
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=7, image_size=28
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(folder)
-    torch.random.set_rng_state(state)
-    return folder
+    """A tiny randomly initialised DINOv2 of 2 blocks."""
+    return save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2"), layers=2)
 
 
 def _cfg(tmp_path: Path, model_dir: Path, **model: object):

