@@ -79,7 +79,8 @@ def teacher_section(teacher: str, data: dict[str, Any], *, command: str, plot_na
         if study["teacher"] == "self"
         else (
             f"`{study['teacher']}` (model version `{study.get('teacher_model_version', '?')}`, config "
-            f"`{_teacher_hash(study['teacher'])}`; {_federated_accuracy(study['teacher'])})"
+            f"`{_teacher_hash(study['teacher'])}`; {_lora_text(study['teacher'])}; "
+            f"{_federated_accuracy(study['teacher'])})"
         )
     )
     return render(
@@ -146,6 +147,45 @@ def markdown(
         bench=data.get("cloud_updates_per_s"),
         latency=latency_summary(latency.read_text()) if latency is not None and latency.is_file() else "",
     )
+
+
+def brief_markdown(results: dict[str, dict[str, Any]], *, command: str, plots: dict[str, str]) -> str:
+    """`edge.md` of a study run without the self-taught baseline (e.g. on the DINOv2 backbone): setup read from
+    the served run's and the teachers' own configs, the summary over teachers, one section per teacher."""
+    study = next(iter(results.values()))["study"]
+    return render(
+        "edge_brief.md.j2",
+        command=command,
+        study=study,
+        cfg=load_config(ROOT / study["run_dir"] / "config.toml"),
+        lora=_lora_text(study["run_dir"]),
+        federated_accuracy=_federated_accuracy(study["run_dir"]),
+        train_minutes=_training_minutes(study["run_dir"]),
+        corruptions="; ".join(
+            f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items() if n in STREAM_CORRUPTIONS
+        ),
+        seeds=sorted({r["seed"] for d in results.values() for r in d.get("rows", [])}),
+        runtime=[
+            (t, len(d.get("rows", [])) + len(d.get("tuning", [])), sum(_seconds(d)) / 60) for t, d in results.items()
+        ],
+        summary_table=summary_table(results),
+        teacher_sections=[
+            teacher_section(t, d, command=f"{command} --teacher {t}", plot_name=plots[t])
+            for t, d in results.items()
+            if d.get("rows")
+        ],
+    )
+
+
+def _lora_text(run_dir: str) -> str:
+    """How a run folder's model was adapted: LoRA rank, targets and blocks (from its config.toml)."""
+    path = ROOT / run_dir / "config.toml"
+    if not path.is_file():
+        return "LoRA unknown"
+    lora = load_config(path).lora
+    blocks = f"top {lora.top_layers} blocks" if lora.top_layers else "every block"
+    targets = ", ".join(lora.target_modules) if lora.target_modules else "the default attention targets"
+    return f"LoRA r{lora.rank} on {targets}, {blocks}"
 
 
 def _seconds(data: dict[str, Any]) -> list[float]:

@@ -48,7 +48,7 @@ from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import config_hash, load_config
 from fairedge.simulations.edge_lockstep import MODES, export_model, run_stream
 from fairedge.simulations.edge_plot import plot
-from fairedge.simulations.edge_report import markdown
+from fairedge.simulations.edge_report import brief_markdown, markdown
 from fairedge.simulations.edge_settings import FIXED, TUNING, chosen_setting, study_settings
 from fairedge.simulations.edge_stream import CORRUPTIONS, SEGMENTS, build_stream
 from fairedge.simulations.edge_tables import gain_table, tuning_table
@@ -61,7 +61,7 @@ OUTPUTS = {
     "centralised": "edge_stream_centralised-teacher",
     "foundation": "edge_stream_foundation-teacher",
 }
-"""Result files (.json, .png under RESULTS) per teacher."""
+"""Result files (.json, .png in the --out folder, default RESULTS) per teacher."""
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--tune", action="store_true", help="run the TUNING settings on seed 0 only")
     parser.add_argument(
+        "--out", default=str(RESULTS), help="folder of the result files and edge.md (default: %(default)s)"
+    )
+    parser.add_argument(
         "--settings",
         nargs="+",
         default=None,
@@ -234,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     teacher = teacher_run(
         args.teacher, load_config(args.config, [f"aggregation.method={args.method}", *args.teacher_set])
     )
-    out = RESULTS / f"{OUTPUTS[args.teacher]}.json"
+    results = Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{OUTPUTS[args.teacher]}.json"
     data = run_study(
         run_dir,
         seeds=args.seeds,
@@ -252,30 +257,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             data["rows"],
             data["stream_boundaries"],
             data["study"]["segments"],
-            RESULTS / f"{OUTPUTS[args.teacher]}.png",
+            results / f"{OUTPUTS[args.teacher]}.png",
             title=f"CEMA on a corrupted digits stream ({data['study']['config_name']}, config "
             f"{data['study']['config_hash']}, teacher {args.teacher}, "
             f"seeds {sorted({r['seed'] for r in data['rows']})})",
         )
         print(gain_table(data["rows"]))
     try:
-        write_report(args.run)
+        write_report(args.run, results)
     except Exception as err:
         print(f"edge.md not written: {err!r}")
     print(f"done in {time.time() - started:.0f} s")
 
 
-def write_report(run: str | None = None) -> Path | None:
-    """`edge.md` from every teacher's result file (nothing without the self-teacher study)."""
-    results = {t: _load(RESULTS / f"{name}.json") for t, name in OUTPUTS.items()}
+def write_report(run: str | None = None, folder: Path = RESULTS) -> Path | None:
+    """`folder/edge.md` from every teacher's result file there (nothing without the self-teacher study)."""
+    results = {t: _load(folder / f"{name}.json") for t, name in OUTPUTS.items()}
     results = {t: d for t, d in results.items() if d.get("rows")}
-    if "self" not in results:
+    if not results:
         return None
-    results = {"self": results.pop("self"), **results}
-    path = RESULTS / "edge.md"
+    path = folder / "edge.md"
     command = "python -m fairedge.simulations.edge_study" + (f" --run {run}" if run else "")
+    if folder.resolve() != RESULTS.resolve():
+        command += f" --out {os.path.relpath(folder, ROOT)}"
     plots = {t: f"{name}.png" for t, name in OUTPUTS.items()}
-    atomic_write_text(path, markdown(results, command=command, plots=plots, latency=RESULTS / "edge_latency.md"))
+    if "self" in results:  # the full report: headroom and reading are measured against the self-taught study
+        results = {"self": results.pop("self"), **results}
+        text = markdown(results, command=command, plots=plots, latency=RESULTS / "edge_latency.md")
+    else:
+        text = brief_markdown(results, command=command, plots=plots)
+    atomic_write_text(path, text)
     return path
 
 

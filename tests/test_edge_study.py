@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -232,3 +233,31 @@ def test_target_line_names_seeds_where_uploading_everything_lost():
     rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.51, 0.3), _row("all", 0, 0.49, 1.0)]
     line = target_line(gains(rows))
     assert line.startswith("**Target not met**") and "gained nothing on seed(s) 0 (-1.00 points)" in line
+
+
+def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path, monkeypatch):
+    """The DINOv2 study runs only a stronger teacher, with a setting given on the command line."""
+    from fairedge.common.config import build_config, to_toml
+    from fairedge.simulations import edge_report, edge_study
+
+    for name, lora in (("served", {"rank": 4}), ("teacher", {"rank": 16, "target_modules": ["query", "fc1"]})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text(to_toml(build_config({"name": name, "lora": lora})))
+    monkeypatch.setattr(edge_report, "ROOT", tmp_path)
+    rows = [_row("none", 0, 0.50, 0.0), _row("cema", 0, 0.595, 0.3), _row("all", 0, 0.60, 1.0)]
+    study = {"teacher": "teacher", "teacher_model_version": "abc", "run_dir": "served", "config_name": "served",
+             "config_hash": "h", "model_version": "v", "per_segment": 32, "segments": ["contrast-1"],
+             "corruptions": {"contrast": [0.35, 0.15]}, "fixed": ["edge.threads=1"]}  # fmt: skip
+    data = {"study": study, "rows": rows, "teacher_stream_accuracy": {"0": 0.7}, "chosen": "given",
+            "overrides": ["cloud.lr=0.05"]}  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "edge_stream_foundation-teacher.json").write_text(json.dumps(data))
+    path = edge_study.write_report(None, tmp_path / "out")
+    md = path.read_text()
+    assert path == tmp_path / "out" / "edge.md" and "## Headroom" not in md
+    assert "LoRA r4 on the default attention targets, every block" in md  # the served model, from its config
+    assert "LoRA r16 on query, fc1, every block" in md  # the teacher, from its own config
+    assert "`cloud.lr=0.05`, given on the command line for every seed (not tuned)" in md
+    assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
+    assert "--out " in md  # the regenerate command names the folder
+    assert edge_study.write_report(None, tmp_path / "empty") is None
