@@ -72,6 +72,13 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     atomic_write_json(path, data, indent=1, sort_keys=False)
 
 
+def resumable(data: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a result file's content) if it was written for `study` (same model, teacher and stream), else {}."""
+    old = {"teacher": "self"} | data.get("study", {})  # files written before --teacher existed: self-taught
+    study = json.loads(json.dumps(study))  # as a file holds it: tuples become lists
+    return data if {k: old.get(k) for k in study} == study else {}
+
+
 def run_study(
     run_dir: Path,
     *,
@@ -115,9 +122,7 @@ def run_study(
         "segments": [f"{n}-{s}" for n, s in SEGMENTS],
         "corruptions": CORRUPTIONS,
     } | teacher_info
-    old = {"teacher": "self"} | data.get("study", {})  # files written before --teacher existed: self-taught
-    if {k: old.get(k) for k in study} != study:
-        data = {}  # another model, teacher or stream: start afresh
+    data = resumable(data, study)
     cfg = load_config(run_dir / "config.toml")
     data.update(
         study=study

@@ -108,7 +108,7 @@ def norm_headroom(
 
 
 def bench_cloud_updates(served: Any, cfg: RunConfig, x: np.ndarray, *, updates: int = 40, warmup: int = 4) -> dict:
-    """Time `updates` CloudService updates in-process (no gRPC): full replay buffer, disk state, on the
+    """Time `updates` (at most; fewer when `x` is short) CloudService updates in-process (no gRPC): full replay buffer, disk state, on the
     torch threads the study's entry point set (one).
 
     One update = `cloud.steps_per_update` CEMA steps on `new_per_step` new + `replay_per_step` replayed
@@ -117,9 +117,9 @@ def bench_cloud_updates(served: Any, cfg: RunConfig, x: np.ndarray, *, updates: 
     from fairedge.server.cloud import CloudService
 
     per = cfg.cloud.new_per_step
-    need = per * (updates + warmup)
-    if len(x) < need:
-        raise ValueError(f"need {need} samples for {updates}+{warmup} updates of {per}, got {len(x)}")
+    updates = min(updates, len(x) // per - warmup)  # a short stream times fewer updates
+    if updates < 1:
+        raise ValueError(f"need {per * (1 + warmup)} samples for 1+{warmup} updates of {per}, got {len(x)}")
     with tempfile.TemporaryDirectory() as tmp:
         service = CloudService(served, tmp, cfg.cloud, seed=0)  # not started: update() runs on this thread
         device = service.register("bench", served.model_id, served.model_version)

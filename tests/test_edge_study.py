@@ -261,3 +261,15 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
     assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
     assert "--out " in md  # the regenerate command names the folder
     assert edge_study.write_report(None, tmp_path / "empty") is None
+
+
+def test_a_result_file_resumes_only_for_the_same_study(tmp_path):
+    """Written as JSON and read back, the study's description still matches: a resume keeps the finished rows."""
+    from fairedge.simulations.edge_study import _load, _save, resumable
+
+    study = {"teacher": "runs/t", "per_segment": 32, "corruptions": {"contrast": (0.35, 0.15)}}
+    path = tmp_path / "r.json"
+    _save(path, {"study": study, "rows": [_row("none", 0, 0.5, 0.0)]})
+    assert resumable(_load(path), study)["rows"]
+    assert resumable(_load(path), study | {"per_segment": 64}) == {}  # another stream: start afresh
+    assert resumable({"study": {"per_segment": 32}}, {"teacher": "self", "per_segment": 32})  # files before --teacher
