@@ -22,10 +22,10 @@ served model itself (`--teacher self`, the issue's default) or a stronger one tr
 cached (`trained_teacher`: `centralised` LoRA on the pooled client data, or `foundation`, the
 same trained longer with colour-jitter augmentation); each teacher has its own result files.
 
-Writes `simulations/results/edge_stream*.json` (every run, per-batch records; rewritten atomically
-after every run, so an interrupted study resumes), `edge_stream*.png` (accuracy along the stream) per
-teacher, and `edge.md` (all of them; plus a summary of `edge_latency.md` when the latency benchmark
-has written it). The parts: `edge_stream` (the stream), `edge_teachers` (the trained models),
+Writes, in `--out` (default `simulations/results/`), `edge_stream*.json` (every run, per-batch records;
+rewritten atomically after every run, so an interrupted study resumes), `edge_stream*.png` (accuracy along
+the stream) per teacher, and `edge.md` (all of them; plus a summary of `edge_latency.md` when the latency
+benchmark has written it; a brief report when the folder has no self-taught study, e.g. on DINOv2). The parts: `edge_stream` (the stream), `edge_teachers` (the trained models),
 `edge_settings` (the settings search), `edge_lockstep` (one run), `edge_yardsticks` (label yardsticks,
 cloud speed), `edge_tables`, `edge_plot` and `edge_report` (the outputs; prose in `templates/`).
 """
@@ -276,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def write_report(run: str | None = None, folder: Path = RESULTS) -> Path | None:
-    """`folder/edge.md` from every teacher's result file there (nothing without the self-teacher study)."""
+    """`folder/edge.md` from every teacher's result file there (None when there is none): the full report with
+    the self-taught study, the brief one (`brief_markdown`) without it."""
     results = {t: _load(folder / f"{name}.json") for t, name in OUTPUTS.items()}
     results = {t: d for t, d in results.items() if d.get("rows")}
     if not results:

@@ -108,8 +108,8 @@ def norm_headroom(
 
 
 def bench_cloud_updates(served: Any, cfg: RunConfig, x: np.ndarray, *, updates: int = 40, warmup: int = 4) -> dict:
-    """Time `updates` (at most; fewer when `x` is short) CloudService updates in-process (no gRPC): full replay buffer, disk state, on the
-    torch threads the study's entry point set (one).
+    """Time `updates` CloudService updates in-process (no gRPC; fewer when `x` is short): full replay buffer,
+    disk state, on the torch threads the study's entry point set (one).
 
     One update = `cloud.steps_per_update` CEMA steps on `new_per_step` new + `replay_per_step` replayed
     samples, then publishing the version (written to the state folder), as the learner thread does it.
