@@ -111,39 +111,22 @@ def markdown(
     to the file name of its plot.
     """
     data = results["self"]
-    study = data["study"]
     g_self = gains(data.get("rows", []))
     return render(
         "edge.md.j2",
-        command=command,
+        **_setup_values(results, command=command, plots=plots),
         all_teachers=TEACHERS,
         teachers=[t for t in TEACHERS if t in results],
         foundation=FOUNDATION,
-        study=study,
-        cfg=study_settings(ROOT / study["run_dir"], []),
-        federated_accuracy=_federated_accuracy(study["run_dir"]),
-        corruptions="; ".join(
-            f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items() if n in STREAM_CORRUPTIONS
-        ),
         seeds=sorted({r["seed"] for r in data.get("rows", [])}),
-        runtime=[
-            (t, len(d.get("rows", [])) + len(d.get("tuning", [])), sum(_seconds(d)) / 60) for t, d in results.items()
-        ],
-        train_minutes=_training_minutes(study["run_dir"]),
         headroom_table=headroom_table(data["headroom"]) if data.get("headroom") else "",
         oracle=[
             (seed, acc, 100 * (acc - g_self[int(seed)]["acc_none"]))
             for seed, acc in data.get("label_oracle", {}).items()
             if int(seed) in g_self
         ],
-        summary_table=summary_table(results),
         reading=_reading(results),
         e_max=_e_max_reading(results.get("foundation", {}).get("tuning", [])),
-        teacher_sections=[
-            teacher_section(t, d, command=f"{command} --teacher {t}", plot_name=plots[t])
-            for t, d in results.items()
-            if d.get("rows")
-        ],
         bench=data.get("cloud_updates_per_s"),
         latency=latency_summary(latency.read_text()) if latency is not None and latency.is_file() else "",
     )
@@ -155,26 +138,34 @@ def brief_markdown(results: dict[str, dict[str, Any]], *, command: str, plots: d
     study = next(iter(results.values()))["study"]
     return render(
         "edge_brief.md.j2",
-        command=command,
-        study=study,
-        cfg=load_config(ROOT / study["run_dir"] / "config.toml"),
+        **_setup_values(results, command=command, plots=plots),
         lora=_lora_text(study["run_dir"]),
-        federated_accuracy=_federated_accuracy(study["run_dir"]),
-        train_minutes=_training_minutes(study["run_dir"]),
-        corruptions="; ".join(
+        seeds=sorted({r["seed"] for d in results.values() for r in d.get("rows", [])}),
+    )
+
+
+def _setup_values(results: dict[str, dict[str, Any]], *, command: str, plots: dict[str, str]) -> dict[str, Any]:
+    """What both reports show: the served run (from the first teacher's study), stream, time, summary, sections."""
+    study = next(iter(results.values()))["study"]
+    return {
+        "command": command,
+        "study": study,
+        "cfg": study_settings(ROOT / study["run_dir"], []),
+        "federated_accuracy": _federated_accuracy(study["run_dir"]),
+        "train_minutes": _training_minutes(study["run_dir"]),
+        "corruptions": "; ".join(
             f"{n} {v[0]} / {v[1]}" for n, v in study["corruptions"].items() if n in STREAM_CORRUPTIONS
         ),
-        seeds=sorted({r["seed"] for d in results.values() for r in d.get("rows", [])}),
-        runtime=[
+        "runtime": [
             (t, len(d.get("rows", [])) + len(d.get("tuning", [])), sum(_seconds(d)) / 60) for t, d in results.items()
         ],
-        summary_table=summary_table(results),
-        teacher_sections=[
+        "summary_table": summary_table(results),
+        "teacher_sections": [
             teacher_section(t, d, command=f"{command} --teacher {t}", plot_name=plots[t])
             for t, d in results.items()
             if d.get("rows")
         ],
-    )
+    }
 
 
 def _lora_text(run_dir: str) -> str:

@@ -25,9 +25,9 @@ same trained longer with colour-jitter augmentation); each teacher has its own r
 Writes, in `--out` (default `simulations/results/`), `edge_stream*.json` (every run, per-batch records;
 rewritten atomically after every run, so an interrupted study resumes), `edge_stream*.png` (accuracy along
 the stream) per teacher, and `edge.md` (all of them; plus a summary of `edge_latency.md` when the latency
-benchmark has written it; a brief report when the folder has no self-taught study, e.g. on DINOv2). The parts: `edge_stream` (the stream), `edge_teachers` (the trained models),
-`edge_settings` (the settings search), `edge_lockstep` (one run), `edge_yardsticks` (label yardsticks,
-cloud speed), `edge_tables`, `edge_plot` and `edge_report` (the outputs; prose in `templates/`).
+benchmark has written it; a brief report when the folder has no self-taught study, e.g. on DINOv2).
+The parts: `edge_stream` (the stream), `edge_teachers` (the trained models), `edge_settings` (the settings
+search), `edge_lockstep` (one run), `edge_yardsticks` (label yardsticks, cloud speed), `edge_tables`, `edge_plot` and `edge_report` (the outputs; prose in `templates/`).
 """
 
 from __future__ import annotations
