@@ -235,6 +235,11 @@ class FederationConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="local training: bf16 autocast (fp32 weights and optimizer, bf16 matmuls) or fp32; auto = "
+        "bf16 on a GPU that supports it, fp32 otherwise",
+    )
     client_cpus: float = Field(1.0, gt=0, description="Flower simulation resources per client")
     client_gpus: float = Field(0.0, ge=0)
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies")

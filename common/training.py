@@ -26,6 +26,13 @@ def resolve_device(device: Literal["auto", "cpu", "cuda"], field: str = "federat
     return torch.device(device)
 
 
+def uses_bf16(precision: Literal["auto", "fp32", "bf16"], device: torch.device) -> bool:
+    """Whether local training autocasts to bf16: asked for, or `auto` on a CUDA GPU that supports it."""
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
 def train_local(
     model: nn.Module,
     data: Examples,
@@ -38,11 +45,14 @@ def train_local(
     weight_decay: float = 0.0,
     device: torch.device = torch.device("cpu"),
     seed: int = 0,
+    bf16: bool = False,
 ) -> float:
     """Train the model's trainable parameters; return the mean training loss.
 
     Runs `steps` optimizer steps, or `epochs` full passes when `epochs` is set.
     Batches are drawn from a generator seeded with `seed`, so a round is reproducible.
+    `bf16` autocasts the forward pass: weights, gradients and optimizer state stay float32 (mixed precision),
+    so the adapter a client sends has the same dtype either way.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -64,8 +74,9 @@ def train_local(
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos : pos + bs]
         pos += bs
-        loss_sum, _, count = data.loss_terms(model, data.batch(model, idx, device))
-        loss = loss_sum / max(count, 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss_sum, _, count = data.loss_terms(model, data.batch(model, idx, device))
+        loss = loss_sum.float() / max(count, 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,6 +110,7 @@ def train_client_round(
         weight_decay=f.weight_decay,
         device=device,
         seed=seed,
+        bf16=uses_bf16(f.precision, device),
     )
 
 
