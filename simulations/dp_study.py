@@ -4,14 +4,18 @@ Central DP (clip each client's update, Gaussian noise on the sum, dp-accounting'
 the noise calibrated with `privacy.target_epsilon` so that ε ≤ 1, 4, 8 at δ = 1e-5 after the planned
 rounds, against no DP (ε = ∞); many clients, a fraction sampled each round (the amplification that
 makes DP affordable). LoRA-FAIR runs its frobenius objective at every ε (the cosine one is refused
-under DP), so ε = ∞ is its noiseless twin. Digits by default (cheap); `--lm` runs the causal-LM
-config instead.
+under DP), so ε = ∞ is its noiseless twin. Digits by default; `--lm` runs the causal-LM config
+instead (about 2 CPU-s per sampled client there, so a cohort large enough for DP costs CPU-hours per run).
+
+DP needs the noise on the mean, `z·clip_norm·√d / n` for d adapter entries and n clients per round, to be
+small against the clipped updates, so the digits setting keeps d small (rank-2 LoRA on q/v, about 2.7 k
+entries) and samples 40 of 400 clients per round.
 
     python -m fairedge.simulations.dp_study [--lm] [--seeds 0 1 2] [--quick] [--out DIR] [--set KEY=VALUE ...]
 
 writes `<out>/dp_study.json` (every run, resumable: rerun the same command after a stop) and
-`<out>/dp_study.md` (default out: `simulations/results`). The noise is fresh OS randomness
-(`privacy.noise_seed` unset), so a rerun of one row differs by the noise, as a real run would.
+`<out>/dp_study.md` (default out: `simulations/results`). The noise is drawn from `privacy.noise_seed =
+seed`, so every row reproduces; a real deployment leaves `noise_seed` unset (fresh OS randomness).
 """
 
 from __future__ import annotations
@@ -35,17 +39,23 @@ METHODS = {"fedit": "FedIT", "lora_fair": "LoRA-FAIR (frobenius)"}
 DELTA = 1e-5
 COMMON = {
     "digits": [
-        "federation.num_clients=60",
-        "federation.fraction_train=0.2",
-        "federation.rounds=20",
-        "federation.local_steps=10",
+        "federation.num_clients=400",
+        "federation.fraction_train=0.1",
+        "federation.rounds=25",
+        "federation.local_steps=4",
+        "federation.batch_size=16",
+        "federation.lr=0.01",
         "data.partition=feature-label",
-        "privacy.clip_norm=0.5",
+        "lora.rank=2",
+        "lora.alpha=4",
+        "lora.target_modules=['q_proj','v_proj']",
+        "privacy.clip_norm=1.0",
     ],
     "lm": [
         "federation.num_clients=40",
         "federation.fraction_train=0.25",
         "federation.rounds=10",
+        "compression.enabled=false",  # error feedback is client state the sampled accountant does not cover
         "privacy.clip_norm=0.5",
     ],
 }
@@ -60,14 +70,19 @@ QUICK = [
 ]
 
 
-def variants(quick: bool = False) -> dict[str, list[str]]:
-    """Label -> overrides: each method at each ε (∞ = no DP)."""
+def variants(seed: int, quick: bool = False) -> dict[str, list[str]]:
+    """Label -> overrides: each method at each ε (∞ = no DP), the DP noise seeded by the run's seed."""
     out = {}
     for method, name in METHODS.items():
         extra = ["aggregation.objective=frobenius"] if method == "lora_fair" else []
         for eps in (4.0, math.inf) if quick else EPSILONS:
             dp = (
-                ["privacy.enabled=true", f"privacy.target_epsilon={eps}", f"privacy.delta={DELTA}"]
+                [
+                    "privacy.enabled=true",
+                    f"privacy.target_epsilon={eps}",
+                    f"privacy.delta={DELTA}",
+                    f"privacy.noise_seed={seed}",
+                ]
                 if math.isfinite(eps)
                 else []
             )
@@ -122,19 +137,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = CONFIGS / ("shakespeare.toml" if args.lm else "digits.toml")
     seeds = args.seeds[:1] if args.quick else args.seeds
     common = [*COMMON["lm" if args.lm else "digits"], *(QUICK if args.quick and not args.lm else []), *args.overrides]
-    labelled = variants(args.quick)
+    labelled = {seed: variants(seed, args.quick) for seed in seeds}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{FILE}.json"
-    print(f"DP study: {len(labelled)} settings × seeds {seeds} on {display(config)} -> {out}", flush=True)
-    run_sweep(config, labelled, seeds, out, common, run=simulate_inprocess)
+    print(f"DP study: {len(labelled[seeds[0]])} settings × seeds {seeds} on {display(config)} -> {out}", flush=True)
+    for seed in seeds:  # seed-major, as run_sweep orders them
+        run_sweep(config, labelled[seed], [seed], out, common, run=simulate_inprocess)
     rows = load_rows(out)
-    rows_by = {}
-    for label, overrides in labelled.items():
-        want = {s: config_hash(sweep_config(config, label, overrides, s, common)) for s in seeds}
-        rows_by[label] = sorted(
-            (r for r in rows if r["variant"] == label and want.get(r["seed"]) == r["config_hash"]),
+    want = {
+        (label, s): config_hash(sweep_config(config, label, overrides, s, common))
+        for s in seeds
+        for label, overrides in labelled[s].items()
+    }
+    rows_by = {
+        label: sorted(
+            (r for r in rows if r["variant"] == label and want.get((label, r["seed"])) == r["config_hash"]),
             key=lambda r: r["seed"],
         )
+        for label in labelled[seeds[0]]
+    }
     cfg = load_config(config, common)
     command = (
         "python -m fairedge.simulations.dp_study" + (" --lm" if args.lm else "") + (" --quick" if args.quick else "")
@@ -152,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             delta=DELTA,
             table=table(rows_by, lm=args.lm),
             runs=sum(len(rs) for rs in rows_by.values()),
-            wanted=len(labelled) * len(seeds),
+            wanted=len(want),
             json_name=f"{FILE}.json",
         )
     )
