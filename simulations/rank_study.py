@@ -2,10 +2,11 @@
 
 Every client at rank 8 (`uniform-r8`) against clients at ranks 4, 8 and 16 by partition, cyclically
 (`mixed-4-8-16`: `lora.rank = 16`, `lora.client_ranks = [4, 8, 16]`), for FedIT (HetLoRA's zero-padding),
-FlexLoRA and LoRA-FAIR, several seeds. Both settings keep the same LoRA scale `alpha / r_max = 2`
+FlexLoRA and LoRA-FAIR with its cosine (the paper's) and frobenius objectives, several seeds; LoRA-FAIR's
+per-round correction (cosines, `‖B'Ā‖ / ‖ΔW‖`) is tabled too. Both settings keep the same LoRA scale `alpha / r_max = 2`
 (`alpha` 16 at rank 8, 32 at r_max 16), so a rank-8 client trains the same way in both.
 
-    python -m fairedge.simulations.rank_study [--seeds 0 1 2] [--methods fedit flexlora lora_fair]
+    python -m fairedge.simulations.rank_study [--seeds 0 1 2] [--methods fedit flexlora lora_fair lora_fair_frobenius]
         [--engine inprocess|ray] [--set KEY=VALUE ...] [--results DIR] [--quick]
 
 writes `<results>/rank_study.json` (every run, resumable: rows are keyed by config hash, seed-major) and
@@ -33,8 +34,15 @@ from fairedge.simulations.paths import CONFIG, RESULTS, display
 from fairedge.simulations.report import mean_std, write_report
 from fairedge.simulations.sweep import QUICK_VIT, load_rows, run_sweep, save_rows, sweep_config
 
-METHODS = ("fedit", "flexlora", "lora_fair")
-NAMES = {"fedit": "FedIT (HetLoRA padding)", "flexlora": "FlexLoRA", "lora_fair": "LoRA-FAIR"}
+METHODS = ("fedit", "flexlora", "lora_fair", "lora_fair_frobenius")
+NAMES = {
+    "fedit": "FedIT (HetLoRA padding)",
+    "flexlora": "FlexLoRA",
+    "lora_fair": "LoRA-FAIR",
+    "lora_fair_frobenius": "LoRA-FAIR (frobenius)",
+}
+METHOD_OVERRIDES = {"lora_fair_frobenius": ["aggregation.method=lora_fair", "aggregation.objective=frobenius"]}
+"""Study methods that are a rule plus options; any other is `aggregation.method=<name>`."""
 SETTINGS = {
     "uniform-r8": ["lora.rank=8", "lora.alpha=16"],
     "mixed-4-8-16": ["lora.rank=16", "lora.alpha=32", "lora.client_ranks=[4, 8, 16]"],
@@ -49,7 +57,11 @@ QUICK = [  # a tiny ViT, one short round: minutes become seconds
 
 def variants(methods: Sequence[str]) -> dict[str, list[str]]:
     """`<setting>/<method>` -> its overrides (for `run_sweep`)."""
-    return {f"{s}/{m}": [*o, f"aggregation.method={m}"] for s, o in SETTINGS.items() for m in methods}
+    return {
+        f"{s}/{m}": [*o, *METHOD_OVERRIDES.get(m, [f"aggregation.method={m}"])]
+        for s, o in SETTINGS.items()
+        for m in methods
+    }
 
 
 def percent(values: Sequence[float]) -> str:
@@ -110,6 +122,34 @@ def differences(by_variant: dict[str, list[dict]], methods: Sequence[str]) -> li
                 f"(paired over {len(d)} seed{'s' * (len(d) > 1)}: {per_seed})"
             )
     return out
+
+
+CORRECTION = {
+    "cos_fedit": "cos(ΔW, B̄Ā)",
+    "cos_fair": "cos(ΔW, B'Ā)",
+    "rel_correction": "‖B' − B̄‖ / ‖B̄‖",
+    "norm_ratio_fedit": "‖B̄Ā‖ / ‖ΔW‖",
+    "norm_ratio": "‖B'Ā‖ / ‖ΔW‖",
+}
+
+
+def correction_table(by_variant: dict[str, list[dict]]) -> str:
+    """LoRA-FAIR's correction per variant: each metric's mean over rounds, then mean ± std over seeds."""
+    head = ["method", "ranks", *CORRECTION.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rs in by_variant.items():
+        setting, method = label.split("/")
+        if not rs or not method.startswith("lora_fair"):
+            continue
+        cells = []
+        for key in CORRECTION:
+            per_seed = []
+            for r in rs:
+                vals = [x["aggregator_metrics"].get(f"lora_fair/{key}") for x in r["rounds"] if x["round"] > 0]
+                per_seed.append(statistics.mean(vals) if vals and None not in vals else float("nan"))
+            cells.append(mean_std(per_seed, "{:.3f}"))
+        lines.append("| " + " | ".join([NAMES[method], setting, *cells]) + " |")
+    return "\n".join(lines)
 
 
 def domain_table(by_variant: dict[str, list[dict]], ranks: dict[str, int]) -> str:
@@ -196,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         main_table=main_table(by_variant),
         differences=differences(by_variant, args.methods),
         domain_table=domain_table(by_variant, ranks),
+        correction_table=correction_table(by_variant),
         runs=len(used),
         wall_seconds=sum(r["summary"]["wall_seconds"] for r in used),
         cpu_seconds=sum(r.get("cpu_seconds", float("nan")) for r in used),

@@ -484,7 +484,8 @@ def test_aggregator_on_two_layer_adapter(objective: str) -> None:
     agg = make_aggregator("lora_fair", lam=0.01, objective=objective)
     assert isinstance(agg, LoraFair) and AGGREGATORS["lora_fair"] is LoraFair
     new, metrics = agg.aggregate(updates, current)
-    assert set(metrics) == {"lora_fair/cos_fair", "lora_fair/cos_fedit", "lora_fair/rel_correction"}
+    keys = ("cos_fair", "cos_fedit", "rel_correction", "norm_ratio", "norm_ratio_fedit")
+    assert set(metrics) == {f"lora_fair/{k}" for k in keys}
     assert metrics["lora_fair/cos_fair"] >= metrics["lora_fair/cos_fedit"] - 1e-9
     assert metrics["lora_fair/rel_correction"] > 0
     p = [0.1, 0.3, 0.6]
@@ -500,3 +501,16 @@ def test_aggregator_on_two_layer_adapter(objective: str) -> None:
         forced, _ = make_aggregator("lora_fair", objective=objective, delta_form=form).aggregate(updates, current)
         for name in current.factors:
             assert torch.allclose(forced.factors[name][1], new.factors[name][1], rtol=1e-4, atol=1e-6), (form, name)
+
+
+@pytest.mark.parametrize("objective", ["cosine", "frobenius"])
+def test_norm_ratios_are_the_sizes_of_the_corrected_and_fedit_products_over_the_ideal_update(objective):
+    g = torch.Generator().manual_seed(7)
+    A = [torch.randn(4, 30, dtype=torch.float64, generator=g) for _ in range(3)]
+    B = [torch.randn(20, 4, dtype=torch.float64, generator=g) for _ in range(3)]
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    res = solve_lora_fair(A, B, w, objective=objective)
+    dw = sum(wk * b @ a for wk, a, b in zip(w, A, B))
+    a_bar, b_bar = sum(wk * a for wk, a in zip(w, A)), sum(wk * b for wk, b in zip(w, B))
+    assert res.norm_ratio == pytest.approx(float((res.B_prime @ res.A_bar).norm() / dw.norm()), rel=1e-10)
+    assert res.norm_ratio_fedit == pytest.approx(float((b_bar @ a_bar).norm() / dw.norm()), rel=1e-10)

@@ -41,3 +41,30 @@ def test_quick_smoke_writes_rows_and_report(tmp_path):
     assert set(mixed["rounds"][1]["ranks"].values()) == {4, 8, 16} and mixed["cpu_seconds"] > 0
     report = (tmp_path / "rank_study.md").read_text()
     assert "Quick smoke" in report and "LoRA-FAIR: mixed − uniform" in report
+
+
+def test_correction_table_averages_lora_fairs_round_metrics_and_marks_rows_without_them():
+    def fair_row(seed, ratio):
+        row = _row("mixed-4-8-16/lora_fair", seed, 0.5, {"a": 0.5})
+        metrics = {f"lora_fair/{k}": 0.5 for k in rank_study.CORRECTION}
+        row["rounds"][1]["aggregator_metrics"] = {**metrics, "lora_fair/norm_ratio": ratio}
+        row["rounds"].append(
+            {**row["rounds"][1], "round": 2, "aggregator_metrics": {**metrics, "lora_fair/norm_ratio": 0.0}}
+        )
+        return row
+
+    old = _row("uniform-r8/lora_fair_frobenius", 0, 0.5, {"a": 0.5})
+    old["rounds"][1]["aggregator_metrics"] = {"lora_fair/cos_fair": 0.9}
+    table = rank_study.correction_table(
+        {
+            "mixed-4-8-16/lora_fair": [fair_row(0, 0.2), fair_row(1, 0.4)],
+            "uniform-r8/lora_fair_frobenius": [old],
+            "mixed-4-8-16/fedit": [_row("mixed-4-8-16/fedit", 0, 0.5, {"a": 0.5})],
+        }
+    )
+    assert (
+        "| LoRA-FAIR | mixed-4-8-16 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.150 ± 0.071 |"
+        in table
+    )
+    assert "| LoRA-FAIR (frobenius) | uniform-r8 | - | 0.900 ± 0.000 | - | - | - |" in table
+    assert "FedIT" not in table

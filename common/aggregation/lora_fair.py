@@ -78,6 +78,10 @@ class LoraFairResult:
     """`cos(ΔW, B̄Ā)`: the same for plain FedIT."""
     rel_correction: float
     """`‖B' − B̄‖ / ‖B̄‖`."""
+    norm_ratio: float
+    """`‖B'Ā‖ / ‖ΔW‖`: how much of the update's size the next starting point keeps (the cosine ignores it)."""
+    norm_ratio_fedit: float
+    """`‖B̄Ā‖ / ‖ΔW‖`: the same for plain FedIT."""
     delta_form: str
     """How `ΔW` entered the solve: "factored" or "dense"."""
 
@@ -151,7 +155,7 @@ def _solve(
     objective: str,
     delta_form: str,
     with_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float] | None, str]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float, float, float, float] | None, str]:
     """Everything happens in the eigenbasis of `G = ĀĀᵀ = U diag(g) Uᵀ`: there
     `‖XĀ‖² = Σ g_i ‖X u_i‖²` holds without the cancellation of `⟨XG, X⟩`, which
     matters for points with `XĀ` near zero."""
@@ -183,7 +187,9 @@ def _solve(
     if with_stats:
         nb = float(Bu.norm())
         rel = float((Xu - Bu).norm()) / nb if nb > 0 else 0.0
-        stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel)
+        dw = math.sqrt(dw_sq)
+        size = [math.sqrt(float((g * (Y * Y).sum(0)).sum())) / dw if dw > 0 else 0.0 for Y in (Xu, Bu)]
+        stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel, *size)
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
 
 
@@ -520,7 +526,7 @@ class LoraFair(Aggregator):
         p = client_weights(updates)
         updates = pad_updates(updates, current)
         factors = {}
-        sums = {"cos_fair": 0.0, "cos_fedit": 0.0, "rel_correction": 0.0}
+        sums = dict.fromkeys(("cos_fair", "cos_fedit", "rel_correction", "norm_ratio", "norm_ratio_fedit"), 0.0)
         for layer in current.factors:
             res = solve_lora_fair(
                 *layer_factors(updates, layer), p, lam=self.lam, objective=self.objective, delta_form=self.delta_form
