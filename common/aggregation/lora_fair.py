@@ -188,8 +188,8 @@ def _solve(
         nb = float(Bu.norm())
         rel = float((Xu - Bu).norm()) / nb if nb > 0 else 0.0
         dw = math.sqrt(dw_sq)
-        size = [math.sqrt(float((g * (Y * Y).sum(0)).sum())) / dw if dw > 0 else 0.0 for Y in (Xu, Bu)]
-        stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel, *size)
+        fair, fedit = (math.sqrt(float((g * (Y * Y).sum(0)).sum())) / dw if dw > 0 else 0.0 for Y in (Xu, Bu))
+        stats = (_cosine(Mu, Xu, g, dw_sq), _cosine(Mu, Bu, g, dw_sq), rel, fair, fedit)
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
 
 
