@@ -248,8 +248,10 @@ def _run(tmp_path, cache, method, client_app=None, node_ranks=None):
     return grid, record
 
 
-def test_each_client_is_sent_its_rank_and_a_mixed_rank_run_trains(tmp_path, cache):
-    grid, record = _run(tmp_path, cache, "lora_fair")
+def test_each_client_is_sent_its_rank_and_a_mixed_rank_run_trains(tmp_path, cache, caplog):
+    with caplog.at_level("WARNING", logger="fairedge.server"):
+        grid, record = _run(tmp_path, cache, "lora_fair")
+    assert "cosine objective with mixed ranks" in caplog.text  # the rank study's finding, said at the start
     # node 1000 + i holds partition i: cyclic ranks 1, 2, 4; asked once for its rank, sent its slice every round
     assert grid.sent_ranks == {1000: [1, 1], 1001: [2, 2], 1002: [4, 4]}
     assert sorted(grid.queries) == [1000, 1001, 1002]
