@@ -43,13 +43,16 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "shakespeare.toml"
 
 
 def gpu_apps() -> list[tuple[int, float]]:
-    """(pid, MiB) of every process that holds GPU memory now, as `nvidia-smi` lists them."""
-    out = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    """(pid, MiB) of every process that holds GPU memory now, as `nvidia-smi` lists them (none without it)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
     return [(int(p), float(m)) for p, m in (line.split(",") for line in out.strip().splitlines() if line.strip())]
 
 
@@ -144,7 +147,7 @@ def markdown(result: dict[str, Any]) -> str:
         secs = ", ".join(f"{x:.1f}" for x in s["round_seconds"])
         lines.append(
             f"| {s['client_gpus']:g} | {s['max_gpu_processes']} | {s['peak_gpu_mib_clients']:.0f} | {secs} "
-            f"| {s['final_mean_perplexity']:.2f} |"
+            f"| {'-' if s['final_mean_perplexity'] is None else format(s['final_mean_perplexity'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
