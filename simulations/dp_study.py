@@ -123,9 +123,11 @@ def table(rows_by: dict[str, list[dict]], lm: bool) -> str:
             f"| {mean_std([x.get('noise_multiplier', 0.0) for x in s], '{:.3f}')} "
             f"| {mean_std([_clipped_fraction(r) for r in rs], '{:.2f}')} | {', '.join(str(r['seed']) for r in rs)} |"
         )
-    base = [r["summary"][metric.replace("final_", "base_")] for rs in rows_by.values() for r in rs]
-    if base:
-        lines.append(f"| before training (the pre-trained model) | {mean_std(base, '{:.4f}')} | | | | | |")
+    base = {r["seed"]: r["summary"][metric.replace("final_", "base_")] for rs in rows_by.values() for r in rs}
+    if base:  # one value per seed: every setting of a seed starts from the same model
+        lines.append(
+            f"| before training (the pre-trained model) | {mean_std(list(base.values()), '{:.4f}')} | | | | | |"
+        )
     return "\n".join(lines)
 
 
