@@ -5,7 +5,8 @@ the noise calibrated with `privacy.target_epsilon` so that ε ≤ 1, 4, 8 at δ 
 rounds, against no DP (ε = ∞); many clients, a fraction sampled each round (the amplification that
 makes DP affordable). LoRA-FAIR runs its frobenius objective at every ε (the cosine one is refused
 under DP), so ε = ∞ is its noiseless twin. Digits by default; `--lm` runs the causal-LM config
-instead (about 2 CPU-s per sampled client there, so a cohort large enough for DP costs CPU-hours per run).
+(SmolLM2 on Shakespeare, one client per speaking role) sized for 2 CPU cores: 1000 role clients, 20 sampled
+per round, one local step each (a sampled client costs about 1.5 CPU-s, most of it the 30-block forward).
 
 DP needs the noise on the mean, `z·clip_norm·√d / n` for d adapter entries and n clients per round, to be
 small against the clipped updates, so the digits setting keeps d small (rank-2 LoRA on q/v, about 2.7 k
@@ -14,7 +15,7 @@ entries) and samples 40 of 400 clients per round.
     python -m fairedge.simulations.dp_study [--lm] [--seeds 0 1 2] [--quick] [--out DIR] [--set KEY=VALUE ...]
 
 writes `<out>/dp_study.json` (every run, resumable: rerun the same command after a stop) and
-`<out>/dp_study.md` (default out: `simulations/results`). The noise is drawn from `privacy.noise_seed =
+`<out>/dp_study.md` (`dp_study_lm.*` with `--lm`; default out: `simulations/results`). The noise is drawn from `privacy.noise_seed =
 seed`, so every row reproduces; a real deployment leaves `noise_seed` unset (fresh OS randomness).
 """
 
@@ -52,9 +53,20 @@ COMMON = {
         "privacy.clip_norm=1.0",
     ],
     "lm": [
-        "federation.num_clients=40",
-        "federation.fraction_train=0.25",
+        "federation.num_clients=1000",  # one client per role with >= 5 lines (1061 roles)
+        "data.min_lines=5",
+        "federation.fraction_train=0.02",  # 20 per round
         "federation.rounds=10",
+        "federation.local_steps=1",
+        "federation.batch_size=4",
+        "federation.lr=0.01",
+        "data.seq_len=32",
+        "federation.eval_clients=16",  # the server scores the same 16 roles every round
+        "data.max_eval_tokens=64",
+        "lora.rank=2",
+        "lora.alpha=4",
+        "lora.top_layers=4",
+        "lora.target_modules=['q_proj','v_proj']",  # about 15.4 k entries
         "compression.enabled=false",  # error feedback is client state the sampled accountant does not cover
         "privacy.clip_norm=0.5",
     ],
@@ -144,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     common = [*COMMON["lm" if args.lm else "digits"], *(QUICK if args.quick and not args.lm else []), *args.overrides]
     labelled = {seed: variants(seed, args.quick) for seed in seeds}
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{FILE}.json"
+    name = f"{FILE}_lm" if args.lm else FILE
+    out = args.out / f"{name}.json"
     print(f"DP study: {len(labelled[seeds[0]])} settings × seeds {seeds} on {display(config)} -> {out}", flush=True)
     for seed in seeds:  # seed-major, as run_sweep orders them
         run_sweep(config, labelled[seed], [seed], out, common, run=simulate_inprocess)
@@ -168,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command += f" --seeds {' '.join(map(str, seeds))}" + "".join(f" --set {o}" for o in args.overrides)
     print(
         write_report(
-            args.out / f"{FILE}.md",
+            args.out / f"{name}.md",
             f"{FILE}.md.j2",
             quick=args.quick,
             command=command,
@@ -179,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             table=table(rows_by, lm=args.lm),
             runs=sum(len(rs) for rs in rows_by.values()),
             wanted=len(want),
-            json_name=f"{FILE}.json",
+            json_name=f"{name}.json",
         )
     )
 

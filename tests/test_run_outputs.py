@@ -84,3 +84,26 @@ def test_an_adapter_that_fails_half_way_leaves_no_adapter_folder(tmp_path):
         write_outputs(_record(run_dir), SavesLikePeft(fail=True))
     assert not (run_dir / "adapter").exists()  # never a folder with a config and no weights
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def _plotted(monkeypatch, record: RunRecord):
+    """The figure `plot_accuracy` would save: its lines' labels and its legend's texts."""
+    from fairedge.server import run_outputs
+
+    saved = []
+    monkeypatch.setattr(run_outputs, "atomic_save_figure", lambda path, fig, dpi: saved.append(fig))
+    run_outputs.plot_accuracy(record, record.run_dir / "accuracy.png")
+    (ax,) = saved[0].axes
+    return [line.get_label() for line in ax.get_lines()], [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plot_names_each_group_only_while_a_legend_can_be_read(tmp_path, monkeypatch):
+    lines, legend = _plotted(monkeypatch, _record(tmp_path / "few"))
+    assert legend == ["clean", "rotated", "mean"] and len(lines) == 3
+
+    domains = [f"role-{i}" for i in range(300)]  # an LM run: 300 clients, the server scores 20 of them
+    record = RunRecord(load_config(DEFAULT), tmp_path / "many", domains=domains, shifted_domains=[])
+    record.add_round(0, {d: 0.5 for d in domains[:20]}, None, 0.0)
+    lines, legend = _plotted(monkeypatch, record)
+    assert len(lines) == 21  # the scored groups and the mean, not 300 empty lines
+    assert legend == ["mean (thin lines: the 20 groups)"]
