@@ -27,6 +27,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from fairedge.common.atomic_files import atomic_save_figure
 from fairedge.common.config import config_hash, load_config
 from fairedge.server.run_outputs import RunRecord, new_run_dir
 from fairedge.simulations.paths import display
@@ -143,6 +144,37 @@ def table(rows_by: dict[str, list[dict]], lm: bool) -> str:
     return "\n".join(lines)
 
 
+def plot(rows_by: dict[str, list[dict]], lm: bool, path: Path, title: str) -> None:
+    """Per method, the held-out metric per round at each ε (mean over seeds), as a PNG titled with the setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    key = "mean_perplexity" if lm else "mean_accuracy"
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(12, 4.6), sharey=True)
+    for ax, name in zip(axes, METHODS.values()):
+        for label, rs in rows_by.items():
+            if not rs or not label.startswith(f"{name} ε="):
+                continue
+            n = min(len(r["rounds"]) for r in rs)
+            xs = [rs[0]["rounds"][i]["round"] for i in range(n)]
+            ys = [statistics.mean(r["rounds"][i][key] for r in rs) for i in range(n)]
+            eps = label.split(" ε=")[1]
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"ε = {eps} ({len(rs)} seeds)")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("round (0 = pre-trained model)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(f"held-out {'perplexity' if lm else 'accuracy'} (mean over clients)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(path, fig, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lm", action="store_true", help="the causal-LM config (shakespeare.toml) instead of digits")
@@ -179,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "python -m fairedge.simulations.dp_study" + (" --lm" if args.lm else "") + (" --quick" if args.quick else "")
     )
     command += f" --seeds {' '.join(map(str, seeds))}" + "".join(f" --set {o}" for o in args.overrides)
+    plot(
+        rows_by, args.lm, args.out / f"{name}.png", f"{command}\n{display(config)} ({config_hash(cfg)}), δ = {DELTA:g}"
+    )
     print(
         write_report(
             args.out / f"{name}.md",
@@ -193,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             runs=sum(len(rs) for rs in rows_by.values()),
             wanted=len(want),
             json_name=f"{name}.json",
+            png_name=f"{name}.png",
         )
     )
 
