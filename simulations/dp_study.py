@@ -115,32 +115,43 @@ def _clipped_fraction(row: dict) -> float:
     return statistics.mean(r["privacy"]["clipped"] / len(r["sampled"]) for r in private) if private else math.nan
 
 
+def utility(round_row: dict, lm: bool) -> float:
+    """A round's held-out utility: mean accuracy over clients, or for the LM the geometric mean of the clients'
+    perplexities, exp(mean held-out loss). Not their arithmetic mean: one role's few held-out tokens can score a
+    perplexity of 10^5 and outweigh every other client (seed 1 of the LM study)."""
+    if lm:
+        return math.exp(statistics.mean(round_row["loss"].values()))
+    return float(round_row["mean_accuracy"])
+
+
+UTILITY_NAME = {False: "final mean accuracy", True: "final perplexity (geometric mean over clients)"}
+
+
 def table(rows_by: dict[str, list[dict]], lm: bool) -> str:
     """One line per (method, ε): utility (mean ± std over seeds), paired change vs no DP, ε reached, noise."""
-    metric = "final_mean_perplexity" if lm else "final_mean_accuracy"
+    fmt, dfmt = ("{:.1f}", "{:+.1f}") if lm else ("{:.4f}", "{:+.4f}")
     lines = [
-        f"| setting | final mean {'perplexity' if lm else 'accuracy'} | Δ vs ε=∞ (paired) | ε reached (δ = {DELTA:g}) "
+        f"| setting | {UTILITY_NAME[lm]} | Δ vs ε=∞ (paired) | ε reached (δ = {DELTA:g}) "
         "| noise multiplier | clipped fraction | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, rs in rows_by.items():
         if not rs:
             continue
-        ref = {r["seed"]: r["summary"][metric] for r in rows_by.get(label.split(" ε=")[0] + " ε=∞", [])}
-        diffs = [r["summary"][metric] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        final = {r["seed"]: utility(r["rounds"][-1], lm) for r in rs}
+        ref = {r["seed"]: utility(r["rounds"][-1], lm) for r in rows_by.get(label.split(" ε=")[0] + " ε=∞", [])}
+        diffs = [final[seed] - ref[seed] for seed in final if seed in ref]
         s = [r["summary"] for r in rs]
         eps = [x.get("epsilon", math.inf) for x in s]
         lines.append(
-            f"| {label} | {mean_std([x[metric] for x in s], '{:.4f}')} | {mean_std(diffs, '{:+.4f}')} "
+            f"| {label} | {mean_std(list(final.values()), fmt)} | {mean_std(diffs, dfmt)} "
             f"| {'∞' if math.isinf(max(eps)) else f'{max(eps):.3g}'} "
             f"| {mean_std([x.get('noise_multiplier', 0.0) for x in s], '{:.3f}')} "
             f"| {mean_std([_clipped_fraction(r) for r in rs], '{:.2f}')} | {', '.join(str(r['seed']) for r in rs)} |"
         )
-    base = {r["seed"]: r["summary"][metric.replace("final_", "base_")] for rs in rows_by.values() for r in rs}
+    base = {r["seed"]: utility(r["rounds"][0], lm) for rs in rows_by.values() for r in rs}
     if base:  # one value per seed: every setting of a seed starts from the same model
-        lines.append(
-            f"| before training (the pre-trained model) | {mean_std(list(base.values()), '{:.4f}')} | | | | | |"
-        )
+        lines.append(f"| before training (the pre-trained model) | {mean_std(list(base.values()), fmt)} | | | | | |")
     return "\n".join(lines)
 
 
@@ -152,7 +163,6 @@ def plot(rows_by: dict[str, list[dict]], lm: bool, path: Path, title: str) -> No
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    key = "mean_perplexity" if lm else "mean_accuracy"
     fig, axes = plt.subplots(1, len(METHODS), figsize=(12, 4.6), sharey=True)
     for ax, name in zip(axes, METHODS.values()):
         for label, rs in rows_by.items():
@@ -160,7 +170,7 @@ def plot(rows_by: dict[str, list[dict]], lm: bool, path: Path, title: str) -> No
                 continue
             n = min(len(r["rounds"]) for r in rs)
             xs = [rs[0]["rounds"][i]["round"] for i in range(n)]
-            ys = [statistics.mean(r["rounds"][i][key] for r in rs) for i in range(n)]
+            ys = [statistics.mean(utility(r["rounds"][i], lm) for r in rs) for i in range(n)]
             eps = label.split(" ε=")[1]
             ax.plot(xs, ys, marker="o", markersize=3, label=f"ε = {eps} ({len(rs)} seeds)")
         ax.set_title(name, fontsize=10)
@@ -168,7 +178,9 @@ def plot(rows_by: dict[str, list[dict]], lm: bool, path: Path, title: str) -> No
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"held-out {'perplexity' if lm else 'accuracy'} (mean over clients)")
+    axes[0].set_ylabel(
+        "held-out perplexity (geometric mean over clients)" if lm else "held-out accuracy (mean over clients)"
+    )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_save_figure(path, fig, dpi=110)
@@ -219,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.out / f"{name}.md",
             f"{FILE}.md.j2",
             quick=args.quick,
+            lm=args.lm,
             command=command,
             config=display(config),
             cfg=cfg,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from fairedge.simulations import dp_study
 
 
@@ -18,11 +20,11 @@ def test_every_dp_setting_seeds_its_noise_with_the_run_seed_and_no_dp_has_none()
 
 
 def _row(seed, final, base=0.4, eps=None):
-    summary = {"final_mean_accuracy": final, "base_mean_accuracy": base}
+    summary = {"epsilon": eps, "noise_multiplier": 2.0} if eps is not None else {}
+    last = {"round": 1, "mean_accuracy": final}
     if eps is not None:
-        summary |= {"epsilon": eps, "noise_multiplier": 2.0}
-    rounds = [{"round": 1, "sampled": [1, 2], "privacy": {"clipped": 1}}] if eps is not None else [{"round": 1}]
-    return {"seed": seed, "summary": summary, "rounds": rounds}
+        last |= {"sampled": [1, 2], "privacy": {"clipped": 1}}
+    return {"seed": seed, "summary": summary, "rounds": [{"round": 0, "mean_accuracy": base}, last]}
 
 
 def test_table_pairs_each_epsilon_with_no_dp_by_seed_and_shows_the_pretrained_model():
@@ -49,3 +51,15 @@ def test_every_lm_setting_is_a_valid_config_with_a_cohort_of_twenty():
         f = cfg.federation
         assert round(f.num_clients * f.fraction_train) == 20, label
         assert cfg.privacy.enabled == (not label.endswith("ε=∞"))
+
+
+def test_lm_utility_is_the_geometric_mean_perplexity_so_one_outlier_client_cannot_dominate():
+    normal = {f"role-{i}": math.log(250.0) for i in range(15)}
+    outlier = {**normal, "role-odd": math.log(281_661.0)}  # one role's few held-out tokens (seed 1 of the study)
+    assert dp_study.utility({"loss": normal}, lm=True) == pytest.approx(250.0)
+    assert dp_study.utility({"loss": outlier}, lm=True) == pytest.approx(250.0 * (281_661.0 / 250.0) ** (1 / 16))
+    assert dp_study.utility({"loss": outlier}, lm=True) < 400  # the arithmetic mean would be about 17 800
+    rounds = [{"round": 0, "loss": normal}, {"round": 1, "loss": {k: math.log(200.0) for k in normal}}]
+    table = dp_study.table({"FedIT ε=∞": [{"seed": 0, "summary": {}, "rounds": rounds}]}, lm=True)
+    assert "| FedIT ε=∞ | 200.0 ± 0.0 | +0.0 ± 0.0 | ∞ |" in table
+    assert "| before training (the pre-trained model) | 250.0 ± 0.0 |" in table
