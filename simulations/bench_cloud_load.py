@@ -20,6 +20,8 @@ ids consumed more than once. Writes `simulations/results/cloud_load.{json,md}`.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -374,8 +376,36 @@ def markdown(result: dict[str, Any]) -> str:
             f"{f['ordinary_ack_to_learned_s_p50']:.1f} / {f['ordinary_ack_to_learned_s_p99']:.1f} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['refusals'].items())) or '-'} |"
         )
-    lines += ["", *NOTES]
+    lines += ["", "## Server memory over time", "", *rss_table(result["runs"]), "", *NOTES]
     return "\n".join(lines) + "\n"
+
+
+WARM_UP_S = 60.0
+"""RSS samples before this are the start-up fill (model, gRPC threads, first buffers), left out of the slope."""
+
+
+def rss_table(runs: Sequence[dict[str, Any]], parts: int = 5) -> list[str]:
+    """Median RSS per fifth of each run (min–max beside it) and the slope after the warm-up: a plateau with
+    noise shows as equal medians, a leak as rising ones."""
+    head = " | ".join(f"{i}/{parts}" for i in range(1, parts + 1))
+    lines = [
+        f"Median RSS MB (min–max) per {parts}th of the run, and the least-squares slope after the first "
+        f"{WARM_UP_S:g} s:",
+        "",
+        f"| N | {head} | slope after {WARM_UP_S:g} s MB/min |",
+        "|---|" + "---|" * (parts + 1),
+    ]
+    for r in runs:
+        t, mb = np.array(r["rss_mb"]["samples"], dtype=float).T
+        edges = np.linspace(0.0, t[-1], parts + 1)
+        cells = []
+        for a, b in itertools.pairwise(edges):
+            w = mb[(t >= a) & (t <= b)]
+            cells.append(f"{np.median(w):.0f} ({w.min():.0f}–{w.max():.0f})")
+        warm = t >= WARM_UP_S
+        slope = float(np.polyfit(t[warm], mb[warm], 1)[0] * 60) if warm.sum() > 2 else float("nan")
+        lines.append(f"| {r['devices']} | {' | '.join(cells)} | {slope:+.1f} |")
+    return lines
 
 
 NOTES = [
@@ -392,8 +422,9 @@ NOTES = [
     "- The flooder is held back by `max_pending_samples`: once that many of its samples wait, its uploads are "
     "refused with UNAVAILABLE (the refusals column) and it retries after 50 ms.",
     "- RSS grows while the flooder's backlog and replay buffer fill (both bounded: `max_pending_samples` and "
-    "`buffer_size` per device, about 1 KB per digits sample); a second-half slope near zero or below means it "
-    "has levelled off, a positive one that the run was too short to show it.",
+    "`buffer_size` per device, about 1 KB per digits sample) and then moves up and down by tens of MB as the "
+    "learner and the gRPC threads allocate and free; so a slope over a few minutes is noisy, and the medians "
+    "per part of the run are the better test of a plateau.",
 ]
 
 
@@ -403,7 +434,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load per N")
     parser.add_argument("--quick", action="store_true", help="a 15-s smoke test per N (results not written)")
     parser.add_argument("--out", default=str(RESULTS / "cloud_load"), help="results file stem (.json and .md)")
+    parser.add_argument("--render", action="store_true", help="only rewrite <out>.md from <out>.json (no load)")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(Path(args.out + ".json").read_text())
+        atomic_write_text(Path(args.out + ".md"), markdown(result))
+        print(f"wrote {args.out}.md from {args.out}.json")
+        return
     if any(n < 2 for n in args.devices):
         parser.error("--devices: each N must be at least 2 (one flooder and one ordinary device)")
     duration = 15.0 if args.quick else args.duration
