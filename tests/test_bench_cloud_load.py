@@ -15,7 +15,7 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
-def __medians(row: list[str]) -> list[float]:
+def _medians(row: list[str]) -> list[float]:
     return [float(c.split()[0]) for c in row[1:6]]
 
 
