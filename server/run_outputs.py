@@ -81,7 +81,8 @@ class RunRecord:
 
         `acc` is the accuracy per group (domain, or a causal LM's client: next-token accuracy);
         `loss`, given for causal LMs, the held-out loss per token of each client, from which the
-        row gets each client's perplexity and their mean and worst (highest).
+        row gets each client's perplexity, their mean and worst (highest), and their geometric mean,
+        exp(mean loss): one client with a few odd held-out tokens can outweigh all others in the mean.
 
         `attempts` are the strategy's `RoundLog`s of the round, one per try, the last
         one the attempt that was aggregated (a single `RoundLog` is taken as a list of
@@ -103,6 +104,7 @@ class RunRecord:
                 perplexity=ppl,
                 mean_perplexity=sum(ppl.values()) / len(ppl),
                 worst_perplexity=max(ppl.values()),
+                geomean_perplexity=math.exp(min(sum(loss.values()) / len(loss), 700.0)),
             )
         if attempts is not None:
             attempts = attempts if isinstance(attempts, Sequence) else [attempts]
@@ -173,6 +175,15 @@ class RunRecord:
             "base_worst_perplexity": base["worst_perplexity"],
             "final_worst_perplexity": final["worst_perplexity"],
             "perplexity_change": final["mean_perplexity"] / base["mean_perplexity"] - 1.0,
+            **(
+                {
+                    "base_geomean_perplexity": base["geomean_perplexity"],
+                    "final_geomean_perplexity": final["geomean_perplexity"],
+                }
+                if "geomean_perplexity" in base
+                and "geomean_perplexity" in final  # (rows of a run resumed from an older version lack it)
+                else {}
+            ),
         }
 
 
@@ -305,6 +316,13 @@ def report_markdown(record: RunRecord) -> str:
             f"Mean perplexity change: **{100 * s['perplexity_change']:+.1f} %**.",
             "",
         ]
+        if "final_geomean_perplexity" in s:
+            lines += [
+                f"Geometric mean over clients, exp(mean held-out loss), which one outlier client cannot dominate: "
+                f"{s['base_geomean_perplexity']:.2f} → {s['final_geomean_perplexity']:.2f} "
+                f"(**{100 * (s['final_geomean_perplexity'] / s['base_geomean_perplexity'] - 1):+.1f} %**).",
+                "",
+            ]
     else:
         lines += [
             "| | mean accuracy | shifted-domain mean | worst domain |",

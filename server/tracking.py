@@ -70,6 +70,7 @@ def round_scalars(row: dict[str, Any]) -> dict[str, float]:
         put(_name("accuracy", group), value)
     put("perplexity/mean", row.get("mean_perplexity"))
     put("perplexity/worst", row.get("worst_perplexity"))
+    put("perplexity/geomean", row.get("geomean_perplexity"))
     for key in ("perplexity", "loss"):
         for group, value in (row.get(key) or {}).items():
             put(_name(key, group), value)

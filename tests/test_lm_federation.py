@@ -71,8 +71,12 @@ def test_federated_shakespeare_run_lowers_perplexity_and_leaves_a_peft_adapter(t
         assert set(row["perplexity"]) == set(ROLES)
         assert all(math.isfinite(v) and v > 1 for v in row["perplexity"].values())
         assert row["worst_perplexity"] == max(row["perplexity"].values())
+        geomean = math.exp(sum(row["loss"].values()) / len(row["loss"]))
+        assert row["geomean_perplexity"] == pytest.approx(geomean) and geomean <= row["mean_perplexity"]
+    assert s["final_geomean_perplexity"] == metrics["rounds"][-1]["geomean_perplexity"]
     report = (run_dir / "report.md").read_text()
     assert "Held-out perplexity per client" in report and "Greedy replies" in report
+    assert f"{s['base_geomean_perplexity']:.2f} → {s['final_geomean_perplexity']:.2f}" in report
     assert (run_dir / "perplexity.png").read_bytes().startswith(b"\x89PNG")
     assert [x["prompt"] for x in metrics["samples"]] == ["O gentle night, that", "My lord, I come to tell you"]
 

@@ -145,3 +145,8 @@ def test_round_scalars_names_are_safe_and_skip_non_numbers():
 def test_round_scalars_carry_the_privacy_ledger():
     row = {"round": 2, "privacy": {"epsilon": 1.5, "epsilon_round": 0.9, "delta": 1e-5, "mode": "central"}}
     assert round_scalars(row) == {"privacy/epsilon": 1.5, "privacy/epsilon_round": 0.9, "privacy/delta": 1e-5}
+
+
+def test_round_scalars_carry_the_lm_perplexities():
+    row = {"round": 1, "mean_perplexity": 90.0, "worst_perplexity": 150.0, "geomean_perplexity": 70.0}
+    assert round_scalars(row) == {"perplexity/mean": 90.0, "perplexity/worst": 150.0, "perplexity/geomean": 70.0}
