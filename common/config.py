@@ -277,6 +277,12 @@ class AggregationConfig(Section):
     method: str = "fedit"
     lam: float = Field(0.01, ge=0, description="LoRA-FAIR regulariser")
     objective: Literal["cosine", "frobenius"] = "cosine"
+    rank_padding: Literal["zeros", "global"] = Field(
+        "zeros",
+        description="heterogeneous ranks (lora.client_ranks), fedit and lora_fair: what fills a client's factors "
+        "beyond its rank before averaging: zeros (HetLoRA; each product B_k A_k exact) or the global factors it was "
+        "sent (it left those rows unchanged, so they do not shrink towards zero)",
+    )
 
     @field_validator("method")
     @classmethod

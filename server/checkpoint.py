@@ -112,6 +112,11 @@ def _round_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("round-*") if p.is_dir()), key=lambda p: int(p.name.removeprefix("round-")))
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run folder holds a complete round checkpoint (a run there can be resumed)."""
+    return bool(_round_dirs(Path(run_dir) / CHECKPOINT_DIR))
+
+
 def read_checkpoint(folder: Path) -> tuple[Tensors, dict[str, Any]]:
     """`(tensors, state)` of one checkpoint folder; ValueError if its schema, round or digest is wrong."""
     state = json.loads((folder / STATE_FILE).read_text())

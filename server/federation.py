@@ -102,10 +102,12 @@ def run_federation(
         client_ranks=cfg.lora.client_ranks is not None,
     )
     config = ConfigRecord({"fairedge-config": config_json(cfg)})
-    if cfg.lora.client_ranks and cfg.aggregation.method == "lora_fair" and cfg.aggregation.objective == "cosine":
+    a = cfg.aggregation
+    if cfg.lora.client_ranks and a.method == "lora_fair" and a.objective == "cosine" and a.rank_padding == "zeros":
         log.warning(
-            "lora_fair's cosine objective with mixed ranks (lora.client_ranks) keeps little of each round's update "
-            "(README, 'Heterogeneous LoRA ranks'); aggregation.objective='frobenius' keeps it"
+            "lora_fair's cosine objective with mixed ranks (lora.client_ranks) and zero-padding keeps little of each "
+            "round's update (README, 'Heterogeneous LoRA ranks'); aggregation.rank_padding='global' or "
+            "aggregation.objective='frobenius' keeps it"
         )
     earlier_seconds = 0.0
     tracker = make_tracker(cfg.tracking)  # TensorBoard / MLflow; its failures only warn

@@ -34,15 +34,39 @@ from fairedge.simulations.paths import CONFIG, RESULTS, display
 from fairedge.simulations.report import mean_std, write_report
 from fairedge.simulations.sweep import QUICK_VIT, load_rows, run_sweep, save_rows, sweep_config
 
-METHODS = ("fedit", "flexlora", "lora_fair", "lora_fair_frobenius")
+METHODS = (
+    "fedit",
+    "flexlora",
+    "lora_fair",
+    "lora_fair_frobenius",
+    "fedit_global",
+    "lora_fair_global",
+    "lora_fair_frobenius_global",
+)
 NAMES = {
     "fedit": "FedIT (HetLoRA padding)",
     "flexlora": "FlexLoRA",
     "lora_fair": "LoRA-FAIR",
     "lora_fair_frobenius": "LoRA-FAIR (frobenius)",
+    "fedit_global": "FedIT, global padding",
+    "lora_fair_global": "LoRA-FAIR, global padding",
+    "lora_fair_frobenius_global": "LoRA-FAIR (frobenius), global padding",
 }
-METHOD_OVERRIDES = {"lora_fair_frobenius": ["aggregation.method=lora_fair", "aggregation.objective=frobenius"]}
+FROBENIUS = ["aggregation.method=lora_fair", "aggregation.objective=frobenius"]
+GLOBAL = ["aggregation.rank_padding=global"]
+METHOD_OVERRIDES = {
+    "lora_fair_frobenius": FROBENIUS,
+    "fedit_global": ["aggregation.method=fedit", *GLOBAL],
+    "lora_fair_global": ["aggregation.method=lora_fair", *GLOBAL],
+    "lora_fair_frobenius_global": [*FROBENIUS, *GLOBAL],
+}
 """Study methods that are a rule plus options; any other is `aggregation.method=<name>`."""
+ZERO_PADDED = {
+    "fedit_global": "fedit",
+    "lora_fair_global": "lora_fair",
+    "lora_fair_frobenius_global": "lora_fair_frobenius",
+}
+"""Global padding pads nothing when every client has r_max: its uniform-rank run is the zero-padded method's."""
 SETTINGS = {
     "uniform-r8": ["lora.rank=8", "lora.alpha=16"],
     "mixed-4-8-16": ["lora.rank=16", "lora.alpha=32", "lora.client_ranks=[4, 8, 16]"],
@@ -56,11 +80,12 @@ QUICK = [  # a tiny ViT, one short round: minutes become seconds
 
 
 def variants(methods: Sequence[str]) -> dict[str, list[str]]:
-    """`<setting>/<method>` -> its overrides (for `run_sweep`)."""
+    """`<setting>/<method>` -> its overrides (for `run_sweep`); no uniform-rank run of a global-padding method."""
     return {
         f"{s}/{m}": [*o, *METHOD_OVERRIDES.get(m, [f"aggregation.method={m}"])]
         for s, o in SETTINGS.items()
         for m in methods
+        if not (s == "uniform-r8" and m in ZERO_PADDED)
     }
 
 
@@ -108,7 +133,8 @@ def differences(by_variant: dict[str, list[dict]], methods: Sequence[str]) -> li
     """Per method, mixed − uniform final mean accuracy, paired by seed (points)."""
     out = []
     for m in methods:
-        uniform = {r["seed"]: r["summary"]["final_mean_accuracy"] for r in by_variant.get(f"uniform-r8/{m}", [])}
+        reference = f"uniform-r8/{ZERO_PADDED.get(m, m)}"
+        uniform = {r["seed"]: r["summary"]["final_mean_accuracy"] for r in by_variant.get(reference, [])}
         d = [
             100 * (r["summary"]["final_mean_accuracy"] - uniform[r["seed"]])
             for r in by_variant.get(f"mixed-4-8-16/{m}", [])

@@ -38,6 +38,30 @@ if TYPE_CHECKING:
     from fairedge.server.federation import RoundCallback
     from fairedge.server.run_outputs import RunRecord
 
+log = logging.getLogger("fairedge.simulate")
+RAY_START_RETRIES = 1
+"""Times a simulation whose Ray runtime failed to start (a start-up timeout on a busy machine) is started again."""
+RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+"""What Ray's start-up errors say when its processes came up too slowly (Ray's waits are fixed, not settings)."""
+
+
+def ray_start_failure(err: BaseException) -> str | None:
+    """The message of a Ray start-up timeout in `err`'s chain of causes, or None if it holds none."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if any(t in str(cause) for t in RAY_START_TIMEOUTS):
+            return str(cause).splitlines()[0][:200]
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
 
 def flower_environment() -> None:
     """Keep Flower out of the user's home, quiet, and from installing packages."""
@@ -141,6 +165,7 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from fairedge.client.client_app import app as default_client_app
+    from fairedge.server.checkpoint import has_checkpoint
     from fairedge.server.federation import run_federation
 
     client_app = client_app or default_client_app
@@ -163,16 +188,29 @@ def simulate(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.federation.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-            "init_args": {"log_to_driver": verbose, "logging_level": "WARNING" if not verbose else "INFO"},
-        },
-        verbose_logging=verbose,
-    )
+    for attempt in range(1 + RAY_START_RETRIES):
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.federation.num_clients,
+                backend_config={
+                    "client_resources": {
+                        "num_cpus": cfg.federation.client_cpus,
+                        "num_gpus": cfg.federation.client_gpus,
+                    },
+                    "init_args": {"log_to_driver": verbose, "logging_level": "WARNING" if not verbose else "INFO"},
+                },
+                verbose_logging=verbose,
+            )
+            break
+        except RuntimeError as err:
+            why = ray_start_failure(err)
+            if why is None or attempt == RAY_START_RETRIES or records or errors:
+                raise
+            _shutdown_ray()
+            resume = resume or has_checkpoint(run_dir)  # the server may have checkpointed round 0 already
+            log.warning("Ray did not start (%s); starting the simulation again%s", why, " (resumed)" * resume)
     if errors:
         raise errors[0]
     if not records:

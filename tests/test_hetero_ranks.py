@@ -134,6 +134,39 @@ def test_fedit_averages_zero_padded_factors():
     assert torch.allclose(new.head["h"], sum(w * k for w, k in zip(p, range(3))) * torch.ones(2, dtype=torch.float64))
 
 
+def test_global_padding_fills_with_the_sent_factors_so_unchanged_rows_do_not_shrink():
+    current = _current()
+    current = Adapter({k: (a, a.new_ones(b.shape)) for k, (a, b) in current.factors.items()}, current.head)
+    updates = _clients()
+    new, _ = make_aggregator("fedit", rank_padding="global").aggregate(updates, current)
+    p = _weights(updates)
+    for layer, (ga, gb) in current.factors.items():
+        for row in range(R_MAX):  # by hand: a client lacking a row contributes the row it was sent
+            holds = [
+                (w, u.adapter.factors[layer]) for w, u in zip(p, updates) if u.adapter.factors[layer][0].shape[0] > row
+            ]
+            lacks = sum(w for w, u in zip(p, updates) if u.adapter.factors[layer][0].shape[0] <= row)
+            want_a = sum(w * a[row] for w, (a, _) in holds) + lacks * ga[row]
+            want_b = sum(w * b[:, row] for w, (_, b) in holds) + lacks * gb[:, row]
+            assert torch.allclose(new.factors[layer][0][row], want_a, atol=1e-12)
+            assert torch.allclose(new.factors[layer][1][:, row], want_b, atol=1e-12)
+    # clients that sent back exactly what they were given leave the global adapter as it was; zero-padding shrinks it
+    same = [ClientUpdate(truncate_adapter(current, r), 10, k) for k, r in enumerate(RANKS)]
+    kept, _ = make_aggregator("fedit", rank_padding="global").aggregate(same, current)
+    shrunk, _ = make_aggregator("fedit").aggregate(same, current)
+    for layer, (ga, gb) in current.factors.items():
+        assert torch.allclose(kept.factors[layer][0], ga) and torch.allclose(kept.factors[layer][1], gb)
+        assert shrunk.factors[layer][0][R_MAX - 1].norm() < ga[R_MAX - 1].norm() / 2
+    lf, _ = make_aggregator("lora_fair", objective="frobenius", rank_padding="global").aggregate(same, current)
+    for layer, (ga, gb) in current.factors.items():
+        assert torch.allclose(lf.factors[layer][0], ga) and torch.allclose(lf.factors[layer][1], gb, atol=1e-9)
+    with pytest.raises(ValueError, match="rank padding 'ones'; allowed: zeros, global"):
+        pad_updates(updates, current, "ones")  # type: ignore[arg-type]
+    assert build_config({}, ["aggregation.rank_padding=global"]).aggregation.rank_padding == "global"
+    with pytest.raises(ConfigError, match="rank_padding"):
+        build_config({}, ["aggregation.rank_padding=ones"])
+
+
 def test_flora_merges_the_exact_mixed_rank_update():
     updates, current = _clients(), _current()
     new, _ = make_aggregator("flora", lora_scale=2.0).aggregate(updates, current)
@@ -251,7 +284,7 @@ def _run(tmp_path, cache, method, client_app=None, node_ranks=None):
 def test_each_client_is_sent_its_rank_and_a_mixed_rank_run_trains(tmp_path, cache, caplog):
     with caplog.at_level("WARNING", logger="fairedge.server"):
         grid, record = _run(tmp_path, cache, "lora_fair")
-    assert "cosine objective with mixed ranks" in caplog.text  # the rank study's finding, said at the start
+    assert "cosine objective with mixed ranks (lora.client_ranks) and zero-padding" in caplog.text  # said at the start
     # node 1000 + i holds partition i: cyclic ranks 1, 2, 4; asked once for its rank, sent its slice every round
     assert grid.sent_ranks == {1000: [1, 1], 1001: [2, 2], 1002: [4, 4]}
     assert sorted(grid.queries) == [1000, 1001, 1002]

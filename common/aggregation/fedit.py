@@ -10,18 +10,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, weighted_mean
-from .ranks import pad_updates
+from .ranks import RankPadding, pad_updates
 
 
 class FedIT(Aggregator):
-    """Weighted average of each factor and of the head; mixed ranks are zero-padded first (HetLoRA)."""
+    """Weighted average of each factor and of the head; mixed ranks are padded first: with zeros (HetLoRA) or,
+    `rank_padding="global"`, with the global factors the clients were sent (`fairedge.common.aggregation.ranks`)."""
 
     name = "fedit"
     mixed_ranks = True
 
+    def __init__(self, rank_padding: RankPadding = "zeros") -> None:
+        self.rank_padding: RankPadding = rank_padding
+
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
-        updates = pad_updates(updates, current)
+        updates = pad_updates(updates, current, self.rank_padding)
         factors = {
             layer: (
                 weighted_mean([u.adapter.factors[layer][0] for u in updates], p),

@@ -48,7 +48,7 @@ import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
 from .factored import LowRankSum, Weights, gram_flops
-from .ranks import pad_updates
+from .ranks import RankPadding, pad_updates
 
 Objective = Literal["cosine", "frobenius"]
 OBJECTIVES: tuple[str, ...] = ("cosine", "frobenius")
@@ -517,14 +517,21 @@ class LoraFair(Aggregator):
     name = "lora_fair"
     mixed_ranks = True  # Ā, B̄ of zero-padded factors; ΔW exact; B' at r_max, cut per client (ALGORITHMS.md)
 
-    def __init__(self, lam: float = 0.01, objective: Objective = "cosine", delta_form: DeltaForm = "auto") -> None:
+    def __init__(
+        self,
+        lam: float = 0.01,
+        objective: Objective = "cosine",
+        delta_form: DeltaForm = "auto",
+        rank_padding: RankPadding = "zeros",
+    ) -> None:
         self.lam = _check_options(lam, objective, delta_form)
         self.objective: Objective = objective
         self.delta_form: DeltaForm = delta_form
+        self.rank_padding: RankPadding = rank_padding
 
     def aggregate(self, updates: Sequence[ClientUpdate], current: Adapter) -> tuple[Adapter, dict[str, float]]:
         p = client_weights(updates)
-        updates = pad_updates(updates, current)
+        updates = pad_updates(updates, current, self.rank_padding)
         factors = {}
         sums = dict.fromkeys(("cos_fair", "cos_fedit", "rel_correction", "norm_ratio", "norm_ratio_fedit"), 0.0)
         for layer in current.factors:

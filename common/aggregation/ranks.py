@@ -5,11 +5,17 @@ global rank-`r_max` adapter (`truncate`), with the same LoRA scale (see `fairedg
 Zero-padding its factors to `r_max` (`pad`) leaves `B_k A_k` unchanged, so a rule that averages
 padded factors (FedIT as in HetLoRA, LoRA-FAIR's `Ā` and `B̄`) still sees every client's exact
 update in `ΔW = Σ p_k B_k A_k`; FLoRA and FlexLoRA stack the clients' own-rank factors directly.
+
+Zero-padding also pulls the global rows a client does not hold towards zero every round (by the
+weight of the clients that lack them). `aggregation.rank_padding = "global"` pads with the global
+factors the client was sent instead: a client counts as having left those rows unchanged, so only
+the clients that hold a row move it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -32,15 +38,18 @@ def truncate(factors: LayerFactors, rank: int) -> LayerFactors:
     return a[:rank].contiguous(), b[:, :rank].contiguous()
 
 
-def pad(factors: LayerFactors, rank: int) -> LayerFactors:
-    """`A` with zero rows and `B` with zero columns up to `rank` (`B·A` unchanged)."""
+def pad(factors: LayerFactors, rank: int, fill: LayerFactors | None = None) -> LayerFactors:
+    """`A` with rows and `B` with columns up to `rank`: zeros (`B·A` unchanged), or those of `fill`."""
     a, b = factors
     extra = rank - a.shape[0]
     if extra < 0:
         raise ValueError(f"cannot pad rank-{a.shape[0]} factors to the smaller rank {rank}")
     if extra == 0:
         return a, b
-    return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
+    if fill is None:
+        return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
+    fa, fb = fill
+    return torch.cat([a, fa[a.shape[0] : rank].to(a)]), torch.cat([b, fb[:, b.shape[1] : rank].to(b)], dim=1)
 
 
 def truncate_adapter(adapter: Adapter, rank: int | None) -> Adapter:
@@ -51,10 +60,20 @@ def truncate_adapter(adapter: Adapter, rank: int | None) -> Adapter:
     return Adapter(factors, adapter.head, adapter.base_delta)
 
 
-def pad_updates(updates: Sequence[ClientUpdate], like: Adapter) -> list[ClientUpdate]:
-    """Every update's factors zero-padded to the rank of `like` (the global adapter), layer by layer."""
+RankPadding = Literal["zeros", "global"]
+RANK_PADDINGS: tuple[RankPadding, ...] = ("zeros", "global")
+
+
+def pad_updates(updates: Sequence[ClientUpdate], like: Adapter, padding: RankPadding = "zeros") -> list[ClientUpdate]:
+    """Every update's factors padded to the rank of `like` (the global adapter the clients were sent), layer by
+    layer: with zeros, or with `like`'s own rows and columns (`padding = "global"`)."""
+    if padding not in RANK_PADDINGS:
+        raise ValueError(f"rank padding {padding!r}; allowed: {', '.join(RANK_PADDINGS)}")
     out = []
     for u in updates:
-        factors = {layer: pad(u.adapter.factors[layer], like.factors[layer][0].shape[0]) for layer in like.factors}
+        factors = {
+            layer: pad(u.adapter.factors[layer], g[0].shape[0], g if padding == "global" else None)
+            for layer, g in like.factors.items()
+        }
         out.append(ClientUpdate(Adapter(factors, u.adapter.head, u.adapter.base_delta), u.num_examples, u.node_id))
     return out
