@@ -6,7 +6,8 @@ one virtual SuperNode per client, each with the configured CPU/GPU share.
 `engine="inprocess"` skips Ray: an `InProcessGrid` answers every message by
 calling the ClientApp in this process, one node after another: the same client
 code and seeds, so the same results, without Ray's start-up cost (quick runs,
-debugging, tests).
+debugging, tests). On Ray, a start-up timeout (Ray's processes too slow to come up on a
+busy machine) starts the simulation once more, resuming if round 0 was checkpointed.
 """
 
 from __future__ import annotations
