@@ -15,7 +15,7 @@ the clients that hold a row move it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -61,7 +61,7 @@ def truncate_adapter(adapter: Adapter, rank: int | None) -> Adapter:
 
 
 RankPadding = Literal["zeros", "global"]
-RANK_PADDINGS: tuple[RankPadding, ...] = ("zeros", "global")
+RANK_PADDINGS: tuple[RankPadding, ...] = get_args(RankPadding)
 
 
 def pad_updates(updates: Sequence[ClientUpdate], like: Adapter, padding: RankPadding = "zeros") -> list[ClientUpdate]:
