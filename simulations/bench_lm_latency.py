@@ -8,9 +8,15 @@ The model is the built-in SmolLM2-135M-Instruct (converted once from its GGUF in
 exported once with `fairedge.common.lm_onnx.export_causal_lm` (decoder with past key values, fp32 and int8)
 into `<cache>/onnx/<model>` (or `--export-dir`); later runs reuse that folder.
 
+Beside what the export ships (`model.onnx`, blockwise int8 `model_quantized.onnx`) it measures two graphs it
+builds once into the same folder, to show why the export is as it is: `bench_fp32_fused.onnx`, the fp32 graph
+after onnxscript's ONNX Runtime fusions (RMSNorm, skip-RMSNorm, attention), and `bench_int8_dynamic.onnx`,
+ONNX Runtime's `quantize_dynamic` (one scale per activation tensor), the usual int8 recipe for encoders.
+
 Checks, on fixed chat prompts: max |logit difference| to PyTorch for the prompt and 5 decoding steps (each side
-with its own KV cache), and whether the greedy replies (up to `--new-tokens` tokens, stopping at EOS) are the
-same token ids as `model.generate(do_sample=False)`.
+with its own KV cache); whether the greedy replies (up to `--new-tokens` tokens, stopping at EOS) are the
+same token ids as `model.generate(do_sample=False)`; and, fed PyTorch's reply (teacher forcing), how often
+each graph predicts PyTorch's next token and the KL divergence of its next-token distribution from PyTorch's.
 
 Latency: batch 1, exactly `--new-tokens` new tokens per prompt (EOS ignored, so every backend does the same
 work), PyTorch `generate` with its `DynamicCache` vs the torch-free loop of `fairedge.common.lm_generate_ort`.
@@ -22,17 +28,22 @@ processes hits them alike. Writes `simulations/results/lm_latency.{json,md}`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import onnxruntime
 import torch
 import transformers
@@ -57,7 +68,20 @@ PROMPTS = (
     "Give me three tips for learning to cook.",
     "Explain what a neural network is in one sentence.",
 )
-BACKENDS = ("torch_eager", "ort_fp32", "ort_int8")
+BACKENDS = ("torch_eager", "ort_fp32", "ort_fp32_fused", "ort_int8", "ort_int8_dynamic")
+ORT_FILES = {
+    "ort_fp32": FP32_FILE,
+    "ort_fp32_fused": "bench_fp32_fused.onnx",
+    "ort_int8": INT8_FILE,
+    "ort_int8_dynamic": "bench_int8_dynamic.onnx",
+}
+LABELS = {
+    "torch_eager": "PyTorch eager",
+    "ort_fp32": "ORT fp32",
+    "ort_fp32_fused": "ORT fp32 + fusions",
+    "ort_int8": "ORT int8 blockwise (shipped)",
+    "ort_int8_dynamic": "ORT int8 dynamic",
+}
 PARITY_STEPS = 5
 TIMINGS_FILE = "export_seconds.json"
 """How long this benchmark's export took, kept in the export folder for the reports of later runs."""
@@ -111,14 +135,65 @@ def _prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Path
         start = time.perf_counter()
         export_causal_lm(model, tokenizer, export_dir, quantize=False, log=log)
         made["export_fp32_seconds"] = time.perf_counter() - start
-    if not (export_dir / INT8_FILE).is_file():
+    if not _has_op(export_dir / INT8_FILE, "MatMulNBits"):  # missing, or an older export's dynamic int8
         start = time.perf_counter()
         quantize_causal_lm(export_dir)
         made["quantize_int8_seconds"] = time.perf_counter() - start
+    if not (export_dir / ORT_FILES["ort_fp32_fused"]).is_file():
+        log("fusing the fp32 graph with onnxscript's ONNX Runtime rules (once)...")
+        made["fusions"] = _fuse(export_dir / FP32_FILE, export_dir / ORT_FILES["ort_fp32_fused"])
+    if not (export_dir / ORT_FILES["ort_int8_dynamic"]).is_file():
+        log("quantising the fp32 graph with quantize_dynamic (once)...")
+        _quantize_dynamic(export_dir / FP32_FILE, export_dir / ORT_FILES["ort_int8_dynamic"])
     timings = export_dir / TIMINGS_FILE
     if made:
         atomic_write_json(timings, {**_read_json(timings), **made, "load_average": os.getloadavg()[0]})
     return model_dir, export_dir, _read_json(timings)
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """The rewriter and the quantiser log every node at INFO; only errors matter here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _file_mb(path: Path) -> float:
+    """Size of an ONNX file with its external data, if any, in MB."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 1e6
+
+
+def _has_op(path: Path, op_type: str) -> bool:
+    return path.is_file() and any(n.op_type == op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _fuse(src: Path, dst: Path) -> dict[str, int]:
+    """onnxscript's ORT fusions (the dynamo export's RMSNorm and attention are patterns ORT's own optimiser misses)."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    with _quiet_logs():
+        model, counts = optimize_for_ort(ir.load(str(src)))
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        ir.save(model, f"{tmp}/{dst.name}")
+        os.replace(f"{tmp}/{dst.name}", dst)
+    return {k: int(v) for k, v in counts.items() if v}
+
+
+def _quantize_dynamic(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic int8 (per-channel int8 MatMul weights, one scale per activation tensor)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, _quiet_logs():
+        quantize_dynamic(
+            str(src), f"{tmp}/q.onnx", weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+        )
+        os.replace(f"{tmp}/q.onnx", dst)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -142,15 +217,21 @@ def _quality(model: Any, ort: dict[str, OrtCausalLM], prompts: list[list[int]], 
     for text, ids in zip(PROMPTS, prompts, strict=True):
         want = _torch_generate(model, ids, n, pad, fixed=False, stamps=[])
         row: dict[str, Any] = {"prompt": text, "prompt_tokens": len(ids), "torch_reply": _decode(ort, want)}
+        with torch.no_grad():
+            reference = model(torch.tensor([ids + want])).logits[0, len(ids) - 1 : -1].double().numpy()
         for name, lm in ort.items():
             got = lm.generate_ids([ids], n)[0]
             same = next(
                 (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
             )
+            x = np.array([ids + want])
+            forced = lm.forward(x, np.ones_like(x), lm.empty_past(1))[0][0, len(ids) - 1 : -1].astype(np.float64)
             row[name] = {
                 "logit_max_abs_diff": max(logits_parity(model, lm, ids, steps=PARITY_STEPS)),
                 "same_greedy_ids": got == want,
                 "same_prefix_tokens": same,
+                "next_token_agreement": float((forced.argmax(-1) == reference.argmax(-1)).mean()),
+                "kl_from_torch": _mean_kl(reference, forced),
                 "reply": _decode(ort, got),
             }
         per_prompt.append(row)
@@ -160,10 +241,24 @@ def _quality(model: Any, ort: dict[str, OrtCausalLM], prompts: list[list[int]], 
             name: {
                 "logit_max_abs_diff": max(r[name]["logit_max_abs_diff"] for r in per_prompt),
                 "same_greedy_ids_all": all(r[name]["same_greedy_ids"] for r in per_prompt),
+                "same_greedy_replies": sum(r[name]["same_greedy_ids"] for r in per_prompt),
+                "next_token_agreement": statistics.mean(r[name]["next_token_agreement"] for r in per_prompt),
+                "kl_from_torch": statistics.mean(r[name]["kl_from_torch"] for r in per_prompt),
             }
             for name in ort
         },
     }
+
+
+def _mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(p) ‖ softmax(q)), in nats."""
+    log_p = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
+    log_q = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    return float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
+
+
+def _ort_models(export_dir: Path, threads: int | None = None) -> dict[str, OrtCausalLM]:
+    return {name: OrtCausalLM(export_dir / file, threads=threads) for name, file in ORT_FILES.items()}
 
 
 def _decode(ort: dict[str, OrtCausalLM], ids: list[int]) -> str:
@@ -174,10 +269,7 @@ def _latency(
     model: Any, export_dir: Path, prompts: list[list[int]], n: int, pad: int, threads: int, repeats: int
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    ort = {
-        "ort_fp32": OrtCausalLM(export_dir, threads=threads),
-        "ort_int8": OrtCausalLM(export_dir, quantized=True, threads=threads),
-    }
+    ort = _ort_models(export_dir, threads)
     runs: dict[str, Callable[[list[int], list[float]], Any]] = {
         "torch_eager": lambda ids, s: _torch_generate(model, ids, n, pad, fixed=True, stamps=s),
         **{
@@ -213,7 +305,7 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Generated by `{res['command']}` in {res['wall_seconds'] / 60:.1f} min.",
         f"Model: {res['model']} ({res['model_dir']}), exported to `{res['export_dir']}` "
-        f"({res['size_mb']['fp32']:.0f} MB fp32, {res['size_mb']['int8']:.0f} MB int8). {res['export_note']}",
+        f"({res['size_mb']['ort_fp32']:.0f} MB fp32, {res['size_mb']['ort_int8']:.0f} MB int8). {res['export_note']}",
         f"Machine: {res['machine']}, {os.cpu_count()} cores; torch {res['torch']}, transformers "
         f"{res['transformers']}, onnxruntime {res['onnxruntime']} (CPU provider, default optimisation level). "
         f"Load average {res['load_start']:.1f} at start, {res['load_end']:.1f} at end: the machine was shared with "
@@ -232,43 +324,70 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"## Per generated token (batch 1, {res['new_tokens']} new tokens, median ms between tokens)",
         "",
-        "| threads | PyTorch eager | ORT fp32 | ORT int8 | fp32 speed-up | int8 speed-up "
-        "| first token: torch / fp32 / int8 (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "Speed-ups are over PyTorch eager in the same row; *first token* is the prompt's time (ms).",
+        "",
+        "| threads | "
+        + " | ".join(LABELS[b] for b in BACKENDS)
+        + " | "
+        + " | ".join(f"{LABELS[b]} speed-up" for b in BACKENDS[1:])
+        + " | first token (ms): "
+        + " / ".join(LABELS[b] for b in BACKENDS)
+        + " |",
+        "|---" * (2 * len(BACKENDS) + 1) + "|",
     ]
     for lat in res["latency"]:
         med, sp, ft = lat["ms_per_token_median"], lat["speedup_vs_torch"], lat["ms_first_token_median"]
         lines.append(
-            f"| {lat['threads']} | {med['torch_eager']:.1f} | {med['ort_fp32']:.1f} | {med['ort_int8']:.1f} "
-            f"| {sp['ort_fp32']:.2f}× | {sp['ort_int8']:.2f}× "
-            f"| {ft['torch_eager']:.0f} / {ft['ort_fp32']:.0f} / {ft['ort_int8']:.0f} |"
+            f"| {lat['threads']} | "
+            + " | ".join(f"{med[b]:.1f}" for b in BACKENDS)
+            + " | "
+            + " | ".join(f"{sp[b]:.2f}×" for b in BACKENDS[1:])
+            + " | "
+            + " / ".join(f"{ft[b]:.0f}" for b in BACKENDS)
+            + " |"
         )
+    ort_names = [b for b in BACKENDS if b != "torch_eager"]
     lines += [
         "",
-        "## Parity and greedy replies",
+        "## Quality against PyTorch",
         "",
-        f"Max |logit difference| to PyTorch over the prompt and {PARITY_STEPS} decoding steps (allowed for fp32: "
-        f"{PARITY_TOLERANCE:.0e}); *same ids*: the greedy reply (up to {res['new_tokens']} tokens, stopping at EOS) "
-        "is token for token `model.generate(do_sample=False)`'s; otherwise the tokens agree up to *prefix*.",
+        f"*max logit diff*: max |logit difference| over the prompt and {PARITY_STEPS} decoding steps (allowed for "
+        f"fp32: {PARITY_TOLERANCE:.0e}); *next-token agreement* and *KL*: fed PyTorch's greedy reply, how often the "
+        "graph's most likely next token is PyTorch's, and the mean KL(PyTorch ‖ graph) of the next-token "
+        f"distributions (nats), over the {len(PROMPTS)} prompts' replies; *same replies*: greedy replies (up to "
+        f"{res['new_tokens']} tokens, stopping at EOS) identical to `model.generate(do_sample=False)`'s.",
         "",
-        "| prompt | fp32 diff | fp32 same ids | int8 diff | int8 same ids (prefix) |",
-        "|---|---|---|---|---|",
+        "| graph | size (MB) | max logit diff | next-token agreement | KL (nats) | same replies |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in ort_names:
+        s = q[b]
+        lines.append(
+            f"| {LABELS[b]} | {res['size_mb'][b]:.0f} | {s['logit_max_abs_diff']:.1e} "
+            f"| {100 * s['next_token_agreement']:.1f} % | {s['kl_from_torch']:.4f} "
+            f"| {s['same_greedy_replies']} of {len(q['prompts'])} |"
+        )
+    if res.get("fusions"):
+        lines += [
+            "",
+            "Fusions in `ORT fp32 + fusions` (onnxscript `optimize_for_ort`): "
+            + ", ".join(f"{k} {v}" for k, v in res["fusions"].items())
+            + ".",
+        ]
+    lines += [
+        "",
+        "Per prompt: the greedy reply agrees with PyTorch's for *prefix* tokens (*same* when all do).",
+        "",
+        "| prompt | " + " | ".join(LABELS[b] for b in ort_names) + " |",
+        "|---" * (len(ort_names) + 1) + "|",
     ]
     for r in q["prompts"]:
-        f, i = r["ort_fp32"], r["ort_int8"]
-        lines.append(
-            f"| {r['prompt']} | {f['logit_max_abs_diff']:.1e} | {'yes' if f['same_greedy_ids'] else 'NO'} "
-            f"| {i['logit_max_abs_diff']:.1e} | {'yes' if i['same_greedy_ids'] else 'no'} ({i['same_prefix_tokens']}) |"
-        )
+        cells = ["same" if r[b]["same_greedy_ids"] else str(r[b]["same_prefix_tokens"]) for b in ort_names]
+        lines.append(f"| {r['prompt']} | " + " | ".join(cells) + " |")
     lines += ["", "### Replies", ""]
     for r in q["prompts"]:
-        lines += [f"**{r['prompt']}**", ""]
-        for label, text in (
-            ("PyTorch", r["torch_reply"]),
-            ("ORT fp32", r["ort_fp32"]["reply"]),
-            ("ORT int8", r["ort_int8"]["reply"]),
-        ):
-            lines.append(f"- {label}: {' '.join(text.split())}")
+        lines += [f"**{r['prompt']}**", "", f"- PyTorch: {' '.join(r['torch_reply'].split())}"]
+        lines += [f"- {LABELS[b]}: {' '.join(r[b]['reply'].split())}" for b in ort_names]
         lines.append("")
     return "\n".join(lines)
 
@@ -293,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     model_dir, export_dir, made = _prepare(args, log)
     model, _ = load_merged_causal_lm(model_dir, args.adapter)
-    ort = {"ort_fp32": OrtCausalLM(export_dir), "ort_int8": OrtCausalLM(export_dir, quantized=True)}
+    ort = _ort_models(export_dir)
     prompts = [ort["ort_fp32"].prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS]
     pad = ort["ort_fp32"].info.pad_token_id
     log("checking parity and greedy replies...")
@@ -319,10 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         "export_dir": _shown(export_dir),
         "export_note": export_note,
         **made,
-        "size_mb": {
-            "fp32": (export_dir / FP32_FILE).stat().st_size / 1e6,
-            "int8": (export_dir / INT8_FILE).stat().st_size / 1e6,
-        },
+        "size_mb": {name: _file_mb(export_dir / file) for name, file in ORT_FILES.items()},
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "threads": args.threads,

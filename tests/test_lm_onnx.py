@@ -206,10 +206,14 @@ def test_chat_prompts_render_as_transformers_renders_them(model, tokenizer, ort_
     assert ort_lm.generate(CHATS[0], max_new_tokens=NEW_TOKENS) == tokenizer.decode(want, skip_special_tokens=True)
 
 
-def test_int8_copy_is_quantised_smaller_and_still_generates_like_pytorch(model, tokenizer, exported):
+def test_int8_copy_is_blockwise_quantised_smaller_and_still_generates_like_pytorch(model, tokenizer, exported):
     proto = onnx.load(str(exported / INT8_FILE))
-    ops = {n.op_type for n in proto.graph.node}
-    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    ops = [n.op_type for n in proto.graph.node]
+    fp32_ops = [n.op_type for n in onnx.load(str(exported / "model.onnx")).graph.node]
+    assert "MatMulNBits" in ops and "DynamicQuantizeLinear" not in ops
+    blockwise = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in blockwise[0].attribute}["bits"] == 8
+    assert len(blockwise) == fp32_ops.count("MatMul") - ops.count("MatMul")  # every weight MatMul, no other
     assert (exported / INT8_FILE).stat().st_size < 0.7 * (exported / "model.onnx").stat().st_size
     lm = OrtCausalLM(exported, quantized=True)
     assert lm.info.quantized and lm.info.num_layers == 2

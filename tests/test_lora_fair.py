@@ -270,7 +270,7 @@ def test_auto_takes_the_form_with_fewer_flops() -> None:
     many = delta_form_flops(768, 768, [64] * 100, needs_norm=True, single=True)
     assert few["factored"] < few["dense"] and many["dense"] < many["factored"] / 4
     assert delta_form_flops(768, 768, [64] * 100, needs_norm=False, single=True)["factored"] < many["dense"]
-    # the switch sits near K·r = mn/(m+n) (the Grams cost ~1.25 (Kr)²(m+n), ΔW 2mn·Kr)
+    # one client of rank k: the switch sits near k = mn/(m+n) (Grams ~k²(m+n) plus M ~2k²(m+n), ΔW ~4mn·k)
     for m, n in ((768, 768), (576, 192), (4096, 4096)):
         kr = next(
             k
@@ -279,7 +279,9 @@ def test_auto_takes_the_form_with_fewer_flops() -> None:
             < delta_form_flops(m, n, [k], needs_norm=True, single=False)["factored"]
         )
         assert 1.0 < kr / (m * n / (m + n)) < 2.0, (m, n, kr)
-    assert gram_flops(160, 8192) == sum(2 * 40 * (160 - s) * 8192 for s in range(0, 160, 40))
+    assert gram_flops(160, 8192, whole=False) == sum(2 * 40 * (160 - s) * 8192 for s in range(0, 160, 40))
+    assert gram_flops(160, 8192) == 160 * 161 * 8192  # one syrk per Gram
+    assert gram_flops(4096, 8192) == gram_flops(4096, 8192, whole=False)  # too large to form whole
     g = torch.Generator().manual_seed(8)
     for K, expected in ((2, "factored"), (40, "dense")):
         A = [torch.randn(8, 48, generator=g) for _ in range(K)]
@@ -410,7 +412,8 @@ def test_bad_options_raise(kwargs: dict, match: str) -> None:
 def test_factored_norm_and_inner_products_equal_dense(case: str, monkeypatch) -> None:
     A, B, w = CASES[case]()
     dW, Ab, Bb = dense(A, B, w)
-    for block_elems in (1 << 22, 7):  # one slab, and one row per slab
+    for whole, block_elems in ((1 << 22, 1 << 22), (0, 1 << 22), (0, 7)):  # syrk; one slab; one row per slab
+        monkeypatch.setattr(factored, "_GRAM_WHOLE_ELEMS", whole)
         monkeypatch.setattr(factored, "_GRAM_BLOCK_ELEMS", block_elems)
         delta = LowRankSum.stack(A, B, w)
         assert float(delta.sq_norm()) == pytest.approx(float((dW**2).sum()), rel=1e-9, abs=1e-13)

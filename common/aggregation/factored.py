@@ -25,6 +25,8 @@ Weights = Sequence[float] | torch.Tensor
 
 _GRAM_BLOCK_ELEMS = 1 << 20
 """Largest `rows × Kr` slab of a Gram matrix held at once (8 MiB in float64)."""
+_GRAM_WHOLE_ELEMS = 1 << 22
+"""Largest `Kr × Kr` Gram formed whole on a CPU (16 MiB in float32; `Kr ≤ 2048`)."""
 
 
 def normalise_weights(weights: Weights, num_clients: int) -> torch.Tensor:
@@ -176,8 +178,9 @@ class LowRankSum:
     def sq_norm(self) -> torch.Tensor:
         """`‖ΔW‖²_F = ⟨A_sA_sᵀ, W B_sᵀB_s W⟩`: two `Kr×Kr` Grams, built in row slabs.
 
-        Only the upper block triangle is formed (both Grams are symmetric),
-        and at most `_GRAM_BLOCK_ELEMS` entries of each at a time. With float32
+        On a CPU each Gram comes whole from one BLAS `syrk` (which forms one triangle)
+        while it has at most `_GRAM_WHOLE_ELEMS` entries; otherwise only the upper block
+        triangle is formed, at most `_GRAM_BLOCK_ELEMS` entries of each at a time. With float32
         stacks the Grams are float32 (relative error ~1e-6 per entry); when the
         terms cancel so much that this could reach ~1e-4 of the result, or a Gram
         overflows, they are recomputed in float64 from the same (exact) values.
@@ -194,13 +197,29 @@ def _slabs(k: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, k)) for s in range(0, k, block)]
 
 
-def gram_flops(k: int, length: int) -> int:
-    """Flops of `sq_norm`'s Gram slabs for `k = Σr_k` stacked rows and `length = m + n`."""
+def _whole_grams(A: torch.Tensor, k: int) -> bool:
+    """Whether `sq_norm` forms each Gram whole, in one BLAS `syrk` through NumPy (CPU, up to `_GRAM_WHOLE_ELEMS`)."""
+    return A.device.type == "cpu" and k * k <= _GRAM_WHOLE_ELEMS
+
+
+def gram_flops(k: int, length: int, *, whole: bool = True) -> int:
+    """Flops of `sq_norm`'s Grams for `k = Σr_k` stacked rows and `length = m + n`.
+
+    `whole`: one `syrk` per Gram (`k(k+1)·length`), which `sq_norm` takes on a CPU while the Grams are
+    small enough; otherwise the slabs of the upper block triangle.
+    """
+    if whole and k * k <= _GRAM_WHOLE_ELEMS:
+        return k * (k + 1) * length
     return sum(2 * (e - s) * (k - s) * length for s, e in _slabs(k))
 
 
 def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
+    if _whole_grams(A, A.shape[0]):
+        # NumPy hands `x @ x.T` to BLAS `syrk`, which computes one triangle: half the flops of a torch matmul
+        a, b = A.numpy(), Bs.numpy()
+        prod = torch.from_numpy(a @ a.T).mul_(torch.from_numpy(b.T @ b)).double() * (w[:, None] * w[None, :])
+        return prod.sum(), prod.abs().sum()
     total = torch.zeros((), dtype=torch.float64, device=A.device)
     magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
     for s, e in _slabs(A.shape[0]):

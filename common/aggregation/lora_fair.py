@@ -13,7 +13,7 @@ factored one (`LowRankSum`: two `Kr×Kr` Grams for `‖ΔW‖²`, about
 `(Kr)²(m+n)` flops) never forms the `m×n` matrix; the dense one forms
 `ΔW = B_s diag(w) A_s` once (`2mn·Kr` flops) and reads both off it. Per layer
 we take the one with fewer flops (`delta_form_flops`): factored while
-`K·r ≲ 1.6·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared.
+`K·r ≲ 2·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared.
 
 How the cosine problem is solved. Setting the gradient to zero gives
 `X (I + vG) = uM + B̄` with `u = 1/(2λ‖ΔW‖‖XĀ‖) > 0` and `v = u⟨M,X⟩/‖XĀ‖²`,
@@ -122,7 +122,7 @@ def delta_form_flops(m: int, n: int, ranks: Sequence[int], *, needs_norm: bool, 
     """Floating-point operations of the large products each way takes to `M = ΔW Āᵀ` (and `‖ΔW‖²`).
 
     factored: `A_s Āᵀ` and `B_s (·)` (`2Kr·r(m+n)`), plus, when `‖ΔW‖²` is needed, the
-    Gram slabs `LowRankSum.sq_norm` actually multiplies (`gram_flops`, about `1.25(Kr)²(m+n)`).
+    Grams `LowRankSum.sq_norm` actually multiplies (`gram_flops`: about `(Kr)²(m+n)` as two CPU `syrk`s).
     dense: `ΔW` (`2mn·Kr`), `ΔW Āᵀ` (`2mn·r`), `‖ΔW‖²` (`2mn`), and for float32 stacks the
     per-client Grams of the cancellation check (`2Kr·r(m+n)`). Both run as large matrix
     products at about the same rate on a CPU, so flops rank them.
