@@ -213,6 +213,17 @@ def gram_flops(k: int, length: int, *, whole: bool = True) -> int:
     return sum(2 * (e - s) * (k - s) * length for s, e in _slabs(k))
 
 
+SYRK_RATE = 2 / 3
+"""A CPU `syrk`'s speed per flop relative to a GEMM's where LoRA-FAIR's dense/factored switch falls
+(Kr of 500–800 at 768²: the switch rows of `simulations/results/aggregation_cost.md`)."""
+
+
+def gram_cost(k: int, length: int) -> float:
+    """`gram_flops` in GEMM-flop equivalents, the unit `lora_fair.delta_form_flops` ranks the two forms in."""
+    whole = k * k <= _GRAM_WHOLE_ELEMS
+    return gram_flops(k, length) / (SYRK_RATE if whole else 1.0)
+
+
 def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
     if _whole_grams(A, A.shape[0]):

@@ -13,7 +13,7 @@ factored one (`LowRankSum`: two `Kr×Kr` Grams for `‖ΔW‖²`, about
 `(Kr)²(m+n)` flops) never forms the `m×n` matrix; the dense one forms
 `ΔW = B_s diag(w) A_s` once (`2mn·Kr` flops) and reads both off it. Per layer
 we take the one with fewer flops (`delta_form_flops`): factored while
-`K·r ≲ 2·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared.
+`K·r ≲ 1.3·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared.
 
 How the cosine problem is solved. Setting the gradient to zero gives
 `X (I + vG) = uM + B̄` with `u = 1/(2λ‖ΔW‖‖XĀ‖) > 0` and `v = u⟨M,X⟩/‖XĀ‖²`,
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
-from .factored import LowRankSum, Weights, gram_flops
+from .factored import LowRankSum, Weights, gram_cost
 from .ranks import RankPadding, pad_updates
 
 Objective = Literal["cosine", "frobenius"]
@@ -122,13 +122,14 @@ def delta_form_flops(m: int, n: int, ranks: Sequence[int], *, needs_norm: bool, 
     """Floating-point operations of the large products each way takes to `M = ΔW Āᵀ` (and `‖ΔW‖²`).
 
     factored: `A_s Āᵀ` and `B_s (·)` (`2Kr·r(m+n)`), plus, when `‖ΔW‖²` is needed, the
-    Grams `LowRankSum.sq_norm` actually multiplies (`gram_flops`: about `(Kr)²(m+n)` as two CPU `syrk`s).
+    Grams `LowRankSum.sq_norm` multiplies (`gram_flops`: about `(Kr)²(m+n)` as two CPU `syrk`s, counted
+    at 1.5× since a `syrk` runs at about 2/3 of a GEMM's rate per flop there: `gram_cost`).
     dense: `ΔW` (`2mn·Kr`), `ΔW Āᵀ` (`2mn·r`), `‖ΔW‖²` (`2mn`), and for float32 stacks the
     per-client Grams of the cancellation check (`2Kr·r(m+n)`). Both run as large matrix
     products at about the same rate on a CPU, so flops rank them.
     """
     kr, r = sum(ranks), max(ranks)
-    factored = 2 * kr * r * (m + n) + (gram_flops(kr, m + n) if needs_norm else 0)
+    factored = 2 * kr * r * (m + n) + (round(gram_cost(kr, m + n)) if needs_norm else 0)
     dense = 2 * m * n * (kr + r + 1) + (2 * kr * r * (m + n) if single else 0)
     return {"factored": factored, "dense": dense}
 
