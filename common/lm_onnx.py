@@ -215,8 +215,8 @@ def quantize_causal_lm(out_dir: str | Path) -> Path:
 
     Why not ONNX Runtime's `quantize_dynamic`, the usual recipe for encoders: it quantises each activation
     tensor with one scale, and a causal LM's MLP inputs carry a few huge outlier channels. On SmolLM2 that
-    scheme predicted PyTorch's next token 73 % of the time; blockwise int8 does 94 %, at 1.5× fp32's
-    decoding speed instead of 1.8× (`simulations/results/lm_latency.md` measures both, side by side).
+    scheme predicted PyTorch's next token 73 % of the time; blockwise int8 does 94 %, at 1.6× fp32's
+    decoding speed instead of 1.9× (`simulations/results/lm_latency.md` measures both, side by side).
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 

@@ -226,10 +226,13 @@ def _quality(model: Any, ort: dict[str, OrtCausalLM], prompts: list[list[int]], 
             )
             x = np.array([ids + want])
             forced = lm.forward(x, np.ones_like(x), lm.empty_past(1))[0][0, len(ids) - 1 : -1].astype(np.float64)
+            top2 = np.sort(reference[same])[-2:] if got != want and same < len(want) else None
             row[name] = {
                 "logit_max_abs_diff": max(logits_parity(model, lm, ids, steps=PARITY_STEPS)),
                 "same_greedy_ids": got == want,
                 "same_prefix_tokens": same,
+                # how close PyTorch's own top two tokens were where the replies part
+                "torch_top2_margin_at_divergence": None if top2 is None else float(top2[1] - top2[0]),
                 "next_token_agreement": float((forced.argmax(-1) == reference.argmax(-1)).mean()),
                 "kl_from_torch": _mean_kl(reference, forced),
                 "reply": _decode(ort, got),
@@ -248,6 +251,13 @@ def _quality(model: Any, ort: dict[str, OrtCausalLM], prompts: list[list[int]], 
             for name in ort
         },
     }
+
+
+def _divergence(cell: dict[str, Any]) -> str:
+    if cell["same_greedy_ids"]:
+        return "same"
+    margin = cell.get("torch_top2_margin_at_divergence")
+    return f"{cell['same_prefix_tokens']}" + (f" ({margin:.2f})" if margin is not None else "")
 
 
 def _mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -376,13 +386,15 @@ def _markdown(res: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "Per prompt: the greedy reply agrees with PyTorch's for *prefix* tokens (*same* when all do).",
+        "Per prompt: the greedy reply agrees with PyTorch's for *prefix* tokens (*same* when all do); in brackets,",
+        "PyTorch's margin between its two most likely tokens where the replies part (logits): a small margin",
+        "is a near-tie that any rounding can flip.",
         "",
         "| prompt | " + " | ".join(LABELS[b] for b in ort_names) + " |",
         "|---" * (len(ort_names) + 1) + "|",
     ]
     for r in q["prompts"]:
-        cells = ["same" if r[b]["same_greedy_ids"] else str(r[b]["same_prefix_tokens"]) for b in ort_names]
+        cells = [_divergence(r[b]) for b in ort_names]
         lines.append(f"| {r['prompt']} | " + " | ".join(cells) + " |")
     lines += ["", "### Replies", ""]
     for r in q["prompts"]:
