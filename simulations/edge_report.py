@@ -135,13 +135,24 @@ def markdown(
 def brief_markdown(results: dict[str, dict[str, Any]], *, command: str, plots: dict[str, str]) -> str:
     """`edge.md` of a study run without the self-taught baseline (e.g. on the DINOv2 backbone): setup read from
     the served run's and the teachers' own configs, the summary over teachers, one section per teacher."""
-    study = next(iter(results.values()))["study"]
+    first = next(iter(results.values()))
     return render(
         "edge_brief.md.j2",
         **_setup_values(results, command=command, plots=plots),
-        lora=_lora_text(study["run_dir"]),
+        lora=_lora_text(first["study"]["run_dir"]),
         seeds=sorted({r["seed"] for d in results.values() for r in d.get("rows", [])}),
+        oracle=_oracle(first),
     )
+
+
+def _oracle(data: dict[str, Any]) -> list[tuple[str, float, float, float]]:
+    """Per seed: `label_oracle`'s accuracy, its gain over no adaptation and the gain of uploading everything (pts)."""
+    g = gains(data.get("rows", []))
+    return [
+        (seed, acc, 100 * (acc - g[int(seed)]["acc_none"]), 100 * (g[int(seed)]["acc_all"] - g[int(seed)]["acc_none"]))
+        for seed, acc in data.get("label_oracle", {}).items()
+        if int(seed) in g
+    ]
 
 
 def _setup_values(results: dict[str, dict[str, Any]], *, command: str, plots: dict[str, str]) -> dict[str, Any]:

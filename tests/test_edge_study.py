@@ -249,7 +249,7 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
              "config_hash": "h", "model_version": "v", "per_segment": 32, "segments": ["contrast-1"],
              "corruptions": {"contrast": [0.35, 0.15]}, "fixed": ["edge.threads=1"]}  # fmt: skip
     data = {"study": study, "rows": rows, "teacher_stream_accuracy": {"0": 0.7}, "chosen": "given",
-            "overrides": ["cloud.lr=0.05"]}  # fmt: skip
+            "overrides": ["cloud.lr=0.05"], "label_oracle": {"0": 0.52}}  # fmt: skip
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "edge_stream_foundation-teacher.json").write_text(json.dumps(data))
     path = edge_study.write_report(None, tmp_path / "out")
@@ -260,6 +260,7 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
     assert "`cloud.lr=0.05`, given on the command line for every seed (not tuned)" in md
     assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
     assert "--out " in md  # the regenerate command names the folder
+    assert "seed 0: 0.5200 (+2.00 pts; uploading everything: +10.00)" in md  # the label oracle beside `all`
     assert edge_study.write_report(None, tmp_path / "empty") is None
 
 
