@@ -49,6 +49,7 @@ from fairedge.common.edge_format import (
     tokenizer_dir,
 )
 from fairedge.common.edge_fusion import fuse_for_ort
+from fairedge.common.quiet_logs import quiet_root_logger
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -396,19 +397,13 @@ def _quantize(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     Per-channel scales cut the MiniLM logit error about 3x against one scale per tensor.
     """
-    import logging
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, str(src))
-        quiet = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is noise here
-        try:
+        with quiet_root_logger():  # its "consider pre-processing" advice is noise here
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
-        finally:
-            logging.getLogger().setLevel(quiet)
         return onnx.load(str(dst))
 
 

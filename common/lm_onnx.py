@@ -14,7 +14,6 @@ fed with the graph's own cache must match PyTorch's within `PARITY_TOLERANCE`.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -39,6 +38,7 @@ from fairedge.common.lm_generate_ort import (
     input_names,
     output_names,
 )
+from fairedge.common.quiet_logs import quiet_root_logger
 
 PARITY_TOLERANCE = 1e-3
 """Max abs logit difference allowed between ONNX Runtime fp32 and PyTorch, prompt and decoding steps."""
@@ -225,13 +225,9 @@ def quantize_causal_lm(out_dir: str | Path) -> Path:
     proto = onnx.load(str(src))
     info = LmInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
     config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True, bits=8, accuracy_level=4)
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # per-node progress chatter
-    try:
+    with quiet_root_logger():  # per-node progress chatter
         quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
         quantizer.process()
-    finally:
-        logging.getLogger().setLevel(quiet)
     proto = quantizer.model.model
     kept = [p for p in proto.metadata_props if not p.key.startswith("fairedge.")]
     del proto.metadata_props[:]

@@ -28,17 +28,15 @@ processes hits them alike. Writes `simulations/results/lm_latency.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +58,7 @@ from fairedge.common.lm_onnx import (
     quantize_causal_lm,
 )
 from fairedge.common.models.causal_lm import builtin_model_dir
+from fairedge.common.quiet_logs import quiet_root_logger
 from fairedge.simulations.paths import RESULTS, display
 
 PROMPTS = (
@@ -151,18 +150,6 @@ def _prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Path
     return model_dir, export_dir, _read_json(timings)
 
 
-@contextlib.contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """The rewriter and the quantiser log every node at INFO; only errors matter here."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def _file_mb(path: Path) -> float:
     """Size of an ONNX file with its external data, if any, in MB."""
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 1e6
@@ -177,7 +164,7 @@ def _fuse(src: Path, dst: Path) -> dict[str, int]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    with _quiet_logs():
+    with quiet_root_logger():
         model, counts = optimize_for_ort(ir.load(str(src)))
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         ir.save(model, f"{tmp}/{dst.name}")
@@ -189,7 +176,7 @@ def _quantize_dynamic(src: Path, dst: Path) -> None:
     """ONNX Runtime's dynamic int8 (per-channel int8 MatMul weights, one scale per activation tensor)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, _quiet_logs():
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp, quiet_root_logger():
         quantize_dynamic(
             str(src), f"{tmp}/q.onnx", weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
         )

@@ -61,11 +61,7 @@ METHOD_OVERRIDES = {
     "lora_fair_frobenius_global": [*FROBENIUS, *GLOBAL],
 }
 """Study methods that are a rule plus options; any other is `aggregation.method=<name>`."""
-ZERO_PADDED = {
-    "fedit_global": "fedit",
-    "lora_fair_global": "lora_fair",
-    "lora_fair_frobenius_global": "lora_fair_frobenius",
-}
+GLOBAL_SUFFIX = "_global"
 """Global padding pads nothing when every client has r_max: its uniform-rank run is the zero-padded method's."""
 SETTINGS = {
     "uniform-r8": ["lora.rank=8", "lora.alpha=16"],
@@ -85,7 +81,7 @@ def variants(methods: Sequence[str]) -> dict[str, list[str]]:
         f"{s}/{m}": [*o, *METHOD_OVERRIDES.get(m, [f"aggregation.method={m}"])]
         for s, o in SETTINGS.items()
         for m in methods
-        if not (s == "uniform-r8" and m in ZERO_PADDED)
+        if not (s == "uniform-r8" and m.endswith(GLOBAL_SUFFIX))
     }
 
 
@@ -133,7 +129,7 @@ def differences(by_variant: dict[str, list[dict]], methods: Sequence[str]) -> li
     """Per method, mixed − uniform final mean accuracy, paired by seed (points)."""
     out = []
     for m in methods:
-        reference = f"uniform-r8/{ZERO_PADDED.get(m, m)}"
+        reference = f"uniform-r8/{m.removesuffix(GLOBAL_SUFFIX)}"
         uniform = {r["seed"]: r["summary"]["final_mean_accuracy"] for r in by_variant.get(reference, [])}
         d = [
             100 * (r["summary"]["final_mean_accuracy"] - uniform[r["seed"]])

@@ -197,9 +197,9 @@ def _slabs(k: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, k)) for s in range(0, k, block)]
 
 
-def _whole_grams(A: torch.Tensor, k: int) -> bool:
-    """Whether `sq_norm` forms each Gram whole, in one BLAS `syrk` through NumPy (CPU, up to `_GRAM_WHOLE_ELEMS`)."""
-    return A.device.type == "cpu" and k * k <= _GRAM_WHOLE_ELEMS
+def _whole_grams(k: int) -> bool:
+    """Whether a CPU `sq_norm` forms each Gram whole, in one BLAS `syrk` through NumPy (up to `_GRAM_WHOLE_ELEMS`)."""
+    return k * k <= _GRAM_WHOLE_ELEMS
 
 
 def gram_flops(k: int, length: int, *, whole: bool = True) -> int:
@@ -208,7 +208,7 @@ def gram_flops(k: int, length: int, *, whole: bool = True) -> int:
     `whole`: one `syrk` per Gram (`k(k+1)·length`), which `sq_norm` takes on a CPU while the Grams are
     small enough; otherwise the slabs of the upper block triangle.
     """
-    if whole and k * k <= _GRAM_WHOLE_ELEMS:
+    if whole and _whole_grams(k):
         return k * (k + 1) * length
     return sum(2 * (e - s) * (k - s) * length for s, e in _slabs(k))
 
@@ -220,13 +220,12 @@ SYRK_RATE = 2 / 3
 
 def gram_cost(k: int, length: int) -> float:
     """`gram_flops` in GEMM-flop equivalents, the unit `lora_fair.delta_form_flops` ranks the two forms in."""
-    whole = k * k <= _GRAM_WHOLE_ELEMS
-    return gram_flops(k, length) / (SYRK_RATE if whole else 1.0)
+    return gram_flops(k, length) / (SYRK_RATE if _whole_grams(k) else 1.0)
 
 
 def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
-    if _whole_grams(A, A.shape[0]):
+    if A.device.type == "cpu" and _whole_grams(A.shape[0]):
         # NumPy hands `x @ x.T` to BLAS `syrk`, which computes one triangle: half the flops of a torch matmul
         a, b = A.numpy(), Bs.numpy()
         prod = torch.from_numpy(a @ a.T).mul_(torch.from_numpy(b.T @ b)).double() * (w[:, None] * w[None, :])
