@@ -441,6 +441,35 @@ def test_float32_stacks_give_the_norm_to_1e6_falling_back_to_float64_on_cancella
     assert ((delta.times_t(Ab) - dW @ Ab.T).abs() <= 1e-5 * size + 1e-15).all()
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_solving_on_gram_coordinates_equals_forming_m(case: str, dtype: torch.dtype, monkeypatch) -> None:
+    """Where ‖ΔW‖² is needed the factored way solves on `Kr×r` coordinates (`_Span`); where the clients'
+    updates cancel (the `cancel` cases) the Grams' rounding could show, and it forms `M` instead."""
+    A, B, w = CASES[case]()
+    A, B = [a.to(dtype) for a in A], [b.to(dtype) for b in B]
+    taken: list[bool] = []
+    in_span = lora_fair_module._in_span
+
+    def spy(*args):
+        out = in_span(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(lora_fair_module, "_in_span", spy)
+    for objective in ("cosine", "frobenius"):
+        span = solve_lora_fair(A, B, w, objective=objective, delta_form="factored")
+        assert taken.pop() is not case.startswith("cancel"), objective
+        with monkeypatch.context() as plain_route:
+            plain_route.setattr(lora_fair_module, "_in_span", lambda *args: None)
+            plain = solve_lora_fair(A, B, w, objective=objective, delta_form="factored")
+        tol = 1e-12 if dtype == F64 else 2e-6
+        X, Y = span.B_prime.double(), plain.B_prime.double()
+        assert float((X - Y).norm()) <= tol * float(Y.norm()), (objective, float((X - Y).norm() / Y.norm()))
+        for key in ("cos_fair", "cos_fedit", "rel_correction", "norm_ratio", "norm_ratio_fedit"):
+            assert getattr(span, key) == pytest.approx(getattr(plain, key), rel=10 * tol, abs=1e-12), key
+
+
 def test_factored_norm_with_unequal_ranks() -> None:
     g = torch.Generator().manual_seed(6)
     ranks = (1, 4, 2)

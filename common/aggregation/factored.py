@@ -186,9 +186,27 @@ class LowRankSum:
         overflows, they are recomputed in float64 from the same (exact) values.
         """
         total, magnitude = _gram_inner(self.A, self.Bs, self.w)
-        if self.A.dtype != torch.float64 and not (torch.isfinite(magnitude) and total >= 1e-2 * magnitude):
+        if self.A.dtype != torch.float64 and not exact_enough(total, magnitude):
             total, _ = _gram_inner(self.A.double(), self.Bs.double(), self.w)
         return total
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`A_s A_sᵀ` and `B_sᵀ B_s` (`Kr×Kr`, the stacks' dtype), each from one BLAS `syrk`; None where
+        `sq_norm` would build them in slabs instead (not on a CPU, or over `_GRAM_WHOLE_ELEMS` entries)."""
+        return _syrk_grams(self.A, self.Bs)
+
+
+def gram_sq_norm(gram_a: torch.Tensor, gram_b: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`‖ΔW‖² = ⟨A_sA_sᵀ, W B_sᵀB_s W⟩` from the two Grams, and the sum of its terms' absolute values
+    (its size before cancellation), float64."""
+    prod = (gram_a * gram_b).double() * (w[:, None] * w[None, :])
+    return prod.sum(), prod.abs().sum()
+
+
+def exact_enough(value: torch.Tensor, size: torch.Tensor) -> bool:
+    """Whether float32 sums of products (elementwise) each kept at least 1e-2 of their terms' size (`size`),
+    so that their rounding (~1e-7 of `size`) stays under ~1e-5 of the result; False when any overflowed."""
+    return bool((torch.isfinite(size) & torch.isfinite(value) & (value >= 1e-2 * size)).all())
 
 
 def _slabs(k: int) -> list[tuple[int, int]]:
@@ -197,8 +215,8 @@ def _slabs(k: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, k)) for s in range(0, k, block)]
 
 
-def _whole_grams(k: int) -> bool:
-    """Whether a CPU `sq_norm` forms each Gram whole, in one BLAS `syrk` through NumPy (up to `_GRAM_WHOLE_ELEMS`)."""
+def whole_grams(k: int) -> bool:
+    """Whether a CPU `sq_norm` (and LoRA-FAIR's solve) forms each Gram whole, in one BLAS `syrk` through NumPy (up to `_GRAM_WHOLE_ELEMS`)."""
     return k * k <= _GRAM_WHOLE_ELEMS
 
 
@@ -208,7 +226,7 @@ def gram_flops(k: int, length: int, *, whole: bool = True) -> int:
     `whole`: one `syrk` per Gram (`k(k+1)·length`), which `sq_norm` takes on a CPU while the Grams are
     small enough; otherwise the slabs of the upper block triangle.
     """
-    if whole and _whole_grams(k):
+    if whole and whole_grams(k):
         return k * (k + 1) * length
     return sum(2 * (e - s) * (k - s) * length for s, e in _slabs(k))
 
@@ -220,16 +238,22 @@ SYRK_RATE = 2 / 3
 
 def gram_cost(k: int, length: int) -> float:
     """`gram_flops` in GEMM-flop equivalents, the unit `lora_fair.delta_form_flops` ranks the two forms in."""
-    return gram_flops(k, length) / (SYRK_RATE if _whole_grams(k) else 1.0)
+    return gram_flops(k, length) / (SYRK_RATE if whole_grams(k) else 1.0)
+
+
+def _syrk_grams(A: torch.Tensor, Bs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`A Aᵀ` and `Bsᵀ Bs` whole, or None: see `LowRankSum.grams`."""
+    if A.device.type != "cpu" or not whole_grams(A.shape[0]):
+        return None
+    # NumPy hands `x @ x.T` to BLAS `syrk`, which computes one triangle: half the flops of a torch matmul
+    a, b = A.numpy(), Bs.numpy()
+    return torch.from_numpy(a @ a.T), torch.from_numpy(b.T @ b)
 
 
 def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
-    if A.device.type == "cpu" and _whole_grams(A.shape[0]):
-        # NumPy hands `x @ x.T` to BLAS `syrk`, which computes one triangle: half the flops of a torch matmul
-        a, b = A.numpy(), Bs.numpy()
-        prod = torch.from_numpy(a @ a.T).mul_(torch.from_numpy(b.T @ b)).double() * (w[:, None] * w[None, :])
-        return prod.sum(), prod.abs().sum()
+    if (grams := _syrk_grams(A, Bs)) is not None:
+        return gram_sq_norm(*grams, w)
     total = torch.zeros((), dtype=torch.float64, device=A.device)
     magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
     for s, e in _slabs(A.shape[0]):

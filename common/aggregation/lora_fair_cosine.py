@@ -1,0 +1,276 @@
+"""The cosine LoRA-FAIR problem, solved from `O(r)` column sums.
+
+How the cosine problem is solved. Setting the gradient to zero gives
+`X (I + vG) = uM + B̄` with `u = 1/(2λ‖ΔW‖‖XĀ‖) > 0` and `v = u⟨M,X⟩/‖XĀ‖²`,
+so every stationary point lies on the two-scalar family
+`X(u, v) = (uM + B̄)(I + vG)⁻¹`. In the eigenbasis of `G` column `i` of `X` is
+`w_i (u m_i + b_i)`, `w_i = 1/(1 + v g_i)`, and the objective is a sum of `r`
+terms. The cosine term ignores `X → cX`, so stationarity along that ray reads
+`⟨X, X − B̄⟩ = 0`: a quadratic in `u`. For `v > 0` (positive cosine) it has one
+positive root `u(v)`, and what is left is one equation in one unknown,
+`φ(v) = 2λ‖ΔW‖ u(v) ‖X(v)Ā‖ − 1 = 0` (along this curve the gradient is
+proportional to `φ`). We scan `φ` on a log grid of `v` (its lower end follows
+from the FedIT point), bisect every sign change to machine precision, and keep
+the best point. Two rarer cases complete the search. When
+`cos(ΔW, B̄Ā) ≤ 0`, minima with negative cosine lie in `−1/g_max < v < 0`,
+where the curve folds back (two roots); the best grid points there are polished
+by Newton's method on `(u, v)`. When B̄ leans away from ΔW's projection on the
+row space of Ā, the objective keeps decreasing as `XĀ → 0` along the
+best-cosine direction and has no minimiser; we return a point within 1e-12 of
+the infimum. The answer is never worse than B̄ (FedIT); the tests compare it
+with dense L-BFGS from several starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+_GRID_DECADES = 20.0
+_GRID_PER_DECADE = 16
+_MAX_EXTENSIONS = 4
+_BISECT_POINTS = 33
+_BISECT_ROUNDS = 9
+_POLISH_STEPS = 60
+
+
+def cosine_coefficients(
+    g: np.ndarray, mm: np.ndarray, mb: np.ndarray, bb: np.ndarray, d: float, lam: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Column coefficients `(α, β)` of the minimiser `XU = MU diag(α) + B̄U diag(β)` of
+    `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or None when nothing beats B̄ (FedIT).
+
+    In the eigenbasis `U` of `G = ĀĀᵀ` (eigenvalues `g`, 0 off the reachable directions):
+    `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²` with `M = ΔW Āᵀ`, and `d = ‖ΔW‖`.
+    Candidates are compared by their `O(r)` column formulas (numpy's floating-point warnings
+    silenced: inf/NaN mark points off the curve).
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cols = _Columns(g=g, mm=mm, mb=mb, bb=bb, d=d, lam=lam)
+        if cols.d <= 0 or cols.g.max() <= 0 or cols.mm.max() <= 0 or cols.bb.sum() <= 0:
+            return None  # cosine undefined or constant, or B̄ = 0: keep FedIT's B̄
+        zero, one = np.zeros_like(cols.g), np.ones_like(cols.g)
+        points = [_Point(zero, one, zero), *_stationary(cols), _max_cosine_ray(cols)]  # B̄ first: ties go to it
+        values, _ = cols.value(*(np.stack(c) for c in zip(*points, strict=True)))
+        best = points[int(np.argmin(values))]
+        if not values.min() < values[0] - 1e-14 * max(1.0, abs(values[0])):
+            return None
+        return best.alpha, best.beta
+
+
+class _Point(NamedTuple):
+    """`X U` with column `i` equal to `alpha_i m_i + beta_i b_i`; `beta_m1 = beta − 1`, kept exact."""
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    beta_m1: np.ndarray
+
+
+def _on_family(u: float | np.ndarray, vg: np.ndarray, opv: np.ndarray) -> _Point:
+    """`X(u, v) = (uM + B̄)(I + vG)⁻¹` from `vg = v·g`, `opv = 1 + v·g`."""
+    w = 1.0 / opv
+    return _Point(u * w, w, -vg * w)
+
+
+def _max_cosine_ray(cols: _Columns) -> _Point:
+    """The best point `X = B̄_null + c·MG⁺` on the set where `cos(ΔW, XĀ)` is largest.
+
+    With `c* = ⟨MG⁺, B̄⟩/‖MG⁺‖² > 0` this is the end of the curve (`v → ∞`). With
+    `c* ≤ 0` (B̄ leans away from ΔW's projection) the infimum is approached as
+    `c → 0⁺` and has no minimiser; we return the `c` whose objective is within
+    1e-12 of that infimum.
+    """
+    reach = cols.g > 0
+    ginv = np.where(reach, 1.0 / np.where(reach, cols.g, 1.0), 0.0)
+    yy, yb = float((cols.mm * ginv * ginv).sum()), float((cols.mb * ginv).sum())  # ‖MG⁺‖², ⟨MG⁺, B̄⟩
+    c = yb / yy
+    if c <= 0:
+        tol = 1e-12
+        c = min(np.sqrt(tol / (2 * cols.lam * yy)), tol / (4 * cols.lam * abs(yb)) if yb else np.inf)
+    return _Point(c * ginv, (~reach).astype(float), -reach.astype(float))
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The cosine problem in the eigenbasis of `G = U diag(g) Uᵀ`: per eigen-direction `i`,
+    `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²`; `d = ‖ΔW‖`.
+
+    Off the curve its formulas give inf or NaN on purpose (masked afterwards);
+    `_cosine_correction` runs them with numpy's warnings for that silenced."""
+
+    g: np.ndarray
+    mm: np.ndarray
+    mb: np.ndarray
+    bb: np.ndarray
+    d: float
+    lam: float
+
+    def radial_root(self, vg: np.ndarray, opv: np.ndarray, branch: int) -> np.ndarray:
+        """The `u > 0` with `⟨X, X − B̄⟩ = 0` at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`).
+
+        Column `i` of `X(u, v) U` is `w_i (u m_i + b_i)` with `w_i = 1/(1 + v g_i)`,
+        so `⟨X, X − B̄⟩ = qa u² + qb u + qc`; `branch` picks the larger (1) or the
+        smaller (-1) root. For `v > 0`, `qc < 0 < qa`: only the larger is positive.
+        NaN where the chosen root is not real and positive.
+        """
+        w = 1.0 / opv
+        wm1 = -vg * w  # w − 1 without cancellation
+        qa = (w * w * self.mm).sum(-1)
+        qb = ((w * w + w * wm1) * self.mb).sum(-1)
+        qc = (w * wm1 * self.bb).sum(-1)
+        disc = qb * qb - 4.0 * qa * qc
+        half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
+        r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
+        u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
+        return np.where((disc >= 0) & (u > 0) & np.isfinite(u), u, np.nan)
+
+    def value(self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The objective `f` and `‖XĀ‖` at points given by their column coefficients (rows of `N×r`).
+
+        `f = inf` where the cosine is undefined (`XĀ = 0`).
+        """
+        a = (alpha * self.mm + beta * self.mb).sum(-1)  # ⟨M, X⟩
+        q = (self.g * (alpha * alpha * self.mm + 2 * alpha * beta * self.mb + beta * beta * self.bb)).sum(-1)
+        reg = (alpha * alpha * self.mm + 2 * alpha * beta_m1 * self.mb + beta_m1 * beta_m1 * self.bb).sum(-1)
+        rho = np.sqrt(np.maximum(q, 0.0))
+        f = 1.0 - a / (self.d * rho) + self.lam * reg
+        return np.where(np.isfinite(f) & (rho > 0), f, np.inf), rho
+
+    def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`; `inf` / NaN where undefined."""
+        f, rho = self.value(*_on_family(u[:, None], vg, opv))
+        phi = 2.0 * self.lam * self.d * u * rho - 1.0
+        return f, np.where(np.isfinite(f), phi, np.nan)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One stretch of the curve, parameterised by a grid variable `s`."""
+
+    positive: bool
+    """`v = 10^s / g_max > 0`, or `v = −t/g_max` with `t = 1/(1 + 10^−s)` in (0, 1)."""
+    branch: int
+
+    def points(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`v·g` and `1 + v·g` at each `s`, the latter without cancellation."""
+        gamma = cols.g / cols.g.max()
+        if self.positive:
+            vg = 10.0 ** s[:, None] * gamma
+            return vg, 1.0 + vg
+        e = 10.0 ** -s[:, None]
+        return -gamma / (1.0 + e), ((1.0 - gamma) + e) / (1.0 + e)
+
+    def evaluate(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`u`, `f` and `φ` along this stretch of the radially stationary curve."""
+        vg, opv = self.points(cols, s)
+        u = cols.radial_root(vg, opv, self.branch)
+        return (u, *cols.family(u, vg, opv))
+
+    def phi(self, cols: _Columns, s: np.ndarray) -> np.ndarray:
+        """`φ` alone, as `evaluate` gives it but without the objective: what root finding needs.
+
+        On the family `‖XĀ‖² = Σ g_i w_i² (u² mm_i + 2u mb_i + bb_i)`.
+        """
+        vg, opv = self.points(cols, s)
+        u = cols.radial_root(vg, opv, self.branch)
+        w = 1.0 / opv
+        coef = (u * u)[:, None] * cols.mm + (2.0 * u)[:, None] * cols.mb + cols.bb
+        rho = np.sqrt(np.maximum((cols.g * w * w * coef).sum(-1), 0.0))
+        phi = 2.0 * cols.lam * cols.d * u * rho - 1.0
+        return np.where(np.isfinite(phi) & (rho > 0), phi, np.nan)
+
+
+def _stationary(cols: _Columns) -> list[_Point]:
+    """Every stationary point found on the curve, plus each stretch's best grid point.
+
+    `v > 0` holds the stationary points with positive cosine. Lower end of its
+    grid: at a stationary point `v = cos/(2λ‖XĀ‖²)` and `‖X‖ ≤ ‖B̄‖` (from
+    `⟨X, X − B̄⟩ = 0`), and the global minimiser has `cos ≥ cos_FedIT`; so
+    `v·g_max ≥ cos_FedIT / (2λ‖B̄‖²)`. Its upper end is open: the grid grows
+    while its best point is its last. Local minima need `1 + v·g_i ≥ 0` for all
+    `i` (else, for `m > 3`, the Hessian `2λ(I + vG)⊗I + rank ≤ 3` has a negative direction),
+    so those with negative cosine lie in `−1/g_max < v < 0`; that stretch can
+    only hold the global minimum when `cos_FedIT ≤ 0`, and is searched only then.
+    """
+    fedit_norm = cols.d * float(np.sqrt((cols.g * cols.bb).sum()))  # ‖ΔW‖ ‖B̄Ā‖
+    cos_fedit = float(cols.mb.sum()) / fedit_norm if fedit_norm > 0 else 0.0
+    per = int(_GRID_DECADES * _GRID_PER_DECADE)
+    lo = float(np.log10(max(cos_fedit, 1e-12) / (2 * cols.lam * float(cols.bb.sum()))))
+    pieces = [(_Piece(True, 1), np.linspace(lo, lo + _GRID_DECADES, per + 1))]
+    if cos_fedit <= 0:
+        s = np.linspace(-16.0, 16.0, 32 * _GRID_PER_DECADE + 1)
+        pieces += [(_Piece(False, 1), s), (_Piece(False, -1), s)]
+    out = []
+    for piece, s in pieces:
+        u, f, phi = piece.evaluate(cols, s)
+        for _ in range(_MAX_EXTENSIONS if piece.positive else 0):
+            if np.argmin(f) < len(s) - 1:
+                break
+            s = np.concatenate([s, s[-1] + np.linspace(0.0, _GRID_DECADES, per + 1)[1:]])
+            u, f, phi = piece.evaluate(cols, s)
+        if np.isfinite(f).any():
+            j = int(np.argmin(f))
+            if piece.positive:
+                out.append(_on_family(float(u[j]), *(x[0] for x in piece.points(cols, s[j : j + 1]))))
+            else:  # the curve folds back on itself here; a minimum can sit on the fold
+                out.append(_polish(cols, piece, float(u[j]), float(s[j])))
+        flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
+        for j in flips.tolist():
+            out.append(_bisect(cols, piece, float(s[j]), float(s[j + 1]), float(np.sign(phi[j]))))
+    return out
+
+
+def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> _Point:
+    """Newton's method on the objective over the whole family, in `(ln u, s)`, from a grid point.
+
+    The family contains every stationary point of the full objective, and where
+    the restriction to it is stationary so is the full objective (its gradient
+    there is a combination of `M` and `XG` that the two partial derivatives
+    pin to zero). Derivatives by central differences: nine `O(r)` evaluations.
+    """
+
+    def objective(x: np.ndarray) -> np.ndarray:
+        vg, opv = piece.points(cols, x[:, 1])
+        return cols.family(np.exp(x[:, 0]), vg, opv)[0]
+
+    h = 1e-4
+    stencil = h * np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1]])
+    x = np.array([np.log(u), s])
+    fx = float(objective(x[None])[0])
+    for _ in range(_POLISH_STEPS):
+        f = objective(x + stencil)
+        if not np.isfinite(f).all():
+            break
+        grad = np.array([f[1] - f[2], f[3] - f[4]]) / (2 * h)
+        hxy = (f[5] + f[6] - f[7] - f[8]) / (4 * h * h)
+        hess = np.array([[f[1] - 2 * f[0] + f[2], 0.0], [0.0, f[3] - 2 * f[0] + f[4]]]) / (h * h)
+        hess[0, 1] = hess[1, 0] = hxy
+        if hess[0, 0] > 0 and np.linalg.det(hess) > 0:
+            step = -np.linalg.solve(hess, grad)
+        else:
+            step = -grad / max(abs(hess[0, 0]) + abs(hess[1, 1]), 1e-12)
+        t = 1.0
+        while t > 1e-12:
+            f_new = float(objective((x + t * step)[None])[0])
+            if f_new < fx:
+                break
+            t *= 0.5
+        if t <= 1e-12:
+            break
+        x, fx = x + t * step, f_new
+    return _on_family(float(np.exp(x[0])), *(y[0] for y in piece.points(cols, x[1:])))
+
+
+def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> _Point:
+    """Shrink a sign change of `φ` in `s` by a factor `_BISECT_POINTS − 1` per round."""
+    for _ in range(_BISECT_ROUNDS):
+        grid = np.linspace(lo, hi, _BISECT_POINTS)
+        phi = piece.phi(cols, grid)
+        past = np.nonzero(np.sign(phi) != sign_lo)[0]  # first point past the sign change
+        k = int(past[0]) if len(past) else _BISECT_POINTS - 1
+        lo, hi = float(grid[max(k - 1, 0)]), float(grid[max(k, 1)])
+    s = np.array([0.5 * (lo + hi)])
+    vg, opv = piece.points(cols, s)
+    return _on_family(float(cols.radial_root(vg, opv, piece.branch)[0]), vg[0], opv[0])
