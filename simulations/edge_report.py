@@ -132,9 +132,12 @@ def markdown(
     )
 
 
-def brief_markdown(results: dict[str, dict[str, Any]], *, command: str, plots: dict[str, str]) -> str:
+def brief_markdown(
+    results: dict[str, dict[str, Any]], *, command: str, plots: dict[str, str], headroom: dict[str, Any] | None = None
+) -> str:
     """`edge.md` of a study run without the self-taught baseline (e.g. on the DINOv2 backbone): setup read from
-    the served run's and the teachers' own configs, the summary over teachers, one section per teacher."""
+    the served run's and the teachers' own configs, the summary over teachers, one section per teacher;
+    `headroom`: the `--headroom` result for the same served model, when there is one."""
     first = next(iter(results.values()))
     return render(
         "edge_brief.md.j2",
@@ -142,6 +145,8 @@ def brief_markdown(results: dict[str, dict[str, Any]], *, command: str, plots: d
         lora=_lora_text(first["study"]["run_dir"]),
         seeds=sorted({r["seed"] for d in results.values() for r in d.get("rows", [])}),
         oracle=_oracle(first),
+        headroom_table=headroom_table(headroom["rows"]) if headroom and headroom.get("rows") else "",
+        headroom_minutes=(headroom or {}).get("seconds", 0) / 60,
     )
 
 

@@ -2,6 +2,7 @@
 
     python -m fairedge.simulations.edge_study [--teacher self|centralised|foundation] [--seeds 0 1 2] [--run RUN_DIR]
     python -m fairedge.simulations.edge_study --teacher foundation --tune     # only the seed-0 settings search
+    python -m fairedge.simulations.edge_study --headroom     # only `norm_headroom` of the served model
 
 The federated model (`--run`, or by default `simulations/configs/digits.toml` trained here once
 and cached as `runs/edge-study-<config hash>/`) is merged, exported to ONNX, and run by the real
@@ -23,6 +24,7 @@ cached (`trained_teacher`: `centralised` LoRA on the pooled client data, or `fou
 same trained longer with colour-jitter augmentation); each teacher has its own result files.
 
 Writes, in `--out` (default `simulations/results/`), `edge_stream*.json` (every run, per-batch records;
+`--headroom`: `norm_headroom.json`, for studies without the self-taught one, which holds it otherwise;
 rewritten atomically after every run, so an interrupted study resumes), `edge_stream*.png` (accuracy along
 the stream) per teacher, and `edge.md` (all of them; plus a summary of `edge_latency.md` when the latency
 benchmark has written it; a brief report when the folder has no self-taught study, e.g. on DINOv2).
@@ -51,10 +53,13 @@ from fairedge.simulations.edge_plot import plot
 from fairedge.simulations.edge_report import brief_markdown, markdown
 from fairedge.simulations.edge_settings import FIXED, TUNING, chosen_setting, study_settings
 from fairedge.simulations.edge_stream import CORRUPTIONS, SEGMENTS, build_stream
-from fairedge.simulations.edge_tables import gain_table, tuning_table
+from fairedge.simulations.edge_tables import gain_table, headroom_table, tuning_table
 from fairedge.simulations.edge_teachers import TEACHERS, study_config, teacher_run, trained_run
 from fairedge.simulations.edge_yardsticks import bench_cloud_updates, label_oracle, norm_headroom, stream_accuracy
 from fairedge.simulations.paths import CONFIG, RESULTS, ROOT
+
+HEADROOM = "norm_headroom.json"
+"""`--headroom`'s result file in the --out folder: the served model's version and `norm_headroom`'s rows."""
 
 OUTPUTS = {
     "self": "edge_stream",
@@ -194,6 +199,26 @@ def run_study(
     return data
 
 
+def headroom_study(run_dir: Path, out: Path) -> dict[str, Any]:
+    """`norm_headroom` of the served model of `run_dir`, saved to `out` (reused while the model is the same)."""
+    from fairedge.common.task import load_task
+    from fairedge.server.cloud import load_served_model
+
+    served = load_served_model(run_dir)
+    data = _load(out)
+    if data.get("model_version") != served.model_version or not data.get("rows"):
+        test = load_task(study_settings(run_dir, [])).test
+        started = time.time()
+        data = {
+            "model_version": served.model_version,
+            "run_dir": os.path.relpath(run_dir, ROOT),
+            "rows": norm_headroom(served, test),
+            "seconds": time.time() - started,
+        }
+        _save(out, data)
+    return data
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default=None, help="a finished run folder (default: train or reuse one)")
@@ -225,6 +250,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--tune", action="store_true", help="run the TUNING settings on seed 0 only")
     parser.add_argument(
+        "--headroom",
+        action="store_true",
+        help=f"only measure what the served model's norm parameters gain when fitted to the labels ({HEADROOM})",
+    )
+    parser.add_argument(
         "--out", default=str(RESULTS), help="folder of the result files and edge.md (default: %(default)s)"
     )
     parser.add_argument(
@@ -239,11 +269,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.time()
     cfg = study_config(args.config, args.method)
     run_dir = Path(args.run) if args.run else trained_run(cfg)
+    results = Path(args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    if args.headroom:
+        print(headroom_table(headroom_study(run_dir, results / HEADROOM)["rows"]))
+        write_report(args.run, results)
+        print(f"done in {time.time() - started:.0f} s")
+        return
     teacher = teacher_run(
         args.teacher, load_config(args.config, [f"aggregation.method={args.method}", *args.teacher_set])
     )
-    results = Path(args.out)
-    results.mkdir(parents=True, exist_ok=True)
     out = results / f"{OUTPUTS[args.teacher]}.json"
     data = run_study(
         run_dir,
@@ -291,7 +326,14 @@ def write_report(run: str | None = None, folder: Path = RESULTS) -> Path | None:
         results = {"self": results.pop("self"), **results}
         text = markdown(results, command=command, plots=plots, latency=RESULTS / "edge_latency.md")
     else:
-        text = brief_markdown(results, command=command, plots=plots)
+        headroom = _load(folder / HEADROOM)
+        versions = {d["study"]["model_version"] for d in results.values()}
+        text = brief_markdown(
+            results,
+            command=command,
+            plots=plots,
+            headroom=headroom if versions == {headroom.get("model_version")} else {},
+        )
     atomic_write_text(path, text)
     return path
 

@@ -261,7 +261,39 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
     assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
     assert "--out " in md  # the regenerate command names the folder
     assert "seed 0: 0.5200 (+2.00 pts; uploading everything: +10.00)" in md  # the label oracle beside `all`
+    assert "fitted to the labels" not in md  # no `--headroom` result yet
+    headroom = {"model_version": "v", "run_dir": "served", "seconds": 600.0, "rows": [
+        {"corruption": "contrast", "severity": 2, "in_stream": True, "served": 0.2, "fitted": 0.41}]}  # fmt: skip
+    (tmp_path / "out" / edge_study.HEADROOM).write_text(json.dumps(headroom))
+    md = edge_study.write_report(None, tmp_path / "out").read_text()
+    assert "(`--headroom`, 10 CPU-min; not deployable)" in md and "| contrast-2 | yes | 0.200 | 0.410 | +21.0 |" in md
+    (tmp_path / "out" / edge_study.HEADROOM).write_text(json.dumps(headroom | {"model_version": "older"}))
+    assert "fitted to the labels" not in edge_study.write_report(None, tmp_path / "out").read_text()  # another model
     assert edge_study.write_report(None, tmp_path / "empty") is None
+
+
+def test_headroom_study_is_measured_once_per_served_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fairedge.common import task
+    from fairedge.server import cloud
+    from fairedge.simulations import edge_study
+
+    served = SimpleNamespace(model_version="v1")
+    calls: list[object] = []
+    monkeypatch.setattr(cloud, "load_served_model", lambda run_dir: served)
+    monkeypatch.setattr(task, "load_task", lambda cfg: SimpleNamespace(test="test-set"))
+    monkeypatch.setattr(edge_study, "study_settings", lambda run_dir, overrides: None)
+    monkeypatch.setattr(edge_study, "norm_headroom", lambda s, test: calls.append(test) or [{"fitted": 0.5}])
+    out = tmp_path / edge_study.HEADROOM
+    first = edge_study.headroom_study(tmp_path, out)
+    assert first["rows"] == [{"fitted": 0.5}] and first["model_version"] == "v1" and calls == ["test-set"]
+    assert json.loads(out.read_text())["rows"] == [{"fitted": 0.5}]
+    edge_study.headroom_study(tmp_path, out)
+    assert len(calls) == 1  # the same served model: read back, not measured again
+    served.model_version = "v2"
+    edge_study.headroom_study(tmp_path, out)
+    assert len(calls) == 2 and json.loads(out.read_text())["model_version"] == "v2"
 
 
 def test_a_result_file_resumes_only_for_the_same_study(tmp_path):
