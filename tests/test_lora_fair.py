@@ -456,10 +456,15 @@ def test_solving_on_gram_coordinates_equals_forming_m(case: str, dtype: torch.dt
         taken.append(out is not None)
         return out
 
+    formed: list[int] = []
+    syrk_grams = factored._syrk_grams
     monkeypatch.setattr(lora_fair_module, "_in_span", spy)
+    monkeypatch.setattr(factored, "_syrk_grams", lambda *args: formed.append(1) or syrk_grams(*args))
     for objective in ("cosine", "frobenius"):
+        formed.clear()
         span = solve_lora_fair(A, B, w, objective=objective, delta_form="factored")
         assert taken.pop() is not case.startswith("cancel"), objective
+        assert len(formed) == (2 if case.startswith("cancel") and dtype != F64 else 1)  # float32: redone in float64
         with monkeypatch.context() as plain_route:
             plain_route.setattr(lora_fair_module, "_in_span", lambda *args: None)
             plain = solve_lora_fair(A, B, w, objective=objective, delta_form="factored")

@@ -175,7 +175,7 @@ class LowRankSum:
         """`⟨ΔW, X Y⟩` for `X` `m×s`, `Y` `s×n`, through `ΔW Yᵀ`."""
         return (self.times_t(Y) * X).sum()
 
-    def sq_norm(self) -> torch.Tensor:
+    def sq_norm(self, grams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`‖ΔW‖²_F = ⟨A_sA_sᵀ, W B_sᵀB_s W⟩`: two `Kr×Kr` Grams, built in row slabs.
 
         On a CPU each Gram comes whole from one BLAS `syrk` (which forms one triangle)
@@ -183,9 +183,10 @@ class LowRankSum:
         triangle is formed, at most `_GRAM_BLOCK_ELEMS` entries of each at a time. With float32
         stacks the Grams are float32 (relative error ~1e-6 per entry); when the
         terms cancel so much that this could reach ~1e-4 of the result, or a Gram
-        overflows, they are recomputed in float64 from the same (exact) values.
+        overflows, they are recomputed in float64 from the same (exact) values. `grams`: `self.grams()`,
+        when the caller has formed them already.
         """
-        total, magnitude = _gram_inner(self.A, self.Bs, self.w)
+        total, magnitude = gram_sq_norm(*grams, self.w) if grams is not None else _gram_inner(self.A, self.Bs, self.w)
         if self.A.dtype != torch.float64 and not exact_enough(total, magnitude):
             total, _ = _gram_inner(self.A.double(), self.Bs.double(), self.w)
         return total

@@ -158,7 +158,8 @@ def _solve(
         flops = delta_form_flops(*delta.shape, delta.ranks, needs_norm=needs_norm, single=single)
         delta_form = "dense" if flops["dense"] < flops["factored"] else "factored"
     one_client = int((delta.p > 0).sum()) == 1  # ΔW = B̄Ā already: B̄ is returned as it is
-    span = _in_span(delta, U, reach) if delta_form == "factored" and needs_norm and not one_client else None
+    grams = delta.grams() if delta_form == "factored" and needs_norm else None
+    span = _in_span(delta, grams, U, reach) if grams is not None and not one_client else None
     space: _Space
     if span is not None:
         space, Mu, Bu, dw_sq = span
@@ -168,7 +169,7 @@ def _solve(
             M, dw_sq = _dense_products(delta, U.T @ Ab)
         else:
             M = delta.times_t(U.T @ Ab)
-            dw_sq = float(delta.sq_norm()) if needs_norm else 0.0
+            dw_sq = float(delta.sq_norm(grams)) if needs_norm else 0.0
         Mu, Bu = M * reach, Bb @ U  # M U = ΔW (UᵀĀ)ᵀ: exactly 0 off `reach`
     if one_client:
         X, Xu = Bb, Bu
@@ -229,18 +230,15 @@ class _Span:
 
 
 def _in_span(
-    delta: LowRankSum, U: torch.Tensor, reach: torch.Tensor
+    delta: LowRankSum, grams: tuple[torch.Tensor, torch.Tensor], U: torch.Tensor, reach: torch.Tensor
 ) -> tuple[_Span, torch.Tensor, torch.Tensor, float] | None:
     """`(space, MU, B̄U, ‖ΔW‖²)` with `MU` and `B̄U` as coordinates on `B_s`, from the two Grams alone.
 
     `Ā = Dᵀ A_s` and `B̄ = B_s D` with `D = WS` (`S`: `K` identities stacked), so `A_s Āᵀ = (A_sA_sᵀ) D`
-    and `M = B_s W (A_sA_sᵀ) D`. None where the Grams are not formed whole (`LowRankSum.grams`) or
-    their rounding could show: `‖ΔW‖²`, or a column's `‖B_s e‖² = eᵀ(B_sᵀB_s)e` of `MU` or `B̄U`, under
-    1e-2 of its terms' size (`exact_enough`, as `LowRankSum.sq_norm` judges its own sum).
+    and `M = B_s W (A_sA_sᵀ) D`. `grams`: `delta.grams()`. None where their rounding could show:
+    `‖ΔW‖²`, or a column's `‖B_s e‖² = eᵀ(B_sᵀB_s)e` of `MU` or `B̄U`, under 1e-2 of its terms' size
+    (`exact_enough`, as `LowRankSum.sq_norm` judges its own sum).
     """
-    grams = delta.grams()
-    if grams is None:
-        return None
     dw_sq, size = gram_sq_norm(*grams, delta.w)
     if not exact_enough(dw_sq, size):
         return None
