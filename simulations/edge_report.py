@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from fairedge.simulations.edge_teachers import (
     JITTER_COPIES,
     TEACHERS,
 )
-from fairedge.simulations.paths import ROOT
+from fairedge.simulations.paths import CONFIG, RESULTS, ROOT
 from fairedge.simulations.report import macro, render
 
 FOUNDATION = {
@@ -68,6 +70,32 @@ def target_line(g: dict[int, dict[str, float]]) -> str:
     """The target paragraph of a teacher's section (empty without complete seeds)."""
     values = target_values(g)
     return macro("edge_macros.md.j2", "target", values) + "\n" if values else ""
+
+
+def study_command(run: str | None, folder: Path, invocation: dict[str, Any]) -> str:
+    """The command that reruns the studies in `folder` (`--teacher T` and its own options follow): the served
+    run, or the config and method that train it (recorded in a result file's `invocation`), and the folder."""
+    parts = ["python", "-m", "fairedge.simulations.edge_study"]
+    if run:
+        parts += ["--run", run]
+    if invocation.get("config") not in (None, os.path.relpath(CONFIG, ROOT)):
+        parts += ["--config", invocation["config"]]
+    if invocation.get("method") not in (None, "fedit"):
+        parts += ["--method", invocation["method"]]
+    if folder.resolve() != RESULTS.resolve():
+        parts += ["--out", os.path.relpath(folder, ROOT)]
+    return shlex.join(parts)
+
+
+def teacher_options(teacher: str, data: dict[str, Any]) -> str:
+    """`--teacher T` plus the options this teacher's study ran with: its `--teacher-set` and a given `--set`."""
+    parts = ["--teacher", teacher]
+    for item in data.get("invocation", {}).get("teacher_set", []):
+        parts += ["--teacher-set", item]
+    if data.get("chosen") == "given":
+        for item in data.get("overrides", []):
+            parts += ["--set", item]
+    return shlex.join(parts)
 
 
 def teacher_section(teacher: str, data: dict[str, Any], *, command: str, plot_name: str) -> str:
@@ -177,7 +205,7 @@ def _setup_values(results: dict[str, dict[str, Any]], *, command: str, plots: di
         ],
         "summary_table": summary_table(results),
         "teacher_sections": [
-            teacher_section(t, d, command=f"{command} --teacher {t}", plot_name=plots[t])
+            teacher_section(t, d, command=f"{command} {teacher_options(t, d)}", plot_name=plots[t])
             for t, d in results.items()
             if d.get("rows")
         ],

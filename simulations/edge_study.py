@@ -50,7 +50,7 @@ from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import config_hash, load_config
 from fairedge.simulations.edge_lockstep import MODES, export_model, run_stream
 from fairedge.simulations.edge_plot import plot
-from fairedge.simulations.edge_report import brief_markdown, markdown
+from fairedge.simulations.edge_report import brief_markdown, markdown, study_command
 from fairedge.simulations.edge_settings import FIXED, TUNING, chosen_setting, study_settings
 from fairedge.simulations.edge_stream import CORRUPTIONS, SEGMENTS, build_stream
 from fairedge.simulations.edge_tables import gain_table, headroom_table, tuning_table
@@ -290,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         teacher=teacher,
         settings=args.settings,
     )
+    data["invocation"] = {  # what the report's regenerate commands need beyond the folder
+        "config": os.path.relpath(Path(args.config).resolve(), ROOT),
+        "method": args.method,
+        "teacher_set": args.teacher_set,
+    }
+    _save(out, data)
     if args.tune:
         print(tuning_table(data["tuning"]))
     if data.get("rows"):
@@ -318,9 +324,7 @@ def write_report(run: str | None = None, folder: Path = RESULTS) -> Path | None:
     if not results:
         return None
     path = folder / "edge.md"
-    command = "python -m fairedge.simulations.edge_study" + (f" --run {run}" if run else "")
-    if folder.resolve() != RESULTS.resolve():
-        command += f" --out {os.path.relpath(folder, ROOT)}"
+    command = study_command(run, folder, next(iter(results.values())).get("invocation", {}))
     plots = {t: f"{name}.png" for t, name in OUTPUTS.items()}
     if "self" in results:  # the full report: headroom and reading are measured against the self-taught study
         results = {"self": results.pop("self"), **results}

@@ -249,7 +249,9 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
              "config_hash": "h", "model_version": "v", "per_segment": 32, "segments": ["contrast-1"],
              "corruptions": {"contrast": [0.35, 0.15]}, "fixed": ["edge.threads=1"]}  # fmt: skip
     data = {"study": study, "rows": rows, "teacher_stream_accuracy": {"0": 0.7}, "chosen": "given",
-            "overrides": ["cloud.lr=0.05"], "label_oracle": {"0": 0.52}}  # fmt: skip
+            "overrides": ["cloud.lr=0.05"], "label_oracle": {"0": 0.52},
+            "invocation": {"config": "simulations/configs/vision.toml", "method": "lora_fair",
+                           "teacher_set": ['lora.target_modules=["query","fc1"]']}}  # fmt: skip
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "edge_stream_foundation-teacher.json").write_text(json.dumps(data))
     path = edge_study.write_report(None, tmp_path / "out")
@@ -259,7 +261,11 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
     assert "LoRA r16 on query, fc1, every block" in md  # the teacher, from its own config
     assert "`cloud.lr=0.05`, given on the command line for every seed (not tuned)" in md
     assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
-    assert "--out " in md  # the regenerate command names the folder
+    # the regenerate commands name what trains the served model and the teacher, the setting and the folder
+    command = "python -m fairedge.simulations.edge_study --config simulations/configs/vision.toml --method lora_fair"
+    assert f"Regenerate: `{command} --out out --teacher T`" in md
+    assert f"""`{command} --out out --teacher foundation --teacher-set 'lora.target_modules=["query","fc1"]' """ in md
+    assert "--set cloud.lr=0.05`" in md
     assert "seed 0: 0.5200 (+2.00 pts; uploading everything: +10.00)" in md  # the label oracle beside `all`
     assert "fitted to the labels" not in md  # no `--headroom` result yet
     headroom = {"model_version": "v", "run_dir": "served", "seconds": 600.0, "rows": [
