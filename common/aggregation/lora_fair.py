@@ -12,18 +12,19 @@ Both depend on `ΔW` only through `M = ΔW Āᵀ` (`m×r`) and `‖ΔW‖²`, an
 one forms `ΔW = B_s diag(w) A_s` once (`2mn·Kr` flops) and reads both off it.
 The factored one (`LowRankSum`) never forms the `m×n` matrix. Where `‖ΔW‖²` is
 needed (the cosine objective, the reported cosines) it forms the two `Kr×Kr`
-Grams `A_sA_sᵀ` and `B_sᵀB_s` (about `(Kr)²(m+n)` flops), and with them every
-`m×r` matrix the solver touches is `B_s E` for a small `E`: with `W = diag(w)`
-and `S` the `K` identities `r×r` stacked, `B̄ = B_s D` and `M = B_s W (A_sA_sᵀ) D`
-for `D = WS`, and column inner products are `Eᵀ(B_sᵀB_s)F`. So the whole solve
-runs on `Kr×r` coordinates and only `B' = B_s E'` is formed (`_Span`). That is
-exact algebra; it is taken unless the Grams' rounding could show (a column of
-`B_s E` far smaller than its terms), and then `M` is formed as below. Without
-`‖ΔW‖²` (frobenius, no reports) `M = B_s (W A_s Āᵀ)`: two thin products,
-`2Kr·r(m+n)` flops. Per layer we take the way with fewer flops
-(`delta_form_flops`): factored while `K·r ≲ 1.3·mn/(m+n)`, dense above.
-Everything after `M` and `‖ΔW‖²` is shared; the cosine problem itself is
-solved from `O(r)` column sums (`lora_fair_cosine`).
+Grams `A_sA_sᵀ` and `B_sᵀB_s` (about `(Kr)²(m+n)` flops), and with them `M`
+costs nothing more: with `W = diag(w)` and `S` the `K` identities `r×r`
+stacked, `B̄ = B_s D` and `M = B_s W (A_sA_sᵀ) D` for `D = WS`. Each candidate
+`B'` is, column by column in the eigenbasis `U` of `G`, `α_i M u_i + β_i B̄ u_i`,
+so the solve and the reported figures need only three column sums of `MU`
+and `B̄U` (`Eᵀ(B_sᵀB_s)F` on their `Kr×r` coordinates `E`, `F`), and only
+`B' = B_s E'` is formed (`_in_span`). That is exact algebra; it is taken unless
+the Grams' rounding could show (a column of `B_s E` far smaller than its terms),
+and then `M` is formed as below. Without `‖ΔW‖²` (frobenius, no reports)
+`M = B_s (W A_s Āᵀ)`: two thin products, `2Kr·r(m+n)` flops. Per layer we take
+the way with fewer flops (`delta_form_flops`): factored while
+`K·r ≲ 1.3·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared;
+the cosine problem itself is solved from the column sums (`lora_fair_cosine`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
 from .factored import LowRankSum, Weights, exact_enough, gram_cost, gram_sq_norm, whole_grams
-from .lora_fair_cosine import cosine_coefficients
+from .lora_fair_cosine import Combination, column_sums, cosine_coefficients
 from .ranks import RankPadding, pad_updates
 
 Objective = Literal["cosine", "frobenius"]
@@ -108,7 +109,7 @@ def delta_form_flops(m: int, n: int, ranks: Sequence[int], *, needs_norm: bool, 
     factored without `‖ΔW‖²`: `A_s Āᵀ` and `B_s (·)` (`2Kr·r(m+n)`). With it: the Grams
     (`gram_flops`: about `(Kr)²(m+n)` as two CPU `syrk`s, counted at 1.5× since a `syrk` runs at
     about 2/3 of a GEMM's rate per flop there: `gram_cost`), then only `B' = B_s E` (`2Kr·r·m`)
-    while they are formed whole (`_Span`), else the two thin products as well.
+    while they are formed whole (`_in_span`), else the two thin products as well.
     dense: `ΔW` (`2mn·Kr`), `ΔW Āᵀ` (`2mn·r`), `‖ΔW‖²` (`2mn`), and for float32 stacks the
     per-client Grams of the cancellation check (`2Kr·r(m+n)`). Both run as large matrix
     products at about the same rate on a CPU, so flops rank them.
@@ -160,98 +161,60 @@ def _solve(
     one_client = int((delta.p > 0).sum()) == 1  # ΔW = B̄Ā already: B̄ is returned as it is
     grams = delta.grams() if delta_form == "factored" and needs_norm else None
     span = _in_span(delta, grams, U, reach) if grams is not None and not one_client else None
-    space: _Space
+    # every candidate X is, column by column in the eigenbasis, α_i (MU)_i + β_i (B̄U)_i: the solve and the
+    # reported figures need only three column sums of MU and B̄U, and only the answer is formed
     if span is not None:
-        space, Mu, Bu, dw_sq = span
+        Mu, Bu, dw_sq, sums = span  # coordinates on B_s
     else:
-        space, Bb = _PLAIN, delta.mean_B()
+        Bb = delta.mean_B()
         if delta_form == "dense":
             M, dw_sq = _dense_products(delta, U.T @ Ab)
         else:
             M = delta.times_t(U.T @ Ab)
             dw_sq = float(delta.sq_norm(grams)) if needs_norm else 0.0
         Mu, Bu = M * reach, Bb @ U  # M U = ΔW (UᵀĀ)ᵀ: exactly 0 off `reach`
+        sums = _ColumnSums(*((X * Y).sum(0).cpu().numpy() for X, Y in ((Mu, Mu), (Mu, Bu), (Bu, Bu))))
+    gn, d = g.cpu().numpy(), math.sqrt(max(dw_sq, 0.0))
     if one_client:
-        X, Xu = Bb, Bu
+        c, X = _FEDIT(len(gn)), Bb
     else:
         if objective == "cosine":
-            Xu = _cosine_correction(space, Mu, Bu, g, dw_sq, lam)
+            c = cosine_coefficients(gn, sums.mm, sums.mb, sums.bb, d, lam) or _FEDIT(len(gn))
         else:
-            Xu = _frobenius_correction(Mu, Bu, g, lam)
-        X = space.matrix(Xu @ U.T)
-    stats = None
-    if with_stats:
-        nb = math.sqrt(float(space.cols(Bu, Bu).sum()))
-        rel = math.sqrt(max(float(space.cols(Xu - Bu, Xu - Bu).sum()), 0.0)) / nb if nb > 0 else 0.0
-        dw = math.sqrt(dw_sq)
-        fair, fedit = (_product_norm(space, Y, g) / dw if dw > 0 else 0.0 for Y in (Xu, Bu))
-        stats = (_cosine(space, Mu, Xu, g, dw_sq), _cosine(space, Mu, Bu, g, dw_sq), rel, fair, fedit)
+            c = _frobenius_coefficients(gn, lam)
+        X = _combine(Mu, Bu, c) @ U.T
+        if span is not None:
+            X = (delta.Bs @ X.to(delta.Bs.dtype)).double()
+    stats = _figures(c, gn, sums, d) if with_stats else None
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
-
-
-class _Space(Protocol):
-    """How the solver holds an `m×r` matrix (in the eigenbasis of `G`)."""
-
-    def cols(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        """`⟨X e_i, Y e_i⟩` per column `i` (float64, `r`)."""
-        ...
-
-    def matrix(self, X: torch.Tensor) -> torch.Tensor:
-        """The `m×r` matrix itself (float64)."""
-        ...
-
-
-class _Plain:
-    """`m×r` matrices held as they are."""
-
-    def cols(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return (X * Y).sum(0)
-
-    def matrix(self, X: torch.Tensor) -> torch.Tensor:
-        return X
-
-
-_PLAIN = _Plain()
-
-
-@dataclass(frozen=True)
-class _Span:
-    """`m×r` matrices `B_s E` held as their coordinates `E` (`Kr×r`) on the stacked `B_k`'s columns."""
-
-    Bs: torch.Tensor
-    gram: torch.Tensor
-    """`B_sᵀB_s`, float64."""
-
-    def cols(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        return (X * (self.gram @ Y)).sum(0)
-
-    def matrix(self, X: torch.Tensor) -> torch.Tensor:
-        return (self.Bs @ X.to(self.Bs.dtype)).double()
 
 
 def _in_span(
     delta: LowRankSum, grams: tuple[torch.Tensor, torch.Tensor], U: torch.Tensor, reach: torch.Tensor
-) -> tuple[_Span, torch.Tensor, torch.Tensor, float] | None:
-    """`(space, MU, B̄U, ‖ΔW‖²)` with `MU` and `B̄U` as coordinates on `B_s`, from the two Grams alone.
+) -> tuple[torch.Tensor, torch.Tensor, float, _ColumnSums] | None:
+    """`MU` and `B̄U` as `Kr×r` coordinates `E` on `B_s` (the matrices are `B_s E`), `‖ΔW‖²` and the
+    column sums, from the two Grams alone.
 
-    `Ā = Dᵀ A_s` and `B̄ = B_s D` with `D = WS` (`S`: `K` identities stacked), so `A_s Āᵀ = (A_sA_sᵀ) D`
-    and `M = B_s W (A_sA_sᵀ) D`. `grams`: `delta.grams()`. None where their rounding could show:
-    `‖ΔW‖²`, or a column's `‖B_s e‖² = eᵀ(B_sᵀB_s)e` of `MU` or `B̄U`, under 1e-2 of its terms' size
-    (`exact_enough`, as `LowRankSum.sq_norm` judges its own sum).
+    `Ā = Dᵀ A_s` and `B̄ = B_s D` with `D = WS` (`S`: `K` identities stacked), so `A_s Āᵀ = (A_sA_sᵀ) D`,
+    `M = B_s W (A_sA_sᵀ) D`, and column inner products are `eᵀ(B_sᵀB_s)f`. `grams`: `delta.grams()`.
+    None where their rounding could show: `‖ΔW‖²`, or a column's `‖B_s e‖²` of `MU` or `B̄U`, under 1e-2
+    of its terms' size (`exact_enough`, as `LowRankSum.sq_norm` judges its own sum).
     """
     dw_sq, size = gram_sq_norm(*grams, delta.w)
     if not exact_enough(dw_sq, size):
         return None
     gram_a, gram_b = (t.double() for t in grams)
     k, r = len(delta.ranks), delta.ranks[0]
-    D = delta.w[:, None] * torch.eye(r, dtype=torch.float64).repeat(k, 1)
-    Mu = ((delta.w[:, None] * (gram_a @ D)) @ U) * reach
-    Bu = D @ U
-    space = _Span(delta.Bs, gram_b)
-    for E in (Mu, Bu):
-        if not exact_enough(space.cols(E, E), (E.abs() * (gram_b.abs() @ E.abs())).sum(0)):
-            return None
-    return space, Mu, Bu, float(dw_sq)
+    kr = k * r
+    weighted = delta.w[:, None] * (gram_a.view(kr, k, r) * delta.p[None, :, None]).sum(1)  # W (A_sA_sᵀ) D
+    Mu = (weighted @ U) * reach
+    Bu = (delta.p[:, None, None] * U).reshape(kr, r)  # D U
+    gram_mu, gram_bu = gram_b @ Mu, gram_b @ Bu
+    mm, mb, bb = ((X * Y).sum(0) for X, Y in ((Mu, gram_mu), (Mu, gram_bu), (Bu, gram_bu)))
+    magnitude = gram_b.abs()
+    if not all(exact_enough(v, (E.abs() * (magnitude @ E.abs())).sum(0)) for v, E in ((mm, Mu), (bb, Bu))):
+        return None
+    return Mu, Bu, float(dw_sq), _ColumnSums(*(v.cpu().numpy() for v in (mm, mb, bb)))
 
 
 def frobenius_from_sums(A_bar: torch.Tensor, B_bar: torch.Tensor, M: torch.Tensor, lam: float) -> torch.Tensor:
@@ -259,12 +222,12 @@ def frobenius_from_sums(A_bar: torch.Tensor, B_bar: torch.Tensor, M: torch.Tenso
 
     `Ā = Σ p_k A_k`, `B̄ = Σ p_k B_k` and `M = Σ p_k B_k (A_k Āᵀ)` are each a weighted sum of
     per-client terms, so secure aggregation can deliver them (`fairedge.server.secagg`); the
-    plaintext `lora_fair` goes through the same eigenbasis and `_frobenius_correction`.
+    plaintext `lora_fair` goes through the same eigenbasis and `_frobenius_coefficients`.
     """
     lam = _check_options(lam, "frobenius")
     Ab, Bb, M = A_bar.double(), B_bar.double(), M.double()
     g, U, reach = _gram_eigen(Ab)
-    return _frobenius_correction((M @ U) * reach, Bb @ U, g, lam) @ U.T
+    return _combine((M @ U) * reach, Bb @ U, _frobenius_coefficients(g.cpu().numpy(), lam)) @ U.T
 
 
 def _gram_eigen(Ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -292,51 +255,46 @@ def _dense_products(delta: LowRankSum, Y: torch.Tensor) -> tuple[torch.Tensor, f
     return (dW @ Y.to(dW.dtype).T).double(), dw_sq
 
 
-def _product_norm(space: _Space, Xu: torch.Tensor, g: torch.Tensor) -> float:
-    """`‖XĀ‖ = (Σ g_i ‖X u_i‖²)^½` from `XU`."""
-    return math.sqrt(max(float(space.cols(Xu, Xu) @ g), 0.0))
+class _ColumnSums(NamedTuple):
+    """Per eigen-direction `i`: `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²`."""
+
+    mm: np.ndarray
+    mb: np.ndarray
+    bb: np.ndarray
 
 
-def _cosine(space: _Space, Mu: torch.Tensor, Xu: torch.Tensor, g: torch.Tensor, dw_sq: float) -> float:
-    """`cos(ΔW, XĀ) = ⟨M, X⟩ / (‖ΔW‖ ‖XĀ‖)` from `MU`, `XU`; 0 when either side is zero."""
-    x = _product_norm(space, Xu, g)
-    if dw_sq <= 0 or x <= 0:
-        return 0.0
-    return min(max(float(space.cols(Mu, Xu).sum()) / (math.sqrt(dw_sq) * x), -1.0), 1.0)
+def _FEDIT(r: int) -> Combination:
+    """`X = B̄`."""
+    return Combination(np.zeros(r), np.ones(r), np.zeros(r))
 
 
-def _frobenius_correction(Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
-    """`(M + λB̄)(G + λI)⁻¹ U`, with a pseudo-inverse where `G + λI` is singular (λ = 0)."""
+def _combine(Mu: torch.Tensor, Bu: torch.Tensor, c: Combination) -> torch.Tensor:
+    """`XU = MU diag(α) + B̄U diag(β)`."""
+    return Mu * torch.from_numpy(c.alpha).to(Mu) + Bu * torch.from_numpy(c.beta).to(Bu)
+
+
+def _frobenius_coefficients(g: np.ndarray, lam: float) -> Combination:
+    """`XU = (MU + λB̄U)(diag(g) + λI)⁻¹`, with a pseudo-inverse where `g_i + λ = 0` (λ = 0)."""
     d = g + lam
-    inv = torch.where(d > d.max() * d.numel() * torch.finfo(d.dtype).eps, 1.0 / d, 0.0)
-    return (Mu + lam * Bu) * inv
+    inv = np.where(d > d.max() * d.size * np.finfo(d.dtype).eps, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+    return Combination(inv, lam * inv, np.where(inv > 0, -g * inv, -1.0))
 
 
-def _cosine_correction(
-    space: _Space, Mu: torch.Tensor, Bu: torch.Tensor, g: torch.Tensor, dw_sq: float, lam: float
-) -> torch.Tensor:
-    """`X U` for the minimiser of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or `B̄ U` when nothing beats it.
+def _figures(c: Combination, g: np.ndarray, sums: _ColumnSums, d: float) -> tuple[float, float, float, float, float]:
+    """`cos(ΔW, XĀ)`, `cos(ΔW, B̄Ā)`, `‖X − B̄‖/‖B̄‖`, `‖XĀ‖/‖ΔW‖`, `‖B̄Ā‖/‖ΔW‖` (0 where undefined)."""
+    inner, product, moved = (float(v) for v in column_sums(c, g, *sums))
+    fedit_product, bb = float((g * sums.bb).sum()), float(sums.bb.sum())
 
-    `cosine_coefficients` compares candidates by their `O(r)` column formulas; the winner is
-    then formed and checked against B̄ on the matrices themselves.
-    """
-    coefficients = cosine_coefficients(
-        g.cpu().numpy(),
-        space.cols(Mu, Mu).cpu().numpy(),
-        space.cols(Mu, Bu).cpu().numpy(),
-        space.cols(Bu, Bu).cpu().numpy(),
-        math.sqrt(max(dw_sq, 0.0)),
-        lam,
+    def cosine(inner: float, product: float) -> float:
+        return min(max(inner / (d * math.sqrt(product)), -1.0), 1.0) if d > 0 and product > 0 else 0.0
+
+    return (
+        cosine(inner, product),
+        cosine(float(sums.mb.sum()), fedit_product),
+        math.sqrt(max(moved, 0.0) / bb) if bb > 0 else 0.0,
+        math.sqrt(max(product, 0.0)) / d if d > 0 else 0.0,
+        math.sqrt(max(fedit_product, 0.0)) / d if d > 0 else 0.0,
     )
-    if coefficients is None:
-        return Bu
-    alpha, beta = (torch.from_numpy(c).to(Mu) for c in coefficients)
-    Xu = Mu * alpha + Bu * beta
-
-    def objective(Yu: torch.Tensor) -> float:
-        return 1.0 - _cosine(space, Mu, Yu, g, dw_sq) + lam * float(space.cols(Yu - Bu, Yu - Bu).sum())
-
-    return Xu if objective(Xu) < objective(Bu) else Bu
 
 
 class LoraFair(Aggregator):

@@ -38,9 +38,9 @@ _POLISH_STEPS = 60
 
 def cosine_coefficients(
     g: np.ndarray, mm: np.ndarray, mb: np.ndarray, bb: np.ndarray, d: float, lam: float
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Column coefficients `(α, β)` of the minimiser `XU = MU diag(α) + B̄U diag(β)` of
-    `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or None when nothing beats B̄ (FedIT).
+) -> Combination | None:
+    """The minimiser `XU = MU diag(α) + B̄U diag(β)` of `1 − cos(ΔW, XĀ) + λ‖X − B̄‖²`, or None when
+    nothing beats B̄ (FedIT).
 
     In the eigenbasis `U` of `G = ĀĀᵀ` (eigenvalues `g`, 0 off the reachable directions):
     `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²` with `M = ΔW Āᵀ`, and `d = ‖ΔW‖`.
@@ -52,29 +52,40 @@ def cosine_coefficients(
         if cols.d <= 0 or cols.g.max() <= 0 or cols.mm.max() <= 0 or cols.bb.sum() <= 0:
             return None  # cosine undefined or constant, or B̄ = 0: keep FedIT's B̄
         zero, one = np.zeros_like(cols.g), np.ones_like(cols.g)
-        points = [_Point(zero, one, zero), *_stationary(cols), _max_cosine_ray(cols)]  # B̄ first: ties go to it
+        points = [Combination(zero, one, zero), *_stationary(cols), _max_cosine_ray(cols)]  # B̄ first: ties go to it
         values, _ = cols.value(*(np.stack(c) for c in zip(*points, strict=True)))
         best = points[int(np.argmin(values))]
         if not values.min() < values[0] - 1e-14 * max(1.0, abs(values[0])):
             return None
-        return best.alpha, best.beta
+        return best
 
 
-class _Point(NamedTuple):
-    """`X U` with column `i` equal to `alpha_i m_i + beta_i b_i`; `beta_m1 = beta − 1`, kept exact."""
+class Combination(NamedTuple):
+    """`XU` column by column: `α_i (MU)_i + β_i (B̄U)_i` (float64 `r`-vectors, or rows of `N×r` for `N` points);
+    `beta_m1 = β − 1`, kept exact."""
 
     alpha: np.ndarray
     beta: np.ndarray
     beta_m1: np.ndarray
 
 
-def _on_family(u: float | np.ndarray, vg: np.ndarray, opv: np.ndarray) -> _Point:
+def column_sums(
+    c: Combination, g: np.ndarray, mm: np.ndarray, mb: np.ndarray, bb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`⟨M, X⟩`, `‖XĀ‖²` and `‖X − B̄‖²` of `X = c` from the column sums `mm`, `mb`, `bb` (`cosine_coefficients`)."""
+    inner = (c.alpha * mm + c.beta * mb).sum(-1)
+    product = (g * (c.alpha * c.alpha * mm + 2 * c.alpha * c.beta * mb + c.beta * c.beta * bb)).sum(-1)
+    moved = (c.alpha * c.alpha * mm + 2 * c.alpha * c.beta_m1 * mb + c.beta_m1 * c.beta_m1 * bb).sum(-1)
+    return inner, product, moved
+
+
+def _on_family(u: float | np.ndarray, vg: np.ndarray, opv: np.ndarray) -> Combination:
     """`X(u, v) = (uM + B̄)(I + vG)⁻¹` from `vg = v·g`, `opv = 1 + v·g`."""
     w = 1.0 / opv
-    return _Point(u * w, w, -vg * w)
+    return Combination(u * w, w, -vg * w)
 
 
-def _max_cosine_ray(cols: _Columns) -> _Point:
+def _max_cosine_ray(cols: _Columns) -> Combination:
     """The best point `X = B̄_null + c·MG⁺` on the set where `cos(ΔW, XĀ)` is largest.
 
     With `c* = ⟨MG⁺, B̄⟩/‖MG⁺‖² > 0` this is the end of the curve (`v → ∞`). With
@@ -89,7 +100,7 @@ def _max_cosine_ray(cols: _Columns) -> _Point:
     if c <= 0:
         tol = 1e-12
         c = min(np.sqrt(tol / (2 * cols.lam * yy)), tol / (4 * cols.lam * abs(yb)) if yb else np.inf)
-    return _Point(c * ginv, (~reach).astype(float), -reach.astype(float))
+    return Combination(c * ginv, (~reach).astype(float), -reach.astype(float))
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ class _Columns:
     `mm = ‖M u_i‖²`, `mb = ⟨M u_i, B̄ u_i⟩`, `bb = ‖B̄ u_i‖²`; `d = ‖ΔW‖`.
 
     Off the curve its formulas give inf or NaN on purpose (masked afterwards);
-    `_cosine_correction` runs them with numpy's warnings for that silenced."""
+    `cosine_coefficients` runs them with numpy's warnings for that silenced."""
 
     g: np.ndarray
     mm: np.ndarray
@@ -131,9 +142,7 @@ class _Columns:
 
         `f = inf` where the cosine is undefined (`XĀ = 0`).
         """
-        a = (alpha * self.mm + beta * self.mb).sum(-1)  # ⟨M, X⟩
-        q = (self.g * (alpha * alpha * self.mm + 2 * alpha * beta * self.mb + beta * beta * self.bb)).sum(-1)
-        reg = (alpha * alpha * self.mm + 2 * alpha * beta_m1 * self.mb + beta_m1 * beta_m1 * self.bb).sum(-1)
+        a, q, reg = column_sums(Combination(alpha, beta, beta_m1), self.g, self.mm, self.mb, self.bb)
         rho = np.sqrt(np.maximum(q, 0.0))
         f = 1.0 - a / (self.d * rho) + self.lam * reg
         return np.where(np.isfinite(f) & (rho > 0), f, np.inf), rho
@@ -182,7 +191,7 @@ class _Piece:
         return np.where(np.isfinite(phi) & (rho > 0), phi, np.nan)
 
 
-def _stationary(cols: _Columns) -> list[_Point]:
+def _stationary(cols: _Columns) -> list[Combination]:
     """Every stationary point found on the curve, plus each stretch's best grid point.
 
     `v > 0` holds the stationary points with positive cosine. Lower end of its
@@ -222,7 +231,7 @@ def _stationary(cols: _Columns) -> list[_Point]:
     return out
 
 
-def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> _Point:
+def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> Combination:
     """Newton's method on the objective over the whole family, in `(ln u, s)`, from a grid point.
 
     The family contains every stationary point of the full objective, and where
@@ -263,7 +272,7 @@ def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> _Point:
     return _on_family(float(np.exp(x[0])), *(y[0] for y in piece.points(cols, x[1:])))
 
 
-def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> _Point:
+def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> Combination:
     """Shrink a sign change of `φ` in `s` by a factor `_BISECT_POINTS − 1` per round."""
     for _ in range(_BISECT_ROUNDS):
         grid = np.linspace(lo, hi, _BISECT_POINTS)
