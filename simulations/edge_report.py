@@ -16,7 +16,7 @@ from typing import Any
 
 from fairedge.common.config import config_hash, load_config
 from fairedge.simulations.edge_settings import study_settings
-from fairedge.simulations.edge_stream import STREAM_CORRUPTIONS
+from fairedge.simulations.edge_stream import PER_SEGMENT, STREAM_CORRUPTIONS
 from fairedge.simulations.edge_tables import (
     gain_table,
     gains,
@@ -72,9 +72,11 @@ def target_line(g: dict[int, dict[str, float]]) -> str:
     return macro("edge_macros.md.j2", "target", values) + "\n" if values else ""
 
 
-def study_command(run: str | None, folder: Path, invocation: dict[str, Any]) -> str:
+def study_command(run: str | None, folder: Path, data: dict[str, Any]) -> str:
     """The command that reruns the studies in `folder` (`--teacher T` and its own options follow): the served
-    run, or the config and method that train it (recorded in a result file's `invocation`), and the folder."""
+    run, or the config and method that train it (recorded in a result file's `invocation`), the stream's
+    length and the folder. `data`: one of the folder's result files."""
+    invocation = data.get("invocation", {})
     parts = ["python", "-m", "fairedge.simulations.edge_study"]
     if run:
         parts += ["--run", run]
@@ -82,6 +84,8 @@ def study_command(run: str | None, folder: Path, invocation: dict[str, Any]) -> 
         parts += ["--config", invocation["config"]]
     if invocation.get("method") not in (None, "fedit"):
         parts += ["--method", invocation["method"]]
+    if data["study"]["per_segment"] != PER_SEGMENT:
+        parts += ["--per-segment", str(data["study"]["per_segment"])]
     if folder.resolve() != RESULTS.resolve():
         parts += ["--out", os.path.relpath(folder, ROOT)]
     return shlex.join(parts)

@@ -31,6 +31,8 @@ STREAM_CORRUPTIONS = ("contrast", "brightness", "darken", "pixelate")
 the true labels gains 9-27 points on each, 0-2 points on salt_pepper and occlusion, which are left out)."""
 SEGMENTS: list[tuple[str, int]] = [(name, sev) for name in STREAM_CORRUPTIONS for sev in (1, 2)]
 """The stream order: each corruption mild (1) then severe (2), corruptions one after another."""
+PER_SEGMENT = 384
+"""Test images per segment unless a study says otherwise (`--per-segment`)."""
 
 
 def corruption_generator(seed: int, name: str, severity: int) -> torch.Generator:
