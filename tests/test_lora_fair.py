@@ -459,6 +459,7 @@ def test_solving_on_gram_coordinates_equals_forming_m(case: str, dtype: torch.dt
     formed: list[int] = []
     syrk_grams = factored._syrk_grams
     monkeypatch.setattr(lora_fair_module, "_in_span", spy)
+    monkeypatch.setattr(lora_fair_module, "_coordinates_pay", lambda m, n, kr: True)  # these layers are tiny
     monkeypatch.setattr(factored, "_syrk_grams", lambda *args: formed.append(1) or syrk_grams(*args))
     for objective in ("cosine", "frobenius"):
         formed.clear()
@@ -473,6 +474,15 @@ def test_solving_on_gram_coordinates_equals_forming_m(case: str, dtype: torch.dt
         assert float((X - Y).norm()) <= tol * float(Y.norm()), (objective, float((X - Y).norm() / Y.norm()))
         for key in ("cos_fair", "cos_fedit", "rel_correction", "norm_ratio", "norm_ratio_fedit"):
             assert getattr(span, key) == pytest.approx(getattr(plain, key), rel=10 * tol, abs=1e-12), key
+
+
+def test_coordinates_are_taken_where_their_products_cost_less_than_forming_m() -> None:
+    pays = lora_fair_module._coordinates_pay
+    assert pays(4096, 4096, 16 * 10) and pays(576, 576, 16 * 8)  # the headline layer; SmolLM2's q_proj, K = 8
+    assert not pays(768, 768, 64 * 8) and not pays(576, 576, 16 * 50)  # measured slower there
+    few, many = (delta_form_flops(768, 768, [64] * k, needs_norm=True, single=True)["factored"] for k in (2, 8))
+    assert few == round(gram_cost(128, 1536)) + 2 * 128 * 64 * 768  # then only B' = B_s E is formed
+    assert many == round(gram_cost(512, 1536)) + 2 * 512 * 64 * 1536  # M is formed
 
 
 def test_factored_norm_with_unequal_ranks() -> None:

@@ -18,9 +18,10 @@ stacked, `B̄ = B_s D` and `M = B_s W (A_sA_sᵀ) D` for `D = WS`. Each candidat
 `B'` is, column by column in the eigenbasis `U` of `G`, `α_i M u_i + β_i B̄ u_i`,
 so the solve and the reported figures need only three column sums of `MU`
 and `B̄U` (`Eᵀ(B_sᵀB_s)F` on their `Kr×r` coordinates `E`, `F`), and only
-`B' = B_s E'` is formed (`_in_span`). That is exact algebra; it is taken unless
-the Grams' rounding could show (a column of `B_s E` far smaller than its terms),
-and then `M` is formed as below. Without `‖ΔW‖²` (frobenius, no reports)
+`B' = B_s E'` is formed (`_in_span`). That is exact algebra; it is taken where its
+`Kr×Kr` products cost less than forming `M` (`_coordinates_pay`: `8·Kr < m + n`)
+unless the Grams' rounding could show (a column of `B_s E` far smaller than its
+terms), and then `M` is formed as below. Without `‖ΔW‖²` (frobenius, no reports)
 `M = B_s (W A_s Āᵀ)`: two thin products, `2Kr·r(m+n)` flops. Per layer we take
 the way with fewer flops (`delta_form_flops`): factored while
 `K·r ≲ 1.3·mn/(m+n)`, dense above. Everything after `M` and `‖ΔW‖²` is shared;
@@ -109,7 +110,8 @@ def delta_form_flops(m: int, n: int, ranks: Sequence[int], *, needs_norm: bool, 
     factored without `‖ΔW‖²`: `A_s Āᵀ` and `B_s (·)` (`2Kr·r(m+n)`). With it: the Grams
     (`gram_flops`: about `(Kr)²(m+n)` as two CPU `syrk`s, counted at 1.5× since a `syrk` runs at
     about 2/3 of a GEMM's rate per flop there: `gram_cost`), then only `B' = B_s E` (`2Kr·r·m`)
-    while they are formed whole (`_in_span`), else the two thin products as well.
+    where the solve runs on coordinates (`_coordinates_pay`, Grams formed whole), else the two thin
+    products as well.
     dense: `ΔW` (`2mn·Kr`), `ΔW Āᵀ` (`2mn·r`), `‖ΔW‖²` (`2mn`), and for float32 stacks the
     per-client Grams of the cancellation check (`2Kr·r(m+n)`). Both run as large matrix
     products at about the same rate on a CPU, so flops rank them.
@@ -117,7 +119,8 @@ def delta_form_flops(m: int, n: int, ranks: Sequence[int], *, needs_norm: bool, 
     kr, r = sum(ranks), max(ranks)
     factored = 2 * kr * r * (m + n)
     if needs_norm:
-        factored = round(gram_cost(kr, m + n)) + (2 * kr * r * m if whole_grams(kr) else factored)
+        coordinates = whole_grams(kr) and _coordinates_pay(m, n, kr)
+        factored = round(gram_cost(kr, m + n)) + (2 * kr * r * m if coordinates else factored)
     dense = 2 * m * n * (kr + r + 1) + (2 * kr * r * (m + n) if single else 0)
     return {"factored": factored, "dense": dense}
 
@@ -160,7 +163,8 @@ def _solve(
         delta_form = "dense" if flops["dense"] < flops["factored"] else "factored"
     one_client = int((delta.p > 0).sum()) == 1  # ΔW = B̄Ā already: B̄ is returned as it is
     grams = delta.grams() if delta_form == "factored" and needs_norm else None
-    span = _in_span(delta, grams, U, reach) if grams is not None and not one_client else None
+    on_coordinates = not one_client and _coordinates_pay(*delta.shape, sum(delta.ranks))
+    span = _in_span(delta, grams, U, reach) if grams is not None and on_coordinates else None
     # every candidate X is, column by column in the eigenbasis, α_i (MU)_i + β_i (B̄U)_i: the solve and the
     # reported figures need only three column sums of MU and B̄U, and only the answer is formed
     if span is not None:
@@ -187,6 +191,13 @@ def _solve(
             X = (delta.Bs @ X.to(delta.Bs.dtype)).double()
     stats = _figures(c, gn, sums, d) if with_stats else None
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
+
+
+def _coordinates_pay(m: int, n: int, kr: int) -> bool:
+    """Whether solving on `Kr×r` coordinates (`_in_span`) beats forming `M`: its small products, about
+    `4·(Kr)²·r` multiply-adds in float64 (each about two float32 ones), against `Kr·r·(m+n)` in float32
+    for `M` (at 576², r = 16 the two tie at K = 8; at 768², r = 64, K = 8 the coordinates cost 1.3×)."""
+    return 8 * kr < m + n
 
 
 def _in_span(
