@@ -523,8 +523,8 @@ def _markdown(report: dict) -> str:
         + f" in {report['wall_seconds'] / 60:.1f} min.",
         f"Machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs, torch {mach['torch']} ({mach['blas']}), "
         f"1 torch thread; load average {mach['load_average_at_start'][0]:.1f} at start, "
-        f"{mach['load_average_at_end'][0]:.1f} at end. The machine was shared (2 cores, other engineers running "
-        "tests at the same time): absolute times are noisy, so every ratio to FedIT is taken between FedIT and the "
+        f"{mach['load_average_at_end'][0]:.1f} at end. Machines here are shared virtual "
+        "machines: absolute times are noisy, so every ratio to FedIT is taken between FedIT and the "
         "method timed alternately in the same process, and medians are reported.",
         f"Inputs: float32 client factors, seed {cfg['seed']}, λ = {cfg['lam']}.",
         "",
