@@ -7,7 +7,8 @@ one virtual SuperNode per client, each with the configured CPU/GPU share.
 calling the ClientApp in this process, one node after another: the same client
 code and seeds, so the same results, without Ray's start-up cost (quick runs,
 debugging, tests). On Ray, a start-up timeout (Ray's processes too slow to come up on a
-busy machine) starts the simulation once more, resuming if round 0 was checkpointed.
+busy machine) starts the simulation once more, resuming if round 0 was checkpointed; the server thread
+the failed start left behind stops at its next poll (`AttemptGrid`) instead of waiting out its round timeouts.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 # `Run`, `TaskIdentity`, `ErrorCode` and `SUPERLINK_NODE_ID` are not Flower's public API; InProcessGrid
 # stands in for Flower's runtime and needs them: `Run` is the type of the abstract `Grid.run`,
@@ -71,6 +74,48 @@ def flower_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+class SimulationAbandoned(Exception):
+    """Raised in a server thread whose start of the simulation was given up (`AttemptGrid`)."""
+
+
+class AttemptGrid:
+    """Flower's grid for one start of the simulation, whose waits for replies end once `stop` is set.
+
+    When Ray fails to start, Flower's `run_simulation` raises while its ServerApp thread (not a daemon, not
+    ours to stop) still waits for replies that never come: the process could not exit, and after the round
+    timeouts that thread would fail the round and write its outputs into the run folder, over those of the
+    start that ran. `simulate` sets `stop` when `run_simulation` returns or raises; the thread's next poll
+    then raises `SimulationAbandoned`, which leaves `run_federation` before it writes anything.
+    """
+
+    POLL_S = 0.1
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self._grid, self._stop = grid, stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Flower's `send_and_receive` (push, then pull until every reply is in or `timeout` passed)."""
+        self._check()
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            got = list(self._grid.pull_messages(list(waiting)))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                self._stop.wait(self.POLL_S)
+                self._check()
+        return replies
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise SimulationAbandoned("this start of the simulation was given up")
 
 
 class InProcessGrid(Grid):
@@ -178,18 +223,23 @@ def simulate(
 
     records: list[RunRecord] = []
     errors: list[Exception] = []
+    stops: list[threading.Event] = []  # one per start of the simulation
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        attempt_grid = cast(Grid, AttemptGrid(grid, stops[-1]))
         try:
-            records.append(run_federation(grid, cfg, run_dir, on_round=on_round, resume=resume))
+            records.append(run_federation(attempt_grid, cfg, run_dir, on_round=on_round, resume=resume))
+        except SimulationAbandoned:
+            log.info("a server thread of a simulation start that failed has stopped")
         except Exception as err:  # raised again below, after Flower has shut the simulation down
             errors.append(err)
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     for attempt in range(1 + RAY_START_RETRIES):
+        stops.append(threading.Event())
         try:
             run_simulation(
                 server_app=server_app,
@@ -212,6 +262,8 @@ def simulate(
             _shutdown_ray()
             resume = resume or has_checkpoint(run_dir)  # the server may have checkpointed round 0 already
             log.warning("Ray did not start (%s); starting the simulation again%s", why, " (resumed)" * resume)
+        finally:
+            stops[-1].set()  # a server thread this start left behind stops at its next poll, writing nothing
     if errors:
         raise errors[0]
     if not records:
