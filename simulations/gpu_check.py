@@ -11,7 +11,7 @@
    1 (one client on the GPU at a time) and `--share` (1/share clients at once): seconds per round and the
    most client processes seen on the GPU at once (`nvidia-smi`, sampled every 0.2 s).
 
-Writes `gpu_check.{json,md}` to `--out`. Without CUDA it stops at once with exit code 2 and writes nothing:
+Writes `gpu_check.{json,md}` to `--out` after each stage. Without CUDA it stops at once with exit code 2 and writes nothing:
 this is the script to run when a GPU is lent, not a test.
 """
 
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine")
+        parser.exit(2, "gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine\n")
     overrides = [
         "federation.num_clients=8",
         "federation.fraction_train=1",
@@ -189,14 +189,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("precision: fp32 vs bf16 on one client ...", flush=True)
     result["precision"] = precision_times(cfg, args.steps, args.repeats)
     result["sharing"] = []
+    save(result, args.out)  # what was measured survives a failure in the (longer) sharing runs
     for share in (1.0, args.share):
         print(f"sharing: client_gpus={share:g} ...", flush=True)
         result["sharing"].append(shared_run(cfg, share))
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "gpu_check.json", result, indent=1)
-    text = markdown(result)
-    atomic_write_text(args.out / "gpu_check.md", text)
-    print(text)
+        save(result, args.out)
+    print(markdown(result))
+
+
+def save(result: dict[str, Any], out: Path) -> None:
+    """Write `gpu_check.{json,md}` with what has been measured so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "gpu_check.json", result, indent=1)
+    atomic_write_text(out / "gpu_check.md", markdown(result))
 
 
 if __name__ == "__main__":
