@@ -112,8 +112,12 @@ class LowRankSum:
         p = normalise_weights(weights, len(A))
         ranks = tuple(a.shape[0] for a in A)
         device = A[0].device
-        As = torch.cat([a.to(dtype) for a in A])
-        Bs = torch.cat([b.to(dtype) for b in B], dim=1)
+        # one allocation for both stacks: glibc hands two large blocks freed together back to the OS, so
+        # every aggregation would fault their pages in again (measured: 4 ms instead of 0.2 at 4096², Kr = 160)
+        kr, n, m = sum(ranks), A[0].shape[1], B[0].shape[0]
+        both = torch.empty(kr * (n + m), dtype=dtype, device=device)
+        As = torch.cat([a.to(dtype) for a in A], out=both[: kr * n].view(kr, n))
+        Bs = torch.cat([b.to(dtype) for b in B], dim=1, out=both[kr * n :].view(m, kr))
         if not (torch.isfinite(As.sum()) and torch.isfinite(Bs.sum())):
             check_finite(A, B)  # a sum can also overflow with finite (huge) entries
         p = p.to(device)

@@ -187,8 +187,8 @@ def _solve(
         else:
             c = _frobenius_coefficients(gn, lam)
         X = _combine(Mu, Bu, c) @ U.T
-        if span is not None:
-            X = (delta.Bs @ X.to(delta.Bs.dtype)).double()
+        if span is not None:  # B' = B_s E', formed in the stacks' dtype (float32 clients: float32, as returned)
+            X = delta.Bs @ X.to(delta.Bs.dtype)
     stats = _figures(c, gn, sums, d) if with_stats else None
     return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
 

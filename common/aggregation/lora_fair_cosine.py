@@ -10,7 +10,7 @@ terms. The cosine term ignores `X → cX`, so stationarity along that ray reads
 positive root `u(v)`, and what is left is one equation in one unknown,
 `φ(v) = 2λ‖ΔW‖ u(v) ‖X(v)Ā‖ − 1 = 0` (along this curve the gradient is
 proportional to `φ`). We scan `φ` on a log grid of `v` (its lower end follows
-from the FedIT point), bisect every sign change to machine precision, and keep
+from the FedIT point), find the root at every sign change to machine precision, and keep
 the best point. Two rarer cases complete the search. When
 `cos(ΔW, B̄Ā) ≤ 0`, minima with negative cosine lie in `−1/g_max < v < 0`,
 where the curve folds back (two roots); the best grid points there are polished
@@ -31,8 +31,7 @@ import numpy as np
 _GRID_DECADES = 20.0
 _GRID_PER_DECADE = 16
 _MAX_EXTENSIONS = 4
-_BISECT_POINTS = 33
-_BISECT_ROUNDS = 9
+_ROOT_STEPS = 100
 _POLISH_STEPS = 60
 
 
@@ -211,7 +210,7 @@ def _stationary(cols: _Columns) -> list[Combination]:
     if cos_fedit <= 0:
         s = np.linspace(-16.0, 16.0, 32 * _GRID_PER_DECADE + 1)
         pieces += [(_Piece(False, 1), s), (_Piece(False, -1), s)]
-    out = []
+    roots, best = [], []  # roots first: a grid point that ties with a root to rounding loses to it
     for piece, s in pieces:
         u, f, phi = piece.evaluate(cols, s)
         for _ in range(_MAX_EXTENSIONS if piece.positive else 0):
@@ -222,13 +221,13 @@ def _stationary(cols: _Columns) -> list[Combination]:
         if np.isfinite(f).any():
             j = int(np.argmin(f))
             if piece.positive:
-                out.append(_on_family(float(u[j]), *(x[0] for x in piece.points(cols, s[j : j + 1]))))
+                best.append(_on_family(float(u[j]), *(x[0] for x in piece.points(cols, s[j : j + 1]))))
             else:  # the curve folds back on itself here; a minimum can sit on the fold
-                out.append(_polish(cols, piece, float(u[j]), float(s[j])))
+                best.append(_polish(cols, piece, float(u[j]), float(s[j])))
         flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
         for j in flips.tolist():
-            out.append(_bisect(cols, piece, float(s[j]), float(s[j + 1]), float(np.sign(phi[j]))))
-    return out
+            roots.append(_root(cols, piece, float(s[j]), float(s[j + 1]), float(phi[j]), float(phi[j + 1])))
+    return roots + best
 
 
 def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> Combination:
@@ -272,14 +271,29 @@ def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> Combination:
     return _on_family(float(np.exp(x[0])), *(y[0] for y in piece.points(cols, x[1:])))
 
 
-def _bisect(cols: _Columns, piece: _Piece, lo: float, hi: float, sign_lo: float) -> Combination:
-    """Shrink a sign change of `φ` in `s` by a factor `_BISECT_POINTS − 1` per round."""
-    for _ in range(_BISECT_ROUNDS):
-        grid = np.linspace(lo, hi, _BISECT_POINTS)
-        phi = piece.phi(cols, grid)
-        past = np.nonzero(np.sign(phi) != sign_lo)[0]  # first point past the sign change
-        k = int(past[0]) if len(past) else _BISECT_POINTS - 1
-        lo, hi = float(grid[max(k - 1, 0)]), float(grid[max(k, 1)])
+def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi: float) -> Combination:
+    """The point where `φ` changes sign between grid points `lo` and `hi` (`φ = f_lo`, `f_hi` there), to
+    machine precision: regula falsi in its Illinois form (bracketed, superlinear; a few scalar evaluations
+    where bisection needs one per bit). A NaN `φ` counts as past the root and the next step bisects."""
+    side = 0
+    for _ in range(_ROOT_STEPS):
+        if hi - lo <= 4 * np.finfo(float).eps * max(1.0, abs(lo), abs(hi)):
+            break
+        x = hi - f_hi * (hi - lo) / (f_hi - f_lo)
+        if not lo < x < hi:  # also NaN
+            x = 0.5 * (lo + hi)
+        fx = float(piece.phi(cols, np.array([x]))[0])
+        if fx == 0:
+            lo = hi = x
+            break
+        if np.sign(fx) == np.sign(f_lo):
+            lo, f_lo = x, fx
+            f_hi *= 0.5 if side < 0 else 1.0  # the same end kept twice: halve its value (Illinois)
+            side = -1
+        else:
+            hi, f_hi = x, fx
+            f_lo *= 0.5 if side > 0 else 1.0
+            side = 1
     s = np.array([0.5 * (lo + hi)])
     vg, opv = piece.points(cols, s)
     return _on_family(float(cols.radial_root(vg, opv, piece.branch)[0]), vg[0], opv[0])
