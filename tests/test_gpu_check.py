@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from fairedge.simulations import gpu_check
 
 
-def test_gpu_check_stops_with_a_clear_message_and_writes_nothing_without_cuda(tmp_path, monkeypatch):
+def test_gpu_check_stops_with_a_clear_message_and_writes_nothing_without_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="no CUDA device"):
+    with pytest.raises(SystemExit) as stopped:
         gpu_check.main(["--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_keeps_what_it_measured_when_a_later_stage_fails(tmp_path, monkeypatch):
+    precision = {
+        p: {"s_per_step": 0.1, "tokens_per_s": 2560.0, "peak_mib": 1e3, "losses": [4.0, 3.5]} for p in ("fp32", "bf16")
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "a test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(gpu_check, "precision_times", lambda *_: {**precision, "bf16_speedup": 1.0})
+
+    def ray_fails(cfg, client_gpus):
+        raise RuntimeError("Ray did not start")
+
+    monkeypatch.setattr(gpu_check, "shared_run", ray_fails)
+    with pytest.raises(RuntimeError, match="Ray did not start"):
+        gpu_check.main(["--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["precision"]["bf16"]["tokens_per_s"] == 2560.0 and saved["sharing"] == []
+    assert "| bf16 | 0.1000 | 2560 |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def share(client_gpus: float, processes: int) -> dict:
