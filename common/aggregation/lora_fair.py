@@ -214,18 +214,21 @@ def _in_span(
     dw_sq, size = gram_sq_norm(*grams, delta.w)
     if not exact_enough(dw_sq, size):
         return None
-    gram_a, gram_b = (t.double() for t in grams)
+    # Kr×Kr algebra in NumPy float64: a few dozen small products, where torch's per-call cost would dominate
+    gram_a, gram_b = (g.numpy().astype(np.float64) for g in grams)
+    p, w, u = delta.p.numpy(), delta.w.numpy(), U.numpy()
     k, r = len(delta.ranks), delta.ranks[0]
     kr = k * r
-    weighted = delta.w[:, None] * (gram_a.view(kr, k, r) * delta.p[None, :, None]).sum(1)  # W (A_sA_sᵀ) D
-    Mu = (weighted @ U) * reach
-    Bu = (delta.p[:, None, None] * U).reshape(kr, r)  # D U
+    weighted = w[:, None] * (gram_a.reshape(kr, k, r) * p[None, :, None]).sum(1)  # W (A_sA_sᵀ) D
+    Mu = (weighted @ u) * reach.numpy()
+    Bu = (p[:, None, None] * u).reshape(kr, r)  # D U
     gram_mu, gram_bu = gram_b @ Mu, gram_b @ Bu
     mm, mb, bb = ((X * Y).sum(0) for X, Y in ((Mu, gram_mu), (Mu, gram_bu), (Bu, gram_bu)))
-    magnitude = gram_b.abs()
-    if not all(exact_enough(v, (E.abs() * (magnitude @ E.abs())).sum(0)) for v, E in ((mm, Mu), (bb, Bu))):
-        return None
-    return Mu, Bu, float(dw_sq), _ColumnSums(*(v.cpu().numpy() for v in (mm, mb, bb)))
+    magnitude = np.abs(gram_b)
+    for v, E in ((mm, Mu), (bb, Bu)):
+        if not exact_enough(torch.from_numpy(v), torch.from_numpy((np.abs(E) * (magnitude @ np.abs(E))).sum(0))):
+            return None
+    return torch.from_numpy(Mu), torch.from_numpy(Bu), float(dw_sq), _ColumnSums(mm, mb, bb)
 
 
 def frobenius_from_sums(A_bar: torch.Tensor, B_bar: torch.Tensor, M: torch.Tensor, lam: float) -> torch.Tensor:
