@@ -11,8 +11,8 @@
    1 (one client on the GPU at a time) and `--share` (1/share clients at once): seconds per round and the
    most client processes seen on the GPU at once (`nvidia-smi`, sampled every 0.2 s).
 
-Writes `gpu_check.{json,md}` to `--out` after each stage. Without CUDA it stops at once with exit code 2 and writes nothing:
-this is the script to run when a GPU is lent, not a test.
+Writes `gpu_check.{json,md}` to `--out` after each stage. Without CUDA it stops at once with exit code 2 and
+writes nothing: this is the script to run when a GPU is lent, not a test.
 """
 
 from __future__ import annotations
