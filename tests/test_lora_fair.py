@@ -390,6 +390,22 @@ def test_bad_inputs_raise_clear_errors(mutate, match: str) -> None:
         lora_fair(A, B, w)
 
 
+@pytest.mark.parametrize("delta_form", ["factored", "dense"])
+@pytest.mark.parametrize("objective", ["cosine", "frobenius"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_one_non_finite_entry_is_named_on_every_path(delta_form: str, objective: str, dtype, factor: str) -> None:
+    """The factored cosine path reads finiteness off the Grams' diagonals; a client with weight 0 counts too."""
+    A, B, _ = random_case(6, K=3, m=40, n=30, r=2)
+    A, B = [a.to(dtype) for a in A], [b.to(dtype) for b in B]
+    bad = (A if factor == "A" else B)[1].clone()
+    bad[1, 1] = float("nan")
+    (A if factor == "A" else B)[1] = bad
+    shape = tuple(bad.shape)
+    with pytest.raises(ValueError, match=rf"client 1: {factor} \({shape[0]}, {shape[1]}\) has non-finite"):
+        lora_fair(A, B, [1.0, 0.0, 2.0], objective=objective, delta_form=delta_form)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

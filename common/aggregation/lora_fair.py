@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
-from .factored import LowRankSum, Weights, exact_enough, gram_cost, gram_sq_norm, whole_grams
+from .factored import LowRankSum, Weights, exact_enough, gram_cost, require_finite, whole_grams
 from .lora_fair_cosine import Combination, column_sums, cosine_coefficients
 from .ranks import RankPadding, pad_updates
 
@@ -154,15 +154,17 @@ def _solve(
     lam = _check_options(lam, objective, delta_form)
     # float32 clients keep their large products in float32 (half the time); all small algebra is float64
     single = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (*A, *B))
-    delta = LowRankSum.stack(A, B, weights, dtype=torch.float32 if single else torch.float64)
+    delta = LowRankSum.stack(A, B, weights, dtype=torch.float32 if single else torch.float64, finite=False)
     Ab = delta.mean_A()
-    g, U, reach = _gram_eigen(Ab)
     needs_norm = with_stats or objective == "cosine"
     if delta_form == "auto":
         flops = delta_form_flops(*delta.shape, delta.ranks, needs_norm=needs_norm, single=single)
         delta_form = "dense" if flops["dense"] < flops["factored"] else "factored"
-    one_client = int((delta.p > 0).sum()) == 1  # ΔW = B̄Ā already: B̄ is returned as it is
     grams = delta.grams() if delta_form == "factored" and needs_norm else None
+    # a NaN or infinity in a factor shows on its Gram's diagonal (its rows' squared norms): no extra pass
+    require_finite(A, B, *((gram.diagonal() for gram in grams) if grams is not None else (delta.A, delta.Bs)))
+    g, U, reach = _gram_eigen(Ab)
+    one_client = int((delta.p > 0).sum()) == 1  # ΔW = B̄Ā already: B̄ is returned as it is
     on_coordinates = not one_client and _coordinates_pay(*delta.shape, sum(delta.ranks))
     span = _in_span(delta, grams, U, reach) if grams is not None and on_coordinates else None
     # every candidate X is, column by column in the eigenbasis, α_i (MU)_i + β_i (B̄U)_i: the solve and the
@@ -211,23 +213,24 @@ def _in_span(
     None where their rounding could show: `‖ΔW‖²`, or a column's `‖B_s e‖²` of `MU` or `B̄U`, under 1e-2
     of its terms' size (`exact_enough`, as `LowRankSum.sq_norm` judges its own sum).
     """
-    dw_sq, size = gram_sq_norm(*grams, delta.w)
-    if not exact_enough(dw_sq, size):
-        return None
-    # Kr×Kr algebra in NumPy float64: a few dozen small products, where torch's per-call cost would dominate
+    # all in NumPy float64: a few dozen small products, where torch's per-call cost would dominate
     gram_a, gram_b = (g.numpy().astype(np.float64) for g in grams)
     p, w, u = delta.p.numpy(), delta.w.numpy(), U.numpy()
+    terms = gram_a * gram_b
+    dw_sq, size = w @ terms @ w, w @ np.abs(terms) @ w  # ‖ΔW‖² and its terms' size (w ≥ 0)
     k, r = len(delta.ranks), delta.ranks[0]
     kr = k * r
     weighted = w[:, None] * (gram_a.reshape(kr, k, r) * p[None, :, None]).sum(1)  # W (A_sA_sᵀ) D
     Mu = (weighted @ u) * reach.numpy()
     Bu = (p[:, None, None] * u).reshape(kr, r)  # D U
-    gram_mu, gram_bu = gram_b @ Mu, gram_b @ Bu
-    mm, mb, bb = ((X * Y).sum(0) for X, Y in ((Mu, gram_mu), (Mu, gram_bu), (Bu, gram_bu)))
-    magnitude = np.abs(gram_b)
-    for v, E in ((mm, Mu), (bb, Bu)):
-        if not exact_enough(torch.from_numpy(v), torch.from_numpy((np.abs(E) * (magnitude @ np.abs(E))).sum(0))):
-            return None
+    E = np.concatenate([Mu, Bu], axis=1)
+    gram_e = gram_b @ E
+    mm, mb, bb = (Mu * gram_e[:, :r]).sum(0), (Mu * gram_e[:, r:]).sum(0), (Bu * gram_e[:, r:]).sum(0)
+    abs_e = np.abs(E)
+    sizes = (abs_e * (np.abs(gram_b) @ abs_e)).sum(0)  # the terms' size of mm, then of bb
+    values, sizes = np.concatenate([[dw_sq], mm, bb]), np.concatenate([[size], sizes])
+    if not exact_enough(torch.from_numpy(values), torch.from_numpy(sizes)):
+        return None
     return torch.from_numpy(Mu), torch.from_numpy(Bu), float(dw_sq), _ColumnSums(mm, mb, bb)
 
 

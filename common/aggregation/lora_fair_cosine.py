@@ -24,6 +24,7 @@ with dense L-BFGS from several starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +34,8 @@ _GRID_PER_DECADE = 16
 _MAX_EXTENSIONS = 4
 _ROOT_STEPS = 100
 _POLISH_STEPS = 60
+_PHI_ROUNDING = 8 * np.finfo(float).eps
+"""`|φ|` below which a point counts as a root: `φ = p − 1` with `p` a product of a few rounded factors."""
 
 
 def cosine_coefficients(
@@ -72,9 +75,12 @@ def column_sums(
     c: Combination, g: np.ndarray, mm: np.ndarray, mb: np.ndarray, bb: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`⟨M, X⟩`, `‖XĀ‖²` and `‖X − B̄‖²` of `X = c` from the column sums `mm`, `mb`, `bb` (`cosine_coefficients`)."""
-    inner = (c.alpha * mm + c.beta * mb).sum(-1)
-    product = (g * (c.alpha * c.alpha * mm + 2 * c.alpha * c.beta * mb + c.beta * c.beta * bb)).sum(-1)
-    moved = (c.alpha * c.alpha * mm + 2 * c.alpha * c.beta_m1 * mb + c.beta_m1 * c.beta_m1 * bb).sum(-1)
+    # `x @ v` sums over the last axis as `(x * v).sum(-1)` does, in one call (these run on r-vectors,
+    # where numpy's per-call cost is what counts)
+    aa = c.alpha * c.alpha
+    inner = c.alpha @ mm + c.beta @ mb
+    product = (aa * mm + 2 * c.alpha * c.beta * mb + c.beta * c.beta * bb) @ g
+    moved = aa @ mm + (2 * c.alpha * c.beta_m1) @ mb + (c.beta_m1 * c.beta_m1) @ bb
     return inner, product, moved
 
 
@@ -117,6 +123,11 @@ class _Columns:
     d: float
     lam: float
 
+    @cached_property
+    def gamma(self) -> np.ndarray:
+        """`g / g_max`: the grid's `v` is measured in units of `1/g_max`."""
+        return self.g / self.g.max()
+
     def radial_root(self, vg: np.ndarray, opv: np.ndarray, branch: int) -> np.ndarray:
         """The `u > 0` with `⟨X, X − B̄⟩ = 0` at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`).
 
@@ -126,10 +137,9 @@ class _Columns:
         NaN where the chosen root is not real and positive.
         """
         w = 1.0 / opv
-        wm1 = -vg * w  # w − 1 without cancellation
-        qa = (w * w * self.mm).sum(-1)
-        qb = ((w * w + w * wm1) * self.mb).sum(-1)
-        qc = (w * wm1 * self.bb).sum(-1)
+        ww = w * w
+        w_wm1 = -vg * ww  # w(w − 1), w − 1 = −v·g·w without cancellation
+        qa, qb, qc = ww @ self.mm, (ww + w_wm1) @ self.mb, w_wm1 @ self.bb
         disc = qb * qb - 4.0 * qa * qc
         half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
         r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
@@ -163,7 +173,7 @@ class _Piece:
 
     def points(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`v·g` and `1 + v·g` at each `s`, the latter without cancellation."""
-        gamma = cols.g / cols.g.max()
+        gamma = cols.gamma
         if self.positive:
             vg = 10.0 ** s[:, None] * gamma
             return vg, 1.0 + vg
@@ -185,7 +195,7 @@ class _Piece:
         u = cols.radial_root(vg, opv, self.branch)
         w = 1.0 / opv
         coef = (u * u)[:, None] * cols.mm + (2.0 * u)[:, None] * cols.mb + cols.bb
-        rho = np.sqrt(np.maximum((cols.g * w * w * coef).sum(-1), 0.0))
+        rho = np.sqrt(np.maximum((w * w * coef) @ cols.g, 0.0))
         phi = 2.0 * cols.lam * cols.d * u * rho - 1.0
         return np.where(np.isfinite(phi) & (rho > 0), phi, np.nan)
 
@@ -273,7 +283,7 @@ def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> Combination:
 
 def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi: float) -> Combination:
     """The point where `φ` changes sign between grid points `lo` and `hi` (`φ = f_lo`, `f_hi` there), to
-    machine precision: regula falsi in its Illinois form (bracketed, superlinear; a few scalar evaluations
+    machine precision (`|φ|` at its rounding, or the bracket at the spacing of floats): regula falsi in its Illinois form (bracketed, superlinear; a few scalar evaluations
     where bisection needs one per bit). A NaN `φ` counts as past the root and the next step bisects."""
     side = 0
     for _ in range(_ROOT_STEPS):
@@ -283,7 +293,7 @@ def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi
         if not lo < x < hi:  # also NaN
             x = 0.5 * (lo + hi)
         fx = float(piece.phi(cols, np.array([x]))[0])
-        if fx == 0:
+        if abs(fx) <= _PHI_ROUNDING:  # φ = 2λ‖ΔW‖u‖XĀ‖ − 1 is zero here to its rounding: x is the root
             lo = hi = x
             break
         if np.sign(fx) == np.sign(f_lo):
