@@ -10,7 +10,7 @@ terms. The cosine term ignores `X → cX`, so stationarity along that ray reads
 positive root `u(v)`, and what is left is one equation in one unknown,
 `φ(v) = 2λ‖ΔW‖ u(v) ‖X(v)Ā‖ − 1 = 0` (along this curve the gradient is
 proportional to `φ`). We scan `φ` on a log grid of `v` (its lower end follows
-from the FedIT point), find the root at every sign change to machine precision, and keep
+from the FedIT point), find the root at every sign change (to |φ| ≤ 1e-12), and keep
 the best point. Two rarer cases complete the search. When
 `cos(ΔW, B̄Ā) ≤ 0`, minima with negative cosine lie in `−1/g_max < v < 0`,
 where the curve folds back (two roots); the best grid points there are polished
@@ -34,8 +34,9 @@ _GRID_PER_DECADE = 16
 _MAX_EXTENSIONS = 4
 _ROOT_STEPS = 100
 _POLISH_STEPS = 60
-_PHI_ROUNDING = 8 * np.finfo(float).eps
-"""`|φ|` below which a point counts as a root: `φ = p − 1` with `p` a product of a few rounded factors."""
+_PHI_TOL = 1e-12
+"""`|φ|` below which a point counts as the root. `φ` is proportional to the gradient along the curve, so the
+objective is stationary there to this accuracy; `φ`'s own rounding, from sums of `r` terms, reaches 1e-13."""
 
 
 def cosine_coefficients(
@@ -282,9 +283,10 @@ def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> Combination:
 
 
 def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi: float) -> Combination:
-    """The point where `φ` changes sign between grid points `lo` and `hi` (`φ = f_lo`, `f_hi` there), to
-    machine precision (`|φ|` at its rounding, or the bracket at the spacing of floats): regula falsi in its Illinois form (bracketed, superlinear; a few scalar evaluations
-    where bisection needs one per bit). A NaN `φ` counts as past the root and the next step bisects."""
+    """The point where `φ` changes sign between grid points `lo` and `hi` (`φ = f_lo`, `f_hi` there), until
+    `|φ| ≤ _PHI_TOL` or the bracket is at the spacing of floats: regula falsi in its Illinois form (bracketed,
+    superlinear; a few scalar evaluations where bisection needs one per bit). A NaN `φ` counts as past the
+    root and the next step bisects."""
     side = 0
     for _ in range(_ROOT_STEPS):
         if hi - lo <= 4 * np.finfo(float).eps * max(1.0, abs(lo), abs(hi)):
@@ -293,7 +295,7 @@ def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi
         if not lo < x < hi:  # also NaN
             x = 0.5 * (lo + hi)
         fx = float(piece.phi(cols, np.array([x]))[0])
-        if abs(fx) <= _PHI_ROUNDING:  # φ = 2λ‖ΔW‖u‖XĀ‖ − 1 is zero here to its rounding: x is the root
+        if abs(fx) <= _PHI_TOL:
             lo = hi = x
             break
         if np.sign(fx) == np.sign(f_lo):
