@@ -1,4 +1,4 @@
-"""The loopback deployment (`simulations/deploy_loopback.py`): real `flower-superlink` and
+"""The loopback deployment (`simulations/loopback_deployment.py`, run by `deploy_loopback`): real `flower-superlink` and
 `flower-supernode` processes with TLS and SuperNode authentication, a SuperNode killed
 mid-round, an unregistered SuperNode. One deployment serves the module; its finalizer
 stops every process it started and checks that none is left. Also: a node's own data
@@ -21,7 +21,8 @@ from fairedge.common.certificates import make_node_key
 from fairedge.common.config import load_config
 from fairedge.common.task import base_model, client_partition, config_json, load_task
 from fairedge.common.training import evaluate_per_domain
-from fairedge.simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment, SuperNode, free_port
+from fairedge.simulations.loopback_deployment import DEFAULT_CONFIG, LoopbackDeployment, SuperNode
+from fairedge.simulations.loopback_processes import free_port
 
 START_CLIENTAPP = "Start `flwr-clientapp` process"
 

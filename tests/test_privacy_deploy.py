@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fairedge.simulations.deploy_loopback import DEFAULT_CONFIG, LoopbackDeployment
+from fairedge.simulations.loopback_deployment import DEFAULT_CONFIG, LoopbackDeployment
 from tests.tiny_vit import TINY_VIT
 
 pytestmark = pytest.mark.slow
