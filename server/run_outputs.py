@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
 from fairedge.common.adapter_record import flatten
 from fairedge.common.aggregation import Adapter, BaseDelta
@@ -433,7 +433,7 @@ def plot_accuracy(record: RunRecord, path: Path, metric: str = "accuracy") -> No
     plt.close(fig)
 
 
-def write_outputs(record: RunRecord, model: nn.Module, base_delta: dict[str, BaseDelta] | None = None) -> None:
+def write_outputs(record: RunRecord, model: PeftModel, base_delta: dict[str, BaseDelta] | None = None) -> None:
     """Write config, metrics, report, plot and the final adapter into the run folder, each file atomically.
 
     A base delta (the final change of the base weights, `W = W0 + P @ Q` per layer)

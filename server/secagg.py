@@ -33,6 +33,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid
 
 from fairedge.common.adapter_record import adapter_to_record, fp32_bytes, record_bytes, reply_tensors, unflatten
@@ -182,7 +183,7 @@ class _Run:
 
     def _setup(self, nodes: set[int]) -> set[int]:
         phases = 2 if self.two_phase else 1
-        fields = {
+        fields: dict[str, ConfigRecordValues] = {
             "stage": Stage.SETUP,
             "phases": phases,
             "threshold": self.threshold,
@@ -202,7 +203,7 @@ class _Run:
         contents = {}
         for u in alive:
             nodes = sorted(self.neighbours[u] & alive)
-            fields = {
+            fields: dict[str, ConfigRecordValues] = {
                 "stage": Stage.SHARE_KEYS,
                 "nodes": nodes,
                 "pk1": [k for v in nodes for k in self.pk1[v]],

@@ -208,7 +208,7 @@ class LoraStrategy(Strategy):
         if self.client_ranks:
             self._learn_ranks(sampled, config, grid)
             entry.ranks = {n: self.node_ranks[n] for n in sampled if n in self.node_ranks}
-        by_rank = {None: content}  # one downlink per rank: the global adapter cut to it
+        by_rank: dict[int | None, RecordDict] = {None: content}  # one downlink per rank: the global adapter cut to it
         for rank in sorted(set(entry.ranks.values())):
             cut = adapter_to_record(truncate_adapter(current, rank), self.downlink)
             by_rank[rank] = RecordDict({"arrays": cut, "config": content.config_records["config"]})
