@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from fairedge.common.aggregation import ClientUpdate, lora_fair
+from fairedge.common.aggregation.lora_fair import Objective
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import load_config
 from fairedge.common.task import client_partition, get_adapter, lora_model, set_adapter
@@ -52,7 +53,7 @@ def _rel_err_cos(U: torch.Tensor, V: torch.Tensor) -> tuple[float, float]:
 
 
 def layer_diagnostics(
-    A: list[torch.Tensor], B: list[torch.Tensor], p: torch.Tensor, W_g: torch.Tensor, lam: float, objective: str
+    A: list[torch.Tensor], B: list[torch.Tensor], p: torch.Tensor, W_g: torch.Tensor, lam: float, objective: Objective
 ) -> dict[str, float]:
     """Update-preservation figures of one layer for every candidate (float64, dense)."""
     A = [a.double() for a in A]

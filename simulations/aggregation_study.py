@@ -23,10 +23,10 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from peft import PeftModel
 
 from fairedge.common.aggregation import AGGREGATORS
 from fairedge.common.atomic_files import atomic_save_figure, atomic_write_text
@@ -67,7 +67,8 @@ def variants(partitions: Sequence[str], methods: Sequence[str]) -> dict[str, lis
 
 def _pool(parts: Sequence[LabeledData]) -> LabeledData:
     xs = [p.x for p in parts]
-    x = torch.cat(xs) if isinstance(xs[0], torch.Tensor) else [t for p in xs for t in p]
+    # the parts of one task: all images (tensors) or all texts, like the first
+    x = torch.cat(cast(list[torch.Tensor], xs)) if isinstance(xs[0], torch.Tensor) else [t for p in xs for t in p]
     return LabeledData(x=x, y=torch.cat([p.y for p in parts]), domain=torch.cat([p.domain for p in parts]))
 
 
@@ -77,7 +78,7 @@ def centralised(
     large_batch: bool = False,
     curve: bool = True,
     augment: Callable[[LabeledData], LabeledData] | None = None,
-) -> tuple[RunRecord, nn.Module]:
+) -> tuple[RunRecord, PeftModel]:
     """LoRA trained on the union of all clients' training data, no Flower.
 
     Same model, rank and seeded initial adapter as the federation; each "round" runs
@@ -92,7 +93,11 @@ def centralised(
     Returns the record and the trained model.
     """
     task, f = load_task(cfg), cfg.federation
-    pooled = _pool([client_partition(cfg, k) for k in range(f.num_clients)])
+    parts = [client_partition(cfg, k) for k in range(f.num_clients)]
+    labeled = [p for p in parts if isinstance(p, LabeledData)]
+    if len(labeled) < len(parts):
+        raise ValueError(f"centralised pools classification data; model.kind {cfg.model.kind!r} gives token data")
+    pooled = _pool(labeled)
     if augment is not None:
         pooled = augment(pooled)
     model, device = lora_model(cfg), resolve_device(f.device)

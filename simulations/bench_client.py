@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -45,6 +45,7 @@ import transformers
 from fairedge.common.adapter_record import adapter_to_record
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.common.config import load_config
+from fairedge.common.data.token_data import TokenData
 from fairedge.common.task import causal_lm_dir, client_partition, get_adapter, load_task, lora_model
 from fairedge.simulations.bench_client_measure import (
     child_train,
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.kind != "hf-causal-lm":
         parser.error(f"--config {args.config}: model.kind is {cfg.model.kind!r}; this benchmark needs 'hf-causal-lm'")
     task = load_task(cfg)
-    data = client_partition(cfg, 0, task=task)
+    data = cast(TokenData, client_partition(cfg, 0, task=task))  # model.kind hf-causal-lm (checked above)
     roles = [task.domains[int(d)] for d in data.domain.unique()]
     log(f"client 0: {roles}, {len(data)} rows")
 

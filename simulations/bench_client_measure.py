@@ -116,7 +116,7 @@ def plain_peft_model(cfg: RunConfig) -> PeftModel:
     targets = lora.target_modules or LORA_TARGET_PRESETS["attention"]
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int by PEFT; a float scale alpha / r works
         lora_dropout=lora.dropout,
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
         layers_to_transform=list(range(n_layers - lora.top_layers, n_layers)) if lora.top_layers else None,

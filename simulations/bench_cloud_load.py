@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -70,7 +70,7 @@ def stamp(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def read_ids(x: np.ndarray) -> np.ndarray:
     """The ids `stamp` wrote into `x`."""
     bits = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)[:, :4].view(np.uint32) & 0xFF
-    return sum(bits[:, j].astype(np.int64) << (8 * j) for j in range(4))
+    return cast(np.ndarray, sum(bits[:, j].astype(np.int64) << (8 * j) for j in range(4)))  # 4 terms: never sum's 0
 
 
 # ----- the cloud process -----
@@ -266,6 +266,11 @@ def summarise(
     def pct(values: Sequence[float], q: float) -> float | None:
         return float(np.percentile(values, q)) if values else None
 
+    def ms(latencies: Sequence[float], q: float) -> float:
+        if not latencies:  # no ordinary upload acknowledged: a run too short for the first (up to INTERVAL_S in)
+            raise ValueError(f"ack_latency_ms: no upload acknowledged in {window:.1f} s, no p{q:g} latency")
+        return 1e3 * float(np.percentile(latencies, q))
+
     lat_ordinary = [x for d in devices if not d.flood for x in d.latency_s]
     lat_flood = [x for d in devices if d.flood for x in d.latency_s]
     times = np.array([t - t_start for t, _ in rss])
@@ -286,12 +291,12 @@ def summarise(
         "samples_used_never_acknowledged": unacked_used,
         "refusals": dict(refusals),
         "ack_latency_ms": {
-            "ordinary_p50": 1e3 * pct(lat_ordinary, 50),
-            "ordinary_p99": 1e3 * pct(lat_ordinary, 99),
-            "flooder_p50": 1e3 * pct(lat_flood, 50) if lat_flood else None,
-            "flooder_p99": 1e3 * pct(lat_flood, 99) if lat_flood else None,
-            "all_p50": 1e3 * pct(lat_ordinary + lat_flood, 50),
-            "all_p99": 1e3 * pct(lat_ordinary + lat_flood, 99),
+            "ordinary_p50": ms(lat_ordinary, 50),
+            "ordinary_p99": ms(lat_ordinary, 99),
+            "flooder_p50": ms(lat_flood, 50) if lat_flood else None,
+            "flooder_p99": ms(lat_flood, 99) if lat_flood else None,
+            "all_p50": ms(lat_ordinary + lat_flood, 50),
+            "all_p99": ms(lat_ordinary + lat_flood, 99),
         },
         "updates": cloud["updates"],
         "update_failures": cloud["failures"],

@@ -25,6 +25,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -102,7 +103,11 @@ def size_row(data: str, tensors: dict[str, torch.Tensor], density: float) -> dic
 def message_row(tensors: dict[str, torch.Tensor], density: float) -> dict:
     """Whole-message size of one update (round and example count set, as a client sends it)."""
     n = sum(t.numel() for t in tensors.values())
-    kinds = {"nameless": {}, "named": {"include_names": True}, "nameless_tensor_scope": {"scope": "tensor"}}
+    kinds: dict[str, dict[str, Any]] = {
+        "nameless": {},
+        "named": {"include_names": True},
+        "nameless_tensor_scope": {"scope": "tensor"},
+    }
     row = {"params": n, "tensors": len(tensors), "density": density, "bound_bytes": entropy_bound(density) * n / 8}
     for kind, kwargs in kinds.items():
         size = len(compress(tensors, density=density, round=123, num_examples=4567, **kwargs))
@@ -110,7 +115,9 @@ def message_row(tensors: dict[str, torch.Tensor], density: float) -> dict:
     return row
 
 
-def throughput(tensors: dict[str, torch.Tensor], density: float, scope: str, repeats: int) -> dict:
+def throughput(
+    tensors: dict[str, torch.Tensor], density: float, scope: Literal["global", "tensor"], repeats: int
+) -> dict:
     """Median MB/s over `repeats` runs, by wall clock and by this process's CPU time.
 
     CPU time is what one core spends; it stays meaningful when other jobs share the machine
@@ -136,7 +143,7 @@ def throughput(tensors: dict[str, torch.Tensor], density: float, scope: str, rep
         runs["decompress_cpu"].append(time.process_time() - cpu)
     mb = 4 * n / 1e6
     kept = read_header(payload, expected=expected).num_kept
-    row = {"params": n, "tensors": len(tensors), "density": density, "scope": scope, "kept": kept}
+    row: dict[str, Any] = {"params": n, "tensors": len(tensors), "density": density, "scope": scope, "kept": kept}
     row |= {f"{key}_MBps_median": mb / statistics.median(times) for key, times in runs.items()}
     row |= {f"{key}_s": times for key, times in runs.items()}
     return row

@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -63,6 +63,7 @@ from fairedge.common.edge_model import (
     quantize_onnx,
     weights_version,
 )
+from fairedge.common.models import TextClassifier
 from fairedge.common.task import base_model, load_task
 from fairedge.simulations.edge_latency_report import markdown
 from fairedge.simulations.paths import CONFIG, RESULTS, ROOT
@@ -146,7 +147,7 @@ def _minilm() -> tuple[MergedModel, Any, str]:
         }
     )
     task = load_task(cfg)
-    model = base_model(cfg)
+    model = cast(TextClassifier, base_model(cfg))  # model.kind hf-text (above)
     pooled: list[torch.Tensor] = []
     hook = model.classifier.register_forward_hook(lambda _m, args, _out: pooled.append(args[0].detach()))
     with torch.inference_mode():
@@ -299,7 +300,13 @@ def _latency(merged: MergedModel, x: Any, sessions: dict[str, Any], repeats: int
             with torch.inference_mode():
                 model(**tf)
 
-        fns = {"torch_eager": eager, **{f"ort_{k}": (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}}
+        fns: dict[str, Callable[[], Any]] = {"torch_eager": eager}
+        for k, s in sessions.items():
+
+            def ort(s: Any = s, f: dict[str, np.ndarray] = feeds) -> Any:
+                return s.run(None, f)
+
+            fns[f"ort_{k}"] = ort
         load = os.getloadavg()[0]
         cpu: dict[str, list[float]] = {}
         times = _alternate(fns, repeats, cpu=cpu)
@@ -325,8 +332,14 @@ def _swap(merged: MergedModel, x: Any, sessions: dict[str, Any], fp32: Path, rep
     fns: dict[str, Callable[[], Any]] = {}
     for kind in ("fp32", "int8"):
         sess = sessions[kind]
-        fns[f"{kind}_defaults"] = lambda s=sess: s.run(None, feeds)
-        fns[f"{kind}_swapped"] = lambda s=sess: s.run(None, {**feeds, **new})
+
+        def defaults(s: Any = sess) -> Any:
+            return s.run(None, feeds)
+
+        def swapped(s: Any = sess) -> Any:
+            return s.run(None, {**feeds, **new})
+
+        fns[f"{kind}_defaults"], fns[f"{kind}_swapped"] = defaults, swapped
     cpu: dict[str, list[float]] = {}
     times = {k: _median_ms(v) for k, v in _alternate(fns, repeats, cpu=cpu).items()}
     cpu_ms = {k: _median_ms(v) for k, v in cpu.items()}

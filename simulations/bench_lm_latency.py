@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -267,21 +268,22 @@ def _latency(
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     ort = _ort_models(export_dir, threads)
+
+    def ort_run(lm: OrtCausalLM) -> Callable[[list[int], list[float]], Any]:
+        return lambda ids, s: lm.generate_ids([ids], n, stop_at_eos=False, stamps=s)
+
     runs: dict[str, Callable[[list[int], list[float]], Any]] = {
         "torch_eager": lambda ids, s: _torch_generate(model, ids, n, pad, fixed=True, stamps=s),
-        **{
-            name: (lambda ids, s, lm=lm: lm.generate_ids([ids], n, stop_at_eos=False, stamps=s))
-            for name, lm in ort.items()
-        },
+        **{name: ort_run(lm) for name, lm in ort.items()},
     }
     for run in runs.values():  # warm-up
-        _timed(lambda s, run=run: run(prompts[0], s))
+        _timed(partial(run, prompts[0]))
     first: dict[str, list[float]] = {b: [] for b in BACKENDS}
     per_token: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for _ in range(repeats):
         for ids in prompts:
             for name, run in runs.items():
-                ttft, steps = _timed(lambda s, run=run, ids=ids: run(ids, s))
+                ttft, steps = _timed(partial(run, ids))
                 first[name].append(ttft)
                 per_token[name].extend(steps)
     med = {b: statistics.median(per_token[b]) for b in BACKENDS}

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fairedge.common.atomic_files import atomic_save_figure
-from fairedge.common.config import config_hash, load_config
+from fairedge.common.config import RunConfig, config_hash, load_config
 from fairedge.server.run_outputs import RunRecord, new_run_dir
 from fairedge.simulations.paths import display
 from fairedge.simulations.report import mean_std, write_report
@@ -103,7 +103,7 @@ def variants(seed: int, quick: bool = False) -> dict[str, list[str]]:
     return out
 
 
-def simulate_inprocess(cfg) -> RunRecord:  # type: ignore[no-untyped-def]
+def simulate_inprocess(cfg: RunConfig) -> RunRecord:
     """One run with the in-process engine (clients one after another; no Ray start-up)."""
     from fairedge.simulations.simulate import simulate
 

@@ -58,6 +58,7 @@ def run_stream(
         token = service.credentials.issue(device_id)
         address = service.start(port=0)
         try:
+            assert address is not None, "CloudService.start serves gRPC by default: it returns the address"
             with EdgeRuntime(
                 onnx_path,
                 edge_cfg,
@@ -68,10 +69,11 @@ def run_stream(
 
                 def lockstep(rt: EdgeRuntime) -> None:
                     """Uploads acknowledged, every possible cloud update done, its parameters in use."""
-                    if rt.sync is None:  # select = "none": nothing to wait for
+                    sync = rt.sync
+                    if sync is None:  # select = "none": nothing to wait for
                         return
-                    if not (rt.drain(60) and _wait(lambda: rt.sync.status.registered, 60)):
-                        raise TimeoutError(f"{device_id}: uploads not acknowledged in 60 s: {rt.sync.status}")
+                    if not (rt.drain(60) and _wait(lambda: sync.status.registered, 60)):
+                        raise TimeoutError(f"{device_id}: uploads not acknowledged in 60 s: {sync.status}")
                     service.flush(timeout=120)
                     version = service.norm_params(device_id)[0]
                     if not rt.wait_for_params(version, 60):

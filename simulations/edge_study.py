@@ -175,6 +175,8 @@ def run_study(
         if tune:
             return data
         label = "given" if overrides is not None else chosen_setting(data["tuning"])
+        if label is None:
+            raise ValueError(f"chosen_setting: no TUNING setting with rows for every mode on seed 0 in {out}")
         overrides = list(overrides) if overrides is not None else TUNING[label]
         data["chosen"], data["overrides"] = label, overrides
         # rows of an earlier choice would mix into the per-seed gains

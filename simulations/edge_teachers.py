@@ -59,6 +59,8 @@ def photometric_jitter(data: LabeledData, *, copies: int = JITTER_COPIES, seed: 
     The standard photometric augmentation that makes large pre-trained models robust to lighting
     changes; the federation and the device's model never see it.
     """
+    if not isinstance(data.x, torch.Tensor):
+        raise ValueError("photometric_jitter needs an image task (data.x of shape (N, C, H, W)), got texts")
     gen = torch.Generator().manual_seed(seed)
     x01 = data.x * PIXEL_STD + PIXEL_MEAN
     mean = x01.mean(dim=(1, 2, 3), keepdim=True)

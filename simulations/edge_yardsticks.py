@@ -63,6 +63,8 @@ def norm_headroom(
     adaptation of only the norm parameters can gain on that corruption: the check that a stream can
     show CEMA's effect at all (not deployable: it uses labels).
     """
+    if not isinstance(test.x, torch.Tensor):
+        raise ValueError("norm_headroom needs an image task (test.x of shape (N, C, H, W)), got texts")
     name = served.inputs[0].name
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(test), generator=gen)

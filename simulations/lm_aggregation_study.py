@@ -325,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     study = setup.resolve(args, STUDY_OVERRIDES)
     methods = list(args.methods or (QUICK_METHODS if args.quick else METHODS))
     out = study.results / f"{FILE}.json"
-    federated, central = variants(methods), {CENTRAL: []}
+    federated = variants(methods)
+    central: dict[str, list[str]] = {CENTRAL: []}
     setup.announce(
         "LM aggregation study", study.config, {**federated, **central}, study.seeds, out, study.common, study.setting
     )

@@ -270,7 +270,12 @@ class LoopbackDeployment:
 
     def wait_online(self, timeout: float = 120) -> None:
         """Wait until every started SuperNode is connected (so round 1 samples all of them)."""
-        wanted = {n.node_id for n in self.nodes if n.process is not None}
+        wanted: set[int] = set()
+        for n in self.nodes:
+            if n.process is not None:
+                if n.node_id is None:
+                    raise DeploymentError(f"SuperNode {n.index} has node_id None: call register_nodes() first")
+                wanted.add(n.node_id)
         deadline = time.monotonic() + timeout
         while not wanted <= (online := self.online_nodes()):
             for n in self.nodes:

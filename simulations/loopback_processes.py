@@ -106,7 +106,7 @@ def spawn(
     """Start `cmd` in its own process group, output to `log_path` (and to `on_line`)."""
     if on_line is None:
         log_file = open(log_path, "ab")  # noqa: SIM115  (the Popen outlives this function; Process closes it)
-        popen = subprocess.Popen(
+        popen: subprocess.Popen[bytes] | subprocess.Popen[str] = subprocess.Popen(
             cmd,
             cwd=cwd,
             env=env,

@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fairedge.common.config import config_hash, load_config
 from fairedge.common.lora_ranks import assigned_rank
@@ -197,7 +197,7 @@ def domain_ranks(config: str, common: Sequence[str]) -> dict[str, int]:
     return {domains[i % len(domains)]: assigned_rank(cfg.lora, cfg.seed, i) for i in range(cfg.federation.num_clients)}
 
 
-def run_one(engine: str, cpu: dict[str, float]):
+def run_one(engine: Literal["ray", "inprocess"], cpu: dict[str, float]):
     """A sweep runner that simulates on `engine` and notes each run's process CPU seconds (inprocess: all of it)."""
     from fairedge.simulations.simulate import simulate
 

@@ -23,7 +23,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,7 +36,7 @@ from fairedge.simulations.real_deltas import collect_deltas
 
 DENSITIES = (0.05, 0.1, 0.2)
 ALPHAS = (1.0, 2.0, 3.0)
-SCOPES = ("global", "tensor")
+SCOPES: tuple[Literal["global", "tensor"], ...] = ("global", "tensor")
 GAUSSIAN_SAMPLES = 1 << 20
 
 
@@ -52,7 +52,9 @@ def kurtosis(values: torch.Tensor) -> float:
     return float(centred.pow(4).mean() / centred.pow(2).mean().pow(2))
 
 
-def codec_error(update: dict[str, torch.Tensor], density: float, alpha: float, scope: str) -> float:
+def codec_error(
+    update: dict[str, torch.Tensor], density: float, alpha: float, scope: Literal["global", "tensor"]
+) -> float:
     """‖decode(encode(update)) − update‖ / ‖update‖ over the whole adapter."""
     shapes = {name: tuple(t.shape) for name, t in update.items()}
     decoded = decompress(compress(update, density=density, alpha=alpha, scope=scope), expected=shapes)
