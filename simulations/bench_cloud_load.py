@@ -45,6 +45,7 @@ from fairedge.common.tensor_proto import to_proto
 from fairedge.common.wire import edge_service_pb2 as pb
 from fairedge.common.wire import edge_service_pb2_grpc as pb_grpc
 from fairedge.simulations.paths import CONFIG, RESULTS
+from fairedge.simulations.report import one_decimal
 
 BATCH = 8
 """Samples per upload of an ordinary device."""
@@ -359,8 +360,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['devices']} | {r['uploads_acknowledged']} | {r['samples_acknowledged']} | {r['samples_used']} | "
             f"{r['samples_waiting_at_end']} | **{r['samples_lost']}** | **{r['samples_used_twice']}** | "
-            f"{lat['ordinary_p50']:.1f} / {lat['ordinary_p99']:.1f} | {lat['flooder_p50']:.1f} / "
-            f"{lat['flooder_p99']:.1f} | {r['updates_per_s']:.1f} | {mem['start']:.0f} / {mem['peak']:.0f} / "
+            f"{lat['ordinary_p50']:.1f} / {lat['ordinary_p99']:.1f} | {one_decimal(lat['flooder_p50'])} / "
+            f"{one_decimal(lat['flooder_p99'])} | {r['updates_per_s']:.1f} | {mem['start']:.0f} / {mem['peak']:.0f} / "
             f"{mem['end']:.0f} | {mem['slope_mb_per_min']:+.1f} / {mem['slope_second_half_mb_per_min']:+.1f} |"
         )
     lines += [
@@ -378,7 +379,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['devices']} | {f['flooder_acked_per_s']:.0f} | {f['ordinary_acked_per_s_each']:.1f} | "
             f"{f['flooder_share_of_learner']:.1%} | {f['ordinary_share_of_learner_each']:.2%} | "
             f"{f['ordinary_served_fraction_min']:.2f} / {f['ordinary_served_fraction_mean']:.2f} | "
-            f"{f['ordinary_ack_to_learned_s_p50']:.1f} / {f['ordinary_ack_to_learned_s_p99']:.1f} | "
+            f"{one_decimal(f['ordinary_ack_to_learned_s_p50'])} / {one_decimal(f['ordinary_ack_to_learned_s_p99'])} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['refusals'].items())) or '-'} |"
         )
     lines += ["", "## Server memory over time", "", *rss_table(result["runs"]), "", *NOTES]

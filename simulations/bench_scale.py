@@ -41,6 +41,7 @@ import psutil
 
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
 from fairedge.simulations.paths import CONFIG, RESULTS
+from fairedge.simulations.report import one_decimal
 
 TAG = "FAIREDGE_SCALE_BENCH"
 """Environment variable that marks every process of one run (Ray's daemons inherit it, even when re-parented)."""
@@ -191,10 +192,6 @@ def measure(task: str, total: int, sampled: int, rounds: int, every_s: float) ->
     }
 
 
-def _seconds(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The results as a Markdown report."""
     runs, m = result["runs"], result["machine"]
@@ -223,7 +220,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['total_clients']} | {r['sampled_per_round']} | {r['peak_rss_mb']} | "
             f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | {r['peak_pss_mb']} | "
             f"{r['peak_pss_mb'] / base['peak_pss_mb']:.2f} | {r['peak_processes']} | "
-            f"{r['seconds_per_round']:.1f} | {_seconds(r['seconds_per_later_round'])} | "
+            f"{r['seconds_per_round']:.1f} | {one_decimal(r['seconds_per_later_round'])} | "
             f"{sum(r['server_cpu_s']) / len(r['server_cpu_s']):.1f} | {r['start_s']:.1f} |"
         )
     worst = max(r["peak_rss_mb"] / base["peak_rss_mb"] for r in runs)

@@ -49,6 +49,11 @@ def write_report(path: Path, template: str, **values: Any) -> str:
     return text
 
 
+def one_decimal(value: float | None, *, empty: str = "–") -> str:
+    """`value` to one decimal; `empty` where a figure could not be measured (None)."""
+    return empty if value is None else f"{value:.1f}"
+
+
 def mean_std(values: Sequence[float], fmt: str = "{:.4f}", *, empty: str = "-") -> str:
     """`mean ± std` of the values that are not NaN (sample std; 0 for one value); `empty` when none is.
 
