@@ -25,12 +25,12 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
-from fairedge.common.compression import compress, decompress, read_header
+from fairedge.common.compression import Scope, compress, decompress, read_header
 from fairedge.common.wire import adapter_update_pb2 as pb
 
 DEFAULT_OUT = Path("simulations/results/compression_codec.md")
@@ -115,9 +115,7 @@ def message_row(tensors: dict[str, torch.Tensor], density: float) -> dict:
     return row
 
 
-def throughput(
-    tensors: dict[str, torch.Tensor], density: float, scope: Literal["global", "tensor"], repeats: int
-) -> dict:
+def throughput(tensors: dict[str, torch.Tensor], density: float, scope: Scope, repeats: int) -> dict:
     """Median MB/s over `repeats` runs, by wall clock and by this process's CPU time.
 
     CPU time is what one core spends; it stays meaningful when other jobs share the machine

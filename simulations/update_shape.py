@@ -23,12 +23,12 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from fairedge.common.atomic_files import atomic_write_json, atomic_write_text
-from fairedge.common.compression import compress, decompress
+from fairedge.common.compression import Scope, compress, decompress
 from fairedge.common.config import RunConfig, load_config
 from fairedge.simulations import lm_study_setup
 from fairedge.simulations.paths import CONFIG, RESULTS, display
@@ -36,7 +36,7 @@ from fairedge.simulations.real_deltas import collect_deltas
 
 DENSITIES = (0.05, 0.1, 0.2)
 ALPHAS = (1.0, 2.0, 3.0)
-SCOPES: tuple[Literal["global", "tensor"], ...] = ("global", "tensor")
+SCOPES: tuple[Scope, ...] = ("global", "tensor")
 GAUSSIAN_SAMPLES = 1 << 20
 
 
@@ -52,9 +52,7 @@ def kurtosis(values: torch.Tensor) -> float:
     return float(centred.pow(4).mean() / centred.pow(2).mean().pow(2))
 
 
-def codec_error(
-    update: dict[str, torch.Tensor], density: float, alpha: float, scope: Literal["global", "tensor"]
-) -> float:
+def codec_error(update: dict[str, torch.Tensor], density: float, alpha: float, scope: Scope) -> float:
     """‖decode(encode(update)) − update‖ / ‖update‖ over the whole adapter."""
     shapes = {name: tuple(t.shape) for name, t in update.items()}
     decoded = decompress(compress(update, density=density, alpha=alpha, scope=scope), expected=shapes)

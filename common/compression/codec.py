@@ -58,6 +58,8 @@ from fairedge.common.wire import adapter_update_pb2 as pb
 FORMAT_VERSION = 2
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of decoded float32
 MAX_DIMS = 8
+Scope = Literal["global", "tensor"]
+"""Where top-k picks its entries: over the whole update (`global`) or within each tensor."""
 
 _DENSE_DTYPES: dict[pb.Encoding, np.dtype[Any]] = {pb.DENSE_FP32: np.dtype("<f4"), pb.DENSE_FP16: np.dtype("<f2")}
 
@@ -111,7 +113,7 @@ def compress(
     *,
     density: float,
     alpha: float = 1.0,
-    scope: Literal["global", "tensor"] = "global",
+    scope: Scope = "global",
     encoding_dense: Literal["fp32", "fp16"] = "fp32",
     include_names: bool = False,
     round: int = 0,
