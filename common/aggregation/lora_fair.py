@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .base import Adapter, Aggregator, ClientUpdate, average_heads, client_weights, layer_factors
-from .factored import LowRankSum, Weights, exact_enough, gram_cost, require_finite, whole_grams
+from .factored import LowRankSum, Weights, exact_enough, gram_cost, gram_sq_norm, require_finite, whole_grams
 from .lora_fair_cosine import Combination, column_sums, cosine_coefficients
 from .ranks import RankPadding, pad_updates
 
@@ -216,8 +216,7 @@ def _in_span(
     # all in NumPy float64: a few dozen small products, where torch's per-call cost would dominate
     gram_a, gram_b = (g.numpy().astype(np.float64) for g in grams)
     p, w, u = delta.p.numpy(), delta.w.numpy(), U.numpy()
-    terms = gram_a * gram_b
-    dw_sq, size = w @ terms @ w, w @ np.abs(terms) @ w  # ‖ΔW‖² and its terms' size (w ≥ 0)
+    dw_sq, size = (float(x) for x in gram_sq_norm(*grams, delta.w))  # ‖ΔW‖² and its terms' size
     k, r = len(delta.ranks), delta.ranks[0]
     kr = k * r
     weighted = w[:, None] * (gram_a.reshape(kr, k, r) * p[None, :, None]).sum(1)  # W (A_sA_sᵀ) D
