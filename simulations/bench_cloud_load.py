@@ -268,9 +268,10 @@ def summarise(
         return float(np.percentile(values, q)) if values else None
 
     def ms(latencies: Sequence[float], q: float) -> float:
-        if not latencies:  # no ordinary upload acknowledged: a run too short for the first (up to INTERVAL_S in)
+        value = pct(latencies, q)
+        if value is None:  # no ordinary upload acknowledged: a run too short for the first (up to INTERVAL_S in)
             raise ValueError(f"ack_latency_ms: no upload acknowledged in {window:.1f} s, no p{q:g} latency")
-        return 1e3 * float(np.percentile(latencies, q))
+        return 1e3 * value
 
     lat_ordinary = [x for d in devices if not d.flood for x in d.latency_s]
     lat_flood = [x for d in devices if d.flood for x in d.latency_s]
