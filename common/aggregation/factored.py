@@ -295,7 +295,11 @@ def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[tor
     total = torch.zeros((), dtype=torch.float64, device=A.device)
     magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
     for s, e in _slabs(A.shape[0]):
-        prod = ((A[s:e] @ A[s:].T) * (Bs[:, s:e].T @ Bs[:, s:])).double() * (w[s:e, None] * w[None, s:])
-        total += 2 * prod.sum() - prod[:, : e - s].sum()
-        magnitude += 2 * prod.abs().sum() - prod[:, : e - s].abs().sum()
+        # as `gram_sq_norm`, per slab: one float64 temporary of exact products, weighted as `w_sᵀ(·)w`; the
+        # diagonal block (columns `s:e`) is counted once, the blocks right of it twice (for those below)
+        terms = (A[s:e] @ A[s:].T).double().mul_(Bs[:, s:e].T @ Bs[:, s:])
+        ws, wt = w[s:e], w[s:]
+        total += 2 * (ws @ terms @ wt) - ws @ terms[:, : e - s] @ ws
+        terms.abs_()
+        magnitude += 2 * (ws @ terms @ wt) - ws @ terms[:, : e - s] @ ws
     return total, magnitude
