@@ -366,6 +366,14 @@ class CloudConfig(Section):
     replay_per_step: int = Field(96, ge=0, description="most replayed samples mixed into one step")
     min_new_per_update: int = Field(32, ge=1, description="new samples a device must have waiting before an update")
     steps_per_update: int = Field(1, ge=1, description="learning steps per published version")
+    replay_every: int = Field(
+        0,
+        ge=0,
+        description="pace the learner on each device's stream: while a device has published fewer versions than "
+        "the samples it reports having seen (SampleBatch.stream_seen) divided by this, and has too few new samples "
+        "for an update, an update learns from replayed samples alone (new_per_step + replay_per_step of them), as "
+        "the public CEMA code steps once per stream batch; 0 = off (updates only on new samples)",
+    )
     buffer_size: int = Field(10_000, ge=0, description="replay buffer bound per device, in samples")
     max_batch_samples: int = Field(256, ge=1, description="most samples in one uploaded SampleBatch")
     max_pending_samples: int = Field(
@@ -392,6 +400,11 @@ class CloudConfig(Section):
         if self.min_new_per_update > self.new_per_step:
             raise ValueError(
                 f"cloud.min_new_per_update={self.min_new_per_update} exceeds cloud.new_per_step={self.new_per_step}"
+            )
+        if self.replay_every and not self.buffer_size:
+            raise ValueError(
+                f"cloud.replay_every={self.replay_every} needs samples to replay, but cloud.buffer_size=0; "
+                "set cloud.buffer_size > 0 or cloud.replay_every=0"
             )
         return self
 

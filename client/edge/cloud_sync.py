@@ -120,6 +120,7 @@ class CloudSync:
         self._watch_backoff = Backoff(backoff_initial_s, backoff_max_s, random.Random(rng.getrandbits(64)))
         self.watch = watch
         self.status = SyncStatus()
+        self.stream_seen = 0  # samples predicted so far: each upload carries it (SampleBatch.stream_seen)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -133,6 +134,11 @@ class CloudSync:
     def start(self) -> None:
         for t in self._threads:
             t.start()
+
+    def note_seen(self, samples: int) -> None:
+        """The device has predicted `samples` in all (its stream clock, sent with the next uploads)."""
+        with self._lock:
+            self.stream_seen = max(self.stream_seen, int(samples))
 
     def wake(self) -> None:
         """New batches are queued: send them now rather than at the next poll."""
@@ -233,6 +239,8 @@ class CloudSync:
         self._fetch_if_newer()
 
     def _messages(self, batches: list[QueuedBatch]) -> list[pb.SampleBatch]:
+        with self._lock:
+            seen = self.stream_seen
         return [
             pb.SampleBatch(
                 device_id=self.device_id,
@@ -240,6 +248,7 @@ class CloudSync:
                 batch_id=b.batch_id,
                 inputs=[to_proto(name, array) for name, array in b.inputs.items()],
                 entropies=b.entropy.tolist(),
+                stream_seen=seen,
             )
             for b in batches
         ]

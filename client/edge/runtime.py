@@ -151,6 +151,8 @@ class EdgeRuntime:
         logits, version = self.session.predict(feeds)
         latency_ms = (time.perf_counter() - t0) * 1e3
         selection = self.selector.select(logits)
+        if self.sync is not None:
+            self.sync.note_seen(self._seen + len(logits))
         if self.queue is not None and selection.mask.any():
             chosen = {name: a[selection.mask] for name, a in feeds.items()}
             self.queue.put(chosen, selection.entropy[selection.mask])

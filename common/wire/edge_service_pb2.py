@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65\x64ge_service.proto\x12\x0b\x66\x61iredge.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\\\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"s\n\rRegisterReply\x12\x16\n\x0eparams_version\x18\x01 \x01(\x04\x12\x18\n\x10norm_param_names\x18\x02 \x03(\t\x12\x19\n\x11max_batch_samples\x18\x03 \x01(\r\x12\x15\n\rlast_batch_id\x18\x04 \x01(\x04\"y\n\x0bSampleBatch\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.fairedge.v1.Tensor\x12\x11\n\tentropies\x18\x04 \x03(\x02\x12\r\n\x05\x65poch\x18\x05 \x01(\t\"v\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x16\n\x0etotal_accepted\x18\x02 \x01(\x04\x12\x15\n\rlast_batch_id\x18\x03 \x01(\x04\x12\x16\n\x0eparams_version\x18\x04 \x01(\x04\x12\x0e\n\x06resent\x18\x05 \x01(\x04\"=\n\x11NormParamsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"B\n\nNormParams\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x06params\x18\x02 \x03(\x0b\x32\x13.fairedge.v1.Tensor2\xae\x02\n\x0e\x45\x64geAdaptation\x12\x44\n\x08Register\x12\x1c.fairedge.v1.RegisterRequest\x1a\x1a.fairedge.v1.RegisterReply\x12>\n\x06Upload\x12\x18.fairedge.v1.SampleBatch\x1a\x18.fairedge.v1.UploadReply(\x01\x12H\n\rGetNormParams\x12\x1e.fairedge.v1.NormParamsRequest\x1a\x17.fairedge.v1.NormParams\x12L\n\x0fWatchNormParams\x12\x1e.fairedge.v1.NormParamsRequest\x1a\x17.fairedge.v1.NormParams0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65\x64ge_service.proto\x12\x0b\x66\x61iredge.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\\\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"s\n\rRegisterReply\x12\x16\n\x0eparams_version\x18\x01 \x01(\x04\x12\x18\n\x10norm_param_names\x18\x02 \x03(\t\x12\x19\n\x11max_batch_samples\x18\x03 \x01(\r\x12\x15\n\rlast_batch_id\x18\x04 \x01(\x04\"\x8e\x01\n\x0bSampleBatch\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x12#\n\x06inputs\x18\x03 \x03(\x0b\x32\x13.fairedge.v1.Tensor\x12\x11\n\tentropies\x18\x04 \x03(\x02\x12\r\n\x05\x65poch\x18\x05 \x01(\t\x12\x13\n\x0bstream_seen\x18\x06 \x01(\x04\"v\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x16\n\x0etotal_accepted\x18\x02 \x01(\x04\x12\x15\n\rlast_batch_id\x18\x03 \x01(\x04\x12\x16\n\x0eparams_version\x18\x04 \x01(\x04\x12\x0e\n\x06resent\x18\x05 \x01(\x04\"=\n\x11NormParamsRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"B\n\nNormParams\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x06params\x18\x02 \x03(\x0b\x32\x13.fairedge.v1.Tensor2\xae\x02\n\x0e\x45\x64geAdaptation\x12\x44\n\x08Register\x12\x1c.fairedge.v1.RegisterRequest\x1a\x1a.fairedge.v1.RegisterReply\x12>\n\x06Upload\x12\x18.fairedge.v1.SampleBatch\x1a\x18.fairedge.v1.UploadReply(\x01\x12H\n\rGetNormParams\x12\x1e.fairedge.v1.NormParamsRequest\x1a\x17.fairedge.v1.NormParams\x12L\n\x0fWatchNormParams\x12\x1e.fairedge.v1.NormParamsRequest\x1a\x17.fairedge.v1.NormParams0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_end=195
   _globals['_REGISTERREPLY']._serialized_start=197
   _globals['_REGISTERREPLY']._serialized_end=312
-  _globals['_SAMPLEBATCH']._serialized_start=314
-  _globals['_SAMPLEBATCH']._serialized_end=435
-  _globals['_UPLOADREPLY']._serialized_start=437
-  _globals['_UPLOADREPLY']._serialized_end=555
-  _globals['_NORMPARAMSREQUEST']._serialized_start=557
-  _globals['_NORMPARAMSREQUEST']._serialized_end=618
-  _globals['_NORMPARAMS']._serialized_start=620
-  _globals['_NORMPARAMS']._serialized_end=686
-  _globals['_EDGEADAPTATION']._serialized_start=689
-  _globals['_EDGEADAPTATION']._serialized_end=991
+  _globals['_SAMPLEBATCH']._serialized_start=315
+  _globals['_SAMPLEBATCH']._serialized_end=457
+  _globals['_UPLOADREPLY']._serialized_start=459
+  _globals['_UPLOADREPLY']._serialized_end=577
+  _globals['_NORMPARAMSREQUEST']._serialized_start=579
+  _globals['_NORMPARAMSREQUEST']._serialized_end=640
+  _globals['_NORMPARAMS']._serialized_start=642
+  _globals['_NORMPARAMS']._serialized_end=708
+  _globals['_EDGEADAPTATION']._serialized_start=711
+  _globals['_EDGEADAPTATION']._serialized_end=1013
 # @@protoc_insertion_point(module_scope)

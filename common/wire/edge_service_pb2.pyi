@@ -43,18 +43,20 @@ class RegisterReply(_message.Message):
     def __init__(self, params_version: _Optional[int] = ..., norm_param_names: _Optional[_Iterable[str]] = ..., max_batch_samples: _Optional[int] = ..., last_batch_id: _Optional[int] = ...) -> None: ...
 
 class SampleBatch(_message.Message):
-    __slots__ = ("device_id", "batch_id", "inputs", "entropies", "epoch")
+    __slots__ = ("device_id", "batch_id", "inputs", "entropies", "epoch", "stream_seen")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ENTROPIES_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STREAM_SEEN_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     batch_id: int
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     entropies: _containers.RepeatedScalarFieldContainer[float]
     epoch: str
-    def __init__(self, device_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., entropies: _Optional[_Iterable[float]] = ..., epoch: _Optional[str] = ...) -> None: ...
+    stream_seen: int
+    def __init__(self, device_id: _Optional[str] = ..., batch_id: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., entropies: _Optional[_Iterable[float]] = ..., epoch: _Optional[str] = ..., stream_seen: _Optional[int] = ...) -> None: ...
 
 class UploadReply(_message.Message):
     __slots__ = ("accepted", "total_accepted", "last_batch_id", "params_version", "resent")

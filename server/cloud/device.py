@@ -2,8 +2,8 @@
 
 `<state_dir>/devices/<device_id>/` holds
 - `device.json`: registration (model id/version, time), the device's current epoch and upload
-  counters (samples accepted, last batch_id per recent epoch) — written by the register and
-  upload paths, atomically, before they reply;
+  counters (samples accepted, last batch_id per recent epoch, the largest stream clock reported) —
+  written by the register and upload paths, atomically, before they reply;
 - `params.safetensors`: the published version, how many samples it has learned from,
   the student's and the teacher's norm params and their SGD momentum — written by the
   learner, atomically, once per update (absent = version 0, the exported defaults);
@@ -89,6 +89,7 @@ class Device:
             "last_batch_id": None,
             "earlier_epochs": [],
             "epochs_started": 1,
+            "stream_seen": 0,
         }
         device = cls(folder, meta, params, input_names)
         device.samples.folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,8 @@ class Device:
     def load(cls, folder: Path, params: DeviceParams, input_names: list[str]) -> Device:
         """A device as it was persisted in `folder` (params restored into `params`)."""
         remove_stale_temps(folder)
-        defaults = {"epoch": "", "earlier_epochs": [], "epochs_started": 1}  # a device.json from before epochs
+        # a device.json from before epochs, or before stream clocks
+        defaults = {"epoch": "", "earlier_epochs": [], "epochs_started": 1, "stream_seen": 0}
         meta = defaults | json.loads((folder / "device.json").read_text())
         device = cls(folder, meta, params, input_names)
         path = folder / "params.safetensors"
@@ -156,11 +158,13 @@ class Device:
             self._check_epoch(epoch, batch_id)
             return self.meta["last_batch_id"] is not None and batch_id <= self.meta["last_batch_id"]
 
-    def accept(self, epoch: str, batch_id: int, arrays: list[np.ndarray]) -> BatchAck:
+    def accept(self, epoch: str, batch_id: int, arrays: list[np.ndarray], stream_seen: int = 0) -> BatchAck:
         """Store a batch unless `batch_id` is not newer than the last stored one of its epoch (a re-send).
 
         StaleEpoch for a batch of another epoch than the current one. The samples and then the
-        counters are on disk before this returns.
+        counters are on disk before this returns. `stream_seen`: the device's stream clock
+        (`SampleBatch.stream_seen`); the largest reported is kept. A device that restarts its count
+        (a new process) thus gets no replay-only updates until it passes that again: no burst of them.
         """
         n = len(arrays[0])
         with self.lock:
@@ -174,6 +178,7 @@ class Device:
                 total_accepted=self.meta["total_accepted"] + n,
                 batches_accepted=self.meta["batches_accepted"] + 1,
                 last_batch_id=batch_id,
+                stream_seen=max(self.meta["stream_seen"], int(stream_seen)),
             )
             atomic_write_json(self.folder / "device.json", meta)
             self.meta = meta
@@ -183,6 +188,13 @@ class Device:
         """Accepted samples not yet learned from."""
         with self.lock:
             return self.meta["total_accepted"] - self.consumed
+
+    def replay_due(self, every: int) -> bool:
+        """Whether the device's stream clock calls for an update beyond the versions published so far
+        (`cloud.replay_every = every`; 0 = never) and it has learned from samples that can be replayed."""
+        with self.lock:
+            seen = self.meta["stream_seen"]
+        return every > 0 and self.consumed > 0 and self.version < seen // every
 
     def publish(self, consumed: int) -> int:
         """Persist the learner's params as the next version (learned from `consumed` samples); return it."""

@@ -144,22 +144,29 @@ class CemaLearner:
     ) -> StepStats:
         """One CEMA step: the teacher learns from `new`, then the student from `new` + `replay`.
 
-        Both dicts map input names to tensors whose first dimension is the sample count.
+        Both dicts map input names to tensors whose first dimension is the sample count. With no new
+        samples (a replay-only step, `cloud.replay_every`) the teacher rests and the student learns from `replay`.
         """
         cfg = self.cfg
-        new, replay = self._on_device(new), self._on_device(replay) if replay is not None else None
-        n_new = _count(new)
+        new, replay = self._on_device(new), self._on_device(replay) if replay is not None else {}
+        n_new, n_replay = _count(new), _count(replay)
+        if n_new + n_replay == 0:
+            raise ValueError("a CEMA step needs new or replayed samples, got neither")
         # 1. teacher: weighted entropy minimisation on the new uploads only
-        with torch.set_grad_enabled(cfg.teacher_lr > 0):
-            t_logits = self.forward(self.teacher, params.teacher, new)
-            t_loss, kept = teacher_entropy_loss(t_logits, self.e_max)
-        teacher_entropy = float(entropy(t_logits.detach()).mean())
-        if kept and cfg.teacher_lr > 0:
-            params.teacher_opt.zero_grad(set_to_none=True)
-            t_loss.backward()
-            params.teacher_opt.step()
+        teacher_entropy, kept = float("nan"), 0
+        if n_new:
+            with torch.set_grad_enabled(cfg.teacher_lr > 0):
+                t_logits = self.forward(self.teacher, params.teacher, new)
+                t_loss, kept = teacher_entropy_loss(t_logits, self.e_max)
+            teacher_entropy = float(entropy(t_logits.detach()).mean())
+            if kept and cfg.teacher_lr > 0:
+                params.teacher_opt.zero_grad(set_to_none=True)
+                t_loss.backward()
+                params.teacher_opt.step()
         # 2. student: distillation from the updated teacher on new + replayed samples
-        batch = dict(new) if not replay or _count(replay) == 0 else {k: torch.cat([new[k], replay[k]]) for k in new}
+        batch = (
+            {k: torch.cat([new[k], replay[k]]) for k in new} if n_new and n_replay else dict(new if n_new else replay)
+        )
         with torch.no_grad():
             t_logits = self.forward(self.teacher, params.teacher, batch)
         s_logits = self.forward(self.student, params.student, batch)

@@ -251,19 +251,22 @@ class CloudService:
                 f"batch_id {batch.batch_id}: device {device.device_id!r} has {waiting} samples waiting "
                 f"for the learner, at most max_pending_samples = {limit}; retry later",
             )
-        ack = device.accept(batch.epoch, batch.batch_id, arrays)
+        ack = device.accept(batch.epoch, batch.batch_id, arrays, batch.stream_seen)
         self.stats.stored(device.device_id, ack.accepted, ack.resent)
         if ack.accepted:
             with self._cond:
                 self._cond.notify_all()
         return ack
 
-    def upload(self, device_id: str, batch_id: int, inputs: Mapping[str, np.ndarray], epoch: str = "") -> int:
+    def upload(
+        self, device_id: str, batch_id: int, inputs: Mapping[str, np.ndarray], epoch: str = "", stream_seen: int = 0
+    ) -> int:
         """In-process upload (same checks as gRPC); returns the new samples stored."""
         batch = pb.SampleBatch(
             device_id=device_id,
             batch_id=batch_id,
             epoch=epoch,
+            stream_seen=stream_seen,
             inputs=[to_proto(name, np.asarray(a)) for name, a in inputs.items()],
         )
         return self.upload_batch(batch).accepted
@@ -342,8 +345,14 @@ class CloudService:
     # ----- the learner thread -----
 
     def _next_device(self) -> Device | None:
-        """A device with enough new samples for an update, the one waiting longest first (round robin)."""
-        ready = [d for d in self._devices.values() if d.error is None and d.pending() >= self.cfg.min_new_per_update]
+        """A device with enough new samples for an update, or one its stream clock makes due for a replay-only
+        update (`cloud.replay_every`); the one waiting longest first (round robin)."""
+        cfg = self.cfg
+        ready = [
+            d
+            for d in self._devices.values()
+            if d.error is None and (d.pending() >= cfg.min_new_per_update or d.replay_due(cfg.replay_every))
+        ]
         return min(ready, key=lambda d: d.last_update, default=None)
 
     def _work(self) -> None:
@@ -369,16 +378,18 @@ class CloudService:
     def update(self, device: Device) -> int:
         """One update of `device`: `steps_per_update` CEMA steps on its next new samples, then publish.
 
+        Without enough new samples (an update its stream clock made due, `cloud.replay_every`) the steps
+        learn from replayed samples alone, as many as a step with new ones holds, and the teacher rests.
         Called by the learner thread; returns the new version.
         """
         cfg, t0 = self.cfg, time.perf_counter()
         start = device.consumed
-        k = min(device.pending(), cfg.new_per_step)
+        k = min(device.pending(), cfg.new_per_step) if device.pending() >= cfg.min_new_per_update else 0
         lo = max(device.samples.first(), start - cfg.buffer_size)
         rng = np.random.default_rng([self.seed, _stable_key(device.device_id), device.version])
         stats = None
         for _ in range(cfg.steps_per_update):
-            m = min(cfg.replay_per_step, start - lo)
+            m = min(cfg.replay_per_step if k else cfg.new_per_step + cfg.replay_per_step, start - lo)
             replay = sorted(rng.choice(np.arange(lo, start), size=m, replace=False).tolist()) if m else []
             arrays = device.samples.gather(list(range(start, start + k)) + replay)
             tensors = {name: torch.from_numpy(a) for name, a in zip(self.input_names, arrays)}
