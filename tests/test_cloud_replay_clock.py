@@ -70,6 +70,8 @@ def test_a_device_that_uploads_little_gets_an_update_per_replay_every_samples_it
         clocked.upload("cam-1", 5, {"pixel_values": images(2, 5)}, stream_seen=48)
         clocked.flush(timeout=30)
         assert clocked.norm_params("cam-1")[0] == 6 and clocked.device("cam-1").pending() == 0
+        row = clocked.status()["devices"]["cam-1"]  # what `fairedge-server cloud status` shows
+        assert (row["stream_seen"], row["params_version"]) == (48, 6)
     # the clock is on disk: a restarted service knows it
     with CloudService(served(), tmp_path / "clocked", CLOCKED) as again:
         assert again.device("cam-1").meta["stream_seen"] == 48 and again.norm_params("cam-1")[0] == 6

@@ -158,11 +158,12 @@ class StatusWriter:
 
 
 def device_state(device: Device) -> dict[str, Any]:
-    """A registered device's live state: version, totals, samples waiting, replay buffer, a paused update."""
+    """A registered device's live state: version, totals, samples waiting, replay buffer, its stream clock,
+    a paused update."""
     version = device.published[0]
     consumed = device.consumed
     with device.lock:
-        total, epochs = device.meta["total_accepted"], device.meta["epochs_started"]
+        total, epochs, seen = device.meta["total_accepted"], device.meta["epochs_started"], device.meta["stream_seen"]
     return {
         "registered": True,
         "params_version": version,
@@ -171,6 +172,7 @@ def device_state(device: Device) -> dict[str, Any]:
         "pending_samples": total - consumed,
         "replay_buffer": max(0, min(consumed, device.samples.end) - device.samples.first()),
         "epochs_started": epochs,
+        "stream_seen": seen,
         "error": device.error,
     }
 
