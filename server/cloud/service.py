@@ -384,7 +384,9 @@ class CloudService:
         """
         cfg, t0 = self.cfg, time.perf_counter()
         start = device.consumed
-        k = min(device.pending(), cfg.new_per_step) if device.pending() >= cfg.min_new_per_update else 0
+        pending = device.pending()
+        replay_only = pending < cfg.min_new_per_update and device.replay_due(cfg.replay_every)
+        k = 0 if replay_only else min(pending, cfg.new_per_step)
         lo = max(device.samples.first(), start - cfg.buffer_size)
         rng = np.random.default_rng([self.seed, _stable_key(device.device_id), device.version])
         stats = None
