@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from fairedge.client.edge import EdgeRuntime
 from fairedge.common.config import ConfigError, build_config
 from fairedge.server.cloud import CloudService, ServedModel
-from tests.test_cloud_service import CFG, images, served
+from tests.test_cloud_service import CFG, images, one_torch_thread, served  # noqa: F401  (an autouse fixture)
 from tests.test_edge_cloud import CLOUD_CFG, EDGE_CFG, INPUTS, merged_and_onnx, start_for  # noqa: F401  (a fixture)
 
 CLOCKED = CFG.model_copy(update={"replay_every": 8})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def uploads(service: CloudService, batches: list[tuple[int, int]]) -> None:
