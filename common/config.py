@@ -374,6 +374,13 @@ class CloudConfig(Section):
         "for an update, an update learns from replayed samples alone (new_per_step + replay_per_step of them), as "
         "the public CEMA code steps once per stream batch; 0 = off (updates only on new samples)",
     )
+    replay_pool: Literal["learned", "uploaded"] = Field(
+        "learned",
+        description="what a step replays from: 'learned' = samples already learned from as new; 'uploaded' = "
+        "every uploaded sample except the step's own new ones, including those still waiting for a step with new "
+        "samples (the public CEMA code's history holds every upload, so a replay-only step there already sees a "
+        "new shift's first uploads)",
+    )
     buffer_size: int = Field(10_000, ge=0, description="replay buffer bound per device, in samples")
     max_batch_samples: int = Field(256, ge=1, description="most samples in one uploaded SampleBatch")
     max_pending_samples: int = Field(

@@ -68,6 +68,33 @@ def test_a_device_that_uploads_little_gets_an_update_per_replay_every_samples_it
         assert again.device("cam-1").meta["stream_seen"] == 48 and again.norm_params("cam-1")[0] == 6
 
 
+@pytest.mark.parametrize(("pool", "replayed"), [("learned", 8), ("uploaded", 12)])
+def test_replay_pool_uploaded_also_draws_the_samples_still_waiting(tmp_path, pool, replayed):
+    # 8 samples learned (v1), then 4 more seen 16: too few for a step with new samples, but one replay-only
+    # step is due; it draws from the 8 learned ones, or (as the public CEMA code's history) from all 12
+    cfg = CLOCKED.model_copy(update={"replay_pool": pool})
+    with CloudService(served(), tmp_path, cfg) as service:
+        service.start(serve_grpc=False)
+        uploads(service, [(8, 8), (4, 16)])
+        last = service.log.last["cam-1"]
+        assert service.norm_params("cam-1")[0] == 2 and (last.new, last.replayed) == (0, replayed)
+        assert service.device("cam-1").pending() == 4  # replaying them does not count them as learned
+
+
+def test_replay_pool_uploaded_never_replays_a_steps_own_new_samples(tmp_path):
+    # 20 samples at once: the first step learns 8 new and replays from the 12 still waiting (not from its own 8)
+    cfg = CFG.model_copy(update={"replay_pool": "uploaded", "replay_per_step": 16})
+    with CloudService(served(), tmp_path, cfg) as service:
+        service.start(serve_grpc=False)
+        service.register("cam-1", "tiny", "v1")
+        service.upload("cam-1", 1, {"pixel_values": images(20, 1)})
+        service.flush(timeout=30)
+        steps = service.log.updates
+        last = service.log.last["cam-1"]
+        # two steps of 8 new; the second replays from 8 learned + 4 waiting = 12 (of the 16 it may take)
+        assert steps == 2 and (last.new, last.replayed) == (8, 12) and service.device("cam-1").pending() == 4
+
+
 def test_replay_every_needs_a_replay_buffer():
     assert build_config({}).cloud.replay_every == 0  # off unless asked for
     assert build_config({}, ["cloud.replay_every=32"]).cloud.replay_every == 32

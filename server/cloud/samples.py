@@ -2,9 +2,10 @@
 
 Sample `i` is the i-th sample the device ever had accepted. Samples before the device's
 `consumed` count have been learned from; the latest `buffer_size` of those are its replay
-buffer. Samples from `consumed` on wait for the next update. A batch file is written once
-(atomically, before the upload is acknowledged) and deleted when all its samples have
-left the replay buffer, so the buffer survives a restart without ever being rewritten.
+buffer. Samples from `consumed` on wait for the next update (`cloud.replay_pool = "uploaded"`
+replays them meanwhile too). A batch file is written once (atomically, before the upload is
+acknowledged) and deleted when all its samples have left the replay buffer, so the buffer
+survives a restart without ever being rewritten.
 """
 
 from __future__ import annotations

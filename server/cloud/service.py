@@ -390,9 +390,12 @@ class CloudService:
         lo = max(device.samples.first(), start - cfg.buffer_size)
         rng = np.random.default_rng([self.seed, _stable_key(device.device_id), device.version])
         stats = None
+        pool = np.arange(lo, start)
+        if cfg.replay_pool == "uploaded":  # also the samples still waiting, past this step's new ones
+            pool = np.concatenate([pool, np.arange(start + k, start + pending)])
         for _ in range(cfg.steps_per_update):
-            m = min(cfg.replay_per_step if k else cfg.new_per_step + cfg.replay_per_step, start - lo)
-            replay = sorted(rng.choice(np.arange(lo, start), size=m, replace=False).tolist()) if m else []
+            m = min(cfg.replay_per_step if k else cfg.new_per_step + cfg.replay_per_step, len(pool))
+            replay = sorted(rng.choice(pool, size=m, replace=False).tolist()) if m else []
             arrays = device.samples.gather(list(range(start, start + k)) + replay)
             tensors = {name: torch.from_numpy(a) for name, a in zip(self.input_names, arrays)}
             stats = self.learner.step(
