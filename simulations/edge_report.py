@@ -16,7 +16,7 @@ from typing import Any
 
 from fairedge.common.config import config_hash, load_config
 from fairedge.simulations.edge_settings import study_settings
-from fairedge.simulations.edge_stream import PER_SEGMENT, STREAM_CORRUPTIONS
+from fairedge.simulations.edge_stream import PER_SEGMENT, SEEDS, STREAM_CORRUPTIONS
 from fairedge.simulations.edge_tables import (
     gain_table,
     gains,
@@ -75,7 +75,7 @@ def target_line(g: dict[int, dict[str, float]]) -> str:
 def study_command(run: str | None, folder: Path, data: dict[str, Any]) -> str:
     """The command that reruns the studies in `folder` (`--teacher T` and its own options follow): the served
     run, or the config and method that train it (recorded in a result file's `invocation`), the stream's
-    length and the folder. `data`: one of the folder's result files."""
+    length, the seeds and the folder. `data`: one of the folder's result files."""
     invocation = data.get("invocation", {})
     parts = ["python", "-m", "fairedge.simulations.edge_study"]
     if run:
@@ -86,6 +86,9 @@ def study_command(run: str | None, folder: Path, data: dict[str, Any]) -> str:
         parts += ["--method", invocation["method"]]
     if data["study"]["per_segment"] != PER_SEGMENT:
         parts += ["--per-segment", str(data["study"]["per_segment"])]
+    seeds = sorted({r["seed"] for r in data.get("rows", [])})
+    if seeds and seeds != list(SEEDS):
+        parts += ["--seeds", *map(str, seeds)]
     if folder.resolve() != RESULTS.resolve():
         parts += ["--out", os.path.relpath(folder, ROOT)]
     return shlex.join(parts)

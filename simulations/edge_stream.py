@@ -33,6 +33,8 @@ SEGMENTS: list[tuple[str, int]] = [(name, sev) for name in STREAM_CORRUPTIONS fo
 """The stream order: each corruption mild (1) then severe (2), corruptions one after another."""
 PER_SEGMENT = 384
 """Test images per segment unless a study says otherwise (`--per-segment`)."""
+SEEDS = (0, 1, 2)
+"""The streams a study runs unless it says otherwise (`--seeds`)."""
 
 
 def corruption_generator(seed: int, name: str, severity: int) -> torch.Generator:

@@ -52,7 +52,7 @@ from fairedge.simulations.edge_lockstep import MODES, export_model, run_stream
 from fairedge.simulations.edge_plot import plot
 from fairedge.simulations.edge_report import brief_markdown, markdown, study_command
 from fairedge.simulations.edge_settings import FIXED, TUNING, chosen_setting, study_settings
-from fairedge.simulations.edge_stream import CORRUPTIONS, PER_SEGMENT, SEGMENTS, build_stream
+from fairedge.simulations.edge_stream import CORRUPTIONS, PER_SEGMENT, SEEDS, SEGMENTS, build_stream
 from fairedge.simulations.edge_tables import gain_table, headroom_table, tuning_table
 from fairedge.simulations.edge_teachers import TEACHERS, study_config, teacher_run, trained_run
 from fairedge.simulations.edge_yardsticks import bench_cloud_updates, label_oracle, norm_headroom, stream_accuracy
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="overrides of the teacher's training config (e.g. federation.rounds=3)",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument(
         "--per-segment", type=int, default=PER_SEGMENT, help="test images per corruption segment (default: %(default)s)"
     )

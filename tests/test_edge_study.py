@@ -261,10 +261,11 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
     assert "LoRA r16 on query, fc1, every block" in md  # the teacher, from its own config
     assert "`cloud.lr=0.05`, given on the command line for every seed (not tuned)" in md
     assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
-    # the regenerate commands name what trains the served model and the teacher, the setting and the folder
+    # the regenerate commands name what trains the served model and the teacher, the seeds (only seed 0 here),
+    # the setting and the folder
     command = (
         "python -m fairedge.simulations.edge_study --config simulations/configs/vision.toml --method lora_fair"
-        " --per-segment 32"
+        " --per-segment 32 --seeds 0"
     )
     assert f"Regenerate: `{command} --out out --teacher T`" in md
     assert f"""`{command} --out out --teacher foundation --teacher-set 'lora.target_modules=["query","fc1"]' """ in md
