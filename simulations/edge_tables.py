@@ -7,6 +7,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from fairedge.simulations.edge_lockstep import MODES
 from fairedge.simulations.report import mean_std
 
@@ -28,6 +30,30 @@ def gains(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
             "uploaded_cema": by[("cema", seed)]["uploaded_fraction"],
         }
     return out
+
+
+def ratio_interval(
+    by_mode: dict[str, Sequence[Sequence[float]]], segments: int, draws: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """95 % interval of one seed's gain ratio over the stream's batches: the three modes' per-batch records
+    (`[start, samples, correct, ...]`, the same batches in each) resampled together, within each segment.
+
+    It says how much of a ratio is the luck of which images were scored, given what each mode learned; it
+    does not cover another stream's path (other seeds do). None without per-batch records."""
+    if not all(by_mode.get(m) for m in MODES):
+        return None
+    rec = {m: np.asarray(by_mode[m], dtype=np.float64) for m in MODES}
+    n = len(rec["none"])
+    per = n // segments if segments and n % segments == 0 else n  # no batch straddles two segments
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([s + rng.integers(0, per, (draws, per)) for s in range(0, n, per)], axis=1)
+    correct = {m: rec[m][idx, 2].sum(1) for m in MODES}
+    gain_all = correct["all"] - correct["none"]
+    ratios = np.where(gain_all > 0, (correct["cema"] - correct["none"]) / np.maximum(gain_all, 1), np.nan)
+    if np.isnan(ratios).mean() > 0.025:  # uploading everything gains nothing in too many draws
+        return None
+    lo, hi = np.nanquantile(ratios, [0.025, 0.975])
+    return float(lo), float(hi)
 
 
 def mode_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -54,21 +80,26 @@ def gain_table(rows: Sequence[dict[str, Any]]) -> str:
     """Per seed and mean: accuracies, gains over no adaptation (points), the gain ratio and CEMA's uploads."""
     g = gains(rows)
     lines = [
-        "| seed | none | CEMA | all | gain CEMA (pts) | gain all (pts) | gain ratio CEMA/all | CEMA uploaded |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | none | CEMA | all | gain CEMA (pts) | gain all (pts) | gain ratio CEMA/all "
+        "| its 95 % interval over batches | CEMA uploaded |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for seed, v in g.items():
+        seed_rows = [r for r in rows if r["seed"] == seed]
+        interval = ratio_interval(
+            {r["mode"]: r.get("batches") for r in seed_rows}, len(seed_rows[0].get("segment_accuracy", {}))
+        )
         lines.append(
             f"| {seed} | {v['acc_none']:.4f} | {v['acc_cema']:.4f} | {v['acc_all']:.4f} "
             f"| {100 * v['gain_cema']:+.2f} | {100 * v['gain_all']:+.2f} | {v['gain_ratio']:.2f} "
-            f"| {v['uploaded_cema']:.1%} |"
+            f"| {'–' if interval is None else f'[{interval[0]:.2f}, {interval[1]:.2f}]'} | {v['uploaded_cema']:.1%} |"
         )
     if len(g) > 1:
         col = lambda k: [v[k] for v in g.values()]  # noqa: E731
         lines.append(
             f"| mean | {mean_std(col('acc_none'))} | {mean_std(col('acc_cema'))} | {mean_std(col('acc_all'))} "
             f"| {mean_std([100 * x for x in col('gain_cema')], '{:+.2f}')} "
-            f"| {mean_std([100 * x for x in col('gain_all')], '{:+.2f}')} | {_ratio_cell(col('gain_ratio'))} "
+            f"| {mean_std([100 * x for x in col('gain_all')], '{:+.2f}')} | {_ratio_cell(col('gain_ratio'))} | "
             f"| {mean_std([100 * x for x in col('uploaded_cema')], '{:.1f}')} % |"
         )
     return "\n".join(lines)

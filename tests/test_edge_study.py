@@ -13,7 +13,15 @@ from fairedge.common.data.task_data import LabeledData, normalize_pixels
 from fairedge.simulations.edge_lockstep import MODES
 from fairedge.simulations.edge_plot import windowed_accuracy
 from fairedge.simulations.edge_stream import CORRUPTIONS, SEGMENTS, build_stream, corrupt, corruption_generator
-from fairedge.simulations.edge_tables import gain_table, gains, latency_summary, mode_table, segment_table, tuning_table
+from fairedge.simulations.edge_tables import (
+    gain_table,
+    gains,
+    latency_summary,
+    mode_table,
+    ratio_interval,
+    segment_table,
+    tuning_table,
+)
 
 
 def digits_like(n: int = 24, seed: int = 0) -> torch.Tensor:
@@ -85,6 +93,21 @@ def _row(mode: str, seed: int, acc: float, uploaded: float) -> dict:
     }
 
 
+def test_ratio_interval_resamples_the_same_batches_for_every_mode():
+    rng = np.random.default_rng(0)
+    none = [[32 * i, 32, int(c), 0, 0] for i, c in enumerate(rng.integers(8, 16, 16))]
+    plus = lambda d: [[s, n, c + d, 0, 0] for s, n, c, *_ in none]  # noqa: E731  (d more right in every batch)
+    # CEMA gains half of what uploading everything gains in every batch: the ratio is 0.5 in every draw
+    assert ratio_interval({"none": none, "cema": plus(2), "all": plus(4)}, segments=2) == pytest.approx((0.5, 0.5))
+    # batch-to-batch noise in CEMA's gain widens it around the point ratio
+    cema = [[s, n, c + int(k), 0, 0] for (s, n, c, *_), k in zip(none, rng.integers(0, 5, 16))]
+    lo, hi = ratio_interval({"none": none, "cema": cema, "all": plus(4)}, segments=2)
+    point = sum(c[2] - n[2] for c, n in zip(cema, none)) / (4 * 16)
+    assert lo < point < hi and hi - lo > 0.1
+    assert ratio_interval({"none": none, "cema": cema, "all": none}, segments=2) is None  # nothing to keep
+    assert ratio_interval({"none": none, "cema": cema}, segments=2) is None  # a mode without batch records
+
+
 def test_gains_and_tables():
     rows = [
         _row("none", 0, 0.50, 0.0),
@@ -98,7 +121,7 @@ def test_gains_and_tables():
     assert g[0]["gain_cema"] == pytest.approx(0.09) and g[0]["gain_ratio"] == pytest.approx(0.9)
     assert math.isnan(g[1]["gain_ratio"])  # no gain to keep when uploading everything did not help
     table = gain_table(rows)
-    assert "| 0 | 0.5000 | 0.5900 | 0.6000 | +9.00 | +10.00 | 0.90 | 30.0% |" in table
+    assert "| 0 | 0.5000 | 0.5900 | 0.6000 | +9.00 | +10.00 | 0.90 | – | 30.0% |" in table  # no batch records
     assert "| mean |" in table
     assert all(f"| {m} |" in mode_table(rows) for m in MODES)
     assert "| contrast-1 | 0.4500 | 0.4950 | 0.4900 |" in segment_table(rows, ["contrast-1"])
@@ -148,7 +171,7 @@ def test_target_line_and_teacher_section():
     md = teacher_section("centralised", data, command="cmd", plot_name="p.png")
     assert "## Teacher: centralised" in md and "`runs/t` (model version `abc`" in md
     assert "seed 0: 0.6200 (mean 0.6200)" in md and "**KL only** (`cloud.ce_weight=0`)" in md
-    assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md and "(p.png)" in md
+    assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | – | 30.0% |" in md and "(p.png)" in md
     assert "Settings tried on seed 0" not in md  # no tuning rows
     summary = summary_table({"centralised": data})
     assert "| centralised | 0.6200 | KL only |" in summary and "| 30.0 % | met |" in summary
@@ -260,7 +283,7 @@ def test_a_study_without_the_self_taught_baseline_gets_the_brief_report(tmp_path
     assert "LoRA r4 on the default attention targets, every block" in md  # the served model, from its config
     assert "LoRA r16 on query, fc1, every block" in md  # the teacher, from its own config
     assert "`cloud.lr=0.05`, given on the command line for every seed (not tuned)" in md
-    assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | 30.0% |" in md
+    assert "| 0 | 0.5000 | 0.5950 | 0.6000 | +9.50 | +10.00 | 0.95 | – | 30.0% |" in md
     # the regenerate commands name what trains the served model and the teacher, the seeds (only seed 0 here),
     # the setting and the folder
     command = (
