@@ -33,7 +33,7 @@ def gains(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
 
 
 def ratio_interval(
-    by_mode: dict[str, Sequence[Sequence[float]]], segments: int, draws: int = 2000, seed: int = 0
+    by_mode: dict[str, Sequence[Sequence[float]] | None], segments: int, draws: int = 2000, seed: int = 0
 ) -> tuple[float, float] | None:
     """95 % interval of one seed's gain ratio over the stream's batches: the three modes' per-batch records
     (`[start, samples, correct, ...]`, the same batches in each) resampled together, within each segment.
