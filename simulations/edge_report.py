@@ -25,6 +25,7 @@ from fairedge.simulations.edge_tables import (
     mode_table,
     segment_table,
     summary_table,
+    target_misses,
     tuning_table,
 )
 from fairedge.simulations.edge_teachers import (
@@ -47,16 +48,19 @@ FOUNDATION = {
 
 
 def target_values(g: dict[int, dict[str, float]]) -> dict[str, Any] | None:
-    """Whether the issue's target is met (CEMA uploads at most half the stream and keeps 90 % of the gain)."""
+    """Whether the issue's target is met (`target_misses`) and the figures its paragraph gives."""
     if not g:
         return None
     upload = statistics.mean(v["uploaded_cema"] for v in g.values())
     ratios = [v["gain_ratio"] for v in g.values()]
     ratio = statistics.mean(ratios)  # nan when uploading everything did not help on some seed
-    lost = [seed for seed, v in g.items() if math.isnan(v["gain_ratio"])]
+    misses = target_misses(g)
+    lost = misses["lost"]
     mean_all = statistics.mean(v["gain_all"] for v in g.values())
     return {
-        "met": upload <= 0.5 and ratio >= 0.9,
+        "met": not any(misses.values()),
+        "short": misses["short"],
+        "over": misses["over"],
         "upload": upload,
         "ratio": ratio,
         "ratios": ratios,

@@ -32,6 +32,17 @@ def gains(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
     return out
 
 
+def target_misses(g: dict[int, dict[str, float]]) -> dict[str, list[int]]:
+    """The seeds that miss the issue's target, which holds per seed (a mean over seeds is not enough):
+    `over` uploaded more than half the stream, `short` kept under 0.9 of the gain of uploading everything,
+    `lost` had no gain to keep (uploading everything did not help)."""
+    return {
+        "over": [seed for seed, v in g.items() if v["uploaded_cema"] > 0.5],
+        "short": [seed for seed, v in g.items() if v["gain_ratio"] < 0.9],
+        "lost": [seed for seed, v in g.items() if math.isnan(v["gain_ratio"])],
+    }
+
+
 def ratio_interval(
     by_mode: dict[str, Sequence[Sequence[float]] | None], segments: int, draws: int = 2000, seed: int = 0
 ) -> tuple[float, float] | None:
@@ -175,8 +186,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
             continue
         col = lambda k: [v[k] for v in g.values()]  # noqa: E731, B023
         t_acc = data.get("teacher_stream_accuracy", {})
-        upload, ratio = statistics.mean(col("uploaded_cema")), statistics.mean(col("gain_ratio"))
-        met = upload <= 0.5 and ratio >= 0.9
+        upload = statistics.mean(col("uploaded_cema"))
+        met = not any(target_misses(g).values())
         lines.append(
             f"| {teacher} | {statistics.mean(t_acc.values()):.4f} | {data.get('chosen')} "
             f"| {mean_std(col('acc_none'))} | {mean_std(col('acc_cema'))} | {mean_std(col('acc_all'))} "
