@@ -16,6 +16,7 @@ when cancellation would make float32 inexact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ def require_finite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *witnes
     themselves, or the diagonals of their Grams `A_sA_sᵀ` and `B_sᵀB_s`. A sum can also overflow
     with finite (huge) entries: then `check_finite` finds nothing and passes.
     """
-    if not all(torch.isfinite(w.sum()) for w in witnesses):
+    if not all(math.isfinite(float(w.sum())) for w in witnesses):  # a Python float: no tensor per test
         check_finite(A, B)
 
 
@@ -187,10 +188,10 @@ class LowRankSum:
             raise ValueError(f"factor means need equal ranks, got {self.ranks}")
         return self.ranks[0]
 
-    def mean_A(self) -> torch.Tensor:
-        """`Ā = Σ p_k A_k` (`r×n`), float64."""
+    def mean_A(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """`Ā = Σ p_k A_k` (`r×n`), summed in the stack's dtype, returned in `dtype`."""
         blocks = self.A.view(len(self.ranks), self._rank(), self.A.shape[1])
-        return torch.einsum("k,krn->rn", self.p.to(self.A.dtype), blocks).double()
+        return torch.einsum("k,krn->rn", self.p.to(self.A.dtype), blocks).to(dtype)
 
     def mean_B(self) -> torch.Tensor:
         """`B̄ = Σ p_k B_k` (`m×r`), float64."""

@@ -155,7 +155,8 @@ def _solve(
     # float32 clients keep their large products in float32 (half the time); all small algebra is float64
     single = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (*A, *B))
     delta = LowRankSum.stack(A, B, weights, dtype=torch.float32 if single else torch.float64, finite=False)
-    Ab = delta.mean_A()
+    Ab_stack = delta.mean_A(delta.A.dtype)  # what is returned; the solve reads it in float64
+    Ab = Ab_stack.double()
     needs_norm = with_stats or objective == "cosine"
     if delta_form == "auto":
         flops = delta_form_flops(*delta.shape, delta.ranks, needs_norm=needs_norm, single=single)
@@ -190,9 +191,10 @@ def _solve(
             c = _frobenius_coefficients(gn, lam)
         X = _combine(Mu, Bu, c) @ U.T
         if span is not None:  # B' = B_s E', formed in the stacks' dtype (float32 clients: float32, as returned)
-            X = delta.Bs @ X.to(delta.Bs.dtype)
+            # on the CPU (as the Grams are): NumPy's BLAS takes half of torch's time for this thin product
+            X = torch.from_numpy(delta.Bs.numpy() @ X.to(delta.Bs.dtype).numpy())
     stats = _figures(c, gn, sums, d) if with_stats else None
-    return Ab.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
+    return Ab_stack.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
 
 
 def _coordinates_pay(m: int, n: int, kr: int) -> bool:
@@ -219,7 +221,7 @@ def _in_span(
     dw_sq, size = (float(x) for x in gram_sq_norm(*grams, delta.w))  # ‖ΔW‖² and its terms' size
     k, r = len(delta.ranks), delta.ranks[0]
     kr = k * r
-    weighted = w[:, None] * (gram_a.reshape(kr, k, r) * p[None, :, None]).sum(1)  # W (A_sA_sᵀ) D
+    weighted = w[:, None] * np.matmul(p, gram_a.reshape(kr, k, r))  # W (A_sA_sᵀ) D: each row's blocks summed, by p
     Mu = (weighted @ u) * reach.numpy()
     Bu = (p[:, None, None] * u).reshape(kr, r)  # D U
     E = np.concatenate([Mu, Bu], axis=1)
