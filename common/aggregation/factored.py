@@ -31,12 +31,13 @@ _GRAM_WHOLE_ELEMS = 1 << 22
 """Largest `Kr × Kr` Gram formed whole on a CPU (16 MiB in float32; `Kr ≤ 2048`)."""
 
 
-def normalise_weights(weights: Weights, num_clients: int) -> torch.Tensor:
+def normalise_weights(weights: Weights, num_clients: int) -> np.ndarray:
     """`p_k = w_k / Σ w`, float64; rejects what would make that meaningless."""
-    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
-    if w.ndim != 1 or w.numel() != num_clients:
-        raise ValueError(f"expected {num_clients} weights (one per client), got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    given = weights.detach().to("cpu", torch.float64).numpy() if isinstance(weights, torch.Tensor) else weights
+    w = np.asarray(given, dtype=np.float64)
+    if w.ndim != 1 or w.size != num_clients:
+        raise ValueError(f"expected {num_clients} weights (one per client), got shape {w.shape}")
+    if not np.isfinite(w).all():
         raise ValueError(f"weights must be finite, got {w.tolist()}")
     if (w < 0).any():
         raise ValueError(f"weights must be non-negative, got {w.tolist()}")
@@ -73,7 +74,7 @@ def check_factors(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *, same_
             raise ValueError(f"client {k}: A has rank {a.shape[0]}, client 0 has rank {A[0].shape[0]}")
 
 
-def require_finite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *witnesses: torch.Tensor) -> None:
+def require_finite(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], *witnesses: torch.Tensor | np.ndarray) -> None:
     """`check_finite(A, B)` unless every witness sums to a finite number.
 
     A witness is anything a NaN or infinity in the factors would make non-finite: the stacks
@@ -148,8 +149,7 @@ class LowRankSum:
         Bs = torch.cat([b.to(dtype) for b in B], dim=1, out=both[kr * n :].view(m, kr))
         if finite:
             require_finite(A, B, As, Bs)
-        p = p.to(device)
-        return cls(As, Bs, p, torch.repeat_interleave(p, torch.tensor(ranks, device=device)), ranks)
+        return cls(As, Bs, torch.from_numpy(p).to(device), torch.from_numpy(np.repeat(p, ranks)).to(device), ranks)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -218,10 +218,13 @@ class LowRankSum:
         overflows, they are recomputed in float64 from the same (exact) values. `grams`: `self.grams()`,
         when the caller has formed them already.
         """
-        total, magnitude = gram_sq_norm(*grams, self.w) if grams is not None else _gram_inner(self.A, self.Bs, self.w)
+        if grams is not None:
+            total, magnitude = gram_sq_norm(grams[0].numpy(), grams[1].numpy(), self.w.numpy())
+        else:
+            total, magnitude = _gram_inner(self.A, self.Bs, self.w)
         if self.A.dtype != torch.float64 and not exact_enough(total, magnitude):
             total, _ = _gram_inner(self.A.double(), self.Bs.double(), self.w)
-        return total
+        return torch.tensor(total, dtype=torch.float64)
 
     def grams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`A_s A_sᵀ` and `B_sᵀ B_s` (`Kr×Kr`, the stacks' dtype), each from one BLAS `syrk`; None where
@@ -229,23 +232,24 @@ class LowRankSum:
         return _syrk_grams(self.A, self.Bs)
 
 
-def gram_sq_norm(gram_a: torch.Tensor, gram_b: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_sq_norm(gram_a: np.ndarray, gram_b: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """`‖ΔW‖² = ⟨A_sA_sᵀ, W B_sᵀB_s W⟩` from the two (CPU) Grams, and the sum of its terms' absolute values
-    (its size before cancellation), float64.
+    (its size before cancellation), in float64.
 
     As `wᵀ(G_A ∘ G_B)w` and `wᵀ|G_A ∘ G_B|w` (`w ≥ 0`): one float64 `Kr×Kr` temporary, used twice in place,
     where the weighted outer product took four (768², r = 64, K = 8: the factored solve 12.9 -> 10.3 ms).
+    Float32 Grams' products are exact in float64.
     """
-    wn = w.numpy()
-    terms = np.multiply(gram_a.numpy(), gram_b.numpy(), dtype=np.float64)  # exact: float32 products fit float64
-    total = wn @ terms @ wn
-    return torch.tensor(total), torch.tensor(wn @ np.abs(terms, out=terms) @ wn)
+    terms = np.multiply(gram_a, gram_b, dtype=np.float64)
+    total = w @ terms @ w
+    return float(total), float(w @ np.abs(terms, out=terms) @ w)
 
 
-def exact_enough(value: torch.Tensor, size: torch.Tensor) -> bool:
+def exact_enough(value: np.ndarray | float, size: np.ndarray | float) -> bool:
     """Whether float32 sums of products (elementwise) each kept at least 1e-2 of their terms' size (`size`),
     so that their rounding (~1e-7 of `size`) stays under ~1e-5 of the result; False when any overflowed."""
-    return bool((torch.isfinite(size) & torch.isfinite(value) & (value >= 1e-2 * size)).all())
+    value, size = np.asarray(value, dtype=np.float64), np.asarray(size, dtype=np.float64)
+    return bool((np.isfinite(size) & np.isfinite(value) & (value >= 1e-2 * size)).all())
 
 
 def _slabs(k: int) -> list[tuple[int, int]]:
@@ -289,10 +293,10 @@ def _syrk_grams(A: torch.Tensor, Bs: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(a @ a.T), torch.from_numpy(b.T @ b)
 
 
-def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
     if (grams := _syrk_grams(A, Bs)) is not None:
-        return gram_sq_norm(*grams, w)
+        return gram_sq_norm(grams[0].numpy(), grams[1].numpy(), w.numpy())
     total = torch.zeros((), dtype=torch.float64, device=A.device)
     magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
     for s, e in _slabs(A.shape[0]):
@@ -303,4 +307,4 @@ def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[tor
         total += 2 * (ws @ terms @ wt) - ws @ terms[:, : e - s] @ ws
         terms.abs_()
         magnitude += 2 * (ws @ terms @ wt) - ws @ terms[:, : e - s] @ ws
-    return total, magnitude
+    return float(total), float(magnitude)

@@ -163,7 +163,7 @@ def _solve(
         delta_form = "dense" if flops["dense"] < flops["factored"] else "factored"
     grams = delta.grams() if delta_form == "factored" and needs_norm else None
     # a NaN or infinity in a factor shows on its Gram's diagonal (its rows' squared norms): no extra pass
-    require_finite(A, B, *((gram.diagonal() for gram in grams) if grams is not None else (delta.A, delta.Bs)))
+    require_finite(A, B, *((np.diagonal(gram.numpy()) for gram in grams) if grams is not None else (delta.A, delta.Bs)))
     g, U, reach = _gram_eigen(Ab)
     one_client = int((delta.p > 0).sum()) == 1  # ΔW = B̄Ā already: B̄ is returned as it is
     on_coordinates = not one_client and _coordinates_pay(*delta.shape, sum(delta.ranks))
@@ -171,7 +171,7 @@ def _solve(
     # every candidate X is, column by column in the eigenbasis, α_i (MU)_i + β_i (B̄U)_i: the solve and the
     # reported figures need only three column sums of MU and B̄U, and only the answer is formed
     if span is not None:
-        Mu, Bu, dw_sq, sums = span  # coordinates on B_s
+        E_Mu, E_Bu, dw_sq, sums = span  # coordinates on B_s
     else:
         Bb = delta.mean_B()
         if delta_form == "dense":
@@ -189,10 +189,13 @@ def _solve(
             c = cosine_coefficients(gn, sums.mm, sums.mb, sums.bb, d, lam) or _FEDIT(len(gn))
         else:
             c = _frobenius_coefficients(gn, lam)
-        X = _combine(Mu, Bu, c) @ U.T
         if span is not None:  # B' = B_s E', formed in the stacks' dtype (float32 clients: float32, as returned)
-            # on the CPU (as the Grams are): NumPy's BLAS takes half of torch's time for this thin product
-            X = torch.from_numpy(delta.Bs.numpy() @ X.to(delta.Bs.dtype).numpy())
+            # on the CPU (as the Grams are), in NumPy: its BLAS takes half of torch's time for this thin product
+            E = (E_Mu * c.alpha + E_Bu * c.beta) @ U.numpy().T
+            bs = delta.Bs.numpy()
+            X = torch.from_numpy(bs @ E.astype(bs.dtype))
+        else:
+            X = _combine(Mu, Bu, c) @ U.T
     stats = _figures(c, gn, sums, d) if with_stats else None
     return Ab_stack.to(A[0].dtype).contiguous(), X.to(B[0].dtype).contiguous(), stats, delta_form
 
@@ -206,7 +209,7 @@ def _coordinates_pay(m: int, n: int, kr: int) -> bool:
 
 def _in_span(
     delta: LowRankSum, grams: tuple[torch.Tensor, torch.Tensor], U: torch.Tensor, reach: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, float, _ColumnSums] | None:
+) -> tuple[np.ndarray, np.ndarray, float, _ColumnSums] | None:
     """`MU` and `B̄U` as `Kr×r` coordinates `E` on `B_s` (the matrices are `B_s E`), `‖ΔW‖²` and the
     column sums, from the two Grams alone.
 
@@ -217,22 +220,24 @@ def _in_span(
     """
     # all in NumPy float64: a few dozen small products, where torch's per-call cost would dominate
     gram_a, gram_b = (g.numpy().astype(np.float64) for g in grams)
-    p, w, u = delta.p.numpy(), delta.w.numpy(), U.numpy()
-    dw_sq, size = (float(x) for x in gram_sq_norm(*grams, delta.w))  # ‖ΔW‖² and its terms' size
+    p, w = delta.p.numpy(), delta.w.numpy()
+    dw_sq, size = gram_sq_norm(gram_a, gram_b, w)  # ‖ΔW‖² and its terms' size
     k, r = len(delta.ranks), delta.ranks[0]
     kr = k * r
+    E = np.empty((kr, 2 * r))  # [MU | B̄U] as coordinates on B_s
     weighted = w[:, None] * np.matmul(p, gram_a.reshape(kr, k, r))  # W (A_sA_sᵀ) D: each row's blocks summed, by p
-    Mu = (weighted @ u) * reach.numpy()
-    Bu = (p[:, None, None] * u).reshape(kr, r)  # D U
-    E = np.concatenate([Mu, Bu], axis=1)
+    u = U.numpy()
+    np.multiply(weighted @ u, reach.numpy(), out=E[:, :r])
+    E[:, r:] = (p[:, None, None] * u).reshape(kr, r)  # D U
+    Mu, Bu = E[:, :r], E[:, r:]  # NumPy views: `_solve` combines them in NumPy
     gram_e = gram_b @ E
-    mm, mb, bb = (Mu * gram_e[:, :r]).sum(0), (Mu * gram_e[:, r:]).sum(0), (Bu * gram_e[:, r:]).sum(0)
+    mm_bb = (E * gram_e).sum(0)
+    mm, mb, bb = mm_bb[:r], (Mu * gram_e[:, r:]).sum(0), mm_bb[r:]
     abs_e = np.abs(E)
     sizes = (abs_e * (np.abs(gram_b) @ abs_e)).sum(0)  # the terms' size of mm, then of bb
-    values, sizes = np.concatenate([[dw_sq], mm, bb]), np.concatenate([[size], sizes])
-    if not exact_enough(torch.from_numpy(values), torch.from_numpy(sizes)):
+    if not exact_enough(np.concatenate([[dw_sq], mm_bb]), np.concatenate([[size], sizes])):
         return None
-    return torch.from_numpy(Mu), torch.from_numpy(Bu), float(dw_sq), _ColumnSums(mm, mb, bb)
+    return Mu, Bu, dw_sq, _ColumnSums(mm, mb, bb)
 
 
 def frobenius_from_sums(A_bar: torch.Tensor, B_bar: torch.Tensor, M: torch.Tensor, lam: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ with dense L-BFGS from several starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -129,23 +130,46 @@ class _Columns:
         """`g / g_max`: the grid's `v` is measured in units of `1/g_max`."""
         return self.g / self.g.max()
 
-    def radial_root(self, vg: np.ndarray, opv: np.ndarray, branch: int) -> np.ndarray:
-        """The `u > 0` with `⟨X, X − B̄⟩ = 0` at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`).
+    @cached_property
+    def table(self) -> np.ndarray:
+        """`[mm, mb, bb, g·mm, g·mb, g·bb]` as the columns of an `r×6` matrix (`along`)."""
+        return np.stack([self.mm, self.mb, self.bb, self.g * self.mm, self.g * self.mb, self.g * self.bb], axis=1)
 
-        Column `i` of `X(u, v) U` is `w_i (u m_i + b_i)` with `w_i = 1/(1 + v g_i)`,
-        so `⟨X, X − B̄⟩ = qa u² + qb u + qc`; `branch` picks the larger (1) or the
-        smaller (-1) root. For `v > 0`, `qc < 0 < qa`: only the larger is positive.
-        NaN where the chosen root is not real and positive.
+    def along(self, vg: np.ndarray, opv: np.ndarray) -> np.ndarray:
+        """Every sum the family's formulas need at points `vg = v·g`, `opv = 1 + v·g` (rows of `V×r`), `5×V×6`.
+
+        Column `i` of `X(u, v) U` is `w_i (u m_i + b_i)` with `w_i = 1/(1 + v g_i)`, so each figure of `X` is a
+        polynomial in `u` whose coefficients are sums over `i` of `w`, `w²`, `w(1 − w) = v g w²`, `w(2w − 1)`
+        and `(v g w)²` times the column sums: rows `0..4` here, times `table`'s columns, in one product
+        (these run on `r`-vectors, where numpy's per-call cost is what counts).
         """
         w = 1.0 / opv
         ww = w * w
-        w_wm1 = -vg * ww  # w(w − 1), w − 1 = −v·g·w without cancellation
-        qa, qb, qc = ww @ self.mm, (ww + w_wm1) @ self.mb, w_wm1 @ self.bb
+        t = vg * ww  # w(1 − w), without cancellation
+        return np.stack([w, ww, t, ww - t, vg * t]) @ self.table
+
+    def radial_root(self, sums: np.ndarray, branch: int) -> np.ndarray:
+        """The `u > 0` with `⟨X, X − B̄⟩ = 0` at points with `along` sums `sums`.
+
+        `⟨X, X − B̄⟩ = qa u² + qb u + qc` with `qa = Σw²mm`, `qb = Σw(2w − 1)mb`, `qc = −Σw(1 − w)bb`;
+        `branch` picks the larger (1) or the smaller (-1) root. For `v > 0`, `qc < 0 < qa`: only the
+        larger is positive. NaN where the chosen root is not real and positive.
+        """
+        qa, qb, qc = sums[1, :, 0], sums[3, :, 1], -sums[2, :, 2]
         disc = qb * qb - 4.0 * qa * qc
         half = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(disc, 0.0)), qb))
         r1, r2 = half / qa, qc / half  # the two roots, each without cancellation
         u = np.maximum(r1, r2) if branch > 0 else np.minimum(r1, r2)
         return np.where((disc >= 0) & (u > 0) & np.isfinite(u), u, np.nan)
+
+    def phi(self, u: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` and `‖XĀ‖` at `X(u, v)` (`sums`: `along`); NaN where undefined.
+
+        On the family `‖XĀ‖² = Σ g_i w_i² (u² mm_i + 2u mb_i + bb_i)`.
+        """
+        rho = np.sqrt(np.maximum(u * u * sums[1, :, 3] + 2.0 * u * sums[1, :, 4] + sums[1, :, 5], 0.0))
+        phi = 2.0 * self.lam * self.d * u * rho - 1.0
+        return np.where(np.isfinite(phi) & (rho > 0), phi, np.nan), rho
 
     def value(self, alpha: np.ndarray, beta: np.ndarray, beta_m1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The objective `f` and `‖XĀ‖` at points given by their column coefficients (rows of `N×r`).
@@ -157,10 +181,16 @@ class _Columns:
         f = 1.0 - a / (self.d * rho) + self.lam * reg
         return np.where(np.isfinite(f) & (rho > 0), f, np.inf), rho
 
-    def family(self, u: np.ndarray, vg: np.ndarray, opv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The objective `f` and `φ = 2λ‖ΔW‖ u ‖XĀ‖ − 1` at `X(u, v)`; `inf` / NaN where undefined."""
-        f, rho = self.value(*_on_family(u[:, None], vg, opv))
-        phi = 2.0 * self.lam * self.d * u * rho - 1.0
+    def family(self, u: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The objective `f` and `φ` at `X(u, v)` (`sums`: `along`); `inf` / NaN where undefined.
+
+        `⟨M, X⟩ = u Σw mm + Σw mb` and `‖X − B̄‖² = u² Σw²mm − 2u Σw(1 − w)mb + Σ(v g w)² bb`.
+        """
+        phi, rho = self.phi(u, sums)
+        inner = u * sums[0, :, 0] + sums[0, :, 1]
+        moved = u * u * sums[1, :, 0] - 2.0 * u * sums[2, :, 1] + sums[4, :, 2]
+        f = 1.0 - inner / (self.d * rho) + self.lam * moved
+        f = np.where(np.isfinite(f) & (rho > 0), f, np.inf)
         return f, np.where(np.isfinite(f), phi, np.nan)
 
 
@@ -183,22 +213,29 @@ class _Piece:
 
     def evaluate(self, cols: _Columns, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`u`, `f` and `φ` along this stretch of the radially stationary curve."""
-        vg, opv = self.points(cols, s)
-        u = cols.radial_root(vg, opv, self.branch)
-        return (u, *cols.family(u, vg, opv))
+        sums = cols.along(*self.points(cols, s))
+        u = cols.radial_root(sums, self.branch)
+        return (u, *cols.family(u, sums))
 
-    def phi(self, cols: _Columns, s: np.ndarray) -> np.ndarray:
-        """`φ` alone, as `evaluate` gives it but without the objective: what root finding needs.
+    def phi(self, cols: _Columns, s: float) -> float:
+        """`φ` at one `s`, as `evaluate` gives it but without the objective: what root finding needs.
 
-        On the family `‖XĀ‖² = Σ g_i w_i² (u² mm_i + 2u mb_i + bb_i)`.
+        The same formulas on one point, with the sums as scalars: a handful of numpy calls, where
+        `evaluate`'s row-wise ones cost several times more at one row.
         """
-        vg, opv = self.points(cols, s)
-        u = cols.radial_root(vg, opv, self.branch)
-        w = 1.0 / opv
-        coef = (u * u)[:, None] * cols.mm + (2.0 * u)[:, None] * cols.mb + cols.bb
-        rho = np.sqrt(np.maximum((w * w * coef) @ cols.g, 0.0))
+        vg, opv = (x[0] for x in self.points(cols, np.array([s])))
+        ww = (1.0 / opv) ** 2
+        t = vg * ww
+        qa, _, _, gmm, gmb, gbb = ww @ cols.table
+        qb, qc = (ww - t) @ cols.mb, -(t @ cols.bb)
+        disc = qb * qb - 4.0 * qa * qc
+        half = -0.5 * (qb + np.copysign(np.sqrt(max(disc, 0.0)), qb))
+        r1, r2 = half / qa, qc / half
+        u = np.maximum(r1, r2) if self.branch > 0 else np.minimum(r1, r2)
+        rho = np.sqrt(max(u * u * gmm + 2.0 * u * gmb + gbb, 0.0))
         phi = 2.0 * cols.lam * cols.d * u * rho - 1.0
-        return np.where(np.isfinite(phi) & (rho > 0), phi, np.nan)
+        valid = disc >= 0 and u > 0 and np.isfinite(u) and np.isfinite(phi) and rho > 0
+        return float(phi) if valid else math.nan
 
 
 def _stationary(cols: _Columns) -> list[Combination]:
@@ -251,8 +288,7 @@ def _polish(cols: _Columns, piece: _Piece, u: float, s: float) -> Combination:
     """
 
     def objective(x: np.ndarray) -> np.ndarray:
-        vg, opv = piece.points(cols, x[:, 1])
-        return cols.family(np.exp(x[:, 0]), vg, opv)[0]
+        return cols.family(np.exp(x[:, 0]), cols.along(*piece.points(cols, x[:, 1])))[0]
 
     h = 1e-4
     stencil = h * np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1]])
@@ -294,7 +330,7 @@ def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi
         x = hi - f_hi * (hi - lo) / (f_hi - f_lo)
         if not lo < x < hi:  # also NaN
             x = 0.5 * (lo + hi)
-        fx = float(piece.phi(cols, np.array([x]))[0])
+        fx = piece.phi(cols, x)
         if abs(fx) <= _PHI_TOL:
             lo = hi = x
             break
@@ -308,4 +344,4 @@ def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi
             side = 1
     s = np.array([0.5 * (lo + hi)])
     vg, opv = piece.points(cols, s)
-    return _on_family(float(cols.radial_root(vg, opv, piece.branch)[0]), vg[0], opv[0])
+    return _on_family(float(cols.radial_root(cols.along(vg, opv), piece.branch)[0]), vg[0], opv[0])
