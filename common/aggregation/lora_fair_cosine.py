@@ -35,6 +35,7 @@ _GRID_PER_DECADE = 16
 _MAX_EXTENSIONS = 4
 _ROOT_STEPS = 100
 _POLISH_STEPS = 60
+_EPS = float(np.finfo(float).eps)
 _PHI_TOL = 1e-12
 """`|φ|` below which a point counts as the root. `φ` is proportional to the gradient along the curve, so the
 objective is stationary there to this accuracy; `φ`'s own rounding, from sums of `r` terms, reaches 1e-13."""
@@ -57,7 +58,7 @@ def cosine_coefficients(
             return None  # cosine undefined or constant, or B̄ = 0: keep FedIT's B̄
         zero, one = np.zeros_like(cols.g), np.ones_like(cols.g)
         points = [Combination(zero, one, zero), *_stationary(cols), _max_cosine_ray(cols)]  # B̄ first: ties go to it
-        values, _ = cols.value(*(np.stack(c) for c in zip(*points, strict=True)))
+        values, _ = cols.value(*np.array(points).transpose(1, 0, 2))  # P×3×r -> alpha, beta, beta_m1 rows
         best = points[int(np.argmin(values))]
         if not values.min() < values[0] - 1e-14 * max(1.0, abs(values[0])):
             return None
@@ -143,10 +144,13 @@ class _Columns:
         and `(v g w)²` times the column sums: rows `0..4` here, times `table`'s columns, in one product
         (these run on `r`-vectors, where numpy's per-call cost is what counts).
         """
-        w = 1.0 / opv
-        ww = w * w
-        t = vg * ww  # w(1 − w), without cancellation
-        return np.stack([w, ww, t, ww - t, vg * t]) @ self.table
+        rows = np.empty((5, *opv.shape))
+        w = np.divide(1.0, opv, out=rows[0])
+        ww = np.multiply(w, w, out=rows[1])
+        t = np.multiply(vg, ww, out=rows[2])  # w(1 − w), without cancellation
+        np.subtract(ww, t, out=rows[3])
+        np.multiply(vg, t, out=rows[4])
+        return (rows.reshape(-1, opv.shape[-1]) @ self.table).reshape(5, *opv.shape[:-1], 6)
 
     def radial_root(self, sums: np.ndarray, branch: int) -> np.ndarray:
         """The `u > 0` with `⟨X, X − B̄⟩ = 0` at points with `along` sums `sums`.
@@ -217,13 +221,20 @@ class _Piece:
         u = cols.radial_root(sums, self.branch)
         return (u, *cols.family(u, sums))
 
-    def phi(self, cols: _Columns, s: float) -> float:
-        """`φ` at one `s`, as `evaluate` gives it but without the objective: what root finding needs.
+    def point(self, cols: _Columns, s: float) -> tuple[np.ndarray, np.ndarray]:
+        """`points` at one `s`."""
+        gamma = cols.gamma
+        if self.positive:
+            vg = np.power(10.0, s) * gamma
+            return vg, 1.0 + vg
+        e = np.power(10.0, -s)
+        return -gamma / (1.0 + e), ((1.0 - gamma) + e) / (1.0 + e)
 
-        The same formulas on one point, with the sums as scalars: a handful of numpy calls, where
-        `evaluate`'s row-wise ones cost several times more at one row.
-        """
-        vg, opv = (x[0] for x in self.points(cols, np.array([s])))
+    def at(self, cols: _Columns, s: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+        """`φ` and `u` at one `s` (NaN where undefined), and the point's `v·g` and `1 + v·g`: what root finding
+        needs, by `evaluate`'s formulas with the sums as scalars (a handful of numpy calls, where `evaluate`'s
+        row-wise ones cost several times more at one row)."""
+        vg, opv = self.point(cols, s)
         ww = (1.0 / opv) ** 2
         t = vg * ww
         qa, _, _, gmm, gmb, gbb = ww @ cols.table
@@ -234,8 +245,9 @@ class _Piece:
         u = np.maximum(r1, r2) if self.branch > 0 else np.minimum(r1, r2)
         rho = np.sqrt(max(u * u * gmm + 2.0 * u * gmb + gbb, 0.0))
         phi = 2.0 * cols.lam * cols.d * u * rho - 1.0
-        valid = disc >= 0 and u > 0 and np.isfinite(u) and np.isfinite(phi) and rho > 0
-        return float(phi) if valid else math.nan
+        u_ok = disc >= 0 and u > 0 and np.isfinite(u)
+        phi_ok = u_ok and np.isfinite(phi) and rho > 0
+        return (float(phi) if phi_ok else math.nan), (float(u) if u_ok else math.nan), vg, opv
 
 
 def _stationary(cols: _Columns) -> list[Combination]:
@@ -269,7 +281,7 @@ def _stationary(cols: _Columns) -> list[Combination]:
         if np.isfinite(f).any():
             j = int(np.argmin(f))
             if piece.positive:
-                best.append(_on_family(float(u[j]), *(x[0] for x in piece.points(cols, s[j : j + 1]))))
+                best.append(_on_family(float(u[j]), *piece.point(cols, float(s[j]))))
             else:  # the curve folds back on itself here; a minimum can sit on the fold
                 best.append(_polish(cols, piece, float(u[j]), float(s[j])))
         flips = np.nonzero(np.sign(phi[:-1]) * np.sign(phi[1:]) < 0)[0]
@@ -325,16 +337,16 @@ def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi
     root and the next step bisects."""
     side = 0
     for _ in range(_ROOT_STEPS):
-        if hi - lo <= 4 * np.finfo(float).eps * max(1.0, abs(lo), abs(hi)):
+        if hi - lo <= 4 * _EPS * max(1.0, abs(lo), abs(hi)):
             break
         x = hi - f_hi * (hi - lo) / (f_hi - f_lo)
         if not lo < x < hi:  # also NaN
             x = 0.5 * (lo + hi)
-        fx = piece.phi(cols, x)
+        fx = piece.at(cols, x)[0]
         if abs(fx) <= _PHI_TOL:
             lo = hi = x
             break
-        if np.sign(fx) == np.sign(f_lo):
+        if fx == fx and (fx > 0) == (f_lo > 0):  # on lo's side (a NaN is not)
             lo, f_lo = x, fx
             f_hi *= 0.5 if side < 0 else 1.0  # the same end kept twice: halve its value (Illinois)
             side = -1
@@ -342,6 +354,5 @@ def _root(cols: _Columns, piece: _Piece, lo: float, hi: float, f_lo: float, f_hi
             hi, f_hi = x, fx
             f_lo *= 0.5 if side > 0 else 1.0
             side = 1
-    s = np.array([0.5 * (lo + hi)])
-    vg, opv = piece.points(cols, s)
-    return _on_family(float(cols.radial_root(cols.along(vg, opv), piece.branch)[0]), vg[0], opv[0])
+    _, u, vg, opv = piece.at(cols, 0.5 * (lo + hi))
+    return _on_family(u, vg, opv)
