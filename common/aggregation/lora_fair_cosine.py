@@ -222,13 +222,9 @@ class _Piece:
         return (u, *cols.family(u, sums))
 
     def point(self, cols: _Columns, s: float) -> tuple[np.ndarray, np.ndarray]:
-        """`points` at one `s`."""
-        gamma = cols.gamma
-        if self.positive:
-            vg = np.power(10.0, s) * gamma
-            return vg, 1.0 + vg
-        e = np.power(10.0, -s)
-        return -gamma / (1.0 + e), ((1.0 - gamma) + e) / (1.0 + e)
+        """`points` at one `s`, as two `r`-vectors."""
+        vg, opv = self.points(cols, np.array([s]))
+        return vg[0], opv[0]
 
     def at(self, cols: _Columns, s: float) -> tuple[float, float, np.ndarray, np.ndarray]:
         """`φ` and `u` at one `s` (NaN where undefined), and the point's `v·g` and `1 + v·g`: what root finding
