@@ -76,6 +76,9 @@ METHODS = ("fedit", "lora_fair_cosine", "lora_fair_frobenius", "lora_fair_dense_
 HEADLINE = {"m": 4096, "r": 16, "K": 10}
 HEADLINE_TARGET = 5.0
 """LoRA-FAIR (auto) within this many times FedIT's time at the headline config."""
+HEADLINE_PROCESSES = 5
+"""Fresh processes timing LoRA-FAIR (cosine) at the headline config (the table's row is the first); the
+headline ratio is their median, since one process's ratio moves by ±5 % with the machine's load."""
 SWITCH = ((768, 64, (2, 4, 6, 8, 10, 12, 16, 32, 100)), (4096, 16, (64, 128, 256)))
 """(m = n, r, clients): around the switch; `mn/(m+n)` is 384 and 2048."""
 PARTS = ("layers", "switch", "smollm2")
@@ -187,7 +190,9 @@ def _adapter_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _headline(rows: list[dict], switch: list[dict]) -> dict:
+def _headline(rows: list[dict], switch: list[dict], more_runs: list[dict] | None = None) -> dict:
+    """The headline config's figures; `more_runs`: further fresh-process rows of LoRA-FAIR (cosine) there,
+    whose ratios to FedIT join the table row's in one median."""
     pick = {
         row["method"]: row
         for row in rows
@@ -196,6 +201,9 @@ def _headline(rows: list[dict], switch: list[dict]) -> dict:
     if not {"lora_fair_cosine", "lora_fair_dense_adam"} <= pick.keys():
         return {}
     fair, dense = pick["lora_fair_cosine"], pick["lora_fair_dense_adam"]
+    runs = [fair, *(more_runs or [])]
+    ratios = [run["ratio_to_fedit"] for run in runs]
+    minima = [run["ratio_to_fedit_of_minima"] for run in runs]
     mn_bytes = fair["m"] * fair["n"] * 4
     auto_over_best = [s["auto_over_best"] for s in switch]
     out = {
@@ -204,8 +212,9 @@ def _headline(rows: list[dict], switch: list[dict]) -> dict:
         "lora_fair_form": fair["delta_form"],
         "dense_adam_seconds": dense["seconds_median"],
         "speedup_vs_dense_adam": dense["seconds_median"] / fair["seconds_median"],
-        "lora_fair_over_fedit": fair["ratio_to_fedit"],
-        "lora_fair_over_fedit_of_minima": fair["ratio_to_fedit_of_minima"],
+        "lora_fair_over_fedit": statistics.median(ratios),
+        "lora_fair_over_fedit_per_process": ratios,
+        "lora_fair_over_fedit_of_minima": statistics.median(minima),
         "norm_grams_over_fedit": fair["norm_seconds"] / fair["fedit_seconds_median"],
         "norm_grams_gflops": gram_flops(fair["K"] * fair["r"], fair["m"] + fair["n"]) / fair["norm_seconds"] / 1e9,
         "frobenius_over_fedit": pick["lora_fair_frobenius"]["ratio_to_fedit"]
@@ -219,7 +228,7 @@ def _headline(rows: list[dict], switch: list[dict]) -> dict:
         "switch_configs": len(switch),
         "targets_met": {
             "speedup_vs_dense_adam >= 1000": dense["seconds_median"] / fair["seconds_median"] >= 1000,
-            f"lora_fair_over_fedit <= {HEADLINE_TARGET:g}": fair["ratio_to_fedit"] <= HEADLINE_TARGET,
+            f"lora_fair_over_fedit <= {HEADLINE_TARGET:g}": statistics.median(ratios) <= HEADLINE_TARGET,
             "peak_extra < one m×n fp32 matrix": fair["peak_extra_bytes"] < mn_bytes,
         },
     }
@@ -256,13 +265,17 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     machine = _machine()
-    rows, switch, adapter_rows = [], [], []
+    rows, switch, adapter_rows, headline_runs = [], [], [], []
     if "layers" in parts:
         for m in SIZES:
             for r in RANKS:
                 for K in CLIENTS:
                     for method in METHODS:
                         rows.append(_run_worker(m, r, K, method, args.quick))
+        headline_runs = [
+            _run_worker(HEADLINE["m"], HEADLINE["r"], HEADLINE["K"], "lora_fair_cosine", args.quick)
+            for _ in range(HEADLINE_PROCESSES - 1)
+        ]
     if "switch" in parts:
         for m, r, clients in SWITCH[:1] if args.quick else SWITCH:
             for K in clients:
@@ -288,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
     machine["load_average_at_end"] = os.getloadavg()
-    headline = _headline(rows, switch)
+    headline = _headline(rows, switch, headline_runs)
     report = {
         "config": {
             "sizes": SIZES,
@@ -313,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": time.time() - started,
         "headline": headline,
         "rows": rows,
+        "headline_runs": headline_runs,
         "switch": switch,
         "smollm2": adapter_rows,
     }
@@ -357,11 +371,13 @@ def _markdown(report: dict) -> str:
     if h:
         t = h["targets_met"]
         target = f"lora_fair_over_fedit <= {HEADLINE_TARGET:g}"
+        per_process = h.get("lora_fair_over_fedit_per_process", [h["lora_fair_over_fedit"]])
         lines += [
             f"## Headline: m = n = {h['config']['m']}, r = {h['config']['r']}, K = {h['config']['K']}",
             "",
             f"- LoRA-FAIR (cosine, auto → {h['lora_fair_form']}): {_fmt_seconds(h['lora_fair_seconds'])} per layer, "
             f"{h['lora_fair_over_fedit']:.3g}× FedIT ({'met' if t[target] else 'MISSED'}: ≤ {HEADLINE_TARGET:g}×; "
+            f"median of {len(per_process)} fresh processes: {' / '.join(f'{x:.2f}' for x in per_process)}; "
             f"{h['lora_fair_over_fedit_of_minima']:.3g}× comparing fastest runs). Its `‖ΔW‖²` Grams "
             f"(two float32 `Kr×Kr` products, the least any exact method needs here) alone take "
             f"{h['norm_grams_over_fedit']:.3g}× FedIT's time, at {h['norm_grams_gflops']:.0f} GFLOP/s on one core.",
