@@ -337,6 +337,20 @@ def main(argv: list[str] | None = None) -> None:
     print(_markdown(report))
 
 
+def _switch_misses(switch: list[dict]) -> str:
+    """Where auto took the form that was slower when forced, and by how much the two forced forms differed."""
+    misses = []
+    for row in switch:
+        if row["auto_form"] != row["faster_forced_form"]:
+            t = row["seconds_median"]
+            slower, faster = t[row["auto_form"]], t[row["faster_forced_form"]]
+            misses.append(
+                f"{row['m']}², r {row['r']}, K {row['K']}: {row['auto_form']} {_fmt_seconds(slower)} against "
+                f"{row['faster_forced_form']} {_fmt_seconds(faster)} forced, {100 * (slower / faster - 1):.1f} % apart"
+            )
+    return f"; where it did not: {'; '.join(misses)}" if misses else ""
+
+
 def _markdown(report: dict) -> str:
     h, mach, cfg = report["headline"], report["machine"], report["config"]
     lines = [
@@ -403,7 +417,7 @@ def _markdown(report: dict) -> str:
                 f"{h['switch_configs']} configurations ({'met' if t[key] else 'MISSED'}: all); auto's time over "
                 f"min(factored, dense): median {h['switch_auto_over_best_median']:.2f}, largest "
                 f"{h['switch_auto_over_best_max']:.2f} (the same computation as the form it takes, so what is "
-                "left is timing noise)"
+                "left is timing noise)" + _switch_misses(report["switch"])
             )
         lines.append("")
     if report["switch"]:

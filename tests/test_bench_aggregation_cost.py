@@ -50,3 +50,20 @@ def test_headline_ratio_is_the_median_over_fresh_processes() -> None:
     assert h["lora_fair_over_fedit"] == 4.9 and h["lora_fair_over_fedit_of_minima"] == 4.6
     assert h["targets_met"]["lora_fair_over_fedit <= 5"]
     assert not bench._headline(rows, [])["targets_met"]["lora_fair_over_fedit <= 5"]  # the table row alone
+
+
+def test_switch_misses_name_the_row_and_the_gap() -> None:
+    def row(K: int, auto: str, factored: float, dense: float) -> dict:
+        t = {"factored": factored, "dense": dense}
+        return {
+            "m": 768,
+            "r": 64,
+            "K": K,
+            "auto_form": auto,
+            "faster_forced_form": min(t, key=t.__getitem__),
+            "seconds_median": t,
+        }
+
+    assert bench._switch_misses([row(8, "factored", 0.0116, 0.013)]) == ""
+    text = bench._switch_misses([row(8, "factored", 0.0116, 0.013), row(10, "dense", 0.0144, 0.0146)])
+    assert text.startswith("; where it did not: 768², r 64, K 10: dense") and "1.4 % apart" in text
