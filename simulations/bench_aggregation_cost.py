@@ -192,7 +192,7 @@ def _adapter_table(rows: list[dict]) -> str:
 
 def _headline(rows: list[dict], switch: list[dict], more_runs: list[dict] | None = None) -> dict:
     """The headline config's figures; `more_runs`: further fresh-process rows of LoRA-FAIR (cosine) there,
-    whose ratios to FedIT join the table row's in one median."""
+    whose times and ratios to FedIT join the table row's in one median each."""
     pick = {
         row["method"]: row
         for row in rows
@@ -204,14 +204,15 @@ def _headline(rows: list[dict], switch: list[dict], more_runs: list[dict] | None
     runs = [fair, *(more_runs or [])]
     ratios = [run["ratio_to_fedit"] for run in runs]
     minima = [run["ratio_to_fedit_of_minima"] for run in runs]
+    seconds = statistics.median(run["seconds_median"] for run in runs)
     mn_bytes = fair["m"] * fair["n"] * 4
     auto_over_best = [s["auto_over_best"] for s in switch]
     out = {
         "config": HEADLINE,
-        "lora_fair_seconds": fair["seconds_median"],
+        "lora_fair_seconds": seconds,
         "lora_fair_form": fair["delta_form"],
         "dense_adam_seconds": dense["seconds_median"],
-        "speedup_vs_dense_adam": dense["seconds_median"] / fair["seconds_median"],
+        "speedup_vs_dense_adam": dense["seconds_median"] / seconds,
         "lora_fair_over_fedit": statistics.median(ratios),
         "lora_fair_over_fedit_per_process": ratios,
         "lora_fair_over_fedit_of_minima": statistics.median(minima),
@@ -227,7 +228,7 @@ def _headline(rows: list[dict], switch: list[dict], more_runs: list[dict] | None
         "switch_auto_took_faster": sum(s["auto_form"] == s["faster_forced_form"] for s in switch),
         "switch_configs": len(switch),
         "targets_met": {
-            "speedup_vs_dense_adam >= 1000": dense["seconds_median"] / fair["seconds_median"] >= 1000,
+            "speedup_vs_dense_adam >= 1000": dense["seconds_median"] / seconds >= 1000,
             f"lora_fair_over_fedit <= {HEADLINE_TARGET:g}": statistics.median(ratios) <= HEADLINE_TARGET,
             "peak_extra < one m×n fp32 matrix": fair["peak_extra_bytes"] < mn_bytes,
         },
