@@ -223,10 +223,7 @@ class LowRankSum:
         overflows, they are recomputed in float64 from the same (exact) values. `grams`: `self.grams()`,
         when the caller has formed them already.
         """
-        if grams is not None:
-            total, magnitude = gram_sq_norm(grams[0].numpy(), grams[1].numpy(), self.w.numpy())
-        else:
-            total, magnitude = _gram_inner(self.A, self.Bs, self.w)
+        total, magnitude = _gram_inner(self.A, self.Bs, self.w, grams)
         if self.A.dtype != torch.float64 and not exact_enough(total, magnitude):
             total, _ = _gram_inner(self.A.double(), self.Bs.double(), self.w)
         return torch.tensor(total, dtype=torch.float64)
@@ -298,9 +295,12 @@ def _syrk_grams(A: torch.Tensor, Bs: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(a @ a.T), torch.from_numpy(b.T @ b)
 
 
-def _gram_inner(A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
-    """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64."""
-    if (grams := _syrk_grams(A, Bs)) is not None:
+def _gram_inner(
+    A: torch.Tensor, Bs: torch.Tensor, w: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[float, float]:
+    """`⟨A Aᵀ, W Bsᵀ Bs W⟩` and the sum of its terms' absolute values (its size before cancellation), float64;
+    `grams`: the two whole Grams when the caller has them already."""
+    if (grams := grams if grams is not None else _syrk_grams(A, Bs)) is not None:
         return gram_sq_norm(grams[0].numpy(), grams[1].numpy(), w.numpy())
     total = torch.zeros((), dtype=torch.float64, device=A.device)
     magnitude = torch.zeros((), dtype=torch.float64, device=A.device)
